@@ -1,0 +1,28 @@
+"""The feature cache: keys (identity of a store) and the zarr feature store."""
+
+from __future__ import annotations
+
+from cache.key import (
+    FORMAT_VERSION,
+    canonical_json,
+    default_cache_dir,
+    key_hash,
+    make_key,
+    sha256_file,
+    store_path,
+)
+from cache.store import FeatureStore, SplitLayout, StoreError, list_stores
+
+__all__ = [
+    "FORMAT_VERSION",
+    "FeatureStore",
+    "SplitLayout",
+    "StoreError",
+    "canonical_json",
+    "default_cache_dir",
+    "key_hash",
+    "list_stores",
+    "make_key",
+    "sha256_file",
+    "store_path",
+]
