@@ -1,0 +1,104 @@
+"""Where UNet weights come from: presets, the models folder, pretrain outputs, explicit files.
+
+``--unet`` accepts a preset name (``adm-imagenet-256``), a directory written by ``pipeline pretrain``
+(``model.pt`` + ``flags.json``), or a state_dict file (flags from ``--unet-flags`` or a
+``flags.json`` beside it). Preset files are looked up in the models folder:
+``$TEXTDIFF_MODELS_DIR``, else ``<cache dir>/models`` (``~/.cache/textdiff/models`` by default).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cache.key import default_cache_dir, sha256_file
+from extract.unet import UNetModel, load_unet, normalize_flags, read_flags
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Flags of a published checkpoint, its file name and where it is published."""
+
+    flags: dict[str, Any]
+    filename: str
+    url: str
+    note: str
+
+
+PRESETS: dict[str, Preset] = {
+    "adm-imagenet-256": Preset(
+        flags=normalize_flags(
+            image_size=256, num_channels=256, num_res_blocks=2, channel_mult="", learn_sigma=True,
+            class_cond=False, attention_resolutions="32,16,8", num_heads=4, num_head_channels=64,
+            num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=True,
+            use_new_attention_order=False, use_fp16=False,
+        ),
+        filename="256x256_diffusion_uncond.pt",
+        url="https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
+        note="OpenAI guided-diffusion, ImageNet 256x256, unconditional (the checkpoint TextDiff uses)",
+    ),
+}
+
+
+class UNetNotFoundError(FileNotFoundError):
+    """No checkpoint where ``--unet`` points; the message says how to get one."""
+
+
+def models_dir() -> Path:
+    """The folder searched for preset checkpoints."""
+    env = os.environ.get("TEXTDIFF_MODELS_DIR")
+    return Path(env).expanduser() if env else default_cache_dir() / "models"
+
+
+@dataclass(frozen=True)
+class UNetSource:
+    """A resolved ``--unet``: the checkpoint file, its flags and what identifies it in a cache key."""
+
+    spec: str
+    checkpoint: Path
+    flags: dict[str, Any]
+
+    def identity(self) -> dict[str, Any]:
+        return {"flags": self.flags, "weights_sha256": sha256_file(self.checkpoint),
+                "name": self.spec if self.spec in PRESETS else self.checkpoint.name}
+
+    def load(self, attention_impl: str = "sdpa") -> UNetModel:
+        return load_unet(self.checkpoint, self.flags, attention_impl=attention_impl)
+
+
+def _missing_preset_message(name: str, preset: Preset) -> str:
+    return (f"UNet preset {name!r} needs {preset.filename} ({preset.note}), not found in the models "
+            f"folder {models_dir()}.\n  It is published at {preset.url}\n"
+            f"  Download it there (or set TEXTDIFF_MODELS_DIR to the folder holding it), or pass "
+            f"--unet /path/to/{preset.filename}.\n"
+            f"  Offline alternative: `pipeline pretrain --dataset ... --out DIR` trains a domain UNet "
+            f"on your unlabelled images; then use --unet DIR.")
+
+
+def resolve_unet(spec: str, flags: str | Path | dict[str, Any] | None = None) -> UNetSource:
+    """Turn ``--unet`` (+ ``--unet-flags``) into a checkpoint path and flags; no weights are read."""
+    if spec in PRESETS:
+        preset = PRESETS[spec]
+        path = models_dir() / preset.filename
+        if not path.is_file():
+            raise UNetNotFoundError(_missing_preset_message(spec, preset))
+        return UNetSource(spec, path, read_flags(flags) if flags is not None else dict(preset.flags))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        ckpt, side_flags = path / "model.pt", path / "flags.json"
+        if not ckpt.is_file():
+            raise UNetNotFoundError(f"--unet {path} is a directory without model.pt "
+                                    f"(expected a `pipeline pretrain` output folder)")
+    elif path.is_file():
+        ckpt, side_flags = path, path.with_name("flags.json")
+    else:
+        known = ", ".join(PRESETS)
+        raise UNetNotFoundError(f"--unet {spec!r} is neither a preset ({known}) nor an existing file or folder")
+    if flags is None:
+        if not side_flags.is_file():
+            raise UNetNotFoundError(f"no flags for checkpoint {ckpt}: pass --unet-flags FLAGS.json "
+                                    f"(guided-diffusion create_model flags) or put flags.json beside it")
+        flags = side_flags
+    return UNetSource(spec, ckpt.resolve(), read_flags(flags))

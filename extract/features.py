@@ -1,0 +1,70 @@
+"""The frozen feature extractor: noised images through the UNet, decoder activations by forward hooks.
+
+For each image x0 and step t: x_t = q_sample(x0, t, ε) with the one shared ε, one forward pass,
+and the outputs of the chosen ``output_blocks`` kept by hooks. The pass stops after the deepest
+chosen block (no later blocks, no output head). Images × steps go through the UNet as one batch.
+Shapes (256 px, ImageNet ADM): block 6 → (512, 32, 32), 8 → (512, 64, 64), 12 → (256, 128, 128), ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from extract.diffusion import q_sample
+from extract.unet import UNetModel
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on the CPU, float16 on a GPU."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+class FeatureExtractor:
+    """Runs a frozen UNet (``eval``, ``no_grad``) and returns chosen decoder activations."""
+
+    def __init__(self, unet: UNetModel, noise: torch.Tensor, *, device: torch.device | str | None = None,
+                 autocast: bool = False):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.unet = unet.eval().requires_grad_(False).to(self.device)
+        self.noise = noise.to(self.device)
+        self.autocast = autocast
+        self.compute_dtype = autocast_dtype(self.device) if autocast else torch.float32
+
+    def block_shapes(self) -> list[tuple[int, int, int]]:
+        """(C, h, w) of each ``output_blocks[k]`` for this extractor's input size."""
+        return self.unet.output_block_shapes(self.noise.shape[-1])
+
+    @torch.no_grad()
+    def __call__(self, x0: torch.Tensor, steps: Sequence[int], blocks: Sequence[int]
+                 ) -> dict[tuple[int, int], torch.Tensor]:
+        """{(step, block): float32 CPU tensor (B, C, h, w)} for x0 (B, 3, S, S) in [-1, 1]."""
+        if not steps or not blocks:
+            return {}
+        n_blocks = len(self.unet.output_blocks)
+        bad = [b for b in blocks if not 0 <= b < n_blocks]
+        if bad:
+            raise ValueError(f"blocks {bad} out of range: this UNet has output_blocks 0..{n_blocks - 1}")
+        x0 = x0.to(self.device, torch.float32)
+        b = x0.shape[0]
+        t = torch.tensor([s for s in steps for _ in range(b)], device=self.device)
+        xt = q_sample(x0.repeat(len(steps), 1, 1, 1), t, self.noise)
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [self.unet.output_blocks[k].register_forward_hook(
+            lambda _m, _i, out, k=k: captured.__setitem__(k, out)) for k in set(blocks)]
+        ctx = (torch.autocast(self.device.type, dtype=self.compute_dtype) if self.autocast
+               else contextlib.nullcontext())
+        try:
+            with ctx:
+                self.unet(xt, t, stop_after=max(blocks))
+        finally:
+            for h in hooks:
+                h.remove()
+        return {(s, k): captured[k][i * b:(i + 1) * b].float().cpu()
+                for i, s in enumerate(steps) for k in blocks}
