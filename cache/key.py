@@ -1,0 +1,81 @@
+"""Cache identity: the key dictionary, its canonical JSON and hash, and where stores live.
+
+The key names everything that determines the cached arrays (dataset content, preprocessing,
+UNet weights and flags, noise seed, text encoder, dtype, format version). Which (step, block)
+pairs are stored is not part of it: pairs are arrays inside one store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+
+_KEY_FIELDS = ("dataset", "preprocessing", "unet", "noise_seed", "text", "dtype")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in `chunk`-sized pieces."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no optional whitespace; NaN/inf and non-JSON types raise."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def make_key(
+    *, dataset: dict, preprocessing: dict, unet: dict, noise_seed: int, text: dict, dtype: str
+) -> dict:
+    """The full cache key (with "format_version"), normalised to plain JSON types.
+
+    Raises TypeError naming the field when a value is not JSON-able (a Path, a numpy scalar...).
+    """
+    key: dict[str, Any] = {
+        "dataset": dataset,
+        "preprocessing": preprocessing,
+        "unet": unet,
+        "noise_seed": noise_seed,
+        "text": text,
+        "dtype": dtype,
+    }
+    if isinstance(noise_seed, bool) or not isinstance(noise_seed, int):
+        raise TypeError(f"cache key field 'noise_seed' must be an int, got {noise_seed!r}")
+    for name in _KEY_FIELDS:
+        try:
+            canonical_json(key[name])
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"cache key field {name!r} is not JSON-able: {e}") from e
+    key["format_version"] = FORMAT_VERSION
+    # Round trip so tuples become lists: the key read back from a store then compares equal.
+    return json.loads(canonical_json(key))
+
+
+def key_hash(key: dict) -> str:
+    """Hex sha256 of the key's canonical JSON."""
+    return hashlib.sha256(canonical_json(key).encode("utf-8")).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """$TEXTDIFF_CACHE_DIR, else $XDG_CACHE_HOME/textdiff, else ~/.cache/textdiff."""
+    explicit = os.environ.get("TEXTDIFF_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "textdiff"
+
+
+def store_path(cache_dir: Path, dataset_name: str, key: dict) -> Path:
+    """`cache_dir/<dataset_name>-<first 12 hex of the key hash>.zarr`."""
+    if not dataset_name or "/" in dataset_name or "\\" in dataset_name or dataset_name.startswith("."):
+        raise ValueError(f"dataset name {dataset_name!r} cannot be used in a store file name")
+    return Path(cache_dir) / f"{dataset_name}-{key_hash(key)[:12]}.zarr"

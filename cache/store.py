@@ -1,0 +1,517 @@
+"""The feature store: one zarr v3 directory (LocalStore) per cache key.
+
+Layout (per split group ``<split>``; N images, V views, S size, L tokens, D token dim)::
+
+    <split>/image               (N, V, 3, S, S) uint8    chunk (1, 1, 3, S, S)
+    <split>/mask                (N, V, S, S)    uint8    chunk (1, 1, S, S)
+    <split>/tokens              (N, L, D)       float16  chunk (1, L, D)
+    <split>/token_mask          (N, L)          bool     chunk (1, L)
+    <split>/feat/t{step}/b{block}  (N, V, C, h, w) float16  chunk (1, 1, C, h, w)
+    <split>/done/base           (N,) bool chunk (1,)   image, mask and tokens of row i written
+    <split>/done/t{step}_b{block}  (N,) bool chunk (1,)   features of row i written
+
+Ids, texts and views live in the split group's attributes; the key and store facts in the root
+group's. Every chunk holds one image, so writers of different images never touch the same file;
+zarr writes each chunk atomically (temp file + rename), and the done flag is written after the
+data, so a killed writer leaves its row not-done. Done flags are never written False: their chunk
+exists exactly when the flag is set (fill False, empty chunks not written), which lets ``done``
+read a whole flag array with one directory listing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.errors import ContainsArrayError
+from zarr.storage import LocalStore
+
+from cache.key import FORMAT_VERSION, key_hash
+
+MARKER = "feature-store"
+_CHUNK_KEYS = {"name": "default", "separator": "/"}
+_BASE_ARRAYS = ("image", "mask", "tokens", "token_mask")
+_TOKEN_ROWS_PER_DASK_CHUNK = 256
+
+
+class StoreError(RuntimeError):
+    """A feature store is missing, foreign, inconsistent, or used wrongly; the message names the path."""
+
+
+@dataclass
+class SplitLayout:
+    """Rows of one split: ids and texts in order, and views per image (1, or 8 for d4-augmented train)."""
+
+    ids: list[str]
+    texts: list[str]
+    views: int
+
+
+@dataclass(frozen=True)
+class _Spec:
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    fill: Any
+    shuffle: str | None  # Blosc shuffle mode; None = uncompressed
+    dims: tuple[str, ...]
+
+
+def _pair_name(step: int, block: int) -> str:
+    return f"t{step}_b{block}"
+
+
+def _feat_rel(split: str, step: int, block: int) -> str:
+    return f"{split}/feat/t{step}/b{block}"
+
+
+def _done_rel(split: str, step: int | None = None, block: int | None = None) -> str:
+    if (step is None) != (block is None):
+        raise ValueError("give both step and block, or neither (the base flags)")
+    return f"{split}/done/base" if step is None else f"{split}/done/{_pair_name(step, block)}"
+
+
+def _base_specs(n: int, v: int, size: int, token_len: int, token_dim: int) -> dict[str, _Spec]:
+    return {
+        "image": _Spec((n, v, 3, size, size), (1, 1, 3, size, size), "uint8", 0, "noshuffle",
+                       ("image", "view", "channel", "y", "x")),
+        "mask": _Spec((n, v, size, size), (1, 1, size, size), "uint8", 0, "bitshuffle",
+                      ("image", "view", "y", "x")),
+        "tokens": _Spec((n, token_len, token_dim), (1, token_len, token_dim), "float16", float("nan"),
+                        "shuffle", ("image", "token", "feature")),
+        "token_mask": _Spec((n, token_len), (1, token_len), "bool", False, None, ("image", "token")),
+        "done/base": _done_spec(n),
+    }
+
+
+def _feat_spec(n: int, v: int, channels: int, hw: tuple[int, int]) -> _Spec:
+    h, w = hw
+    return _Spec((n, v, channels, h, w), (1, 1, channels, h, w), "float16", float("nan"), "shuffle",
+                 ("image", "view", "channel", "y", "x"))
+
+
+def _done_spec(n: int) -> _Spec:
+    return _Spec((n,), (1,), "bool", False, None, ("image",))
+
+
+def _create_array(group: zarr.Group, name: str, spec: _Spec) -> zarr.Array:
+    compressors = None if spec.shuffle is None else BloscCodec(cname="zstd", clevel=3, shuffle=spec.shuffle)
+    return group.create_array(
+        name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill,
+        compressors=compressors, chunk_key_encoding=_CHUNK_KEYS, dimension_names=spec.dims,
+    )
+
+
+def _textdiff_version() -> str:
+    try:
+        return metadata.version("textdiff")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _numbered_subdirs(parent: Path, prefix: str) -> list[tuple[int, Path]]:
+    """(number, dir) for children named `<prefix><digits>`; anything else (temp files) is ignored."""
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(prefix) + r"(\d+)")
+    found = []
+    for child in parent.iterdir():
+        match = pattern.fullmatch(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return found
+
+
+def _validate_layout(path: Path, splits: dict[str, SplitLayout], sizes: dict[str, int]) -> None:
+    if not splits:
+        raise StoreError(f"{path}: a store needs at least one split")
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise StoreError(f"{path}: {name} must be a positive int, got {value!r}")
+    for name, lay in splits.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise StoreError(f"{path}: split name {name!r} is not a plain name")
+        if len(lay.ids) != len(lay.texts):
+            raise StoreError(f"{path}: split {name!r} has {len(lay.ids)} ids but {len(lay.texts)} texts")
+        if len(set(lay.ids)) != len(lay.ids):
+            raise StoreError(f"{path}: split {name!r} has duplicate ids")
+        if lay.views < 1:
+            raise StoreError(f"{path}: split {name!r} has views={lay.views}; need at least 1")
+
+
+class FeatureStore:
+    """A textdiff feature store on local disk. Build with `create`, reopen with `open`."""
+
+    path: Path
+    key: dict
+
+    def __init__(self, path: Path, root: zarr.Group, mode: str) -> None:
+        self.path = path
+        self.mode = mode
+        self._root = root
+        self._attrs = dict(root.attrs)
+        self.key = self._attrs["key"]
+        self._store = root.store
+        self._layouts: dict[str, SplitLayout] = {}
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def __reduce__(self):  # pickle as "reopen the same path" (dask workers)
+        return (FeatureStore.open, (str(self.path), self.mode))
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, key_hash={self.key_hash[:12]!r}, mode={self.mode!r})"
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(cls, path: Path | str, key: dict, *, size: int, splits: dict[str, SplitLayout],
+               token_len: int, token_dim: int) -> FeatureStore:
+        """Create a new store atomically, or open the existing one at `path` if its key and layout match."""
+        path = Path(path)
+        _validate_layout(path, splits, {"size": size, "token_len": token_len, "token_dim": token_dim})
+        if path.exists():
+            return cls._open_matching(path, key, size, splits, token_len, token_dim)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+        try:
+            cls._build(tmp, key, size, splits, token_len, token_dim)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if not path.exists():
+                    raise
+                # another process created it first: use theirs if it is the same store
+                return cls._open_matching(path, key, size, splits, token_len, token_dim)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls.open(path, "r+")
+
+    @staticmethod
+    def _build(tmp: Path, key: dict, size: int, splits: dict[str, SplitLayout],
+               token_len: int, token_dim: int) -> None:
+        attrs = {
+            "textdiff": MARKER,
+            "key": key,
+            "key_hash": key_hash(key),
+            "format_version": FORMAT_VERSION,
+            "size": int(size),
+            "textdiff_version": _textdiff_version(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "token_len": int(token_len),
+            "token_dim": int(token_dim),
+            "splits": list(splits),
+        }
+        root = zarr.open_group(LocalStore(tmp), mode="w-", zarr_format=3, attributes=attrs)
+        for name, lay in splits.items():
+            group = root.create_group(
+                name, attributes={"ids": list(lay.ids), "texts": list(lay.texts), "views": int(lay.views)})
+            for rel, spec in _base_specs(len(lay.ids), lay.views, size, token_len, token_dim).items():
+                _create_array(group, rel, spec)
+
+    @classmethod
+    def _open_matching(cls, path: Path, key: dict, size: int, splits: dict[str, SplitLayout],
+                       token_len: int, token_dim: int) -> FeatureStore:
+        store = cls.open(path, "r+")
+        wanted = key_hash(key)
+        if store.key_hash != wanted:
+            raise StoreError(f"{path} holds a store with key hash {store.key_hash}, "
+                             f"not the requested {wanted}; use another path or remove it")
+        problems = []
+        facts = {"size": size, "token_len": token_len, "token_dim": token_dim}
+        for name, value in facts.items():
+            if store._attrs[name] != value:
+                problems.append(f"{name} {store._attrs[name]} != requested {value}")
+        if store.splits() != list(splits):
+            problems.append(f"splits {store.splits()} != requested {list(splits)}")
+        else:
+            for name, lay in splits.items():
+                have = store.layout(name)
+                if have.ids != list(lay.ids):
+                    problems.append(f"split {name!r} ids differ")
+                if have.texts != list(lay.texts):
+                    problems.append(f"split {name!r} texts differ")
+                if have.views != lay.views:
+                    problems.append(f"split {name!r} views {have.views} != requested {lay.views}")
+        if problems:
+            raise StoreError(f"{path}: same key but a different layout: " + "; ".join(problems))
+        return store
+
+    @classmethod
+    def open(cls, path: Path | str, mode: str = "r") -> FeatureStore:
+        """Open an existing store; mode "r" (read-only) or "r+" (read/write)."""
+        path = Path(path)
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        if not path.is_dir():
+            raise StoreError(f"{path}: no feature store there (not a directory)")
+        try:
+            root = zarr.open_group(LocalStore(path, read_only=mode == "r"), mode=mode, zarr_format=3)
+        except (FileNotFoundError, ValueError) as e:
+            raise StoreError(f"{path}: not a zarr v3 group ({e})") from e
+        attrs = root.attrs
+        if attrs.get("textdiff") != MARKER or "key" not in attrs:
+            raise StoreError(f"{path}: a zarr group but not a textdiff feature store")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{path}: store format_version {attrs.get('format_version')} but this "
+                             f"textdiff reads format_version {FORMAT_VERSION}; re-extract into a new store")
+        if key_hash(attrs["key"]) != attrs.get("key_hash"):
+            raise StoreError(f"{path}: stored key does not match its stored key_hash (edited?)")
+        return cls(path, root, mode)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def key_hash(self) -> str:
+        return self._attrs["key_hash"]
+
+    @property
+    def size(self) -> int:
+        return self._attrs["size"]
+
+    @property
+    def attrs(self) -> dict:
+        """The root attributes (key, key_hash, format_version, size, created, ...)."""
+        return dict(self._attrs)
+
+    def splits(self) -> list[str]:
+        return list(self._attrs["splits"])
+
+    def layout(self, split: str) -> SplitLayout:
+        lay = self._layouts.get(split)
+        if lay is None:
+            if split not in self._attrs["splits"]:
+                raise StoreError(f"{self.path}: no split {split!r}; it has {self.splits()}")
+            attrs = self._root[split].attrs
+            lay = SplitLayout(ids=list(attrs["ids"]), texts=list(attrs["texts"]), views=int(attrs["views"]))
+            self._layouts[split] = lay
+        return lay
+
+    def ids(self, split: str) -> list[str]:
+        return list(self.layout(split).ids)
+
+    def texts(self, split: str) -> list[str]:
+        return list(self.layout(split).texts)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(step, block) pairs whose feature and done arrays exist in every split."""
+        common: set[tuple[int, int]] | None = None
+        for split in self.splits():
+            here = set()
+            for step, tdir in _numbered_subdirs(self.path / split / "feat", "t"):
+                for block, bdir in _numbered_subdirs(tdir, "b"):
+                    if (bdir / "zarr.json").is_file() and self._exists(_done_rel(split, step, block)):
+                        here.add((step, block))
+            common = here if common is None else common & here
+        return sorted(common or ())
+
+    def _exists(self, rel: str) -> bool:
+        return (self.path / rel / "zarr.json").is_file()
+
+    def _array(self, rel: str) -> zarr.Array:
+        arr = self._arrays.get(rel)
+        if arr is None:
+            if not self._exists(rel):
+                raise StoreError(f"{self.path}: no array {rel!r}")
+            arr = zarr.open_array(self._store, path=rel, mode=self.mode, zarr_format=3)
+            arr = arr.with_config({"write_empty_chunks": False})
+            self._arrays[rel] = arr
+        return arr
+
+    def _writable(self) -> None:
+        if self.mode == "r":
+            raise StoreError(f"{self.path}: opened read-only; open with mode='r+' to write")
+
+    def ensure_pair(self, step: int, block: int, channels: int, hw: tuple[int, int]) -> None:
+        """Create the feature and done arrays of (step, block) in every split; existing ones are checked."""
+        self._writable()
+        h, w = hw
+        for name, value, low in (("step", step, 0), ("block", block, 0), ("channels", channels, 1),
+                                 ("height", h, 1), ("width", w, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise StoreError(f"{self.path}: ensure_pair {name} must be an int >= {low}, got {value!r}")
+        for split in self.splits():
+            lay = self.layout(split)
+            n = len(lay.ids)
+            self._ensure_array(_feat_rel(split, step, block), _feat_spec(n, lay.views, channels, (h, w)))
+            self._ensure_array(_done_rel(split, step, block), _done_spec(n))
+
+    def _ensure_array(self, rel: str, spec: _Spec) -> None:
+        if not self._exists(rel):
+            try:
+                _create_array(self._root, rel, spec)
+            except ContainsArrayError:
+                pass  # a concurrent ensure_pair made it: checked below
+        arr = self._array(rel)
+        if tuple(arr.shape) != spec.shape or arr.dtype != np.dtype(spec.dtype):
+            raise StoreError(f"{self.path}: array {rel!r} is {tuple(arr.shape)} {arr.dtype}, "
+                             f"requested {spec.shape} {spec.dtype}")
+
+    # ------------------------------------------------------------------ writers
+    def _row(self, split: str, i: int) -> int:
+        n = len(self.layout(split).ids)
+        if not 0 <= int(i) < n:
+            raise StoreError(f"{self.path}: row {i} out of range for split {split!r} ({n} images)")
+        return int(i)
+
+    def _check_shape(self, what: str, split: str, value: np.ndarray, shape: tuple[int, ...]) -> None:
+        if value.shape != shape:
+            raise StoreError(f"{self.path}: {what} for split {split!r} has shape {value.shape}, expected {shape}")
+
+    def _float16(self, what: str, split: str, i: int, value: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
+            value = np.asarray(value, dtype=np.float16)
+        if not np.isfinite(value).all():
+            raise StoreError(f"{self.path}: {what} of split {split!r} row {i} are not finite in float16 "
+                             "(overflow or NaN)")
+        return value
+
+    def write_base(self, split: str, i: int, image: np.ndarray, mask: np.ndarray,
+                   tokens: np.ndarray, token_mask: np.ndarray) -> None:
+        """Write image (V,3,S,S) uint8, mask (V,S,S) {0,1}, tokens (L,D), token_mask (L,); then the done flag."""
+        self._writable()
+        i = self._row(split, i)
+        v, s = self.layout(split).views, self.size
+        length, dim = self._attrs["token_len"], self._attrs["token_dim"]
+        image, mask = np.asarray(image), np.asarray(mask)
+        if image.dtype != np.uint8:
+            raise StoreError(f"{self.path}: image for split {split!r} row {i} is {image.dtype}, expected uint8")
+        if mask.dtype.kind not in "biu" or (mask.size and (mask.min() < 0 or mask.max() > 1)):
+            raise StoreError(f"{self.path}: mask for split {split!r} row {i} must hold only 0 and 1")
+        tokens = self._float16("tokens", split, i, tokens)
+        token_mask = np.asarray(token_mask, dtype=bool)
+        self._check_shape("image", split, image, (v, 3, s, s))
+        self._check_shape("mask", split, mask, (v, s, s))
+        self._check_shape("tokens", split, tokens, (length, dim))
+        self._check_shape("token_mask", split, token_mask, (length,))
+        self._array(f"{split}/image")[i] = image
+        self._array(f"{split}/mask")[i] = mask.astype(np.uint8)
+        self._array(f"{split}/tokens")[i] = tokens
+        self._array(f"{split}/token_mask")[i] = token_mask
+        self._array(_done_rel(split))[i] = True
+
+    def write_features(self, split: str, i: int, step: int, block: int, feats: np.ndarray) -> None:
+        """Write one image's features (V,C,h,w), cast to float16; then the done flag."""
+        self._writable()
+        i = self._row(split, i)
+        rel = _feat_rel(split, step, block)
+        if not self._exists(rel):
+            raise StoreError(f"{self.path}: no arrays for t{step} b{block}; call ensure_pair first")
+        arr = self._array(rel)
+        feats = self._float16(f"features t{step} b{block}", split, i, feats)
+        self._check_shape(f"features t{step} b{block}", split, feats, tuple(arr.shape[1:]))
+        arr[i] = feats
+        self._array(_done_rel(split, step, block))[i] = True
+
+    # ------------------------------------------------------------------ readers
+    def done(self, split: str, step: int | None = None, block: int | None = None) -> np.ndarray:
+        """(N,) bool flags; step=None gives the base flags. One directory listing per call."""
+        n = len(self.layout(split).ids)
+        rel = _done_rel(split, step, block)
+        if not self._exists(rel):
+            raise StoreError(f"{self.path}: no done flags {rel!r} (pair not in the store)")
+        flags = np.zeros(n, dtype=bool)
+        try:
+            names = os.listdir(self.path / rel / "c")
+        except FileNotFoundError:
+            return flags  # nothing written yet
+        rows = np.fromiter((int(x) for x in names if x.isdigit()), dtype=np.int64)
+        flags[rows[rows < n]] = True
+        return flags
+
+    def complete_indices(self, split: str, pairs: list[tuple[int, int]] | None = None) -> np.ndarray:
+        """Rows whose base and every given pair (default: all pairs) are done."""
+        ok = self.done(split)
+        for step, block in self.pairs() if pairs is None else pairs:
+            ok &= self.done(split, step, block)
+        return np.flatnonzero(ok)
+
+    def _dask(self, rel: str, rows: int = 1) -> da.Array:
+        arr = self._array(rel)
+        return da.from_zarr(arr, chunks=(rows,) + tuple(arr.shape[1:]))
+
+    def features(self, split: str, step: int, block: int) -> da.Array:
+        """(N, V, C, h, w) float16, one image per dask chunk; rows not done read as NaN."""
+        return self._dask(_feat_rel(split, step, block))
+
+    def tokens(self, split: str) -> da.Array:
+        """(N, L, D) float16."""
+        return self._dask(f"{split}/tokens", _TOKEN_ROWS_PER_DASK_CHUNK)
+
+    def token_mask(self, split: str) -> np.ndarray:
+        """(N, L) bool, read into memory."""
+        return self._array(f"{split}/token_mask")[...]
+
+    def masks(self, split: str) -> da.Array:
+        """(N, V, S, S) uint8."""
+        return self._dask(f"{split}/mask")
+
+    def images(self, split: str) -> da.Array:
+        """(N, V, 3, S, S) uint8."""
+        return self._dask(f"{split}/image")
+
+    def info(self) -> dict:
+        """JSON-able summary: key, arrays (shape, dtype, chunks) and per-split done counts."""
+        pairs = self.pairs()
+        arrays: dict[str, dict] = {}
+        splits: dict[str, dict] = {}
+        for split in self.splits():
+            rels = [f"{split}/{name}" for name in _BASE_ARRAYS] + [_done_rel(split)]
+            for step, block in pairs:
+                rels += [_feat_rel(split, step, block), _done_rel(split, step, block)]
+            for rel in rels:
+                arr = self._array(rel)
+                arrays[rel] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks)}
+            base = self.done(split)
+            complete = base.copy()
+            counts = {}
+            for step, block in pairs:
+                flags = self.done(split, step, block)
+                counts[_pair_name(step, block)] = int(flags.sum())
+                complete &= flags
+            lay = self.layout(split)
+            splits[split] = {"total": len(lay.ids), "views": lay.views, "base_done": int(base.sum()),
+                             "done": counts, "complete": int(complete.sum())}
+        return {
+            "path": str(self.path), "key": self.key, "key_hash": self.key_hash, "size": self.size,
+            "format_version": self._attrs["format_version"], "created": self._attrs["created"],
+            "textdiff_version": self._attrs["textdiff_version"], "token_len": self._attrs["token_len"],
+            "token_dim": self._attrs["token_dim"], "pairs": [list(p) for p in pairs],
+            "arrays": arrays, "splits": splits,
+        }
+
+
+def list_stores(cache_dir: Path) -> list[dict]:
+    """One row per `*.zarr` in `cache_dir`: path, dataset, key_hash, pairs, images done/total (or error)."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    rows = []
+    for path in sorted(p for p in cache_dir.glob("*.zarr") if p.is_dir()):
+        try:
+            info = FeatureStore.open(path).info()
+        except StoreError as e:
+            rows.append({"path": str(path), "error": str(e)})
+            continue
+        dataset = info["key"].get("dataset")
+        rows.append({
+            "path": str(path),
+            "dataset": dataset.get("name") if isinstance(dataset, dict) else None,
+            "key_hash": info["key_hash"],
+            "created": info["created"],
+            "size": info["size"],
+            "pairs": [_pair_name(s, b) for s, b in info["pairs"]],
+            "images_done": sum(s["complete"] for s in info["splits"].values()),
+            "images_total": sum(s["total"] for s in info["splits"].values()),
+            "splits": {name: {"complete": s["complete"], "total": s["total"]}
+                       for name, s in info["splits"].items()},
+        })
+    return rows

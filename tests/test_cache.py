@@ -1,0 +1,359 @@
+"""Tests for cache/: key hashing and the zarr feature store."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+from cache import (
+    FORMAT_VERSION,
+    FeatureStore,
+    SplitLayout,
+    StoreError,
+    canonical_json,
+    default_cache_dir,
+    key_hash,
+    list_stores,
+    make_key,
+    sha256_file,
+    store_path,
+)
+
+SIZE, L, D = 16, 5, 4
+
+
+def _key(**changes) -> dict:
+    fields = {
+        "dataset": {"name": "synthetic", "seed": 0, "files": {"a.png": "00ff"}},
+        "preprocessing": {"size": SIZE, "resize": "bilinear", "color_order": "rgb"},
+        "unet": {"weights_sha256": "abc", "flags": {"num_channels": 256}},
+        "noise_seed": 40,
+        "text": {"spec": "minilm", "weights_sha256": "def", "max_length": L},
+        "dtype": "float16",
+    }
+    fields.update(changes)
+    return make_key(**fields)
+
+
+def _layout() -> dict[str, SplitLayout]:
+    return {
+        "train": SplitLayout(ids=["a", "b", "c"], texts=["text a", "text b", "text c"], views=2),
+        "test": SplitLayout(ids=["x", "y"], texts=["text x", "text y"], views=1),
+    }
+
+
+def _new(path: Path, key: dict | None = None, layout: dict | None = None) -> FeatureStore:
+    return FeatureStore.create(path, key or _key(), size=SIZE, splits=layout or _layout(),
+                               token_len=L, token_dim=D)
+
+
+def _base_row(rng: np.random.Generator, views: int) -> dict[str, np.ndarray]:
+    return {
+        "image": rng.integers(0, 256, (views, 3, SIZE, SIZE), dtype=np.uint8),
+        "mask": rng.integers(0, 2, (views, SIZE, SIZE), dtype=np.uint8),
+        "tokens": rng.normal(size=(L, D)).astype(np.float32),
+        "token_mask": np.array([1, 1, 1, 0, 0], dtype=bool),
+    }
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FeatureStore:
+    return _new(tmp_path / "s.zarr")
+
+
+# ---------------------------------------------------------------- key
+
+
+def test_key_hash_is_stable_and_canonical():
+    key = _key()
+    assert key["format_version"] == FORMAT_VERSION
+    text = canonical_json(key)
+    assert text.startswith('{"dataset":{"files":{"a.png":"00ff"},"name":"synthetic","seed":0},"dtype":"float16"')
+    assert " " not in text.replace("text a", "")
+    assert key_hash(key) == hashlib.sha256(text.encode()).hexdigest()
+    reordered = dict(reversed(list(key.items())))
+    assert key_hash(reordered) == key_hash(key)
+    # tuples normalise to lists, so a key read back from JSON compares equal
+    assert _key(preprocessing={"size": (16, 16)}) == _key(preprocessing={"size": [16, 16]})
+
+
+@pytest.mark.parametrize("field, value", [
+    ("dataset", {"name": "synthetic", "seed": 0, "files": {"a.png": "00fe"}}),
+    ("preprocessing", {"size": SIZE, "resize": "bilinear", "color_order": "bgr"}),
+    ("unet", {"weights_sha256": "abd", "flags": {"num_channels": 256}}),
+    ("noise_seed", 41),
+    ("text", {"spec": "minilm", "weights_sha256": "def", "max_length": L + 1}),
+    ("dtype", "float32"),
+])
+def test_key_hash_sensitive_to_every_field(field, value):
+    assert key_hash(_key(**{field: value})) != key_hash(_key())
+
+
+def test_key_format_version_is_in_the_hash():
+    key = _key()
+    other = dict(key, format_version=FORMAT_VERSION + 1)
+    assert key_hash(other) != key_hash(key)
+
+
+def test_make_key_rejects_non_json_values():
+    with pytest.raises(TypeError, match="dataset"):
+        _key(dataset={"root": Path("/x")})
+    with pytest.raises(TypeError, match="unet"):
+        _key(unet={"scale": float("nan")})
+    with pytest.raises(TypeError, match="noise_seed"):
+        _key(noise_seed="40")
+
+
+def test_sha256_file(tmp_path):
+    path = tmp_path / "f.bin"
+    data = os.urandom(10_000)
+    path.write_bytes(data)
+    assert sha256_file(path, chunk=999) == hashlib.sha256(data).hexdigest()
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TEXTDIFF_CACHE_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("TEXTDIFF_CACHE_DIR")
+    assert default_cache_dir() == tmp_path / "xdg" / "textdiff"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "textdiff"
+
+
+def test_store_path(tmp_path):
+    key = _key()
+    assert store_path(tmp_path, "monuseg", key) == tmp_path / f"monuseg-{key_hash(key)[:12]}.zarr"
+    with pytest.raises(ValueError, match="name"):
+        store_path(tmp_path, "../x", key)
+
+
+# ---------------------------------------------------------------- create / open
+
+
+def test_create_open_round_trip(tmp_path):
+    path = tmp_path / "cache" / "s.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no zarr warnings for users
+        created = _new(path)
+    assert not [p for p in path.parent.iterdir() if p.name != "s.zarr"], "temp build dir left behind"
+    store = FeatureStore.open(path)
+    assert store.key == _key() and store.key_hash == key_hash(_key())
+    assert store.splits() == ["train", "test"]
+    assert store.layout("train") == _layout()["train"]
+    assert store.ids("test") == ["x", "y"] and store.texts("test") == ["text x", "text y"]
+    assert store.pairs() == []
+    assert not store.done("train").any()
+    attrs = store.attrs
+    for name in ("key", "key_hash", "format_version", "size", "textdiff_version", "created",
+                 "token_len", "token_dim"):
+        assert name in attrs
+    assert (attrs["size"], attrs["token_len"], attrs["token_dim"]) == (SIZE, L, D)
+    assert created.path == path
+    restored = pickle.loads(pickle.dumps(store))
+    assert restored.path == path and restored.key == store.key
+
+
+def test_same_key_reopens(store):
+    again = _new(store.path)
+    assert again.key_hash == store.key_hash
+
+
+def test_same_key_different_layout_refused(store):
+    layout = _layout()
+    layout["test"] = SplitLayout(ids=["x", "z"], texts=["text x", "text y"], views=1)
+    with pytest.raises(StoreError, match="ids differ"):
+        _new(store.path, layout=layout)
+
+
+def test_different_key_refused(store):
+    other = _key(noise_seed=1)
+    with pytest.raises(StoreError) as err:
+        _new(store.path, key=other)
+    assert store.key_hash in str(err.value) and key_hash(other) in str(err.value)
+
+
+def test_create_race_uses_the_winner(tmp_path, monkeypatch):
+    path = tmp_path / "s.zarr"
+    build = FeatureStore._build
+
+    def build_then_lose(tmp, *args):
+        build(tmp, *args)
+        build(path, *args)  # another process renames its store into place first
+
+    monkeypatch.setattr(FeatureStore, "_build", staticmethod(build_then_lose))
+    store = _new(path)
+    assert store.key_hash == key_hash(_key())
+    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+
+
+def test_create_race_with_other_key_refused(tmp_path, monkeypatch):
+    path = tmp_path / "s.zarr"
+    build = FeatureStore._build
+
+    def build_then_lose(tmp, key, *args):
+        build(tmp, key, *args)
+        build(path, _key(dtype="float32"), *args)
+
+    monkeypatch.setattr(FeatureStore, "_build", staticmethod(build_then_lose))
+    with pytest.raises(StoreError, match="key hash"):
+        _new(path)
+
+
+def test_open_refuses_foreign_and_old_stores(tmp_path, store):
+    with pytest.raises(StoreError, match="not a directory"):
+        FeatureStore.open(tmp_path / "missing.zarr")
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(StoreError, match="not a zarr"):
+        FeatureStore.open(tmp_path / "empty.zarr")
+    zarr.open_group(tmp_path / "plain.zarr", mode="w", attributes={"x": 1})
+    with pytest.raises(StoreError, match="not a textdiff"):
+        FeatureStore.open(tmp_path / "plain.zarr")
+    zarr.open_group(store.path, mode="r+").attrs["format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(StoreError, match="format_version"):
+        FeatureStore.open(store.path)
+
+
+def test_read_only_refuses_writes(store):
+    reader = FeatureStore.open(store.path)
+    with pytest.raises(StoreError, match="read-only"):
+        reader.ensure_pair(50, 6, 8, (4, 4))
+
+
+# ---------------------------------------------------------------- pairs and writes
+
+
+def test_ensure_pair_idempotent_and_incremental(store):
+    rng = np.random.default_rng(0)
+    store.ensure_pair(50, 6, 8, (4, 4))
+    assert store.pairs() == [(50, 6)]
+    store.write_base("train", 0, **_base_row(rng, 2))
+    store.write_features("train", 0, 50, 6, rng.normal(size=(2, 8, 4, 4)))
+    before = _snapshot(store.path)
+    store.ensure_pair(50, 6, 8, (4, 4))
+    assert _snapshot(store.path) == before
+    store.ensure_pair(150, 12, 16, (8, 8))
+    after = _snapshot(store.path)
+    assert {name: after[name] for name in before} == before, "adding a pair rewrote existing files"
+    assert FeatureStore.open(store.path).pairs() == [(50, 6), (150, 12)]
+    with pytest.raises(StoreError, match="t50/b6"):
+        store.ensure_pair(50, 6, 16, (4, 4))
+    with pytest.raises(StoreError, match="channels"):
+        store.ensure_pair(250, 6, 0, (4, 4))
+
+
+def test_writes_set_done_and_read_back(store):
+    rng = np.random.default_rng(1)
+    store.ensure_pair(50, 6, 8, (4, 4))
+    row = _base_row(rng, 2)
+    feats = rng.normal(size=(2, 8, 4, 4)).astype(np.float32)
+    store.write_base("train", 1, **row)
+    store.write_features("train", 1, 50, 6, feats)
+
+    reader = FeatureStore.open(store.path)
+    assert reader.done("train").tolist() == [False, True, False]
+    assert reader.done("train", 50, 6).tolist() == [False, True, False]
+    raw = zarr.open_array(store.path / "train" / "done" / "t50_b6", mode="r")[:]
+    assert np.array_equal(raw, reader.done("train", 50, 6))  # the listing agrees with zarr
+    assert reader.complete_indices("train").tolist() == [1]
+
+    got = reader.features("train", 50, 6)
+    assert isinstance(got, da.Array) and got.dtype == np.float16 and got.shape == (3, 2, 8, 4, 4)
+    assert np.array_equal(got[1].compute(), feats.astype(np.float16))
+    assert np.isnan(got[0].compute()).all()  # a row never written reads as NaN
+    assert np.array_equal(reader.images("train")[1].compute(), row["image"])
+    assert np.array_equal(reader.masks("train")[1].compute(), row["mask"])
+    assert np.array_equal(reader.tokens("train")[1].compute(), row["tokens"].astype(np.float16))
+    assert reader.token_mask("train")[1].tolist() == row["token_mask"].tolist()
+
+
+def test_write_validation(store):
+    rng = np.random.default_rng(2)
+    row = _base_row(rng, 2)
+    with pytest.raises(StoreError, match="row 3 out of range"):
+        store.write_base("train", 3, **row)
+    with pytest.raises(StoreError, match="uint8"):
+        store.write_base("train", 0, **dict(row, image=row["image"].astype(np.float32)))
+    with pytest.raises(StoreError, match="shape"):
+        store.write_base("test", 0, **row)  # test has 1 view
+    with pytest.raises(StoreError, match="0 and 1"):
+        store.write_base("train", 0, **dict(row, mask=row["mask"] * 255))
+    with pytest.raises(StoreError, match="ensure_pair"):
+        store.write_features("train", 0, 50, 6, np.zeros((2, 8, 4, 4)))
+    store.ensure_pair(50, 6, 8, (4, 4))
+    with pytest.raises(StoreError, match="not finite"):
+        store.write_features("train", 0, 50, 6, np.full((2, 8, 4, 4), 1e6))
+    with pytest.raises(StoreError, match="no split"):
+        store.done("val")
+    assert not store.done("train").any() and not store.done("train", 50, 6).any()
+
+
+def test_info_counts(store):
+    rng = np.random.default_rng(3)
+    store.ensure_pair(50, 6, 8, (4, 4))
+    store.ensure_pair(150, 6, 8, (4, 4))
+    for i in range(3):
+        store.write_base("train", i, **_base_row(rng, 2))
+    store.write_features("train", 0, 50, 6, rng.normal(size=(2, 8, 4, 4)))
+    store.write_features("train", 0, 150, 6, rng.normal(size=(2, 8, 4, 4)))
+    store.write_features("train", 2, 50, 6, rng.normal(size=(2, 8, 4, 4)))
+    info = FeatureStore.open(store.path).info()
+    assert info["key_hash"] == store.key_hash and info["size"] == SIZE
+    assert info["splits"]["train"] == {"total": 3, "views": 2, "base_done": 3,
+                                       "done": {"t50_b6": 2, "t150_b6": 1}, "complete": 1}
+    assert info["splits"]["test"]["complete"] == 0 and info["splits"]["test"]["total"] == 2
+    feat = info["arrays"]["train/feat/t50/b6"]
+    assert feat == {"shape": [3, 2, 8, 4, 4], "dtype": "float16", "chunks": [1, 1, 8, 4, 4]}
+    assert info["arrays"]["test/done/base"] == {"shape": [2], "dtype": "bool", "chunks": [1]}
+    rows = list_stores(store.path.parent)
+    assert len(rows) == 1 and rows[0]["dataset"] == "synthetic"
+    assert (rows[0]["images_done"], rows[0]["images_total"]) == (1, 5)
+    assert rows[0]["pairs"] == ["t50_b6", "t150_b6"]
+
+
+def test_simulated_crash_leaves_row_not_done(store, monkeypatch):
+    rng = np.random.default_rng(4)
+    store.ensure_pair(50, 6, 8, (4, 4))
+    store.write_base("train", 0, **_base_row(rng, 2))
+    feats = rng.normal(size=(2, 8, 4, 4))
+    real_array = FeatureStore._array
+
+    def killed_before_flag(self, rel):
+        if "/done/" in rel:
+            raise KeyboardInterrupt("killed")
+        return real_array(self, rel)
+
+    monkeypatch.setattr(FeatureStore, "_array", killed_before_flag)
+    writer = FeatureStore.open(store.path, "r+")
+    with pytest.raises(KeyboardInterrupt):
+        writer.write_features("train", 0, 50, 6, feats)
+    monkeypatch.undo()
+
+    reader = FeatureStore.open(store.path)
+    assert reader.done("train").tolist() == [True, False, False]
+    assert not reader.done("train", 50, 6).any()  # data on disk, flag not set
+    assert reader.complete_indices("train").size == 0
+    assert reader.info()["splits"]["train"]["complete"] == 0
+    # a stray zarr temp file is ignored by the flag reader and the pair listing
+    (store.path / "train" / "done" / "t50_b6" / "c").mkdir(parents=True, exist_ok=True)
+    (store.path / "train" / "done" / "t50_b6" / "c" / "0.1234abcd.partial").write_bytes(b"\x01")
+    (store.path / "train" / "feat" / "zarr.1234abcd.partial").write_bytes(b"{}")
+    assert not reader.done("train", 50, 6).any() and reader.pairs() == [(50, 6)]
+    # resuming rewrites the row
+    store.write_features("train", 0, 50, 6, feats)
+    assert reader.complete_indices("train").tolist() == [0]
