@@ -9,6 +9,7 @@ from cache.key import (
     key_hash,
     make_key,
     sha256_file,
+    sha256_files,
     store_path,
 )
 from cache.store import FeatureStore, SplitLayout, StoreError, list_stores
@@ -24,5 +25,6 @@ __all__ = [
     "list_stores",
     "make_key",
     "sha256_file",
+    "sha256_files",
     "store_path",
 ]

@@ -7,9 +7,11 @@ pairs are stored is not part of it: pairs are arrays inside one store.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,27 @@ FORMAT_VERSION = 1
 _KEY_FIELDS = ("dataset", "preprocessing", "unet", "noise_seed", "text", "dtype")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in `chunk`-sized pieces."""
+def sha256_files(paths: Sequence[Path | str]) -> str:
+    """Hex sha256 over the files' bytes in the given order; memoised per process on (path, size, mtime)."""
+    stamps = []
+    for p in paths:
+        st = Path(p).stat()
+        stamps.append((str(Path(p).resolve()), st.st_size, st.st_mtime_ns))
+    return _sha256_stamped(tuple(stamps))
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of one file's bytes (memoised like :func:`sha256_files`)."""
+    return sha256_files([path])
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_stamped(stamps: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    for path, _, _ in stamps:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
     return digest.hexdigest()
 
 

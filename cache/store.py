@@ -175,8 +175,11 @@ class FeatureStore:
     # ------------------------------------------------------------------ create / open
     @classmethod
     def create(cls, path: Path | str, key: dict, *, size: int, splits: dict[str, SplitLayout],
-               token_len: int, token_dim: int) -> FeatureStore:
-        """Create a new store atomically, or open the existing one at `path` if its key and layout match."""
+               token_len: int, token_dim: int, extra_attrs: dict | None = None) -> FeatureStore:
+        """Create a new store atomically, or open the existing one at `path` if its key and layout match.
+
+        ``extra_attrs`` (JSON-able) are recorded at creation only, e.g. how the arrays were computed.
+        """
         path = Path(path)
         _validate_layout(path, splits, {"size": size, "token_len": token_len, "token_dim": token_dim})
         if path.exists():
@@ -184,7 +187,7 @@ class FeatureStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
         try:
-            cls._build(tmp, key, size, splits, token_len, token_dim)
+            cls._build(tmp, key, size, splits, token_len, token_dim, extra_attrs or {})
             try:
                 os.rename(tmp, path)
             except OSError:
@@ -198,8 +201,9 @@ class FeatureStore:
 
     @staticmethod
     def _build(tmp: Path, key: dict, size: int, splits: dict[str, SplitLayout],
-               token_len: int, token_dim: int) -> None:
+               token_len: int, token_dim: int, extra_attrs: dict) -> None:
         attrs = {
+            **extra_attrs,
             "textdiff": MARKER,
             "key": key,
             "key_hash": key_hash(key),

@@ -61,8 +61,8 @@ class UNetSource:
     flags: dict[str, Any]
 
     def identity(self) -> dict[str, Any]:
-        return {"flags": self.flags, "weights_sha256": sha256_file(self.checkpoint),
-                "name": self.spec if self.spec in PRESETS else self.checkpoint.name}
+        """Content, not location: renaming or moving the file keeps the cache valid."""
+        return {"flags": self.flags, "weights_sha256": sha256_file(self.checkpoint)}
 
     def load(self, attention_impl: str = "sdpa") -> UNetModel:
         return load_unet(self.checkpoint, self.flags, attention_impl=attention_impl)

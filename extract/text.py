@@ -16,8 +16,6 @@ for the directory). Hub ids are resolved to their snapshot directory, so everyth
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,6 +24,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from cache.key import sha256_files
 
 __all__ = ["TextEncoderError", "TextEncoder", "load_text_encoder", "choose_max_length", "ALIASES"]
 
@@ -60,9 +60,9 @@ class TextEncoder:
     def identity(self) -> dict:
         """JSON-able identity for the cache key; hashes are cached per process."""
         src = Path(self.source)
-        return {"spec": self.spec, "source_name": self.source_name,
-                "weights_sha256": files_sha256(weight_files(src)),
-                "tokenizer_sha256": files_sha256(tokenizer_files(src)), "dim": self.dim}
+        return {"source_name": self.source_name,
+                "weights_sha256": sha256_files(weight_files(src)),
+                "tokenizer_sha256": sha256_files(tokenizer_files(src)), "dim": self.dim}
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text including special tokens, without truncation."""
@@ -151,22 +151,6 @@ def weight_files(directory: Path) -> list[Path]:
 def tokenizer_files(directory: Path) -> list[Path]:
     """Tokenizer vocabulary/config files present in ``directory``, sorted by name."""
     return sorted(p for p in (directory / n for n in _TOKENIZER_FILES) if p.is_file())
-
-
-def files_sha256(paths: Sequence[Path]) -> str:
-    """sha256 over the files' bytes, in the given order (cached per process on path, size, mtime)."""
-    stamps = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
-    return _sha256_stamped(stamps)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256_stamped(stamps: tuple[tuple[str, int, int], ...]) -> str:
-    digest = hashlib.sha256()
-    for path, _, _ in stamps:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _resolve(spec: str) -> tuple[Path, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import pickle
@@ -25,6 +24,7 @@ from cache import (
     list_stores,
     make_key,
     sha256_file,
+    sha256_files,
     store_path,
 )
 
@@ -122,7 +122,12 @@ def test_sha256_file(tmp_path):
     path = tmp_path / "f.bin"
     data = os.urandom(10_000)
     path.write_bytes(data)
-    assert sha256_file(path, chunk=999) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    other = tmp_path / "g.bin"
+    other.write_bytes(b"tail")
+    assert sha256_files([path, other]) == hashlib.sha256(data + b"tail").hexdigest()
+    path.write_bytes(b"changed!")  # memo is keyed on size and mtime: a rewrite is seen
+    assert sha256_file(path) == hashlib.sha256(b"changed!").hexdigest()
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):

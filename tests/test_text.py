@@ -56,7 +56,7 @@ def test_minilm_loads_offline(minilm):
     assert minilm.dim == 384 and minilm.model_max_length == 512
     assert Path(minilm.source, "model.safetensors").is_file()
     ident = minilm.identity()
-    assert ident["spec"] == "minilm" and ident["dim"] == 384
+    assert "spec" not in ident and ident["dim"] == 384
     assert ident["source_name"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert len(ident["weights_sha256"]) == 64 and ident == minilm.identity()
 
