@@ -42,19 +42,24 @@ class FeatureExtractor:
         return self.unet.output_block_shapes(self.noise.shape[-1])
 
     @torch.no_grad()
-    def __call__(self, x0: torch.Tensor, steps: Sequence[int], blocks: Sequence[int]
-                 ) -> dict[tuple[int, int], torch.Tensor]:
-        """{(step, block): float32 CPU tensor (B, C, h, w)} for x0 (B, 3, S, S) in [-1, 1]."""
-        if not steps or not blocks:
-            return {}
+    def samples(self, x0: torch.Tensor, t: torch.Tensor, blocks: Sequence[int], pad_to: int | None = None
+                ) -> dict[int, torch.Tensor]:
+        """{block: float32 CPU tensor (N, C, h, w)} for N samples x0 (N, 3, S, S) at steps t (N,).
+
+        With ``pad_to``, the batch is zero-padded to that many samples: every forward pass then has
+        the same shape, which makes each sample's result bitwise independent of its batch neighbours.
+        """
         n_blocks = len(self.unet.output_blocks)
         bad = [b for b in blocks if not 0 <= b < n_blocks]
         if bad:
             raise ValueError(f"blocks {bad} out of range: this UNet has output_blocks 0..{n_blocks - 1}")
+        n = x0.shape[0]
         x0 = x0.to(self.device, torch.float32)
-        b = x0.shape[0]
-        t = torch.tensor([s for s in steps for _ in range(b)], device=self.device)
-        xt = q_sample(x0.repeat(len(steps), 1, 1, 1), t, self.noise)
+        t = t.to(self.device)
+        if pad_to is not None and n < pad_to:
+            x0 = torch.cat([x0, x0.new_zeros((pad_to - n, *x0.shape[1:]))])
+            t = torch.cat([t, t.new_zeros(pad_to - n)])
+        xt = q_sample(x0, t, self.noise)
         captured: dict[int, torch.Tensor] = {}
         hooks = [self.unet.output_blocks[k].register_forward_hook(
             lambda _m, _i, out, k=k: captured.__setitem__(k, out)) for k in set(blocks)]
@@ -66,5 +71,14 @@ class FeatureExtractor:
         finally:
             for h in hooks:
                 h.remove()
-        return {(s, k): captured[k][i * b:(i + 1) * b].float().cpu()
-                for i, s in enumerate(steps) for k in blocks}
+        return {k: captured[k][:n].float().cpu() for k in blocks}
+
+    def __call__(self, x0: torch.Tensor, steps: Sequence[int], blocks: Sequence[int]
+                 ) -> dict[tuple[int, int], torch.Tensor]:
+        """{(step, block): float32 CPU tensor (B, C, h, w)} for images x0 (B, 3, S, S), all steps in one batch."""
+        if not steps or not blocks:
+            return {}
+        b = x0.shape[0]
+        t = torch.tensor([s for s in steps for _ in range(b)])
+        out = self.samples(x0.repeat(len(steps), 1, 1, 1), t, blocks)
+        return {(s, k): out[k][i * b:(i + 1) * b] for i, s in enumerate(steps) for k in blocks}

@@ -1,0 +1,265 @@
+"""Stage one end to end: dataset + UNet + text encoder → the feature store, resumably.
+
+Only the missing work is done: images whose base arrays (image, mask, tokens) or whose
+(step, block) features are not yet marked done. Reading and preprocessing the next batch and
+compressing + writing the last one run on threads beside the UNet forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from cache.key import default_cache_dir, make_key, store_path
+from cache.store import FeatureStore, SplitLayout
+from extract.checkpoints import resolve_unet
+from extract.datasets import Dataset, Item, open_dataset, preprocessing
+from extract.diffusion import DEFAULT_SEED, shared_noise
+from extract.features import FeatureExtractor, autocast_dtype, default_device
+from extract.text import choose_max_length, load_text_encoder
+from extract.unet import create_unet
+
+DEFAULT_STEPS = (50, 150, 250)
+AUGMENTATIONS = {"none": 1, "d4": 8}
+STORE_DTYPE = "float16"
+
+
+@dataclass
+class ExtractConfig:
+    """Everything ``pipeline extract`` takes (defaults: the paper's)."""
+
+    dataset: str
+    data_root: Path | None = None
+    unet: str = "adm-imagenet-256"
+    unet_flags: Path | None = None
+    text_encoder: str = "bioclinicalbert"
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    blocks: tuple[int, ...] | None = None  # None: the dataset's paper blocks
+    size: int = 256
+    seed: int = DEFAULT_SEED
+    splits: tuple[str, ...] | None = None  # None: every split of the dataset
+    augment: str = "none"
+    max_length: int | None = None
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    batch_size: int = 12  # UNet samples (images × views × steps) per forward pass
+    device: str | None = None
+    autocast: bool = False
+    color_order: str = "rgb"
+    skip_bad: bool = False
+    limit: int | None = None  # only the first N images of each split (quick trials)
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+
+
+def dihedral(a: np.ndarray, view: int) -> np.ndarray:
+    """View ``view`` (0..7) of the dihedral group on the last two axes: rot90 × (view % 4), then flip if ≥ 4."""
+    out = np.rot90(a, k=view % 4, axes=(-2, -1))
+    return np.ascontiguousarray(out[..., ::-1] if view >= 4 else out)
+
+
+@dataclass
+class _Job:
+    """One image: what it still needs."""
+
+    split: str
+    index: int
+    item: Item
+    base: bool
+    pairs: list[tuple[int, int]]
+
+
+def _plan(store: FeatureStore, splits: Sequence[str], pairs: Sequence[tuple[int, int]],
+          items: dict[str, list[Item]]) -> list[_Job]:
+    jobs = []
+    for split in splits:
+        base_done = store.done(split)
+        pair_done = {p: store.done(split, *p) for p in pairs}
+        for i, item in enumerate(items[split]):
+            missing = [p for p in pairs if not pair_done[p][i]]
+            if missing or not base_done[i]:
+                jobs.append(_Job(split, i, item, not bool(base_done[i]), missing))
+    return jobs
+
+
+def run_extract(cfg: ExtractConfig, console: Console | None = None,
+                on_batch: Callable[[int], None] | None = None) -> Path:
+    """Extract what the store lacks and return its path. ``on_batch(n_done)`` is a test hook."""
+    console = console or Console(stderr=True)
+    if cfg.augment not in AUGMENTATIONS:
+        raise ValueError(f"--augment must be one of {sorted(AUGMENTATIONS)}, got {cfg.augment!r}")
+    ds: Dataset = open_dataset(cfg.dataset, cfg.data_root, skip_bad=cfg.skip_bad, **cfg.dataset_options)
+    if ds.skipped:
+        console.print(f"[yellow]skipped {len(ds.skipped)} bad item(s)[/]: "
+                      + "; ".join(f"{f} ({why})" for f, why in ds.skipped[:5])
+                      + (" ..." if len(ds.skipped) > 5 else ""))
+    if cfg.limit is not None:
+        ds = ds.head(cfg.limit)
+    splits = list(cfg.splits or ds.splits())
+    unknown = [s for s in splits if s not in ds.splits()]
+    if unknown:
+        raise ValueError(f"--splits {unknown} not in dataset {ds.name} (it has {ds.splits()})")
+    blocks = tuple(cfg.blocks or ds.default_blocks)
+    steps = tuple(cfg.steps)
+    if any(not 0 <= s < 1000 for s in steps):
+        raise ValueError(f"--steps must lie in [0, 999], got {list(steps)}")
+    device = torch.device(cfg.device) if cfg.device else default_device()
+
+    unet_src = resolve_unet(cfg.unet, cfg.unet_flags)
+    with torch.device("meta"):
+        shapes = create_unet(**unet_src.flags).output_block_shapes(cfg.size)
+    bad = [b for b in blocks if not 0 <= b < len(shapes)]
+    if bad:
+        raise ValueError(f"--blocks {bad} out of range: this UNet has output_blocks 0..{len(shapes) - 1}")
+
+    encoder = load_text_encoder(cfg.text_encoder, device=str(device))
+    all_texts = [it.text for it in ds.items]
+    max_length, n_trunc = choose_max_length(encoder, all_texts, cfg.max_length)
+    if n_trunc:
+        console.print(f"[yellow]note[/]: {n_trunc} of {len(all_texts)} texts are longer than "
+                      f"{max_length} tokens and are truncated (--max-length)")
+
+    prep = preprocessing(cfg.size, cfg.color_order)
+    prep["augment"] = cfg.augment
+    key = make_key(dataset=ds.fingerprint(), preprocessing=prep, unet=unet_src.identity(),
+                   noise_seed=cfg.seed, text={**encoder.identity(), "max_length": max_length},
+                   dtype=STORE_DTYPE)
+    key["compute_dtype"] = str(autocast_dtype(device)).removeprefix("torch.") if cfg.autocast else "float32"
+    items = {s: ds.by_split(s) for s in ds.splits()}
+    views = {s: AUGMENTATIONS[cfg.augment] if s == "train" else 1 for s in ds.splits()}
+    layouts = {s: SplitLayout(ids=[it.id for it in items[s]], texts=[it.text for it in items[s]], views=views[s])
+               for s in ds.splits()}
+    path = store_path(Path(cfg.cache_dir), ds.name, key)
+    store = FeatureStore.create(path, key, size=cfg.size, splits=layouts, token_len=max_length,
+                                token_dim=encoder.dim, extra_attrs={"forward_batch": cfg.batch_size})
+    pairs = [(s, b) for s in steps for b in blocks]
+    for s, b in pairs:
+        c, h, w = shapes[b]
+        store.ensure_pair(s, b, c, (h, w))
+    batch = int(store.attrs.get("forward_batch", cfg.batch_size))
+    if batch != cfg.batch_size:
+        console.print(f"note: this store was made with --batch-size {batch}; using it, so that every image's "
+                      f"features are computed identically")
+
+    jobs = _plan(store, splits, pairs, items)
+    if not jobs:
+        console.print(f"nothing to do: {sum(len(items[s]) for s in splits)} images × {len(pairs)} "
+                      f"(step, block) pairs already in the store")
+        return path
+
+    base_jobs = [j for j in jobs if j.base]
+    tokens: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    if base_jobs:
+        emb, mask = encoder.encode([j.item.text for j in base_jobs], max_length)
+        tokens = {(j.split, j.index): (emb[n], mask[n]) for n, j in enumerate(base_jobs)}
+    del encoder
+
+    extractor = FeatureExtractor(unet_src.load(), shared_noise(cfg.size, cfg.seed), device=device,
+                                 autocast=cfg.autocast)
+    _execute(store, ds, extractor, jobs, tokens, views, cfg, batch, console, on_batch)
+    return path
+
+
+def _load(ds: Dataset, job: _Job, size: int, color_order: str, n_views: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 image views (V, 3, S, S) and mask views (V, S, S) of one image."""
+    img = np.rint((ds.load_image(job.item, size, color_order) + 1.0) * 127.5).astype(np.uint8)
+    mask = ds.load_mask(job.item, size)
+    return (np.stack([dihedral(img, v) for v in range(n_views)]),
+            np.stack([dihedral(mask, v) for v in range(n_views)]))
+
+
+class _Pending:
+    """One image being assembled: its views, and a float16 buffer per missing (step, block)."""
+
+    def __init__(self, job: _Job, imgs: np.ndarray, masks: np.ndarray, shapes: list[tuple[int, int, int]]):
+        self.job, self.imgs, self.masks = job, imgs, masks
+        v = imgs.shape[0]
+        self.feats = {(s, b): np.empty((v, *shapes[b]), np.float16) for s, b in job.pairs}
+        self.remaining = v * len({s for s, _ in job.pairs})
+
+    def write(self, store: FeatureStore, tokens: dict) -> None:
+        """Base arrays first, then each pair (data, then its done flag)."""
+        job = self.job
+        if job.base:
+            emb, tmask = tokens[(job.split, job.index)]
+            store.write_base(job.split, job.index, self.imgs, self.masks, emb, tmask)
+        for (s, b), arr in self.feats.items():
+            store.write_features(job.split, job.index, s, b, arr)
+
+
+def _execute(store: FeatureStore, ds: Dataset, extractor: FeatureExtractor, jobs: list[_Job], tokens: dict,
+             views: dict[str, int], cfg: ExtractConfig, batch: int, console: Console,
+             on_batch: Callable[[int], None] | None) -> None:
+    """Samples (image, view, step) go through the UNet ``batch`` at a time, the last batch zero-padded."""
+    shapes = extractor.block_shapes()
+    samples = [(j, v, s) for j, job in enumerate(jobs) for s in sorted({s for s, _ in job.pairs})
+               for v in range(views[job.split])]
+    progress = Progress(TextColumn("[bold]extract[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("images"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    loader = ThreadPoolExecutor(1, thread_name_prefix="textdiff-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="textdiff-write")
+    # images are consumed in this order: those needing only base arrays, then in sample order
+    order = [j for j, job in enumerate(jobs) if not job.pairs] + [j for j, job in enumerate(jobs) if job.pairs]
+    position = {j: k for k, j in enumerate(order)}
+    lookahead = max(8, 2 * batch)  # images read ahead, in order, on one thread
+    loads: dict[int, Future] = {}
+    submitted = 0
+
+    def read_ahead(upto: int) -> None:
+        nonlocal submitted
+        for j in order[submitted:upto]:
+            loads[j] = loader.submit(_load, ds, jobs[j], cfg.size, cfg.color_order, views[jobs[j].split])
+        submitted = max(submitted, min(upto, len(order)))
+
+    assembling: dict[int, _Pending] = {}
+    writes: list[Future] = []
+    n_written = 0
+    try:
+        with progress:
+            task = progress.add_task(f"{ds.name} → {store.path.name}", total=len(jobs))
+
+            def flush(p: _Pending) -> None:
+                nonlocal n_written
+                while len(writes) >= 2:  # bound the memory held by queued writes
+                    writes.pop(0).result()
+                writes.append(writer.submit(p.write, store, tokens))
+                writes[-1].add_done_callback(lambda _f: progress.advance(task, 1))
+                n_written += 1
+                if on_batch:
+                    on_batch(n_written)
+
+            def pending(j: int) -> _Pending:
+                if j not in assembling:
+                    read_ahead(position[j] + 1 + lookahead)
+                    assembling[j] = _Pending(jobs[j], *loads.pop(j).result(), shapes)
+                return assembling[j]
+
+            for j, job in enumerate(jobs):  # images with nothing but base arrays missing
+                if not job.pairs:
+                    flush(pending(j))
+                    del assembling[j]
+            for start in range(0, len(samples), batch):
+                chunk = samples[start:start + batch]
+                x0 = torch.from_numpy(np.stack([pending(j).imgs[v] for j, v, _ in chunk])).float() / 127.5 - 1.0
+                t = torch.tensor([s for _, _, s in chunk])
+                blocks = sorted({b for j, _, _ in chunk for _, b in jobs[j].pairs})
+                out = extractor.samples(x0, t, blocks, pad_to=batch)
+                for n, (j, v, s) in enumerate(chunk):
+                    p = assembling[j]
+                    for (ps, b), buf in p.feats.items():
+                        if ps == s:
+                            buf[v] = out[b][n].numpy()
+                    p.remaining -= 1
+                    if p.remaining == 0:
+                        flush(assembling.pop(j))
+            for f in writes:
+                f.result()
+    finally:
+        loader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)

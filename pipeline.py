@@ -1,0 +1,177 @@
+"""textdiff command line: one command per stage (``extract``, then ``fit`` / ``evaluate``), plus ``cache``.
+
+Errors the user can fix are printed as one line naming the file or argument; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="TextDiff: segmentation from a frozen diffusion UNet + free text, via a feature cache.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect feature stores.")
+app.add_typer(cache_app, name="cache")
+
+err = Console(stderr=True)
+_state = {"debug": False}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
+    _state["debug"] = debug
+
+
+def friendly(fn: F) -> F:
+    """Turn expected failures (bad input, missing weights, ...) into a one-line error and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/]: everything committed so far is kept; run the same command to resume")
+            raise typer.Exit(130) from None
+        except (ValueError, RuntimeError, OSError, KeyError) as e:
+            if _state["debug"]:
+                raise
+            err.print(f"[red]error[/]: {e}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _ints(value: Optional[str], name: str) -> Optional[tuple[int, ...]]:
+    if value is None:
+        return None
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{name} takes comma-separated integers, e.g. 50,150,250 (got {value!r})")
+    if not out:
+        raise typer.BadParameter(f"{name} is empty")
+    return out
+
+
+@app.command()
+@friendly
+def extract(
+    dataset: str = typer.Option(..., help="monuseg, qata, folder or synthetic."),
+    data_root: Optional[Path] = typer.Option(None, help="The dataset's folder (not needed for synthetic)."),
+    unet: str = typer.Option("adm-imagenet-256", help="Preset name, a `pipeline pretrain` folder, or a state_dict file."),
+    unet_flags: Optional[Path] = typer.Option(None, help="guided-diffusion create_model flags (JSON) for a state_dict file."),
+    text_encoder: str = typer.Option("bioclinicalbert", help="bioclinicalbert, minilm (offline), or a local HF model folder."),
+    steps: str = typer.Option("50,150,250", help="Diffusion steps t."),
+    blocks: Optional[str] = typer.Option(None, help="UNet output_blocks to keep [default: the paper's for the dataset]."),
+    size: int = typer.Option(256, help="Images are resized to size x size."),
+    seed: int = typer.Option(40, help="Seed of the one noise tensor shared by all images and steps (authors: 40)."),
+    splits: Optional[str] = typer.Option(None, help="Comma-separated splits to extract [default: all]."),
+    augment: str = typer.Option("none", help="none, or d4: also store the 8 dihedral views of training images."),
+    max_length: Optional[int] = typer.Option(None, help="Text tokens kept [default: the longest text]; authors: 10."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where stores live [default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]."),
+    batch_size: int = typer.Option(12, help="UNet samples (images x views x steps) per forward pass."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
+    autocast: bool = typer.Option(False, help="Mixed precision: bf16 on CPU, fp16 on GPU."),
+    bgr: bool = typer.Option(False, "--bgr", help="Feed BGR like the authors' OpenCV loader (default RGB)."),
+    skip_bad: bool = typer.Option(False, help="Skip items with a missing mask/text/image instead of failing (reported)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images of each split (quick trials)."),
+) -> None:
+    """Stage one: run the frozen UNet and text encoder once, write features to the store.
+
+    Re-running computes only what the store lacks; the last line printed is the store's path.
+    """
+    from cache.key import default_cache_dir
+    from extract.run import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(
+        dataset=dataset, data_root=data_root, unet=unet, unet_flags=unet_flags, text_encoder=text_encoder,
+        steps=_ints(steps, "--steps") or (), blocks=_ints(blocks, "--blocks"), size=size, seed=seed,
+        splits=tuple(s.strip() for s in splits.split(",")) if splits else None, augment=augment,
+        max_length=max_length, cache_dir=cache_dir or default_cache_dir(), batch_size=batch_size,
+        device=device, autocast=autocast, color_order="bgr" if bgr else "rgb", skip_bad=skip_bad,
+        limit=limit,
+    )
+    path = run_extract(cfg, console=err)
+    typer.echo(str(path))
+
+
+@app.command()
+@friendly
+def demo(
+    shared: Path = typer.Option(Path("../shared"), help="The shared folder with fixtures/adm (the demo's UNet)."),
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its store and report."),
+) -> None:
+    """The main job on the embedded default: synthetic data → stage one, offline, on a CPU in a minute."""
+    from rich.table import Table
+
+    from cache.store import FeatureStore
+    from extract.run import ExtractConfig, run_extract
+
+    adm = shared / "fixtures" / "adm"
+    if not (adm / "adm_tiny.pt").is_file():
+        raise FileNotFoundError(f"demo UNet not found: {adm / 'adm_tiny.pt'} (pass --shared PATH)")
+    cfg = ExtractConfig(dataset="synthetic", unet=str(adm / "adm_tiny.pt"), unet_flags=adm / "adm_tiny_flags.json",
+                        text_encoder="minilm", size=64, blocks=(4, 6, 8), cache_dir=out / "cache")
+    path = run_extract(cfg, console=err)
+    info = FeatureStore.open(path).info()
+    table = Table("split", "images", "complete", title=f"store {path}")
+    for split, s in info["splits"].items():
+        table.add_row(split, str(s["total"]), str(s["complete"]))
+    Console().print(table)
+    typer.echo(str(path))
+
+
+def _pairs_summary(names: list[str]) -> str:
+    """"t50_b6", ... as "t 50,150 × b 6,8" when they form a full grid, else the list."""
+    pairs = {tuple(int(x) for x in n[1:].split("_b")) for n in names}
+    steps, blocks = sorted({s for s, _ in pairs}), sorted({b for _, b in pairs})
+    if len(pairs) == len(steps) * len(blocks):
+        return f"t {','.join(map(str, steps))} × b {','.join(map(str, blocks))}"
+    return " ".join(names)
+
+
+@cache_app.command("ls")
+@friendly
+def cache_ls(cache_dir: Optional[Path] = typer.Option(None, help="[default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]")) -> None:
+    """List the stores in the cache folder."""
+    from rich.table import Table
+
+    from cache.key import default_cache_dir
+    from cache.store import list_stores
+
+    folder = cache_dir or default_cache_dir()
+    rows = list_stores(folder)
+    if not rows:
+        err.print(f"no stores in {folder}")
+        return
+    table = Table("store", "dataset", "pairs", "images done", "created", title=f"stores in {folder}")
+    for column in table.columns:
+        column.overflow = "fold"
+    for r in rows:
+        if "error" in r:
+            table.add_row(Path(r["path"]).name, "[red]unreadable[/]", "", "", str(r["error"])[:60])
+            continue
+        table.add_row(Path(r["path"]).name, str(r["dataset"]), _pairs_summary(r["pairs"]),
+                      f"{r['images_done']} / {r['images_total']}", str(r["created"]))
+    Console().print(table)
+
+
+@cache_app.command("info")
+@friendly
+def cache_info(path: Path = typer.Argument(..., help="A store (.zarr folder).")) -> None:
+    """A store's key, arrays (shapes, dtypes) and images done per split, as JSON."""
+    from cache.store import FeatureStore
+
+    typer.echo(json.dumps(FeatureStore.open(path).info(), indent=1, default=str))
+
+
+if __name__ == "__main__":
+    app()
