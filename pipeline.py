@@ -119,7 +119,7 @@ def demo(
     if not (adm / "adm_tiny.pt").is_file():
         raise FileNotFoundError(f"demo UNet not found: {adm / 'adm_tiny.pt'} (pass --shared PATH)")
     cfg = ExtractConfig(dataset="synthetic", unet=str(adm / "adm_tiny.pt"), unet_flags=adm / "adm_tiny_flags.json",
-                        text_encoder="minilm", size=64, blocks=(4, 6, 8), cache_dir=out / "cache")
+                        text_encoder="minilm", size=64, cache_dir=out / "cache")
     path = run_extract(cfg, console=err)
     info = FeatureStore.open(path).info()
     table = Table("split", "images", "complete", title=f"store {path}")

@@ -50,7 +50,7 @@ from cache.key import sha256_file
 SPLITS = ("train", "val", "test")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_BLOCKS = {"monuseg": (6, 8, 12, 16), "qata": (4, 6, 8, 12), "folder": (6, 8, 12, 16),
-                  "synthetic": (6, 8, 12, 16)}
+                  "synthetic": (4, 6, 8)}  # valid for small UNets (12 output blocks) too
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _TEXT_COLUMNS = ("text", "description", "caption")
 

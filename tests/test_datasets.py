@@ -315,7 +315,7 @@ def _quadrant(size: int) -> np.ndarray:
 def test_synthetic_deterministic() -> None:
     a, b = open_dataset("synthetic"), open_dataset("synthetic", seed=0)
     assert [len(a.by_split(s)) for s in a.splits()] == [24, 8, 16] and a.items == b.items
-    assert a.items[0].id == "train-0000" and a.items[0].image_path is None and a.default_blocks == (6, 8, 12, 16)
+    assert a.items[0].id == "train-0000" and a.items[0].image_path is None and a.default_blocks == (4, 6, 8)
     np.testing.assert_array_equal(a.load_image(a.items[3], 64), b.load_image(b.items[3], 64))
     c = open_dataset("synthetic", seed=1)
     assert [it.text for it in c.items] != [it.text for it in a.items]
