@@ -1,0 +1,227 @@
+"""TextDiffHead: the paper's parameter count, shapes per fusion, text masking, config round trip."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from train.model import CrossAttention, TextDiffHead, count_parameters, sinusoidal_2d
+
+MONUSEG = [1536, 1536, 768, 768]
+BLOCK_768 = 3_745_536  # one transformer block at dim 768, text 768
+TINY = dict(in_channels=[16, 32, 32], text_dim=24, dim=32, heads=2, head_dim=8, head_channels=(8, 4))
+SIZES = [4, 8, 16]
+
+
+def tiny(seed: int = 0, **kw) -> TextDiffHead:
+    torch.manual_seed(seed)
+    return TextDiffHead(**{**TINY, **kw}).eval()
+
+
+def inputs(seed: int = 1, batch: int = 2, length: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(batch, c, s, s, generator=g) for c, s in zip(TINY["in_channels"], SIZES)]
+    tokens = torch.randn(batch, length, TINY["text_dim"], generator=g)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[:, -2:] = False  # last two tokens are padding
+    return feats, tokens, mask
+
+
+@torch.no_grad()
+def run(model: TextDiffHead, feats, tokens, mask, out_size=16) -> torch.Tensor:
+    return model(feats, tokens, mask, out_size=out_size)
+
+
+# ---------------------------------------------------------------- parameter counts (paper config)
+
+def test_paper_parameter_count_is_exact():
+    head = TextDiffHead(in_channels=MONUSEG, text_dim=768)
+    assert count_parameters(head) == 9_683_234
+    # 1x1 convs 1536*768 + 768 for the two 1536-channel scales, identity for the 768 ones
+    assert [count_parameters(p) for p in head.proj] == [1_180_416, 1_180_416, 0, 0]
+    assert isinstance(head.proj[2], nn.Identity) and isinstance(head.proj[3], nn.Identity)
+    assert len(head.blocks) == 1 and count_parameters(head.blocks) == BLOCK_768
+    # 3x3 3072→128 +BN, 128→32 +BN, 32→2
+    assert count_parameters(head.classifier) == (3072 * 128 * 9 + 128 + 256) + (128 * 32 * 9 + 32 + 64) + (32 * 2 * 9 + 2)
+    assert count_parameters(head.classifier) == 3_576_866
+
+
+def test_block_count_matches_hand_sum():
+    d, inner = 768, 512
+    attn = 3 * d * inner + (inner * d + d) + 2 * d  # q,k,v no bias; out Linear + LayerNorm
+    assert 3 * 2 * d + 2 * attn + (d * d + d) == BLOCK_768
+
+
+def test_fusion_ablation_parameter_counts():
+    none = TextDiffHead(in_channels=MONUSEG, fusion="none")
+    concat = TextDiffHead(in_channels=MONUSEG, fusion="concat")
+    assert count_parameters(none) == 9_683_234 - BLOCK_768
+    # text Linear 768→768 and one more 768-channel map into the first 3x3 conv
+    assert count_parameters(concat) == count_parameters(none) + (768 * 768 + 768) + 768 * 128 * 9
+    assert len(none.blocks) == 0 and len(concat.blocks) == 0
+
+
+def test_shared_vs_per_scale_block_count():
+    shared, per_scale = tiny(), tiny(shared_block=False)
+    one_block = count_parameters(shared.blocks[0])
+    assert len(shared.blocks) == 1 and len(per_scale.blocks) == 3
+    assert count_parameters(per_scale) == count_parameters(shared) + 2 * one_block
+
+
+def test_dropout_default_is_authors_zero():
+    head = tiny()
+    assert head.config["dropout"] == 0.0
+    drops = [m for m in head.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 3 and all(m.p == 0.0 for m in drops)  # attn1 output, attn2 output, FF
+    assert all(m.p == 0.3 for m in tiny(dropout=0.3).modules() if isinstance(m, nn.Dropout))
+
+
+# ---------------------------------------------------------------- forward shapes
+
+@pytest.mark.parametrize("fusion", ["cross-attn", "concat", "none"])
+@pytest.mark.parametrize("out_size, expect", [(16, (16, 16)), ((20, 24), (20, 24)), (None, (16, 16))])
+def test_output_shapes(fusion, out_size, expect):
+    head = tiny(fusion=fusion)
+    feats, tokens, mask = inputs()
+    out = run(head, feats, tokens, mask, out_size)
+    assert out.shape == (2, 2, *expect) and torch.isfinite(out).all()
+
+
+def test_half_precision_inputs_are_cast():
+    head = tiny()
+    feats, tokens, mask = inputs()
+    ref = run(head, feats, tokens, mask)
+    half = run(head, [f.half() for f in feats], tokens.half(), mask)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, ref, atol=5e-2, rtol=0)
+
+
+def test_backward_reaches_every_parameter():
+    head = tiny().train()
+    feats, tokens, mask = inputs()
+    head(feats, tokens, mask, out_size=16).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="fusion"):
+        tiny(fusion="film")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tiny(dim=30, pos_enc=True)
+    feats, tokens, mask = inputs()
+    with pytest.raises(ValueError, match="needs text tokens"):
+        tiny()(feats, None)
+    with pytest.raises(ValueError, match="feature maps"):
+        tiny()(feats[:2], tokens, mask)
+
+
+# ---------------------------------------------------------------- text usage and masking
+
+def test_no_text_ignores_tokens():
+    head = tiny(fusion="none")
+    feats, tokens, mask = inputs()
+    ref = run(head, feats, tokens, mask)
+    assert torch.equal(run(head, feats, torch.randn_like(tokens), mask), ref)
+    assert torch.equal(run(head, feats, None, None), ref)
+
+
+@pytest.mark.parametrize("fusion", ["cross-attn", "concat"])
+def test_text_fusions_use_tokens(fusion):
+    head = tiny(fusion=fusion)
+    feats, tokens, mask = inputs()
+    changed = tokens.clone()
+    changed[:, 0] += 1.0  # a real (unmasked) token
+    assert not torch.allclose(run(head, feats, changed, mask), run(head, feats, tokens, mask), atol=1e-4)
+
+
+@pytest.mark.parametrize("fusion", ["cross-attn", "concat"])
+def test_padding_tokens_have_zero_weight(fusion):
+    head = tiny(fusion=fusion)
+    feats, tokens, mask = inputs()
+    changed = tokens.clone()
+    changed[:, -2:] = 100.0 * torch.randn_like(changed[:, -2:])  # masked-out tokens only
+    ref = run(head, feats, tokens, mask)
+    torch.testing.assert_close(run(head, feats, changed, mask), ref, atol=1e-5, rtol=0)
+    # the same change is visible once those tokens are unmasked
+    full = torch.ones_like(mask)
+    assert not torch.allclose(run(head, feats, changed, full), run(head, feats, tokens, full), atol=1e-4)
+
+
+def test_sample_without_valid_tokens_is_finite_and_ignores_text():
+    head = tiny()
+    feats, tokens, mask = inputs()
+    mask[1] = False  # sample 1 has no real token at all
+    out = run(head, feats, tokens, mask)
+    assert torch.isfinite(out).all()
+    out2 = run(head, feats, torch.randn_like(tokens), mask)
+    torch.testing.assert_close(out2[1], out[1], atol=1e-5, rtol=0)  # nothing attended
+    # sample 0 is unaffected by its neighbour's mask
+    alone = run(head, [f[:1] for f in feats], tokens[:1], mask[:1])
+    torch.testing.assert_close(alone, out[:1], atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_single_token_is_value_projection():
+    # one key: softmax weight 1 → output = to_out(to_v(token)) for every query
+    torch.manual_seed(0)
+    attn = CrossAttention(dim=8, context_dim=6, heads=2, head_dim=4).eval()
+    x, ctx = torch.randn(3, 5, 8), torch.randn(3, 1, 6)
+    with torch.no_grad():
+        expected = attn.to_out(attn.to_v(ctx)).expand(3, 5, 8)
+        torch.testing.assert_close(attn(x, ctx), expected)
+        # a second, masked-out token changes nothing; an all-masked sample gives exactly 0
+        ctx2 = torch.cat([ctx, torch.randn(3, 1, 6)], dim=1)
+        m = torch.tensor([[True, False]] * 3)
+        torch.testing.assert_close(attn(x, ctx2, m), expected)
+        m[2] = False
+        out = attn(x, ctx2, m)
+        assert torch.equal(out[2], torch.zeros(5, 8))
+
+
+# ---------------------------------------------------------------- position code
+
+def test_sinusoidal_2d_hand_values():
+    pe = sinusoidal_2d(2, 3, 8)  # quarter = 2, ω = (1, 1/100)
+    assert pe.shape == (8, 2, 3)
+    torch.testing.assert_close(pe[:, 0, 0], torch.tensor([0.0, 0, 1, 1, 0, 0, 1, 1]))
+    # row y=1, column x=2: y half = sin(1), sin(.01), cos(1), cos(.01); x half with p=2
+    expect = [math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01),
+              math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02)]
+    torch.testing.assert_close(pe[:, 1, 2], torch.tensor(expect))
+
+
+def test_pos_enc_changes_output_without_parameters():
+    plain, coded = tiny(), tiny(pos_enc=True)
+    coded.load_state_dict(plain.state_dict())
+    assert count_parameters(coded) == count_parameters(plain)
+    feats, tokens, mask = inputs()
+    assert not torch.allclose(run(coded, feats, tokens, mask), run(plain, feats, tokens, mask), atol=1e-4)
+
+
+# ---------------------------------------------------------------- config
+
+def test_config_save_load_round_trip(tmp_path):
+    head = tiny(fusion="concat", shared_block=False, pos_enc=True, dropout=0.1)
+    head.init_weights()
+    with torch.no_grad():  # non-default BN statistics must travel too
+        head.classifier[1].running_mean.uniform_(-1, 1)
+    cfg = head.config
+    assert json.loads(json.dumps(cfg)) == cfg
+    assert cfg == dict(in_channels=[16, 32, 32], text_dim=24, dim=32, heads=2, head_dim=8, head_channels=[8, 4],
+                       num_classes=2, dropout=0.1, fusion="concat", shared_block=False, pos_enc=True)
+    head.save(tmp_path / "head")
+    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["config.json", "head.pt"]
+    loaded = TextDiffHead.load(tmp_path / "head").eval()
+    assert loaded.config == cfg
+    feats, tokens, mask = inputs()
+    assert torch.equal(run(loaded, feats, tokens, mask), run(head, feats, tokens, mask))
+
+
+def test_init_weights_is_authors_normal():
+    head = TextDiffHead(in_channels=[64], text_dim=16, dim=32, heads=2, head_dim=8, head_channels=(8,))
+    head.init_weights(std=0.02)
+    w = head.proj[0].weight
+    assert abs(w.std().item() - 0.02) < 0.003 and torch.equal(head.proj[0].bias, torch.zeros(32))
+    assert torch.equal(head.blocks[0].norm1.weight, torch.ones(32))  # LayerNorm untouched

@@ -1,0 +1,248 @@
+"""The trainable TextDiff head: per-scale text cross-attention → upsample → concat → conv classifier.
+
+Shapes for the MoNuSeg config (blocks {6,8,12,16} × 3 steps, 256² output)::
+
+    feats   [(B,1536,32,32), (B,1536,64,64), (B,768,128,128), (B,768,256,256)]
+    proj    1x1 conv → (B,768,h,w) each (identity where channels already equal ``dim``)
+    block   (B,h*w,768) pixels attend to tokens (B,L,text_dim), one block shared by all scales
+    concat  bilinear → (B,4*768,256,256)
+    logits  (B,num_classes,256,256)
+
+With the defaults this is the paper's "9.68 M" head: exactly 9,683,234 trainable parameters.
+The constructor arguments are the config (``config``, ``save``/``load`` write and read them as JSON).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["TextDiffHead", "TextCrossBlock", "CrossAttention", "FUSIONS", "count_parameters",
+           "sinusoidal_2d", "CONFIG_NAME", "WEIGHTS_NAME"]
+
+FUSIONS = ("cross-attn", "concat", "none")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "head.pt"
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable (``requires_grad``) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def sinusoidal_2d(h: int, w: int, dim: int, device: torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fixed 2-D sine/cosine position code, shape (dim, h, w); ``dim`` must be divisible by 4.
+
+    Channels ``[0, dim/2)`` encode the row y, ``[dim/2, dim)`` the column x; within each half,
+    ``[sin(p·ω_k) for k] + [cos(p·ω_k) for k]`` with ω_k = 10000^(-k/(dim/4)), k = 0..dim/4-1.
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sinusoidal code needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 10000.0 ** (-torch.arange(quarter, device=device, dtype=torch.float64) / quarter)
+
+    def axis(n: int) -> Tensor:  # (n, dim/2)
+        angle = torch.arange(n, device=device, dtype=torch.float64)[:, None] * omega
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    ey = axis(h)[:, None, :].expand(h, w, 2 * quarter)
+    ex = axis(w)[None, :, :].expand(h, w, 2 * quarter)
+    return torch.cat([ey, ex], dim=2).permute(2, 0, 1).to(dtype)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries (B, N, dim) over context tokens (B, L, context_dim).
+
+    q/k/v projections have no bias; the output is Linear(heads·head_dim → dim) + LayerNorm + Dropout
+    (the authors' diffusers-derived ``CrossAttention``). ``mask`` (B, L) bool, True = a real token:
+    padding gets zero attention weight. A sample with no valid token attends to nothing: its whole
+    output (after the projection and LayerNorm) is zero, so the residual branch adds nothing; no NaN.
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int = 8, head_dim: int = 64, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.LayerNorm(dim), nn.Dropout(dropout))
+
+    def _split(self, t: Tensor) -> Tensor:  # (B, n, heads*head_dim) -> (B, heads, n, head_dim)
+        return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
+        attn_mask = valid = None
+        if mask is not None:
+            mask = mask.to(device=x.device, dtype=torch.bool)
+            valid = mask.any(dim=-1)  # (B,)
+            # rows with no valid token get a dummy all-True mask (finite softmax), zeroed below
+            attn_mask = (mask | ~valid[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # scale = head_dim**-0.5
+        out = self.to_out(out.transpose(1, 2).flatten(2))
+        if valid is not None:
+            out = out * valid[:, None, None].to(out.dtype)
+        return out
+
+
+class TextCrossBlock(nn.Module):
+    """x += CrossAttn1(LN1 x, text); x += CrossAttn2(LN2 x, text); x += FF(LN3 x).
+
+    Both attentions are cross-attentions to the text (the authors' ``BasicTransformerBlock`` with
+    ``only_cross_attention=True``); FF = GELU → Dropout → Linear(dim → dim), as in their code.
+    """
+
+    def __init__(self, dim: int, context_dim: int, heads: int = 8, head_dim: int = 64, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, context_dim, heads, head_dim, dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout)
+        self.ff = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn1(self.norm1(x), context, mask)
+        x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+def _conv_classifier(in_ch: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
+    """(3x3 conv + BN + ReLU) per hidden width, then a 3x3 conv to the classes; padding 1, bias."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Conv2d(in_ch, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        in_ch = width
+    layers.append(nn.Conv2d(in_ch, num_classes, 3, padding=1))
+    return nn.Sequential(*layers)
+
+
+def _masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over valid tokens, (B, L, D) → (B, D); a sample with no valid token gives zeros."""
+    if mask is None:
+        return tokens.mean(dim=1)
+    m = mask.to(device=tokens.device, dtype=tokens.dtype)[..., None]
+    return (tokens * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def _as_size(size: int | Sequence[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class TextDiffHead(nn.Module):
+    """TextDiff pixel classifier over cached multi-scale diffusion features and text tokens.
+
+    Args:
+        in_channels: channels per scale (3 steps × C of a block), e.g. [1536, 1536, 768, 768] (MoNuSeg).
+        text_dim: text token width (768 Bio_ClinicalBERT, 384 MiniLM). Default 768.
+        dim: projection and transformer width. Default 768.
+        heads, head_dim: attention heads and per-head width. Default 8 × 64.
+        head_channels: hidden widths of the conv classifier. Default (128, 32).
+        num_classes: output classes. Default 2.
+        dropout: dropout after each attention output and inside FF. Default 0.0, the authors' value
+            (``BasicTransformerBlock(..., dropout=0.0)`` in their ``pixel_classifier``).
+        fusion: "cross-attn" (the paper), "concat" (ablation ζ2: masked-mean text embedding →
+            Linear(text_dim → dim) → one extra dim-channel map after upsampling) or "none"
+            (ablation ζ1: no text). Default "cross-attn".
+        shared_block: one transformer block shared by all scales (the authors); False = one per scale.
+        pos_enc: add a fixed 2-D sinusoidal code (``sinusoidal_2d``) to each projected scale before
+            the block (with "concat"/"none" it is added to the projected map). Default False (authors).
+    """
+
+    def __init__(self, in_channels: Sequence[int], text_dim: int = 768, dim: int = 768, heads: int = 8,
+                 head_dim: int = 64, head_channels: Sequence[int] = (128, 32), num_classes: int = 2,
+                 dropout: float = 0.0, fusion: str = "cross-attn", shared_block: bool = True,
+                 pos_enc: bool = False):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if not in_channels:
+            raise ValueError("in_channels needs at least one scale")
+        if pos_enc and dim % 4:
+            raise ValueError(f"pos_enc needs dim divisible by 4, got {dim}")
+        self._config: dict[str, Any] = dict(
+            in_channels=[int(c) for c in in_channels], text_dim=int(text_dim), dim=int(dim), heads=int(heads),
+            head_dim=int(head_dim), head_channels=[int(c) for c in head_channels], num_classes=int(num_classes),
+            dropout=float(dropout), fusion=fusion, shared_block=bool(shared_block), pos_enc=bool(pos_enc))
+        n = len(in_channels)
+        self.fusion, self.dim, self.pos_enc = fusion, dim, pos_enc
+        self.proj = nn.ModuleList(nn.Identity() if c == dim else nn.Conv2d(c, dim, 1) for c in in_channels)
+        n_blocks = 0 if fusion != "cross-attn" else (1 if shared_block else n)
+        self.blocks = nn.ModuleList(TextCrossBlock(dim, text_dim, heads, head_dim, dropout) for _ in range(n_blocks))
+        self.text_proj = nn.Linear(text_dim, dim) if fusion == "concat" else None
+        n_maps = n + (fusion == "concat")
+        self.classifier = _conv_classifier(n_maps * dim, head_channels, num_classes)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-able (``TextDiffHead(**head.config)`` rebuilds it)."""
+        return json.loads(json.dumps(self._config))
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """The authors' ``init_weights('normal')``: conv/linear weights N(0, std), biases 0,
+        BatchNorm weights N(1, std), BN biases 0; LayerNorm keeps its default (1, 0)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(m.weight, 0.0, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, std)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, feats: Sequence[Tensor], tokens: Tensor | None = None, token_mask: Tensor | None = None,
+                out_size: int | Sequence[int] | None = None) -> Tensor:
+        """Logits (B, num_classes, H, W).
+
+        Args:
+            feats: one (B, in_channels[i], h_i, w_i) map per scale, at its native resolution.
+            tokens: (B, L, text_dim) text token embeddings; unused (may be None) with fusion "none".
+            token_mask: (B, L) bool, True = real token; None = all valid.
+            out_size: H (square) or (H, W); None = the largest input scale's size.
+        """
+        if len(feats) != len(self.proj):
+            raise ValueError(f"expected {len(self.proj)} feature maps, got {len(feats)}")
+        if self.fusion != "none" and tokens is None:
+            raise ValueError(f"fusion {self.fusion!r} needs text tokens")
+        dtype = self.classifier[0].weight.dtype
+        size = _as_size(out_size) if out_size is not None else max(
+            (tuple(f.shape[-2:]) for f in feats), key=lambda s: s[0] * s[1])
+        if tokens is not None:
+            tokens = tokens.to(dtype)
+        maps = []
+        for i, f in enumerate(feats):
+            x = self.proj[i](f.to(dtype))
+            b, _, h, w = x.shape
+            if self.pos_enc:
+                x = x + sinusoidal_2d(h, w, self.dim, x.device, x.dtype)
+            if len(self.blocks):
+                block = self.blocks[i if len(self.blocks) > 1 else 0]
+                x = block(x.flatten(2).transpose(1, 2), tokens, token_mask).transpose(1, 2).reshape(b, -1, h, w)
+            if (h, w) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            maps.append(x)
+        if self.text_proj is not None:
+            t = self.text_proj(_masked_mean(tokens, token_mask))
+            maps.append(t[:, :, None, None].expand(-1, -1, *size))
+        return self.classifier(torch.cat(maps, dim=1))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``head.pt`` (the state dict) into ``directory``; returns it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
+        torch.save(self.state_dict(), directory / WEIGHTS_NAME)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> TextDiffHead:
+        """Rebuild a head saved with :meth:`save` (strict state-dict load)."""
+        directory = Path(directory)
+        model = cls(**json.loads((directory / CONFIG_NAME).read_text()))
+        state = torch.load(directory / WEIGHTS_NAME, map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+        return model
