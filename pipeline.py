@@ -105,6 +105,48 @@ def extract(
 
 @app.command()
 @friendly
+def fit(
+    cache: Path = typer.Option(..., help="A store written by `pipeline extract`."),
+    out: Path = typer.Option(..., help="The run folder to write."),
+    blocks: Optional[str] = typer.Option(None, help="Blocks to use [default: all in the store]."),
+    steps: Optional[str] = typer.Option(None, help="Steps to use [default: all in the store]."),
+    train_count: Optional[int] = typer.Option(None, help="Few-shot training images [default: 5 MoNuSeg, 150 QaTa, else all]."),
+    subset_seed: int = typer.Option(0, help="Seed of the few-shot subset (the chosen ids are recorded)."),
+    epochs: int = typer.Option(100, help="Epochs (paper: 100; authors' code: 50)."),
+    batch_size: int = typer.Option(1, help="Images per step (paper: 1)."),
+    lr: float = typer.Option(1e-4, help="Adam learning rate."),
+    no_text: bool = typer.Option(False, "--no-text", help="Ablation ζ1: no cross-attention, text unused."),
+    fusion: str = typer.Option("cross-attn", help="cross-attn (paper) or concat (ablation ζ2)."),
+    dim: int = typer.Option(768, help="Width of the projections and the transformer block."),
+    head_channels: str = typer.Option("128,32", help="Hidden widths of the conv classifier."),
+    pos_enc: bool = typer.Option(False, "--pos-enc", help="Add a 2-D sinusoidal position code to the queries."),
+    per_scale_blocks: bool = typer.Option(False, "--per-scale-blocks", help="One transformer block per scale instead of one shared."),
+    dice_on_logits: bool = typer.Option(False, "--dice-on-logits", help="Feed raw logits to the Dice loss, as the authors' code does."),
+    attend_padding: bool = typer.Option(False, "--attend-padding", help="Let the cross-attention attend to padding tokens, as the authors' code does."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation [default: the subset seed]."),
+    memory_budget_gb: float = typer.Option(4.0, help="Hold features in memory up to this size, else stream them."),
+    no_augment: bool = typer.Option(False, "--no-augment", help="Do not sample the cached dihedral views."),
+) -> None:
+    """Stage two: train the cross-attention and pixel classifier from the cache."""
+    from train.fit import FitConfig
+    from train.fit import fit as run_fit
+
+    if no_text and fusion != "cross-attn":
+        raise typer.BadParameter("--no-text and --fusion are exclusive")
+    cfg = FitConfig(cache=cache, out=out, blocks=_ints(blocks, "--blocks"), steps=_ints(steps, "--steps"),
+                    train_count=train_count, subset_seed=subset_seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                    fusion="none" if no_text else fusion, dim=dim,
+                    head_channels=_ints(head_channels, "--head-channels") or (), pos_enc=pos_enc,
+                    shared_block=not per_scale_blocks, dice_on_logits=dice_on_logits,
+                    attend_padding=attend_padding, seed=seed,
+                    memory_budget_gb=memory_budget_gb, augment=not no_augment)
+    metrics = run_fit(cfg, console=err)
+    err.print(f"best validation Dice {metrics['best_val_dice']:.4f} at epoch {metrics['best_epoch']}")
+    typer.echo(str(out))
+
+
+@app.command()
+@friendly
 def demo(
     shared: Path = typer.Option(Path("../shared"), help="The shared folder with fixtures/adm (the demo's UNet)."),
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its store and report."),

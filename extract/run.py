@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cache.key import default_cache_dir, make_key, store_path
 from cache.store import FeatureStore, SplitLayout
-from extract.checkpoints import resolve_unet
+from extract.checkpoints import PRESETS, UNetSource, resolve_unet
 from extract.datasets import Dataset, Item, open_dataset, preprocessing
 from extract.diffusion import DEFAULT_SEED, shared_noise
 from extract.features import FeatureExtractor, autocast_dtype, default_device
@@ -88,6 +88,16 @@ def _plan(store: FeatureStore, splits: Sequence[str], pairs: Sequence[tuple[int,
     return jobs
 
 
+def _provenance(cfg: ExtractConfig, unet_src: UNetSource) -> dict[str, Any]:
+    """How the store was made (not its identity): to rebuild `pipeline extract` commands and for `predict`."""
+    return {"dataset": cfg.dataset, "data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
+            "unet": cfg.unet if cfg.unet in PRESETS else str(unet_src.checkpoint),
+            "unet_flags": str(Path(cfg.unet_flags).resolve()) if cfg.unet_flags else None,
+            "text_encoder": cfg.text_encoder,
+            "size": cfg.size, "seed": cfg.seed, "max_length": cfg.max_length, "augment": cfg.augment,
+            "color_order": cfg.color_order, "dataset_options": cfg.dataset_options}
+
+
 def run_extract(cfg: ExtractConfig, console: Console | None = None,
                 on_batch: Callable[[int], None] | None = None) -> Path:
     """Extract what the store lacks and return its path. ``on_batch(n_done)`` is a test hook."""
@@ -137,7 +147,8 @@ def run_extract(cfg: ExtractConfig, console: Console | None = None,
                for s in ds.splits()}
     path = store_path(Path(cfg.cache_dir), ds.name, key)
     store = FeatureStore.create(path, key, size=cfg.size, splits=layouts, token_len=max_length,
-                                token_dim=encoder.dim, extra_attrs={"forward_batch": cfg.batch_size})
+                                token_dim=encoder.dim, extra_attrs={"forward_batch": cfg.batch_size,
+                                                                    "extract": _provenance(cfg, unet_src)})
     pairs = [(s, b) for s in steps for b in blocks]
     for s, b in pairs:
         c, h, w = shapes[b]

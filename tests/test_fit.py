@@ -1,0 +1,177 @@
+"""Stage two from the cache: run folder, determinism, subsets, streaming, refusals, no UNet/BERT."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache.store import FeatureStore
+from extract.run import ExtractConfig, run_extract
+from train.data import MissingFeaturesError, SplitFeatures, choose_subset
+from train.fit import INCOMPLETE, CacheMismatchError, FitConfig, fit, load_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_store(adm: Path, cache: Path, **options) -> Path:
+    counts = options.pop("counts", {"train": 4, "val": 2, "test": 3})
+    cfg = ExtractConfig(dataset="synthetic", unet=str(adm / "adm_tiny.pt"), unet_flags=adm / "adm_tiny_flags.json",
+                        text_encoder="minilm", size=32, steps=(50, 250), blocks=(4, 8), cache_dir=cache,
+                        dataset_options={"counts": counts}, **options)
+    return run_extract(cfg)
+
+
+@pytest.fixture(scope="module")
+def store_path(adm_fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_store(adm_fixtures, tmp_path_factory.mktemp("cache"))
+
+
+def tiny_fit(store: Path, out: Path, **kw) -> FitConfig:
+    return FitConfig(cache=store, out=out, epochs=2, dim=16, head_channels=(8, 4), **kw)
+
+
+def test_fit_writes_a_complete_run(store_path: Path, tmp_path: Path) -> None:
+    cfg = tiny_fit(store_path, tmp_path / "run")
+    metrics = fit(cfg)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == [
+        "cache_key.json", "config.json", "head.pt", "history.csv", "metrics.json"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["blocks"] == [4, 8] and config["steps"] == [50, 250]
+    assert config["train_ids"] == FeatureStore.open(store_path).ids("train")  # synthetic: all images
+    assert config["val"]["split"] == "val" and len(config["val"]["ids"]) == 2
+    assert config["head"]["in_channels"] == [2 * 64, 2 * 32] and config["head"]["text_dim"] == 384
+    assert json.loads((run / "cache_key.json").read_text()) == FeatureStore.open(store_path).key
+    lines = (run / "history.csv").read_text().splitlines()
+    assert lines[0] == "epoch,train_loss,val_dice,val_iou,seconds" and len(lines) == 3
+    assert metrics == json.loads((run / "metrics.json").read_text())
+    assert 1 <= metrics["best_epoch"] <= 2 and 0 <= metrics["best_val_dice"] <= 1
+    _, head, _ = load_run(run)
+    assert not head.training
+
+
+def test_same_seed_gives_bit_identical_runs(store_path: Path, tmp_path: Path) -> None:
+    a = fit(tiny_fit(store_path, tmp_path / "a"))
+    b = fit(tiny_fit(store_path, tmp_path / "b"))
+    c = fit(tiny_fit(store_path, tmp_path / "c", seed=1))
+    wa, wb, wc = (torch.load(tmp_path / n / "head.pt", weights_only=True) for n in "abc")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+def test_streaming_equals_in_memory(store_path: Path, tmp_path: Path) -> None:
+    fit(tiny_fit(store_path, tmp_path / "mem"))
+    fit(tiny_fit(store_path, tmp_path / "stream", memory_budget_gb=0.0))
+    wm = torch.load(tmp_path / "mem" / "head.pt", weights_only=True)
+    ws = torch.load(tmp_path / "stream" / "head.pt", weights_only=True)
+    assert all(torch.equal(wm[k], ws[k]) for k in wm)
+    store = FeatureStore.open(store_path)
+    assert SplitFeatures(store, "train", [4], [50], memory_budget=0).in_memory is False
+    assert SplitFeatures(store, "train", [4], [50]).in_memory is True
+
+
+def test_few_shot_subset_is_recorded_and_seeded(store_path: Path, tmp_path: Path) -> None:
+    fit(tiny_fit(store_path, tmp_path / "s", train_count=2, subset_seed=3))
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    ids = FeatureStore.open(store_path).ids("train")
+    assert config["train_ids"] == [ids[i] for i in choose_subset(4, 2, 3)]
+    assert len(set(config["train_ids"])) == 2
+    assert list(choose_subset(10, 3, 0)) == list(choose_subset(10, 3, 0)) != list(choose_subset(10, 3, 1))
+
+
+def test_blocks_or_steps_missing_from_the_store_are_refused(store_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(MissingFeaturesError) as info:
+        fit(tiny_fit(store_path, tmp_path / "x", blocks=(4, 6), steps=(50, 150)))
+    msg = str(info.value)
+    assert "pipeline extract" in msg and "--blocks 4,6" in msg and "--steps 50,150" in msg
+    assert "--dataset synthetic" in msg and "adm_tiny.pt" in msg and "--text-encoder minilm" in msg
+    assert not (tmp_path / "x").exists()
+
+
+def test_single_block_and_step_selection(store_path: Path, tmp_path: Path) -> None:
+    fit(tiny_fit(store_path, tmp_path / "one", blocks=(8,), steps=(250,), fusion="none"))
+    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert config["head"]["in_channels"] == [32] and config["head"]["fusion"] == "none"
+
+
+def test_holdout_when_there_is_no_val_split(adm_fixtures: Path, tmp_path: Path) -> None:
+    store = tiny_store(adm_fixtures, tmp_path / "c", counts={"train": 5, "test": 2})
+    fit(tiny_fit(store, tmp_path / "run"))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["val"]["split"] == "train" and len(config["val"]["ids"]) == 1
+    assert not set(config["val"]["ids"]) & set(config["train_ids"]) and len(config["train_ids"]) == 4
+
+
+def test_d4_store_trains_on_sampled_views(adm_fixtures: Path, tmp_path: Path, monkeypatch) -> None:
+    store = tiny_store(adm_fixtures, tmp_path / "c", counts={"train": 3, "val": 1}, augment="d4")
+    seen: list[int] = []
+    real = SplitFeatures.batch
+
+    def spy(self, rows, views=None):
+        if self.split == "train":
+            seen.extend(views or [0])
+        return real(self, rows, views)
+
+    monkeypatch.setattr(SplitFeatures, "batch", spy)
+    fit(replace(tiny_fit(store, tmp_path / "run"), epochs=6))
+    assert 0 in seen and len(set(seen)) >= 3 and max(seen) <= 7
+
+
+def test_a_different_store_is_refused(store_path: Path, adm_fixtures: Path, tmp_path: Path) -> None:
+    fit(tiny_fit(store_path, tmp_path / "run"))
+    other = tiny_store(adm_fixtures, tmp_path / "other", seed=41)
+    with pytest.raises(CacheMismatchError, match="not the one run"):
+        load_run(tmp_path / "run", cache=other)
+
+
+def test_interrupted_fit_is_marked_incomplete(store_path: Path, tmp_path: Path, monkeypatch) -> None:
+    import train.fit as fit_module
+
+    def boom(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_module, "validate", boom)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_fit(store_path, tmp_path / "run"))
+    assert (tmp_path / "run" / INCOMPLETE).exists()
+    with pytest.raises(ValueError, match="incomplete"):
+        load_run(tmp_path / "run")
+
+
+def test_fit_never_loads_the_unet_or_a_text_encoder(store_path: Path, tmp_path: Path) -> None:
+    code = f"""
+import sys
+from pathlib import Path
+from train.fit import FitConfig, fit
+fit(FitConfig(cache=Path({str(store_path)!r}), out=Path({str(tmp_path / 'r')!r}), epochs=1, dim=16,
+              head_channels=(8, 4)))
+loaded = [m for m in ("extract.unet", "extract.features", "extract.text", "transformers") if m in sys.modules]
+assert not loaded, loaded
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+def test_fit_cli(store_path: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import pipeline
+
+    res = CliRunner().invoke(pipeline.app, ["fit", "--cache", str(store_path), "--out", str(tmp_path / "r"),
+                                            "--epochs", "1", "--dim", "16", "--head-channels", "8,4", "--no-text"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["head"]["fusion"] == "none"
+    bad = CliRunner().invoke(pipeline.app, ["fit", "--cache", str(store_path), "--out", str(tmp_path / "q"),
+                                            "--blocks", "6"])
+    assert bad.exit_code == 1 and "pipeline extract" in bad.output and "Traceback" not in bad.output
+    assert np.isfinite(json.loads((tmp_path / "r" / "metrics.json").read_text())["final_train_loss"])

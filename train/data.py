@@ -1,0 +1,142 @@
+"""Stage two's view of the cache: which features, which images, in memory or streamed.
+
+Nothing here loads the UNet or a text encoder: everything comes from a :class:`cache.store.FeatureStore`.
+Per scale (one block), the chosen steps are concatenated on channels in ascending order, so a
+block with C channels gives a (len(steps)·C, h, w) map, as in the authors' code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cache.store import FeatureStore
+
+#: few-shot protocol of the paper: training images per dataset (others: all)
+PAPER_TRAIN_COUNT = {"monuseg": 5, "qata": 150}
+GIB = 1 << 30
+
+
+class MissingFeaturesError(ValueError):
+    """A fit asks for blocks or steps that the store does not hold."""
+
+
+def choose_subset(n_total: int, count: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of ``count`` images drawn from ``n_total`` with ``seed`` (all if count is None).
+
+    The one definition of a few-shot subset: ``fit`` and ``baseline`` draw the same ids for a seed.
+    """
+    if count is None or count >= n_total:
+        return np.arange(n_total)
+    if count < 1:
+        raise ValueError(f"--train-count must be >= 1, got {count}")
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=count, replace=False))
+
+
+def extract_hint(store: FeatureStore, blocks: Sequence[int], steps: Sequence[int]) -> str:
+    """The ``pipeline extract`` command that adds ``blocks`` × ``steps`` to this store."""
+    args = dict(store.attrs.get("extract", {}))
+    parts = ["pipeline extract"]
+    for name in ("dataset", "data_root", "unet", "unet_flags", "text_encoder", "size", "seed", "max_length",
+                 "augment"):
+        value = args.get(name)
+        if value not in (None, "", "none"):
+            parts.append(f"--{name.replace('_', '-')} {value}")
+    if args.get("color_order") == "bgr":
+        parts.append("--bgr")
+    parts += [f"--steps {','.join(map(str, steps))}", f"--blocks {','.join(map(str, blocks))}",
+              f"--cache-dir {store.path.parent}"]
+    return " ".join(parts)
+
+
+def resolve_selection(store: FeatureStore, blocks: Sequence[int] | None, steps: Sequence[int] | None
+                      ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Blocks and steps to use (default: all the store has); refuse any the store lacks."""
+    pairs = set(store.pairs())
+    have_blocks = sorted({b for _, b in pairs})
+    have_steps = sorted({s for s, _ in pairs})
+    blocks = tuple(sorted(blocks)) if blocks else tuple(have_blocks)
+    steps = tuple(sorted(steps)) if steps else tuple(have_steps)
+    missing = [(s, b) for s in steps for b in blocks if (s, b) not in pairs]
+    if missing:
+        raise MissingFeaturesError(
+            f"store {store.path} lacks (step, block) {missing} (it has steps {have_steps} × blocks "
+            f"{have_blocks}); add them with:\n  {extract_hint(store, blocks, steps)}")
+    return blocks, steps
+
+
+@dataclass
+class Sample:
+    """One image (one view) as the head takes it, batch dimension included."""
+
+    feats: list[torch.Tensor]    # per block (B, len(steps)·C, h, w) float32
+    tokens: torch.Tensor         # (B, L, D) float32
+    token_mask: torch.Tensor     # (B, L) bool
+    target: torch.Tensor         # (B, S, S) int64 in {0, 1}
+
+
+class SplitFeatures:
+    """The selected rows of one split, held in memory when they fit ``memory_budget`` bytes, else
+    read from the store on demand (one chunk per image × block × step). ``attend_padding`` marks
+    every token valid, as the authors' code does."""
+
+    def __init__(self, store: FeatureStore, split: str, blocks: Sequence[int], steps: Sequence[int],
+                 indices: Sequence[int] | None = None, memory_budget: float = 4 * GIB,
+                 attend_padding: bool = False):
+        if split not in store.splits():
+            raise ValueError(f"store {store.path} has no split {split!r} (it has {store.splits()})")
+        self.store, self.split = store, split
+        self.blocks, self.steps = tuple(blocks), tuple(steps)
+        n = len(store.ids(split))
+        self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=int)
+        complete = set(store.complete_indices(split, [(s, b) for s in self.steps for b in self.blocks]).tolist())
+        absent = [store.ids(split)[i] for i in self.indices if i not in complete]
+        if absent:
+            raise MissingFeaturesError(f"store {store.path}: {len(absent)} {split} image(s) not extracted yet "
+                                       f"(e.g. {absent[:3]}); run the same `pipeline extract` again to finish")
+        self.ids = [store.ids(split)[i] for i in self.indices]
+        self.texts = [store.texts(split)[i] for i in self.indices]
+        self.views = store.layout(split).views
+        self._feat = {(s, b): store.features(split, s, b) for s in self.steps for b in self.blocks}
+        self._tokens, self._mask = store.tokens(split), store.masks(split)
+        self._token_mask = store.token_mask(split)[self.indices]
+        if attend_padding:  # the authors' behaviour: padding tokens take part in the attention
+            self._token_mask = np.ones_like(self._token_mask)
+        self.nbytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize * len(self.indices)
+                          for a in [*self._feat.values(), self._tokens, self._mask])
+        self.in_memory = self.nbytes <= memory_budget
+        if self.in_memory:
+            idx = self.indices
+            self._feat = {k: a[idx].compute() for k, a in self._feat.items()}
+            self._tokens, self._mask = self._tokens[idx].compute(), self._mask[idx].compute()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _row(self, arr, k: int, view: int | None = None) -> np.ndarray:
+        if self.in_memory:
+            out = arr[k] if view is None else arr[k, view]
+        else:
+            i = int(self.indices[k])
+            out = (arr[i] if view is None else arr[i, view]).compute()
+        return np.asarray(out)
+
+    def batch(self, rows: Sequence[int], views: Sequence[int] | None = None) -> Sample:
+        """Rows ``rows`` (positions in this selection), each at its view (default 0)."""
+        views = list(views) if views is not None else [0] * len(rows)
+        feats = []
+        for b in self.blocks:
+            per_row = [np.concatenate([self._row(self._feat[(s, b)], k, v) for s in self.steps], axis=0)
+                       for k, v in zip(rows, views)]
+            feats.append(torch.from_numpy(np.stack(per_row)).float())
+        tokens = torch.from_numpy(np.stack([self._row(self._tokens, k) for k in rows])).float()
+        token_mask = torch.from_numpy(self._token_mask[list(rows)])
+        target = torch.from_numpy(np.stack([self._row(self._mask, k, v) for k, v in zip(rows, views)])).long()
+        return Sample(feats, tokens, token_mask, target)
+
+    def channels(self) -> list[int]:
+        """Input channels per scale: len(steps) × the block's channels."""
+        return [len(self.steps) * int(self._feat[(self.steps[0], b)].shape[2]) for b in self.blocks]
