@@ -22,9 +22,10 @@ folder
     subfolders ``root/train/``, ``root/val/`` (or ``valid/``), ``root/test/``.
 synthetic
     Generated from a seed (options ``seed``, ``counts``, ``native_size``); the text is necessary to
-    segment it: identical discs lie in all four quadrants and only those in the quadrants the text
-    names are in the mask. Each quadrant has a fixed background tint (its landmark), so a model
-    without positional encoding can still tell the quadrants apart. See :func:`synthetic_sample`.
+    segment it: identical discs lie in all four regions (the triangles cut by the diagonals: top,
+    right, bottom, left) and only those in the regions the text names are in the mask. Each region has
+    a fixed background tint (its landmark), so a model without positional encoding can still tell
+    the regions apart. See :func:`synthetic_sample`.
 
 Structural problems (missing mask, a text row with no image, an image with no text, empty text)
 raise one :class:`DatasetError` listing every problem, or with ``skip_bad=True`` drop those items
@@ -147,13 +148,27 @@ def _pil_mask(im: Image.Image, path: Path) -> np.ndarray:
     return _mask_values(np.asarray(im), path)
 
 
-def _resize_image(rgb8: np.ndarray, size: int, color_order: str) -> np.ndarray:
-    """float32 (3, size, size) in [-1, 1] from (H, W, 3) uint8, PIL bilinear."""
-    im = Image.fromarray(rgb8, "RGB").resize((int(size), int(size)), Image.Resampling.BILINEAR)
-    a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+def resize_image(rgb8: np.ndarray, size: int, color_order: str = "rgb") -> np.ndarray:
+    """uint8 (3, size, size) from (H, W, 3) uint8: PIL bilinear, channels RGB (or BGR)."""
+    a = np.asarray(Image.fromarray(rgb8, "RGB").resize((int(size), int(size)), Image.Resampling.BILINEAR))
     if color_order == "bgr":
         a = a[..., ::-1]
     return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def to_unit_range(img8: np.ndarray) -> np.ndarray:
+    """uint8 → float32 in [-1, 1], the UNet's input scale."""
+    return img8.astype(np.float32) / 127.5 - 1.0
+
+
+def read_image(path: Path, size: int, color_order: str = "rgb") -> tuple[np.ndarray, tuple[int, int]]:
+    """A single image file as extraction reads it: (uint8 (3, size, size), original (height, width))."""
+    _check_prep(size, color_order)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    rgb8 = _decode(path, "image", _pil_to_rgb8, _array_to_rgb8)
+    return resize_image(rgb8, size, color_order), (int(rgb8.shape[0]), int(rgb8.shape[1]))
 
 
 def _resize_mask(mask01: np.ndarray, size: int) -> np.ndarray:
@@ -177,25 +192,34 @@ def preprocessing(size: int, color_order: str = "rgb") -> dict:
 
 # --------------------------------------------------------------------------- synthetic
 
-SYNTHETIC_VERSION = 1
-REGIONS = ("upper left", "upper right", "lower left", "lower right")  # quadrants, row-major
+SYNTHETIC_VERSION = 2
+REGIONS = ("top", "right", "bottom", "left")  # the four triangles cut by the image's diagonals
 _TINTS = np.array([[176, 92, 84], [84, 160, 96], [88, 104, 180], [172, 156, 72]], dtype=np.float32)
-OBJECT_RGB = (236, 236, 236)  # every disc, in every quadrant, exactly this colour
+OBJECT_RGB = (236, 236, 236)  # every disc, in every region, exactly this colour
 _BACKGROUND_MAX = 215         # background clipped below the object colour
-_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+            "twelve")
 _TEMPLATES = ("{Count} {lesions} in the {regions} {region}.",
               "There {be} {count} {lesions} in the {regions} {region}.",
               "{Lesions} seen in the {regions} {region}.")
-DEFAULT_COUNTS = {"train": 24, "val": 8, "test": 16}
+DEFAULT_COUNTS = {"train": 32, "val": 8, "test": 16}
+
+
+def region_map(size: int) -> np.ndarray:
+    """int (size, size): index into REGIONS of each pixel (top, right, bottom, left triangles)."""
+    c = (size - 1) / 2
+    dy, dx = np.mgrid[:size, :size] - c
+    vertical = np.abs(dy) >= np.abs(dx)
+    return np.where(vertical, np.where(dy < 0, 0, 2), np.where(dx > 0, 1, 3))
 
 
 @dataclass(frozen=True)
 class SyntheticSample:
-    """One generated image: ``mask`` = the discs of the ``named`` quadrants; ``objects`` = all discs."""
+    """One generated image: ``mask`` = the discs of the ``named`` regions; ``objects`` = all discs."""
 
     image: np.ndarray    # uint8 (H, W, 3)
     mask: np.ndarray     # uint8 (H, W) {0, 1}
-    objects: np.ndarray  # uint8 (H, W): 0 background, q + 1 for a disc in quadrant q (index into REGIONS)
+    objects: np.ndarray  # uint8 (H, W): 0 background, q + 1 for a disc in region q (index into REGIONS)
     named: tuple[str, ...]
     text: str
 
@@ -213,18 +237,19 @@ def _synthetic_text(rng: np.random.Generator, named: Sequence[str], count: int) 
 def synthetic_sample(seed: int, split: str, index: int, native_size: int = 128) -> SyntheticSample:
     """Image ``index`` of ``split``, a pure function of its arguments (arrays are read-only).
 
-    Four quadrants, each a fixed tint (± a per-image brightness shift and pixel noise); every quadrant
-    holds 1-2 discs of radius 5-9 px (at 128 px, scaled with ``native_size``) in ``OBJECT_RGB``;
-    1-3 quadrants are named, and the mask is the discs in those.
+    Four regions, the triangles cut by the diagonals (top, right, bottom, left), each a fixed tint
+    (± a per-image brightness shift and pixel noise) — the landmark that tells regions apart; every
+    region holds 1-3 discs of radius 5-8 px (at 128 px, scaled with ``native_size``) in ``OBJECT_RGB``,
+    well inside it; 1-3 regions are named, and the mask is the discs in those.
     """
     if split not in SPLITS:
         raise DatasetError(f"synthetic: unknown split {split!r} (expected one of {SPLITS})")
     if native_size < 32 or native_size % 2:
         raise DatasetError(f"synthetic: native_size must be even and >= 32, got {native_size}")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    s, half, scale = native_size, native_size // 2, native_size / 128
-    quadrant = (np.arange(s)[:, None] >= half) * 2 + (np.arange(s)[None, :] >= half)
-    background = _TINTS[quadrant] + rng.uniform(-12, 12) + rng.normal(0, 6, (s, s, 3))
+    s, scale = native_size, native_size / 128
+    regions = region_map(s)
+    background = _TINTS[regions] + rng.uniform(-12, 12) + rng.normal(0, 6, (s, s, 3))
     image = np.clip(np.rint(background), 0, _BACKGROUND_MAX).astype(np.uint8)
 
     k = int(rng.integers(1, 4))
@@ -232,15 +257,17 @@ def synthetic_sample(seed: int, split: str, index: int, native_size: int = 128) 
     objects = np.zeros((s, s), np.uint8)
     n_discs = [0, 0, 0, 0]
     yy, xx = np.mgrid[:s, :s]
-    margin, gap = max(2.0, 4 * scale), 3 * scale
+    c = (s - 1) / 2
+    margin, gap = max(2.0, 3 * scale), 3 * scale
     for q in range(4):
-        oy, ox = (q // 2) * half, (q % 2) * half
         discs: list[tuple[float, float, float]] = []
-        for _ in range(1 + int(rng.random() < 0.5)):
-            for _try in range(100):
-                r = rng.uniform(5, 9) * scale
-                cy, cx = np.array([oy, ox]) + rng.uniform(margin + r, half - margin - r, size=2)
-                if all((cy - y) ** 2 + (cx - x) ** 2 >= (r + rr + gap) ** 2 for y, x, rr in discs):
+        for _ in range(int(rng.integers(1, 4))):
+            for _try in range(200):
+                r = rng.uniform(5, 8) * scale
+                cy, cx = rng.uniform(margin + r, s - 1 - margin - r, size=2)
+                dy, dx = cy - c, cx - c
+                inside = region_map_at(dy, dx) == q and (abs(abs(dy) - abs(dx)) / np.sqrt(2) >= r + margin)
+                if inside and all((cy - y) ** 2 + (cx - x) ** 2 >= (r + rr + gap) ** 2 for y, x, rr in discs):
                     discs.append((cy, cx, r))
                     break
         for cy, cx, r in discs:
@@ -253,6 +280,13 @@ def synthetic_sample(seed: int, split: str, index: int, native_size: int = 128) 
     for a in (image, mask, objects):
         a.setflags(write=False)
     return SyntheticSample(image, mask, objects, named, _synthetic_text(rng, named, count))
+
+
+def region_map_at(dy: float, dx: float) -> int:
+    """The region of one point given its offset from the image centre (as :func:`region_map`)."""
+    if abs(dy) >= abs(dx):
+        return 0 if dy < 0 else 2
+    return 1 if dx > 0 else 3
 
 
 @dataclass(frozen=True)
@@ -295,14 +329,18 @@ class Dataset:
             raise DatasetError(f"{self.name}: unknown split {split!r} (expected one of {SPLITS})")
         return [it for it in self.items if it.split == split]
 
-    def load_image(self, item: Item, size: int, color_order: str = "rgb") -> np.ndarray:
-        """float32 (3, size, size) in [-1, 1], RGB (or BGR), PIL bilinear resize."""
+    def load_image_uint8(self, item: Item, size: int, color_order: str = "rgb") -> np.ndarray:
+        """uint8 (3, size, size), RGB (or BGR), PIL bilinear resize: what the store keeps."""
         _check_prep(size, color_order)
         if self._synthetic is not None:
             rgb8 = self._synthetic.sample(item).image
         else:
             rgb8 = _decode(self._path(item.image_path, item), "image", _pil_to_rgb8, _array_to_rgb8)
-        return _resize_image(rgb8, size, color_order)
+        return resize_image(rgb8, size, color_order)
+
+    def load_image(self, item: Item, size: int, color_order: str = "rgb") -> np.ndarray:
+        """float32 (3, size, size) in [-1, 1]: :meth:`load_image_uint8` scaled for the UNet."""
+        return to_unit_range(self.load_image_uint8(item, size, color_order))
 
     def load_mask(self, item: Item, size: int) -> np.ndarray:
         """uint8 (size, size) in {0, 1}, nearest resize."""

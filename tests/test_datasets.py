@@ -307,14 +307,20 @@ def test_fingerprint_follows_content(folder: Path) -> None:
 
 # --------------------------------------------------------------------------- synthetic
 
-def _quadrant(size: int) -> np.ndarray:
-    half = size // 2
-    return (np.arange(size)[:, None] >= half) * 2 + (np.arange(size)[None, :] >= half)
+def _region(size: int) -> np.ndarray:
+    """The four regions restated: the triangles cut by the diagonals, top 0, right 1, bottom 2, left 3."""
+    c = (size - 1) / 2
+    dy, dx = np.mgrid[:size, :size] - c
+    out = np.full((size, size), 3)
+    out[(dx > 0) & (np.abs(dx) > np.abs(dy))] = 1
+    out[(dy < 0) & (np.abs(dy) >= np.abs(dx))] = 0
+    out[(dy > 0) & (np.abs(dy) >= np.abs(dx))] = 2
+    return out
 
 
 def test_synthetic_deterministic() -> None:
     a, b = open_dataset("synthetic"), open_dataset("synthetic", seed=0)
-    assert [len(a.by_split(s)) for s in a.splits()] == [24, 8, 16] and a.items == b.items
+    assert [len(a.by_split(s)) for s in a.splits()] == [32, 8, 16] and a.items == b.items
     assert a.items[0].id == "train-0000" and a.items[0].image_path is None and a.default_blocks == (4, 6, 8)
     np.testing.assert_array_equal(a.load_image(a.items[3], 64), b.load_image(b.items[3], 64))
     c = open_dataset("synthetic", seed=1)
@@ -323,13 +329,13 @@ def test_synthetic_deterministic() -> None:
     fewer = open_dataset("synthetic", counts={"train": 2, "test": 16}, splits=["test"])
     assert fewer.items == a.by_split("test")  # each split seeded on its own
     fp = a.fingerprint()
-    assert fp["name"] == "synthetic" and fp["counts"] == {"train": 24, "val": 8, "test": 16} and fp == b.fingerprint()
+    assert fp["name"] == "synthetic" and fp["counts"] == {"train": 32, "val": 8, "test": 16} and fp == b.fingerprint()
     assert fp != c.fingerprint() and fp["native_size"] == 128 and isinstance(fp["generator_version"], int)
 
 
 def test_synthetic_text_is_necessary() -> None:
     ds = open_dataset("synthetic")
-    quadrant = _quadrant(128)
+    region = _region(128)
     tints = np.zeros((len(ds.items), 4, 3))
     named_sets = set()
     for n, item in enumerate(ds.items):
@@ -338,19 +344,19 @@ def test_synthetic_text_is_necessary() -> None:
         objects = (s.image == OBJECT_RGB).all(axis=2)
         np.testing.assert_array_equal(objects, s.objects > 0)  # discs are exactly the pixels of that colour
         named_q = [REGIONS.index(r) for r in s.named]
-        np.testing.assert_array_equal(s.mask, objects & np.isin(quadrant, named_q))
+        np.testing.assert_array_equal(s.mask, objects & np.isin(region, named_q))
         for q in range(4):
-            in_q = objects & (quadrant == q)
-            assert 20 < in_q.sum() < 2 * np.pi * 10 ** 2  # 1-2 discs of radius 5-9 in every quadrant
+            in_q = objects & (region == q)
+            assert 20 < in_q.sum() < 3 * np.pi * 8.5 ** 2  # 1-3 discs of radius 5-8 in every region
             assert (REGIONS[q] in item.text) == (q in named_q)
-            tints[n, q] = s.image[(quadrant == q) & ~objects].mean(axis=0)
+            tints[n, q] = s.image[(region == q) & ~objects].mean(axis=0)
         assert 1 <= len(named_q) <= 3
         named_sets.add(s.named)
         small = ds.load_mask(item, 64)  # every named disc survives the resize to 64
-        assert all(small[_quadrant(64) == q].any() for q in named_q)
-        assert not small[~np.isin(_quadrant(64), named_q)].any()
+        assert all(small[_region(64) == q].any() for q in named_q)
+        assert not small[~np.isin(_region(64), named_q)].any()
     assert len(named_sets) >= 8 and {len(n) for n in named_sets} == {1, 2, 3}
-    # landmarks: each quadrant's background tint is stable across images and far from the others'
+    # landmarks: each region's background tint is stable across images and far from the others'
     assert tints.std(axis=0).max() < 10
     mean = tints.mean(axis=0)
     assert min(np.abs(mean[i] - mean[j]).max() for i in range(4) for j in range(i + 1, 4)) > 50
