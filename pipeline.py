@@ -115,6 +115,8 @@ def fit(
     epochs: int = typer.Option(100, help="Epochs (paper: 100; authors' code: 50)."),
     batch_size: int = typer.Option(1, help="Images per step (paper: 1)."),
     lr: float = typer.Option(1e-4, help="Adam learning rate."),
+    lr_drop_epoch: int = typer.Option(60, help="Multiply the learning rate by 0.1 after this epoch (authors: 60; 0 = never)."),
+    norm: str = typer.Option("image", help="image: the classifier normalises with each image's statistics, in training and evaluation; batch: BatchNorm running statistics at evaluation (authors)."),
     no_text: bool = typer.Option(False, "--no-text", help="Ablation ζ1: no cross-attention, text unused."),
     fusion: str = typer.Option("cross-attn", help="cross-attn (paper) or concat (ablation ζ2)."),
     dim: int = typer.Option(768, help="Width of the projections and the transformer block."),
@@ -135,6 +137,7 @@ def fit(
         raise typer.BadParameter("--no-text and --fusion are exclusive")
     cfg = FitConfig(cache=cache, out=out, blocks=_ints(blocks, "--blocks"), steps=_ints(steps, "--steps"),
                     train_count=train_count, subset_seed=subset_seed, epochs=epochs, batch_size=batch_size, lr=lr,
+                    lr_drop_epoch=lr_drop_epoch or None, norm=norm,
                     fusion="none" if no_text else fusion, dim=dim,
                     head_channels=_ints(head_channels, "--head-channels") or (), pos_enc=pos_enc,
                     shared_block=not per_scale_blocks, dice_on_logits=dice_on_logits,
@@ -143,6 +146,69 @@ def fit(
     metrics = run_fit(cfg, console=err)
     err.print(f"best validation Dice {metrics['best_val_dice']:.4f} at epoch {metrics['best_epoch']}")
     typer.echo(str(out))
+
+
+@app.command()
+@friendly
+def evaluate(
+    run: Path = typer.Argument(..., help="A `pipeline fit` run folder."),
+    split: str = typer.Option("test", help="The store split to score."),
+    cache: Optional[Path] = typer.Option(None, help="The run's store, if it moved [default: the one the run recorded]; a store with another key is refused."),
+    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Also write eval-<split>/overlays/<id>.png (image | ground truth | prediction)."),
+) -> None:
+    """Score a run on one split: per_image.csv, summary.json, predictions.npz and overlays in RUN/eval-<split>/."""
+    from train.evaluate import evaluate_cli
+
+    evaluate_cli(run, split=split, cache=cache, overlays=overlays, console=err)
+
+
+@app.command()
+@friendly
+def sweep(
+    cache: Path = typer.Option(..., help="A store written by `pipeline extract`; every block and step in it is swept."),
+    out: Path = typer.Option(..., help="The sweep folder (runs/<name>, sweep.csv, sweep.png); run again to resume."),
+    epochs: int = typer.Option(100, help="Epochs per fit."),
+    train_count: Optional[int] = typer.Option(None, help="Few-shot training images [default: 5 MoNuSeg, 150 QaTa, else all]."),
+    subset_seed: int = typer.Option(0, help="Seed of the few-shot subset."),
+    dim: int = typer.Option(768, help="Width of the projections and the transformer block."),
+    head_channels: str = typer.Option("128,32", help="Hidden widths of the conv classifier."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation [default: the subset seed]."),
+    memory_budget_gb: float = typer.Option(4.0, help="Hold features in memory up to this size, else stream them."),
+    no_augment: bool = typer.Option(False, "--no-augment", help="Do not sample the cached dihedral views."),
+) -> None:
+    """Fig. 3: one fit per single block and per single step, with and without text, each scored on test."""
+    from train.sweep import sweep_cli
+
+    base = dict(train_count=train_count, subset_seed=subset_seed, dim=dim,
+                head_channels=_ints(head_channels, "--head-channels") or (), seed=seed,
+                memory_budget_gb=memory_budget_gb, augment=not no_augment)
+    sweep_cli(cache, out, epochs, base, console=err)
+
+
+@app.command()
+@friendly
+def predict(
+    run: Path = typer.Argument(..., help="A `pipeline fit` run folder."),
+    image: Path = typer.Option(..., "--image", help="The image to segment (PNG, JPEG, TIFF, BMP; grey, RGB, 16-bit)."),
+    text: str = typer.Option(..., "--text", help="The image's description (what the head attends to)."),
+    out: Path = typer.Option(..., "--out", help="Mask PNG to write ({0,255}); a folder → <image stem>_mask.png."),
+    cache: Optional[Path] = typer.Option(None, help="The run's store, if it moved [default: the one the run recorded]."),
+    original_size: bool = typer.Option(False, "--original-size", help="Resize the mask (nearest) back to the image's size."),
+    unet: Optional[str] = typer.Option(None, help="The run's UNet checkpoint, if it moved (its sha256 is checked)."),
+    text_encoder: Optional[str] = typer.Option(None, help="The run's text encoder, if it moved (its hashes are checked)."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
+) -> None:
+    """Segment a new image: stage one for it with the run's own UNet and text encoder, then the head.
+
+    The last line printed is the mask's path.
+    """
+    from train.predict import mask_path
+    from train.predict import predict as predict_image
+
+    mask = predict_image(run, image, text, out, cache, original_size, unet=unet, text_encoder=text_encoder,
+                         device=device, console=err)
+    err.print(f"{mask.mean():.1%} of {mask.shape[1]}x{mask.shape[0]} pixels foreground")
+    typer.echo(str(mask_path(out, image)))
 
 
 @app.command()

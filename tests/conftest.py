@@ -38,3 +38,14 @@ def monuseg_root() -> Path:
 @pytest.fixture(scope="session")
 def qata_root() -> Path:
     return _need(SHARED / "data" / "QaTa-COV19")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when other jobs share the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,19 +13,12 @@ import pytest
 import torch
 
 from cache.store import FeatureStore
-from extract.run import ExtractConfig, run_extract
 from train.data import MissingFeaturesError, SplitFeatures, choose_subset
 from train.fit import INCOMPLETE, CacheMismatchError, FitConfig, fit, load_run
 
+from helpers import tiny_store
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_store(adm: Path, cache: Path, **options) -> Path:
-    counts = options.pop("counts", {"train": 4, "val": 2, "test": 3})
-    cfg = ExtractConfig(dataset="synthetic", unet=str(adm / "adm_tiny.pt"), unet_flags=adm / "adm_tiny_flags.json",
-                        text_encoder="minilm", size=32, steps=(50, 250), blocks=(4, 8), cache_dir=cache,
-                        dataset_options={"counts": counts}, **options)
-    return run_extract(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +35,7 @@ def test_fit_writes_a_complete_run(store_path: Path, tmp_path: Path) -> None:
     metrics = fit(cfg)
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == [
-        "cache_key.json", "config.json", "head.pt", "history.csv", "metrics.json"]
+        "cache_key.json", "config.json", "head.pt", "history.csv", "loss.png", "metrics.json"]
     config = json.loads((run / "config.json").read_text())
     assert config["blocks"] == [4, 8] and config["steps"] == [50, 250]
     assert config["train_ids"] == FeatureStore.open(store_path).ids("train")  # synthetic: all images
@@ -60,7 +53,7 @@ def test_fit_writes_a_complete_run(store_path: Path, tmp_path: Path) -> None:
 def test_same_seed_gives_bit_identical_runs(store_path: Path, tmp_path: Path) -> None:
     a = fit(tiny_fit(store_path, tmp_path / "a"))
     b = fit(tiny_fit(store_path, tmp_path / "b"))
-    c = fit(tiny_fit(store_path, tmp_path / "c", seed=1))
+    fit(tiny_fit(store_path, tmp_path / "c", seed=1))
     wa, wb, wc = (torch.load(tmp_path / n / "head.pt", weights_only=True) for n in "abc")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)

@@ -203,20 +203,42 @@ def test_pos_enc_changes_output_without_parameters():
 # ---------------------------------------------------------------- config
 
 def test_config_save_load_round_trip(tmp_path):
-    head = tiny(fusion="concat", shared_block=False, pos_enc=True, dropout=0.1)
+    head = tiny(fusion="concat", shared_block=False, pos_enc=True, dropout=0.1, norm="batch")
     head.init_weights()
     with torch.no_grad():  # non-default BN statistics must travel too
         head.classifier[1].running_mean.uniform_(-1, 1)
     cfg = head.config
     assert json.loads(json.dumps(cfg)) == cfg
     assert cfg == dict(in_channels=[16, 32, 32], text_dim=24, dim=32, heads=2, head_dim=8, head_channels=[8, 4],
-                       num_classes=2, dropout=0.1, fusion="concat", shared_block=False, pos_enc=True)
+                       num_classes=2, dropout=0.1, fusion="concat", shared_block=False, pos_enc=True,
+                       norm="batch")
     head.save(tmp_path / "head")
     assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["config.json", "head.pt"]
     loaded = TextDiffHead.load(tmp_path / "head").eval()
     assert loaded.config == cfg
     feats, tokens, mask = inputs()
     assert torch.equal(run(loaded, feats, tokens, mask), run(head, feats, tokens, mask))
+
+
+def test_image_norm_is_batchnorm_at_batch_one_and_batch_invariant():
+    from train.model import ImageNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6) * 3 + 1
+    norm, bn = ImageNorm(4), torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        for m in (norm, bn):
+            m.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+            m.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 2.0]))
+    bn.train()
+    torch.testing.assert_close(norm(x[:1]), bn(x[:1]))  # training at batch 1: identical to BatchNorm
+    norm.eval()
+    whole = norm(x)
+    for i in range(3):  # evaluation: each image on its own, whatever the batch
+        torch.testing.assert_close(whole[i:i + 1], norm(x[i:i + 1]))
+    assert set(norm.state_dict()) == {"weight", "bias"}
+    head = TextDiffHead(in_channels=[1536, 1536, 768, 768], text_dim=768)
+    assert count_parameters(head) == 9_683_234 == count_parameters(TextDiffHead([1536, 1536, 768, 768], norm="batch"))
 
 
 def test_init_weights_is_authors_normal():

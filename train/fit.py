@@ -1,12 +1,13 @@
 """Stage two: train the TextDiff head from the cache, pick the best epoch on validation Dice.
 
-Reads only the feature store (no UNet, no text encoder). Adam (lr 1e-4), batch 1, CE + 1.5 Dice,
+Reads only the feature store (no UNet, no text encoder). Adam (lr 1e-4, × 0.1 after epoch 60 as in
+the authors' code), batch 1, CE + 1.5 Dice,
 the authors' weight init; augmentation samples the cached dihedral views when the store has them
 (p = 0.5 identity, else one of the 8 views uniformly, as the authors' random rot90 + flip). The same
 config and seed give bit-identical weights and metrics on a CPU.
 
 A run folder holds ``config.json`` (this config, the head's, the chosen ids), ``cache_key.json``,
-``head.pt`` (best epoch), ``history.csv``, ``metrics.json``. While a fit runs, ``INCOMPLETE`` marks
+``head.pt`` (best epoch), ``history.csv``, ``loss.png``, ``metrics.json``. While a fit runs, ``INCOMPLETE`` marks
 the folder; it is removed only after every file is written.
 """
 
@@ -31,6 +32,7 @@ from train.data import GIB, PAPER_TRAIN_COUNT, Sample, SplitFeatures, choose_sub
 from train.losses import segmentation_loss
 from train.metrics import SegMetrics
 from train.model import FUSIONS, TextDiffHead
+from train.plots import loss_curve_png
 
 INCOMPLETE = "INCOMPLETE"
 
@@ -52,6 +54,8 @@ class FitConfig:
     epochs: int = 100
     batch_size: int = 1
     lr: float = 1e-4
+    lr_drop_epoch: int | None = 60          # the authors' MultiStepLR: lr × 0.1 after this epoch
+    norm: str = "image"                     # "batch": BatchNorm running statistics at evaluation (authors)
     fusion: str = "cross-attn"              # "none" = --no-text (ζ1), "concat" (ζ2)
     dim: int = 768
     head_channels: tuple[int, ...] = (128, 32)
@@ -134,9 +138,11 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     torch.manual_seed(seed)
     head = TextDiffHead(in_channels=train.channels(), text_dim=int(store.attrs["token_dim"]), dim=cfg.dim,
                         head_channels=cfg.head_channels, fusion=cfg.fusion, shared_block=cfg.shared_block,
-                        pos_enc=cfg.pos_enc)
+                        pos_enc=cfg.pos_enc, norm=cfg.norm)
     head.init_weights()
     optim = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    milestones = [cfg.lr_drop_epoch] if cfg.lr_drop_epoch else []
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optim, milestones=milestones, gamma=0.1)
     rng = np.random.default_rng(seed)
 
     out = Path(cfg.out)
@@ -172,6 +178,7 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
                 loss.backward()
                 optim.step()
                 losses.append(loss.item())
+            schedule.step()
             scores = validate(head, val, size)
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice": scores["dice"],
                    "val_iou": scores["iou"], "seconds": round(time.perf_counter() - t0, 3)}
@@ -192,6 +199,7 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
                "val_split": val_split, "epochs": cfg.epochs, "cache_key_hash": key_hash(store.key),
                "seconds": round(sum(r["seconds"] for r in history), 2)}
     _write_json(out / "metrics.json", metrics)
+    loss_curve_png(out / "history.csv", out / "loss.png", title=f"fit {out.name}")
     (out / INCOMPLETE).unlink()
     return metrics
 

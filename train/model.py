@@ -111,11 +111,32 @@ class TextCrossBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
-def _conv_classifier(in_ch: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
-    """(3x3 conv + BN + ReLU) per hidden width, then a 3x3 conv to the classes; padding 1, bias."""
+NORMS = ("image", "batch")
+
+
+class ImageNorm(nn.BatchNorm2d):
+    """BatchNorm's parameters, normalised with each image's own statistics, in training and evaluation.
+
+    The authors train with batch 1, where BatchNorm's training statistics are those of the one
+    image; at evaluation they switch to running averages, which no training step ever saw. With text
+    cross-attention that breaks: attention adds a text-dependent offset to every pixel, which the
+    per-image statistics remove in training and the running averages do not. This keeps evaluation
+    what training was (and makes predictions independent of the evaluation batch).
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features, track_running_stats=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+
+
+def _conv_classifier(in_ch: int, hidden: Sequence[int], num_classes: int, norm: str = "image") -> nn.Sequential:
+    """(3x3 conv + norm + ReLU) per hidden width, then a 3x3 conv to the classes; padding 1, bias."""
     layers: list[nn.Module] = []
     for width in hidden:
-        layers += [nn.Conv2d(in_ch, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        bn = ImageNorm(width) if norm == "image" else nn.BatchNorm2d(width)
+        layers += [nn.Conv2d(in_ch, width, 3, padding=1), bn, nn.ReLU()]
         in_ch = width
     layers.append(nn.Conv2d(in_ch, num_classes, 3, padding=1))
     return nn.Sequential(*layers)
@@ -151,13 +172,18 @@ class TextDiffHead(nn.Module):
         shared_block: one transformer block shared by all scales (the authors); False = one per scale.
         pos_enc: add a fixed 2-D sinusoidal code (``sinusoidal_2d``) to each projected scale before
             the block (with "concat"/"none" it is added to the projected map). Default False (authors).
+        norm: "image" (default): the classifier's BatchNorm layers use each image's statistics in
+            training and evaluation (:class:`ImageNorm`; identical to BatchNorm in training at batch 1);
+            "batch": BatchNorm with running statistics at evaluation, as the authors' code.
     """
 
     def __init__(self, in_channels: Sequence[int], text_dim: int = 768, dim: int = 768, heads: int = 8,
                  head_dim: int = 64, head_channels: Sequence[int] = (128, 32), num_classes: int = 2,
                  dropout: float = 0.0, fusion: str = "cross-attn", shared_block: bool = True,
-                 pos_enc: bool = False):
+                 pos_enc: bool = False, norm: str = "image"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         if not in_channels:
@@ -167,7 +193,8 @@ class TextDiffHead(nn.Module):
         self._config: dict[str, Any] = dict(
             in_channels=[int(c) for c in in_channels], text_dim=int(text_dim), dim=int(dim), heads=int(heads),
             head_dim=int(head_dim), head_channels=[int(c) for c in head_channels], num_classes=int(num_classes),
-            dropout=float(dropout), fusion=fusion, shared_block=bool(shared_block), pos_enc=bool(pos_enc))
+            dropout=float(dropout), fusion=fusion, shared_block=bool(shared_block), pos_enc=bool(pos_enc),
+            norm=norm)
         n = len(in_channels)
         self.fusion, self.dim, self.pos_enc = fusion, dim, pos_enc
         self.proj = nn.ModuleList(nn.Identity() if c == dim else nn.Conv2d(c, dim, 1) for c in in_channels)
@@ -175,7 +202,7 @@ class TextDiffHead(nn.Module):
         self.blocks = nn.ModuleList(TextCrossBlock(dim, text_dim, heads, head_dim, dropout) for _ in range(n_blocks))
         self.text_proj = nn.Linear(text_dim, dim) if fusion == "concat" else None
         n_maps = n + (fusion == "concat")
-        self.classifier = _conv_classifier(n_maps * dim, head_channels, num_classes)
+        self.classifier = _conv_classifier(n_maps * dim, head_channels, num_classes, norm)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -190,7 +217,7 @@ class TextDiffHead(nn.Module):
                 nn.init.normal_(m.weight, 0.0, std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.BatchNorm2d):  # ImageNorm too
                 nn.init.normal_(m.weight, 1.0, std)
                 nn.init.zeros_(m.bias)
 
