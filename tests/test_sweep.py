@@ -1,0 +1,142 @@
+"""sweep (Fig. 3): one fit per single block and per single step, with and without text; resumable."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import train.evaluate
+import train.fit
+from helpers import quiet, tiny_store
+from train.sweep import CSV_COLUMNS, sweep, sweep_plan
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BASE = {"dim": 16, "head_channels": (8, 4)}
+NAMES = ["b4-text", "b4-notext", "b8-text", "b8-notext", "t50-text", "t50-notext", "t250-text", "t250-notext"]
+
+
+console = quiet
+
+
+@pytest.fixture(scope="module")
+def store_path(adm_fixtures, tmp_path_factory) -> Path:
+    return tiny_store(adm_fixtures, tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def swept(store_path, tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("sweep")
+    return out, sweep(store_path, out, epochs=1, base=BASE, console=console())
+
+
+def rows_of(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def forbid(monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run was redone")
+
+    monkeypatch.setattr(train.fit, "fit", fail)
+    monkeypatch.setattr(train.evaluate, "evaluate", fail)
+
+
+def test_plan_covers_blocks_then_steps_with_and_without_text():
+    plan = sweep_plan((4, 8), (50, 250))
+    assert [p.name for p in plan] == NAMES
+    assert [(p.blocks, p.steps) for p in plan[::2]] == [((4,), (50, 250)), ((8,), (50, 250)),
+                                                        ((4, 8), (50,)), ((4, 8), (250,))]
+
+
+def test_sweep_writes_eight_rows_and_a_heatmap(swept):
+    out, csv_path = swept
+    assert csv_path == out / "sweep.csv"
+    rows = rows_of(csv_path)
+    assert len(rows) == 8 and list(rows[0]) == list(CSV_COLUMNS)
+    assert [(r["kind"], r["value"], r["text"]) for r in rows] == [
+        (k, v, t) for k, vs in (("block", ("4", "8")), ("step", ("50", "250"))) for v in vs for t in ("yes", "no")]
+    assert [r["run"] for r in rows] == [f"runs/{n}" for n in NAMES]
+    png = out / "sweep.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def test_each_run_has_its_selection_and_its_numbers(swept):
+    out, csv_path = swept
+    for row in rows_of(csv_path):
+        run = out / row["run"]
+        config = json.loads((run / "config.json").read_text())
+        if row["kind"] == "block":
+            assert config["blocks"] == [int(row["value"])] and config["steps"] == [50, 250]
+        else:
+            assert config["blocks"] == [4, 8] and config["steps"] == [int(row["value"])]
+        assert config["fit"]["fusion"] == ("cross-attn" if row["text"] == "yes" else "none")
+        assert config["head"]["fusion"] == config["fit"]["fusion"]
+        assert config["fit"]["epochs"] == 1 and config["fit"]["dim"] == 16 and config["fit"]["head_channels"] == [8, 4]
+        summary = json.loads((run / "eval-test" / "summary.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert float(row["test_dice"]) == pytest.approx(summary["dice"], abs=1e-6)
+        assert float(row["test_iou"]) == pytest.approx(summary["iou"], abs=1e-6)
+        assert float(row["val_dice"]) == pytest.approx(metrics["best_val_dice"], abs=1e-6)
+        assert summary["n_images"] == 3 and not (run / "eval-test" / "overlays").exists()
+
+
+def test_second_call_reuses_every_run(swept, store_path, monkeypatch):
+    out, csv_path = swept
+    before = csv_path.read_text()
+    forbid(monkeypatch)
+    con = console()
+    assert sweep(store_path, out, epochs=1, base=BASE, console=con) == csv_path
+    log = con.file.getvalue()
+    assert log.count("reusing the finished run") == 8
+    assert csv_path.read_text() == before
+
+
+def test_partial_runs_are_completed(swept, store_path, monkeypatch):
+    out, csv_path = swept
+    before = {r["run"]: r for r in rows_of(csv_path)}
+    # one run lost its evaluation, another's fit never finished
+    (out / "runs" / "b8-notext" / "eval-test" / "summary.json").unlink()
+    (out / "runs" / "t250-text" / "INCOMPLETE").write_text("")
+    calls = {"fit": [], "evaluate": []}
+    real_fit, real_evaluate = train.fit.fit, train.evaluate.evaluate
+
+    def fit(cfg, console=None):
+        calls["fit"].append(Path(cfg.out).name)
+        return real_fit(cfg, console=console)
+
+    def evaluate(run, **kwargs):
+        calls["evaluate"].append(Path(run).name)
+        return real_evaluate(run, **kwargs)
+
+    monkeypatch.setattr(train.fit, "fit", fit)
+    monkeypatch.setattr(train.evaluate, "evaluate", evaluate)
+    sweep(store_path, out, epochs=1, base=BASE, console=console())
+    assert calls == {"fit": ["t250-text"], "evaluate": ["b8-notext", "t250-text"]}
+    after = {r["run"]: r for r in rows_of(csv_path)}
+    assert after["runs/b8-notext"] == before["runs/b8-notext"]  # same head, same test set, same numbers
+    assert after["runs/t250-text"] == before["runs/t250-text"]  # CPU fits are deterministic
+    assert not (out / "runs" / "t250-text" / "INCOMPLETE").exists()
+
+
+def test_changed_settings_are_refused_not_reused(swept, store_path, monkeypatch):
+    out, _ = swept
+    forbid(monkeypatch)
+    with pytest.raises(ValueError, match="other settings.*dim"):
+        sweep(store_path, out, epochs=1, base={**BASE, "dim": 8}, console=console())
+    with pytest.raises(ValueError, match="other settings.*epochs"):
+        sweep(store_path, out, epochs=2, base=BASE, console=console())
+
+
+def test_base_cannot_set_what_the_sweep_sets(store_path, tmp_path):
+    with pytest.raises(ValueError, match="fusion"):
+        sweep(store_path, tmp_path, epochs=1, base={"fusion": "concat"}, console=console())
+    with pytest.raises(ValueError, match="nonsense"):
+        sweep(store_path, tmp_path, epochs=1, base={"nonsense": 1}, console=console())
+    with pytest.raises(ValueError, match="epochs"):
+        sweep(store_path, tmp_path, epochs=0, base=BASE, console=console())

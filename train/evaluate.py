@@ -1,0 +1,164 @@
+"""Score a fitted run on one split of its store: per-image metrics, a summary, overlays.
+
+Writes ``RUN/eval-<split>/``::
+
+    per_image.csv    id, dice, iou, intersection, pred_area, target_area, text (one row per image, store order)
+    summary.json     dice, iou, dice_std, iou_std, global_dice, n_images, split, cache_key_hash (no paths)
+    predictions.npz  ids (N,) and pred (N, S, S) bool: the argmax masks the metrics were computed from
+    overlays/<id>.png  image | ground truth | prediction (``overlays=True``)
+
+Metrics as :mod:`train.metrics` defines them (LViT's, per image, averaged; fractions, not %).
+``summary.json`` is written last and removed first, so its presence means a complete evaluation; the
+folder holds the latest evaluation only (earlier overlays are removed, also with ``overlays=False``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from train.data import GIB, Sample, SplitFeatures
+from train.metrics import SegMetrics
+from train.plots import overlay_png
+
+__all__ = ["PER_IMAGE_COLUMNS", "SUMMARY_KEYS", "eval_dir", "evaluate", "evaluate_cli"]
+
+SUMMARY_KEYS = ("dice", "iou", "dice_std", "iou_std", "global_dice", "n_images", "split", "cache_key_hash")
+PER_IMAGE_COLUMNS = ("id", "dice", "iou", "intersection", "pred_area", "target_area", "text")
+PROGRESS_AFTER_S = 2.0          # the bar appears only once an evaluation has run this long
+_ACTIVATION_BUDGET = 1 * GIB    # per forward batch, for the upsampled, concatenated maps
+
+
+def eval_dir(run: Path, split: str) -> Path:
+    """Where :func:`evaluate` writes the results of ``run`` on ``split``."""
+    return Path(run) / f"eval-{split}"
+
+
+def _safe_name(image_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
+
+
+def _auto_batch(head_config: dict[str, Any], size: int) -> int:
+    """Images per forward pass: as many as fit _ACTIVATION_BUDGET (the concat of upsampled maps dominates), 1..8."""
+    maps = len(head_config["in_channels"]) + (head_config.get("fusion") == "concat")
+    per_image = 2 * maps * head_config["dim"] * size * size * 4  # upsampled maps + their concat, float32
+    return int(min(8, max(1, _ACTIVATION_BUDGET // per_image)))
+
+
+def _to(sample: Sample, device: torch.device) -> Sample:
+    """The sample's inputs on the head's device (the target stays where it is)."""
+    if device.type == "cpu":
+        return sample
+    return Sample([f.to(device) for f in sample.feats], sample.tokens.to(device), sample.token_mask.to(device),
+                  sample.target)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def evaluate(run: Path, split: str = "test", cache: Path | None = None, overlays: bool = True,
+             console: Console | None = None, batch_size: int | None = None) -> dict[str, Any]:
+    """Evaluate the run's best head on every image of ``split`` (view 0); write ``RUN/eval-<split>/``.
+
+    Args:
+        run: a finished ``fit`` run folder.
+        split: the store split to score. Default "test".
+        cache: the store to read; default the run's own (``config.json``). A store whose key differs
+            from the run's ``cache_key.json`` is refused (:class:`train.fit.CacheMismatchError`).
+        overlays: also write ``overlays/<id>.png`` per image. Default True.
+        console: where progress and the result line go; default stderr.
+        batch_size: images per forward pass; default from the head's size (1..8).
+
+    Returns the summary (also written to ``summary.json``).
+    """
+    from train.fit import load_run, predict  # train.fit is heavier; import on use
+
+    console = console or Console(stderr=True)
+    run = Path(run)
+    config, head, store = load_run(run, cache)
+    fit_cfg = config.get("fit", {})
+    data = SplitFeatures(store, split, config["blocks"], config["steps"],
+                         memory_budget=float(fit_cfg.get("memory_budget_gb", 4.0)) * GIB,
+                         attend_padding=bool(fit_cfg.get("attend_padding", False)))  # as the head was trained
+    size = store.size
+    batch = batch_size or _auto_batch(config["head"], size)
+    images = store.images(split) if overlays else None
+    device = next(head.parameters()).device
+
+    out = eval_dir(run, split)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    overlay_dir = out / "overlays"
+    for stale in overlay_dir.glob("*.png"):  # the folder holds this evaluation only
+        stale.unlink()
+    if overlays:
+        overlay_dir.mkdir(exist_ok=True)
+    elif overlay_dir.is_dir() and not any(overlay_dir.iterdir()):
+        overlay_dir.rmdir()
+
+    metrics = SegMetrics()
+    preds = np.zeros((len(data), size, size), dtype=bool)
+    started = time.perf_counter()
+    progress = Progress(TextColumn(f"[bold]evaluate[/] {split}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("images"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console, transient=True)
+    task = progress.add_task("", total=len(data))
+    shown = False
+    try:
+        for start in range(0, len(data), batch):
+            rows = list(range(start, min(start + batch, len(data))))
+            sample = _to(data.batch(rows), device)
+            pred = predict(head, sample, size).argmax(1).cpu()
+            target = sample.target.cpu()
+            metrics.update(pred, target)
+            preds[rows] = pred.numpy() != 0
+            if overlays:
+                scores = metrics.per_image()[-len(rows):]
+                for k, row in enumerate(rows):
+                    image_id = data.ids[row]
+                    image = np.asarray(images[int(data.indices[row]), 0].compute())
+                    overlay_png(image, target[k].numpy(), pred[k].numpy(), overlay_dir / f"{_safe_name(image_id)}.png",
+                                title=f"{image_id} — Dice {scores[k]['dice']:.3f}, IoU {scores[k]['iou']:.3f}",
+                                text=data.texts[row])
+            progress.update(task, completed=rows[-1] + 1)
+            if not shown and time.perf_counter() - started > PROGRESS_AFTER_S and rows[-1] + 1 < len(data):
+                progress.start()
+                shown = True
+    finally:
+        if shown:
+            progress.stop()
+
+    per_image = metrics.per_image()
+    with (out / "per_image.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(PER_IMAGE_COLUMNS))
+        writer.writeheader()
+        for image_id, text, scores in zip(data.ids, data.texts, per_image):
+            writer.writerow({"id": image_id, **scores, "text": text})
+    np.savez_compressed(out / "predictions.npz", ids=np.array(data.ids), pred=preds)
+    # no paths: the same fit evaluated in two folders gives the same bytes
+    summary = {**metrics.aggregate(), "split": split, "cache_key_hash": store.key_hash}
+    _write_json(out / "summary.json", summary)
+    pct = {k: 100 * summary[k] for k in ("dice", "dice_std", "iou", "iou_std", "global_dice")}
+    console.print(f"evaluate {split}: {summary['n_images']} images, Dice {pct['dice']:.2f} ± {pct['dice_std']:.2f} %, "
+                  f"IoU {pct['iou']:.2f} ± {pct['iou_std']:.2f} %, global Dice {pct['global_dice']:.2f} % → {out}",
+                  highlight=False)
+    return summary
+
+
+def evaluate_cli(run: Path, split: str = "test", cache: Path | None = None, overlays: bool = True,
+                 console: Console | None = None) -> dict[str, Any]:
+    """The body of ``pipeline evaluate``: evaluate, then print the summary as JSON on stdout."""
+    summary = evaluate(run, split=split, cache=cache, overlays=overlays, console=console or Console(stderr=True))
+    print(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,193 @@
+"""The paper's Fig. 3: test Dice of one fit per single block and per single step, with and without text.
+
+For a store with blocks B and steps T, the sweep fits ``2·(|B| + |T|)`` heads, all from the same cache:
+
+    b<block>-text / b<block>-notext   blocks=(block,), every step      fusion cross-attn / none
+    t<step>-text  / t<step>-notext    steps=(step,),   every block     fusion cross-attn / none
+
+each in ``OUT/runs/<name>`` and evaluated on the test split (no overlays). ``OUT/sweep.csv`` has one
+row per run (kind, value, text, test_dice, test_iou, val_dice, run; fractions) and ``OUT/sweep.png``
+the heat-map of test Dice %. A run whose ``metrics.json`` and ``eval-<split>/summary.json`` exist is
+reused (after checking it was made with the same settings and store); a fit that did not finish is
+redone, and a finished fit missing its evaluation is only evaluated.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+import train.evaluate as evaluate_mod
+import train.fit as fit_mod
+from cache.key import key_hash
+from cache.store import FeatureStore
+from train.data import resolve_selection
+from train.plots import heatmap_png
+
+__all__ = ["CSV_COLUMNS", "SweepRun", "sweep", "sweep_cli", "sweep_plan"]
+
+CSV_COLUMNS = ("kind", "value", "text", "test_dice", "test_iou", "val_dice", "run")
+FUSION = {"yes": "cross-attn", "no": "none"}
+# FitConfig fields a sweep sets itself; ``base`` may set any other
+_OWN_FIELDS = {"cache", "out", "blocks", "steps", "fusion", "epochs"}
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One cell of the figure."""
+
+    kind: str                # "block" or "step"
+    value: int
+    text: str                # "yes" or "no"
+    blocks: tuple[int, ...]
+    steps: tuple[int, ...]
+
+    @property
+    def row_label(self) -> str:
+        """b<block> or t<step>, the figure's row."""
+        return f"{'b' if self.kind == 'block' else 't'}{self.value}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.row_label}-{'text' if self.text == 'yes' else 'notext'}"
+
+
+def sweep_plan(blocks: tuple[int, ...], steps: tuple[int, ...]) -> list[SweepRun]:
+    """Every single block (all steps), then every single step (all blocks); with text, then without."""
+    plan = [SweepRun("block", b, t, (b,), steps) for b in blocks for t in ("yes", "no")]
+    return plan + [SweepRun("step", s, t, blocks, (s,)) for s in steps for t in ("yes", "no")]
+
+
+def _fit_config(item: SweepRun, cache: Path, out: Path, epochs: int, base: dict[str, Any]) -> fit_mod.FitConfig:
+    return fit_mod.FitConfig(cache=cache, out=out / "runs" / item.name, blocks=item.blocks, steps=item.steps,
+                             fusion=FUSION[item.text], epochs=epochs, **base)
+
+
+def _settings(fit_json: dict[str, Any]) -> dict[str, Any]:
+    """The part of a FitConfig's JSON that must agree for a run to be reused (not where files are)."""
+    return {k: v for k, v in fit_json.items() if k not in ("cache", "out", "memory_budget_gb")}
+
+
+def _finished(run: Path, split: str) -> tuple[bool, bool]:
+    """(fit finished, evaluation finished)."""
+    fitted = (run / "metrics.json").is_file() and not (run / fit_mod.INCOMPLETE).exists()
+    return fitted, fitted and (evaluate_mod.eval_dir(run, split) / "summary.json").is_file()
+
+
+def _check_reusable(run: Path, cfg: fit_mod.FitConfig, store: FeatureStore) -> None:
+    """Refuse to reuse a finished run made with other settings or from another store."""
+    config = json.loads((run / "config.json").read_text())
+    want, have = _settings(cfg.to_json()), _settings(config.get("fit", {}))
+    differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in differ)
+        raise ValueError(f"sweep: {run} was fitted with other settings ({detail}); "
+                         f"use another --out or remove that run")
+    stored = json.loads((run / "cache_key.json").read_text())
+    if key_hash(stored) != store.key_hash:
+        raise fit_mod.CacheMismatchError(
+            f"sweep: {run} was fitted on store key {key_hash(stored)[:12]}, not {store.key_hash[:12]} "
+            f"({store.path}); use another --out")
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = None,
+          console: Console | None = None, split: str = "test") -> Path:
+    """Fit and evaluate every cell of Fig. 3; write ``out/sweep.csv`` and ``out/sweep.png``; return the CSV.
+
+    Args:
+        cache: the feature store; the sweep covers every block and step it holds.
+        out: the sweep folder (``runs/<name>`` per fit, ``sweep.csv``, ``sweep.png``).
+        epochs: epochs per fit.
+        base: any other :class:`train.fit.FitConfig` fields, the same for every fit (e.g. dim,
+            head_channels, train_count, subset_seed, seed); not cache, out, blocks, steps, fusion, epochs.
+        console: progress and messages; default stderr.
+        split: the split each run is evaluated on. Default "test".
+    """
+    console = console or Console(stderr=True)
+    base = dict(base or {})
+    known = {f.name for f in fields(fit_mod.FitConfig)}
+    bad = sorted(set(base) - (known - _OWN_FIELDS))
+    if bad:
+        raise ValueError(f"sweep: base cannot set {bad} (the sweep sets {sorted(_OWN_FIELDS)}; "
+                         f"other FitConfig fields are {sorted(known - _OWN_FIELDS)})")
+    if epochs < 1:
+        raise ValueError(f"sweep: --epochs must be >= 1, got {epochs}")
+    store = FeatureStore.open(cache)
+    if split not in store.splits():
+        raise ValueError(f"sweep: store {store.path} has no {split!r} split to evaluate on (it has {store.splits()})")
+    blocks, steps = resolve_selection(store, None, None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = sweep_plan(blocks, steps)
+    console.print(f"sweep: {len(plan)} runs ({len(blocks)} blocks × {len(steps)} steps, with and without text), "
+                  f"{epochs} epoch(s) each → {out}", highlight=False)
+
+    rows: list[dict[str, Any]] = []
+    for i, item in enumerate(plan, 1):
+        cfg = _fit_config(item, Path(cache), out, epochs, base)
+        run = Path(cfg.out)
+        label = f"[{i}/{len(plan)}] {item.name}"
+        fitted, evaluated = _finished(run, split)
+        if fitted:
+            _check_reusable(run, cfg, store)
+        if evaluated:
+            console.print(f"{label}: reusing the finished run {run}", highlight=False)
+        else:
+            if not fitted:
+                console.print(f"{label}: fit (blocks {list(item.blocks)}, steps {list(item.steps)}, "
+                              f"text {item.text})", highlight=False)
+                fit_mod.fit(cfg, console=console)
+            else:
+                console.print(f"{label}: reusing the fit, evaluating on {split}", highlight=False)
+            evaluate_mod.evaluate(run, split=split, cache=Path(cache), overlays=False, console=console)
+        metrics = json.loads((run / "metrics.json").read_text())
+        summary = json.loads((evaluate_mod.eval_dir(run, split) / "summary.json").read_text())
+        rows.append({"kind": item.kind, "value": item.value, "text": item.text,
+                     "test_dice": round(float(summary["dice"]), 6), "test_iou": round(float(summary["iou"]), 6),
+                     "val_dice": round(float(metrics["best_val_dice"]), 6),
+                     "run": run.relative_to(out).as_posix()})
+        _write_csv(out / "sweep.csv", rows)  # after every run: a partial sweep is readable
+
+    labels = list(dict.fromkeys(item.row_label for item in plan))
+    table = np.full((len(labels), 2), np.nan)
+    for item, row in zip(plan, rows):
+        table[labels.index(item.row_label), 0 if item.text == "yes" else 1] = 100 * row["test_dice"]
+    dataset = store.key["dataset"].get("name", "") if isinstance(store.key.get("dataset"), dict) else ""
+    heatmap_png(table, labels, ["with text", "without text"], out / "sweep.png", fmt=".1f",
+                title=f"{dataset} {split} Dice (%): single block (all steps), single step (all blocks)\n"
+                      f"{epochs} epoch{'s' if epochs > 1 else ''} per fit · store {store.key_hash[:12]}",
+                colorbar_label="Dice (%)", row_breaks=[len(blocks)])
+    console.print(f"sweep: {out / 'sweep.csv'}, {out / 'sweep.png'}", highlight=False)
+    return out / "sweep.csv"
+
+
+def sweep_cli(cache: Path, out: Path, epochs: int, base: dict[str, Any], console: Console | None = None) -> Path:
+    """The body of ``pipeline sweep``: run the sweep, print its table, return the CSV path."""
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    path = sweep(cache, out, epochs, base, console=console)
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    table = Table("", "text", "test Dice %", "test IoU %", "val Dice %", "run", title=f"sweep {out}")
+    for r in rows:
+        label = f"{'b' if r['kind'] == 'block' else 't'}{r['value']}"
+        table.add_row(label, r["text"], *(f"{100 * float(r[k]):.2f}" for k in ("test_dice", "test_iou", "val_dice")),
+                      r["run"])
+    Console().print(table)
+    print(path)
+    return path
