@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cache.key import default_cache_dir, make_key, store_path
 from cache.store import FeatureStore, SplitLayout
 from extract.checkpoints import PRESETS, UNetSource, resolve_unet
-from extract.datasets import Dataset, Item, open_dataset, preprocessing
+from extract.datasets import Dataset, Item, open_dataset, preprocessing, to_unit_range
 from extract.diffusion import DEFAULT_SEED, shared_noise
 from extract.features import FeatureExtractor, autocast_dtype, default_device
 from extract.text import choose_max_length, load_text_encoder
@@ -179,7 +179,7 @@ def run_extract(cfg: ExtractConfig, console: Console | None = None,
 
 def _load(ds: Dataset, job: _Job, size: int, color_order: str, n_views: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 image views (V, 3, S, S) and mask views (V, S, S) of one image."""
-    img = np.rint((ds.load_image(job.item, size, color_order) + 1.0) * 127.5).astype(np.uint8)
+    img = ds.load_image_uint8(job.item, size, color_order)
     mask = ds.load_mask(job.item, size)
     return (np.stack([dihedral(img, v) for v in range(n_views)]),
             np.stack([dihedral(mask, v) for v in range(n_views)]))
@@ -257,7 +257,7 @@ def _execute(store: FeatureStore, ds: Dataset, extractor: FeatureExtractor, jobs
                     del assembling[j]
             for start in range(0, len(samples), batch):
                 chunk = samples[start:start + batch]
-                x0 = torch.from_numpy(np.stack([pending(j).imgs[v] for j, v, _ in chunk])).float() / 127.5 - 1.0
+                x0 = torch.from_numpy(to_unit_range(np.stack([pending(j).imgs[v] for j, v, _ in chunk])))
                 t = torch.tensor([s for _, _, s in chunk])
                 blocks = sorted({b for j, _, _ in chunk for _, b in jobs[j].pairs})
                 out = extractor.samples(x0, t, blocks, pad_to=batch)

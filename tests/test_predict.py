@@ -1,0 +1,160 @@
+"""predict: a new image through the run's own UNet + text encoder gives what the head gives on the cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cache.store import FeatureStore
+from extract.text import load_text_encoder
+from train.data import SplitFeatures
+from train.fit import FitConfig, fit, load_run
+from train.fit import predict as head_predict
+from extract.datasets import read_image
+from train.predict import Predictor, WeightsMismatchError, predict
+
+SIZE = 32
+
+from helpers import tiny_store
+
+
+@pytest.fixture(scope="module")
+def tiny(adm_fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny store made from a copy of the fixture UNet (so a test can alter its bytes), and a run fitted on it."""
+    root = tmp_path_factory.mktemp("predict")
+    ckpt = root / "unet" / "adm_tiny.pt"
+    ckpt.parent.mkdir()
+    shutil.copyfile(adm_fixtures / "adm_tiny.pt", ckpt)
+    store = tiny_store(adm_fixtures, root / "cache", unet=ckpt, batch_size=4)
+    run = root / "run"
+    fit(FitConfig(cache=store, out=run, epochs=2, dim=16, head_channels=(8, 4), train_count=None))
+    return {"root": root, "store": store, "run": run, "ckpt": ckpt}
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny: dict) -> Predictor:
+    return Predictor.from_run(tiny["run"], device="cpu")
+
+
+def _write_png(store: FeatureStore, split: str, i: int, path: Path) -> Path:
+    """The stored (RGB, size²) image of row i as a PNG file."""
+    img = np.asarray(store.images(split)[i, 0].compute())
+    Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)), "RGB").save(path)
+    return path
+
+
+def test_stored_image_gives_the_cached_prediction(tiny: dict, predictor: Predictor, tmp_path: Path) -> None:
+    config, head, store = load_run(tiny["run"])
+    data = SplitFeatures(store, "test", config["blocks"], config["steps"])
+    for i in range(len(data)):
+        png = _write_png(store, "test", i, tmp_path / f"{data.ids[i]}.png")
+        img, hw = read_image(png, SIZE)
+        np.testing.assert_array_equal(img, store.images("test")[i, 0].compute())  # same pixels in
+        assert hw == (SIZE, SIZE)
+        sample = data.batch([i])
+        # the store's forward batch shape and float16 rounding: bitwise the cached features and tokens
+        feats = predictor.features(img)
+        for got, want in zip(feats, sample.feats):
+            assert got.shape == want.shape and torch.equal(got, want)
+        tokens, token_mask = predictor.tokens(data.texts[i])
+        assert torch.equal(tokens, sample.tokens)
+        assert torch.equal(token_mask, sample.token_mask)
+        want = head_predict(head, sample, SIZE)[0].numpy()
+        got = predictor.probabilities(img, data.texts[i])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+        out = tmp_path / f"{data.ids[i]}_mask.png"
+        mask = predictor(png, data.texts[i], out)
+        np.testing.assert_array_equal(mask, want.argmax(0))
+        saved = np.asarray(Image.open(out))
+        assert saved.shape == (SIZE, SIZE) and set(np.unique(saved)) <= {0, 255}
+        np.testing.assert_array_equal(saved, mask * 255)
+
+
+def test_text_matters_and_original_size(tiny: dict, predictor: Predictor, tmp_path: Path) -> None:
+    """The one-shot ``predict`` writes the store's size; ``original_size`` the input's (nearest)."""
+    store = FeatureStore.open(tiny["store"])
+    png = _write_png(store, "test", 0, tmp_path / "a.png")
+    img, _ = read_image(png, SIZE)
+    texts = store.texts("test")
+    other = next(t for t in texts if t != texts[0])
+    assert not np.allclose(predictor.probabilities(img, texts[0]), predictor.probabilities(img, other), atol=1e-6)
+    big = tmp_path / "big.png"
+    Image.open(png).resize((48, 40), Image.Resampling.BILINEAR).save(big)
+    small = predict(tiny["run"], big, texts[0], tmp_path / "small.png", device="cpu")
+    full = predictor(big, texts[0], tmp_path, original_size=True)
+    assert small.shape == (SIZE, SIZE) and full.shape == (40, 48)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "big_mask.png")), full * 255)
+    want = np.asarray(Image.fromarray(small).resize((48, 40), Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(full, want)
+
+
+def test_missing_image_is_named(tiny: dict, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "scan.png"
+    with pytest.raises(FileNotFoundError, match="scan.png"):
+        predict(tiny["run"], missing, "two lesions", tmp_path / "m.png")
+
+
+def test_checkpoint_with_other_bytes_is_refused(tiny: dict, tmp_path: Path) -> None:
+    ckpt: Path = tiny["ckpt"]
+    original = ckpt.read_bytes()
+    try:
+        ckpt.write_bytes(original + b"\0")  # the path the store recorded now holds other bytes
+        with pytest.raises(WeightsMismatchError, match="would not match") as info:
+            Predictor.from_run(tiny["run"], device="cpu")
+        assert str(ckpt) in str(info.value)
+    finally:
+        ckpt.write_bytes(original)
+    altered = tmp_path / "other.pt"  # an explicit --unet with other bytes: refused too, named
+    altered.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(WeightsMismatchError, match="other.pt"):
+        Predictor.from_run(tiny["run"], device="cpu", unet=str(altered))
+
+
+def test_text_encoder_with_other_tokenizer_is_refused(tiny: dict, tmp_path: Path) -> None:
+    source = Path(load_text_encoder("minilm").source)
+    copy = tmp_path / "minilm-edited"
+    copy.mkdir()
+    for f in source.iterdir():
+        if f.is_file():
+            (copy / f.name).symlink_to(f)
+    config = copy / "tokenizer_config.json"
+    text = config.read_text()
+    config.unlink()
+    config.write_text(text.rstrip().removesuffix("}") + ', "edited": true}\n')
+    with pytest.raises(WeightsMismatchError, match="tokenizer"):
+        Predictor.from_run(tiny["run"], device="cpu", text_encoder=str(copy))
+
+
+def test_no_text_run_needs_no_text(tiny: dict, tmp_path: Path) -> None:
+    run = tmp_path / "run-notext"
+    fit(FitConfig(cache=tiny["store"], out=run, epochs=1, dim=16, head_channels=(8, 4), fusion="none"))
+    config, head, store = load_run(run)
+    sample = SplitFeatures(store, "test", config["blocks"], config["steps"]).batch([1])
+    png = _write_png(store, "test", 1, tmp_path / "b.png")
+    p = Predictor.from_run(run, device="cpu")
+    assert p.encoder is None
+    want = head_predict(head, sample, SIZE)[0].numpy()
+    np.testing.assert_allclose(p.probabilities(read_image(png, SIZE)[0], ""), want, rtol=0, atol=1e-6)
+
+
+def test_cli(tiny: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import pipeline
+
+    store = FeatureStore.open(tiny["store"])
+    png = _write_png(store, "test", 2, tmp_path / "c.png")
+    text = store.texts("test")[2]
+    res = CliRunner().invoke(pipeline.app, ["predict", str(tiny["run"]), "--image", str(png), "--text", text,
+                                            "--out", str(tmp_path / "masks"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    saved = np.asarray(Image.open(tmp_path / "masks" / "c_mask.png"))
+    assert saved.shape == (SIZE, SIZE) and set(np.unique(saved)) <= {0, 255}
+    res = CliRunner().invoke(pipeline.app, ["predict", str(tiny["run"]), "--image", str(tmp_path / "gone.png"), "--text", text,
+                                            "--out", str(tmp_path / "m.png")])
+    assert res.exit_code == 1 and "gone.png" in res.output

@@ -1,0 +1,213 @@
+"""Segment a new image with a trained run: stage one for that image alone, then the run's head.
+
+The features must be the ones the head was trained on, so everything that made the run's store is
+taken from the store, never from defaults: the UNet checkpoint and the text encoder recorded in its
+``extract`` attributes (verified by sha256 against the cache key, since a path says nothing about
+content), the key's UNet flags, noise seed, size, colour order, text length and compute dtype, and
+the store's fixed UNet batch shape (``forward_batch``, zero padding included: each sample's
+activations are then computed exactly as during extraction). Features and tokens are rounded to
+float16 and back, as the store keeps them. Per block the steps are concatenated on channels in the
+run's order, as in :class:`train.data.SplitFeatures`.
+
+``Predictor.from_run`` loads the models once; :func:`predict` is the one-shot wrapper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+
+from cache.store import FeatureStore
+from extract.checkpoints import UNetNotFoundError, resolve_unet
+from extract.datasets import read_image, to_unit_range
+from extract.diffusion import shared_noise
+from extract.features import FeatureExtractor, default_device
+from extract.text import TextEncoder, load_text_encoder, tokenizer_files, weight_files
+from train.data import Sample
+from train.fit import load_run
+from train.fit import predict as head_predict
+from train.model import TextDiffHead
+
+__all__ = ["Predictor", "WeightsMismatchError", "mask_path", "predict"]
+
+_MISMATCH = "features computed with it would not match the ones the head was trained on"
+
+
+class WeightsMismatchError(ValueError):
+    """A UNet checkpoint or text encoder whose content differs from the run's cache key."""
+
+
+def mask_path(out: Path, image: Path) -> Path:
+    """Where the mask goes: ``out`` itself, or ``out/<image stem>_mask.png`` when ``out`` is a directory
+    (an existing one, or a path without a suffix)."""
+    out = Path(out)
+    return out / f"{Path(image).stem}_mask.png" if out.is_dir() or not out.suffix else out
+
+
+def _resolve_checked_unet(spec: str | None, key: dict[str, Any], where: str) -> Any:
+    """The UNet source for ``spec`` with the key's flags, refused unless its bytes are the key's."""
+    expected = key["unet"]["weights_sha256"]
+    if not spec:
+        raise UNetNotFoundError(f"{where} does not record which UNet checkpoint made it; pass unet=PATH "
+                                f"(--unet) to the checkpoint with sha256 {expected}")
+    try:
+        src = resolve_unet(spec, key["unet"]["flags"])
+    except UNetNotFoundError as e:
+        raise UNetNotFoundError(f"{e}\n  ({where} was made with UNet {spec!r}, sha256 {expected}; if the "
+                                f"file moved, pass --unet PATH)") from None
+    got = src.identity()["weights_sha256"]
+    if got != expected:
+        raise WeightsMismatchError(
+            f"UNet checkpoint {src.checkpoint} has sha256 {got}, but the run's cache key records {expected}: "
+            f"{_MISMATCH}. Pass --unet PATH to the checkpoint the store was extracted with.")
+    return src
+
+
+def _load_checked_encoder(spec: str | None, key: dict[str, Any], where: str, device: str) -> TextEncoder:
+    """The text encoder ``spec``, refused unless its weights and tokenizer are the key's."""
+    text_key = key["text"]
+    if not spec:
+        raise ValueError(f"{where} does not record which text encoder made it; pass text_encoder=... "
+                         f"(--text-encoder), the one named {text_key.get('source_name')!r} in its key")
+    encoder = load_text_encoder(spec, device=device)
+    ident = encoder.identity()
+    source = Path(encoder.source)
+    for what, field, files in (("weights", "weights_sha256", weight_files(source)),
+                               ("tokenizer", "tokenizer_sha256", tokenizer_files(source))):
+        if ident[field] != text_key[field]:
+            names = ", ".join(str(p) for p in files)
+            raise WeightsMismatchError(
+                f"text encoder {spec!r} {what} ({names}) have sha256 {ident[field]}, but the run's cache key "
+                f"records {text_key[field]} ({text_key.get('source_name')}): {_MISMATCH}. "
+                f"Pass --text-encoder DIR holding the encoder the store was extracted with.")
+    if ident["dim"] != text_key["dim"]:
+        raise WeightsMismatchError(f"text encoder {spec!r} is {ident['dim']}-d, the run's key says {text_key['dim']}")
+    return encoder
+
+
+@dataclass
+class Predictor:
+    """A run's head with the UNet and text encoder that made its store, ready for new images."""
+
+    config: dict[str, Any]
+    head: TextDiffHead
+    store: FeatureStore
+    extractor: FeatureExtractor
+    encoder: TextEncoder | None  # None when the head takes no text (fusion "none")
+    blocks: tuple[int, ...]
+    steps: tuple[int, ...]
+    size: int
+    color_order: str
+    max_length: int
+    pad_to: int | None
+
+    @classmethod
+    def from_run(cls, run: Path, cache: Path | None = None, *, unet: str | None = None,
+                 text_encoder: str | None = None, device: str | None = None) -> Predictor:
+        """Load run ``run`` (its store: ``cache`` or the one it recorded) and verify + load its models.
+
+        ``unet`` / ``text_encoder`` override where the store says its models are (if they moved);
+        their content is checked against the key either way.
+        """
+        config, head, store = load_run(Path(run), cache)
+        key, made = store.key, dict(store.attrs.get("extract") or {})
+        where = f"store {store.path}"
+        prep = key["preprocessing"]
+        if prep.get("image_resize") != "pil-bilinear":
+            raise ValueError(f"{where}: unsupported image_resize {prep.get('image_resize')!r}")
+        dev = torch.device(device) if device else default_device()
+        src = _resolve_checked_unet(unet or made.get("unet"), key, where)
+        needs_text = config["head"].get("fusion", "cross-attn") != "none"
+        encoder = (_load_checked_encoder(text_encoder or made.get("text_encoder"), key, where, str(dev))
+                   if needs_text else None)
+        size = int(prep["size"])
+        compute = key.get("compute_dtype", "float32")
+        extractor = FeatureExtractor(src.load(), shared_noise(size, int(key["noise_seed"])), device=dev,
+                                     autocast=compute != "float32")
+        if compute != "float32":
+            extractor.compute_dtype = getattr(torch, compute)  # the store's, whatever this device's default
+        pad_to = store.attrs.get("forward_batch")
+        return cls(config=config, head=head, store=store, extractor=extractor, encoder=encoder,
+                   blocks=tuple(int(b) for b in config["blocks"]), steps=tuple(int(s) for s in config["steps"]),
+                   size=size, color_order=prep.get("color_order", "rgb"),
+                   max_length=int(key["text"]["max_length"]), pad_to=int(pad_to) if pad_to else None)
+
+    def features(self, image: np.ndarray) -> list[torch.Tensor]:
+        """Per block (1, len(steps)·C, h, w) float32 for one uint8 (3, S, S) image, as the store holds them."""
+        x0 = torch.from_numpy(to_unit_range(image[None]))
+        n = len(self.steps)
+        x0, t = x0.repeat(n, 1, 1, 1), torch.tensor(self.steps)
+        chunk = self.pad_to or n
+        out: dict[int, list[torch.Tensor]] = {b: [] for b in self.blocks}
+        for start in range(0, n, chunk):
+            got = self.extractor.samples(x0[start:start + chunk], t[start:start + chunk], self.blocks,
+                                         pad_to=self.pad_to)
+            for b in self.blocks:
+                out[b].append(got[b])
+        feats = []
+        for b in self.blocks:
+            with np.errstate(over="ignore", invalid="ignore"):
+                f16 = np.asarray(torch.cat(out[b]).numpy(), dtype=np.float16)  # the store's rounding
+            if not np.isfinite(f16).all():
+                raise ValueError(f"features of block {b} are not finite in float16 (overflow or NaN)")
+            feats.append(torch.from_numpy(np.concatenate(list(f16), axis=0)[None]).float())
+        return feats
+
+    def tokens(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, L, D) float32 tokens rounded through float16, and the (1, L) bool mask."""
+        if self.encoder is None:
+            d, length = int(self.store.attrs["token_dim"]), self.max_length
+            return torch.zeros(1, length, d), torch.zeros(1, length, dtype=torch.bool)
+        if not text.strip():
+            raise ValueError("the text is empty, but this run's head attends to the text")
+        emb, mask = self.encoder.encode([text], self.max_length)
+        return torch.from_numpy(emb.astype(np.float16)).float(), torch.from_numpy(mask)
+
+    def truncated(self, text: str) -> bool:
+        """True when ``text`` has more tokens than the run's max_length (the rest is cut, as in extraction)."""
+        return self.encoder is not None and self.encoder.token_counts([text])[0] > self.max_length
+
+    def probabilities(self, image: np.ndarray, text: str) -> np.ndarray:
+        """float32 (num_classes, S, S) class probabilities for a uint8 (3, S, S) image and its text."""
+        tokens, token_mask = self.tokens(text)
+        sample = Sample(self.features(image), tokens, token_mask, torch.zeros(1, self.size, self.size,
+                                                                             dtype=torch.long))
+        return head_predict(self.head, sample, self.size)[0].numpy()
+
+    def __call__(self, image: Path, text: str, out: Path, original_size: bool = False,
+                 console: Console | None = None) -> np.ndarray:
+        """Segment ``image``; write the mask PNG ({0, 255}) to ``out``; return the {0, 1} uint8 mask written."""
+        img, (h, w) = read_image(Path(image), self.size, self.color_order)
+        if console is not None and self.truncated(text):
+            console.print(f"[yellow]note[/]: the text is longer than the run's {self.max_length} tokens "
+                          "and is truncated, as during extraction")
+        mask = self.probabilities(img, text).argmax(0).astype(np.uint8)
+        if original_size and (h, w) != mask.shape:
+            mask = np.asarray(Image.fromarray(mask, "L").resize((w, h), Image.Resampling.NEAREST))
+        path = mask_path(Path(out), Path(image))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask * 255, "L").save(path, format="PNG")
+        return mask
+
+
+def predict(run: Path, image: Path, text: str, out: Path, cache: Path | None = None, original_size: bool = False,
+            *, unet: str | None = None, text_encoder: str | None = None, device: str | None = None,
+            console: Console | None = None) -> np.ndarray:
+    """Segment one new image with run ``run``; write the mask PNG ({0, 255}) to ``out`` (a file, or a
+    directory → ``<stem>_mask.png``, see :func:`mask_path`) at the store's size, or at the image's own size with
+    ``original_size``; return the {0, 1} uint8 mask written.
+
+    Raises FileNotFoundError naming a missing image (before any model is loaded) and
+    :class:`WeightsMismatchError` when the UNet or text encoder found differs from the run's cache key.
+    """
+    image = Path(image)
+    if not image.is_file():
+        raise FileNotFoundError(f"image not found: {image}")
+    predictor = Predictor.from_run(run, cache, unet=unet, text_encoder=text_encoder, device=device)
+    return predictor(image, text, out, original_size=original_size, console=console)
