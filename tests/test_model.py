@@ -247,3 +247,18 @@ def test_init_weights_is_authors_normal():
     w = head.proj[0].weight
     assert abs(w.std().item() - 0.02) < 0.003 and torch.equal(head.proj[0].bias, torch.zeros(32))
     assert torch.equal(head.blocks[0].norm1.weight, torch.ones(32))  # LayerNorm untouched
+
+
+def test_few_token_attention_equals_the_standard_path():
+    """L < head_dim uses the reassociated products; the same function as projecting every pixel."""
+    from train.model import CrossAttention
+
+    torch.manual_seed(0)
+    attn = CrossAttention(32, 24, heads=4, head_dim=16)
+    x, ctx = torch.randn(2, 50, 32), torch.randn(2, 5, 24)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    fast = attn(x, ctx, mask)
+    padded = torch.cat([ctx, torch.randn(2, 16, 24)], 1)  # 21 tokens >= head_dim: the standard path
+    slow = attn(x, padded, torch.cat([mask, torch.zeros(2, 16, dtype=torch.bool)], 1))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    assert fast[1].abs().max() == 0  # no valid token: nothing added

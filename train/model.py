@@ -77,18 +77,43 @@ class CrossAttention(nn.Module):
         return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
-        q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
         attn_mask = valid = None
         if mask is not None:
             mask = mask.to(device=x.device, dtype=torch.bool)
             valid = mask.any(dim=-1)  # (B,)
             # rows with no valid token get a dummy all-True mask (finite softmax), zeroed below
             attn_mask = (mask | ~valid[:, None])[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # scale = head_dim**-0.5
-        out = self.to_out(out.transpose(1, 2).flatten(2))
+        if context.shape[1] < self.head_dim:
+            out = self._few_tokens(x, context, attn_mask)
+        else:
+            q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # scale = head_dim**-0.5
+            out = self.to_out[0](out.transpose(1, 2).flatten(2))
+        out = self.to_out[2](self.to_out[1](out))
         if valid is not None:
             out = out * valid[:, None, None].to(out.dtype)
         return out
+
+    def _few_tokens(self, x: Tensor, context: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """The same attention, associated for L < head_dim tokens: per pixel O(heads·L·dim), not O(heads·head_dim·dim).
+
+        scores_h = (x Wq_hᵀ) k_hᵀ = x (Wq_hᵀ k_hᵀ) and out = Σ_h P_h v_h Wout_hᵀ = Σ_h P_h (v_h Wout_hᵀ):
+        the small (dim × L) products are formed once per sample instead of projecting every pixel to
+        heads·head_dim channels. Same parameters, same function (up to float rounding).
+        """
+        b, n, dim = x.shape
+        h, d, length = self.heads, self.head_dim, context.shape[1]
+        k = self.to_k(context).view(b, length, h, d)
+        v = self.to_v(context).view(b, length, h, d)
+        wq = self.to_q.weight.view(h, d, dim)
+        keys = torch.einsum("hdc,blhd->bchl", wq, k) * d ** -0.5            # (B, dim, H, L)
+        scores = (x @ keys.reshape(b, dim, h * length)).view(b, n, h, length)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask.view(b, 1, 1, length), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(b, n, h * length)
+        wout = self.to_out[0].weight.view(dim, h, d)
+        values = torch.einsum("blhd,chd->bhlc", v, wout).reshape(b, h * length, dim)  # (B, H·L, dim)
+        return probs @ values + self.to_out[0].bias
 
 
 class TextCrossBlock(nn.Module):
@@ -249,6 +274,7 @@ class TextDiffHead(nn.Module):
             if len(self.blocks):
                 block = self.blocks[i if len(self.blocks) > 1 else 0]
                 x = block(x.flatten(2).transpose(1, 2), tokens, token_mask).transpose(1, 2).reshape(b, -1, h, w)
+                x = x.contiguous()  # channels-first again: the classifier convs are much faster on it
             if (h, w) != size:
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
             maps.append(x)
