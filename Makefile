@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-SHARED ?= ../shared
 
 .PHONY: demo test install install-test clean
 
@@ -24,7 +23,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/pipeline demo --shared $(SHARED)
+	HF_HUB_OFFLINE=1 $(BIN)/pipeline demo
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest

@@ -213,28 +213,79 @@ def predict(
 
 @app.command()
 @friendly
-def demo(
-    shared: Path = typer.Option(Path("../shared"), help="The shared folder with fixtures/adm (the demo's UNet)."),
-    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its store and report."),
+def pretrain(
+    dataset: str = typer.Option(..., help="monuseg, qata, folder or synthetic: its images only, never masks."),
+    out: Path = typer.Option(..., help="Folder for model.pt, flags.json, train_log.csv, samples.png."),
+    data_root: Optional[Path] = typer.Option(None, help="The dataset's folder (not needed for synthetic)."),
+    splits: str = typer.Option("train", help="Splits whose images are used (the test split only if you ask)."),
+    size: int = typer.Option(64, help="Images are resized to size x size, as extraction does."),
+    flags: str = typer.Option("cpu-64", help="A preset (cpu-64: minutes on a CPU; gpu-256: about an hour on a GPU) or a JSON file of create_model flags."),
+    iterations: int = typer.Option(2000, help="Training iterations."),
+    batch_size: int = typer.Option(16, help="Images per iteration."),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate."),
+    ema: float = typer.Option(0.9999, help="EMA rate of the saved weights (with warm-up)."),
+    seed: int = typer.Option(0, help="Seed of the weights, batches, noise and timesteps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
 ) -> None:
-    """The main job on the embedded default: synthetic data → stage one, offline, on a CPU in a minute."""
+    """Train this project's ADM UNet on a dataset's unlabelled images (DDPM ε-prediction); use it with
+    `pipeline extract --unet OUT`. The last line printed is the folder."""
+    from extract.pretrain import PretrainConfig
+    from extract.pretrain import pretrain as run_pretrain
+
+    cfg = PretrainConfig(dataset=dataset, out=out, data_root=data_root,
+                         splits=tuple(s.strip() for s in splits.split(",")), size=size, flags=flags,
+                         iterations=iterations, batch_size=batch_size, lr=lr, ema=ema, seed=seed, resume=resume,
+                         device=device)
+    typer.echo(str(run_pretrain(cfg, console=err)))
+
+
+@app.command()
+@friendly
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything (rerun to resume)."),
+    iterations: int = typer.Option(400, help="Diffusion pretraining iterations."),
+    epochs: int = typer.Option(30, help="Epochs of each fit."),
+) -> None:
+    """The main job on the embedded default, offline: synthetic data → pretrain a diffusion UNet →
+    extract (MiniLM text) → fit with and without text → evaluate → runs/demo/report.md."""
     from rich.table import Table
 
-    from cache.store import FeatureStore
+    from extract.pretrain import PretrainConfig
+    from extract.pretrain import pretrain as run_pretrain
     from extract.run import ExtractConfig, run_extract
+    from train.evaluate import eval_dir, evaluate
+    from train.fit import INCOMPLETE, FitConfig
+    from train.fit import fit as run_fit
+    from train.report import results_table, write_report
 
-    adm = shared / "fixtures" / "adm"
-    if not (adm / "adm_tiny.pt").is_file():
-        raise FileNotFoundError(f"demo UNet not found: {adm / 'adm_tiny.pt'} (pass --shared PATH)")
-    cfg = ExtractConfig(dataset="synthetic", unet=str(adm / "adm_tiny.pt"), unet_flags=adm / "adm_tiny_flags.json",
-                        text_encoder="minilm", size=64, cache_dir=out / "cache")
-    path = run_extract(cfg, console=err)
-    info = FeatureStore.open(path).info()
-    table = Table("split", "images", "complete", title=f"store {path}")
-    for split, s in info["splits"].items():
-        table.add_row(split, str(s["total"]), str(s["complete"]))
+    out.mkdir(parents=True, exist_ok=True)
+    pre = out / "pretrain"
+    if not (pre / "model.pt").is_file() or not (pre / "samples.png").is_file():
+        run_pretrain(PretrainConfig(dataset="synthetic", out=pre, size=64, iterations=iterations, batch_size=8,
+                                    resume=True), console=err)
+    store = run_extract(ExtractConfig(dataset="synthetic", unet=str(pre), text_encoder="minilm", size=64,
+                                      cache_dir=out / "cache"), console=err)
+    runs = {"with text": out / "text", "no text": out / "no-text"}
+    for name, run in runs.items():
+        if not (run / "metrics.json").is_file() or (run / INCOMPLETE).exists():
+            err.print(f"[bold]demo[/]: fit {name}")
+            run_fit(FitConfig(cache=store, out=run, epochs=epochs, dim=64,
+                              fusion="cross-attn" if name == "with text" else "none"), console=err)
+        if not (eval_dir(run, "test") / "summary.json").is_file():
+            evaluate(run, console=err)
+    commands = [f"pipeline pretrain --dataset synthetic --size 64 --iterations {iterations} --batch-size 8 --out {pre}",
+                f"pipeline extract --dataset synthetic --unet {pre} --text-encoder minilm --size 64 --cache-dir {out / 'cache'}",
+                f"pipeline fit --cache {store} --out {runs['with text']} --epochs {epochs} --dim 64",
+                f"pipeline fit --cache {store} --out {runs['no text']} --epochs {epochs} --dim 64 --no-text",
+                *(f"pipeline evaluate {run}" for run in runs.values())]
+    report = write_report(out, pre, runs, commands, store)
+    table = Table("run", "test Dice %", "IoU %", "global Dice %", title="textdiff demo (synthetic, test split)")
+    for r in results_table(runs):
+        table.add_row(r["run"], f"{100 * r['dice']:.2f} ± {100 * r['dice_std']:.2f}", f"{100 * r['iou']:.2f}",
+                      f"{100 * r['global_dice']:.2f}")
     Console().print(table)
-    typer.echo(str(path))
+    typer.echo(str(report))
 
 
 def _pairs_summary(names: list[str]) -> str:

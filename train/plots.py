@@ -251,3 +251,30 @@ def loss_curve_png(history_csv: str | Path, path: str | Path, title: str | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def pretrain_curve_png(log_csv: str | Path, path: str | Path, title: str | None = None) -> Path:
+    """Diffusion pretraining loss per iteration (faint) and its running mean, from ``train_log.csv``."""
+    with open(log_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{log_csv}: no iterations recorded")
+    it = np.array([int(r["iteration"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    window = max(1, len(loss) // 20)
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+    fig = _figure(6.4, 3.2)
+    ax = fig.subplots()
+    ax.plot(it, loss, color="tab:blue", alpha=0.3, lw=0.8, label="loss")
+    ax.plot(it[window - 1:], smooth, color="tab:blue", lw=1.8, label=f"mean of {window}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("‖ε − ε_θ‖² (L_simple)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"diffusion pretraining — {Path(log_csv).parent.name}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

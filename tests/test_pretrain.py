@@ -1,0 +1,100 @@
+"""`pipeline pretrain`: the loss goes down, the result feeds `extract`, resume is the same run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cache.store import FeatureStore
+from extract.datasets import Dataset
+from extract.diffusion import p_sample_loop, spaced_timesteps
+from extract.pretrain import PRETRAIN_PRESETS, PretrainConfig, load_images, pretrain
+from extract.run import ExtractConfig, run_extract
+from extract.unet import create_unet, load_unet
+from helpers import quiet
+
+TINY = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
+        "attention_resolutions": "8", "num_head_channels": 16, "learn_sigma": False}
+COUNTS = {"train": 6, "val": 2, "test": 2}
+
+
+@pytest.fixture()
+def cfg(tmp_path: Path) -> PretrainConfig:
+    flags = tmp_path / "tiny.json"
+    flags.write_text(json.dumps(TINY))
+    return PretrainConfig(dataset="synthetic", out=tmp_path / "pre", size=32, flags=str(flags), iterations=12,
+                          batch_size=4, lr=1e-3, checkpoint_every=4, samples=4, sample_steps=5,
+                          dataset_options={"counts": COUNTS})
+
+
+def losses(run: Path) -> list[float]:
+    with (run / "train_log.csv").open() as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def test_loss_goes_down_and_outputs_are_written(cfg: PretrainConfig) -> None:
+    out = pretrain(replace(cfg, iterations=40), console=quiet())
+    assert sorted(p.name for p in out.iterdir()) == ["flags.json", "model.pt", "samples.png", "state.pt",
+                                                    "train_log.csv"]
+    loss = losses(out)
+    assert len(loss) == 40
+    assert np.mean(loss[-8:]) < 0.7 * np.mean(loss[:4]), (loss[:4], loss[-8:])
+    grid = np.asarray(Image.open(out / "samples.png"))
+    assert grid.shape == (64, 64, 3) and grid.std() > 0  # 4 samples in a 2 x 2 grid of 32 px
+    sd = torch.load(out / "model.pt", weights_only=True)  # guided-diffusion's plain state_dict format
+    assert set(sd) == set(create_unet(**json.loads((out / "flags.json").read_text())).state_dict())
+
+
+def test_checkpoint_round_trips_through_extract(cfg: PretrainConfig, tmp_path: Path) -> None:
+    out = pretrain(cfg, console=quiet())
+    model = load_unet(out / "model.pt", out / "flags.json")
+    assert model.output_block_shapes(32)[-1] == (32, 32, 32)
+    store = run_extract(ExtractConfig(dataset="synthetic", unet=str(out), text_encoder="minilm", size=32,
+                                      steps=(50,), blocks=(1, 3), cache_dir=tmp_path / "cache",
+                                      dataset_options={"counts": COUNTS}), console=quiet())
+    fs = FeatureStore.open(store)
+    assert fs.info()["splits"]["test"]["complete"] == 2
+    assert fs.key["unet"]["flags"]["num_channels"] == 32
+    assert np.isfinite(fs.features("train", 50, 3).compute()).all()
+
+
+def test_resume_continues_the_same_run(cfg: PretrainConfig, tmp_path: Path) -> None:
+    whole = pretrain(replace(cfg, out=tmp_path / "whole"), console=quiet())
+    part = replace(cfg, out=tmp_path / "part", iterations=8)
+    pretrain(part, console=quiet())
+    with pytest.raises(ValueError, match="--resume"):
+        pretrain(replace(part, iterations=12), console=quiet())
+    resumed = pretrain(replace(part, iterations=12, resume=True), console=quiet())
+    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(whole) == losses(resumed)
+
+
+def test_images_only_train_split_no_masks(cfg: PretrainConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_masks(*_a, **_k):
+        raise AssertionError("pretraining must never read a mask")
+
+    monkeypatch.setattr(Dataset, "load_mask", no_masks)
+    assert load_images(cfg).shape == (6, 3, 32, 32)
+    assert load_images(replace(cfg, splits=("train", "test"))).shape == (8, 3, 32, 32)
+    pretrain(replace(cfg, iterations=2), console=quiet())
+
+
+def test_presets_and_sampler() -> None:
+    cpu = create_unet(**PRETRAIN_PRESETS["cpu-64"])
+    assert len(cpu.output_blocks) == 12 and cpu.output_block_shapes(64)[8] == (32, 64, 64)
+    with torch.device("meta"):
+        gpu = create_unet(**PRETRAIN_PRESETS["gpu-256"])
+    assert len(gpu.output_blocks) == 18 and gpu.output_block_shapes(256)[16][1:] == (256, 256)
+    assert list(spaced_timesteps(5)) == [0, 250, 500, 749, 999] and len(spaced_timesteps(1000)) == 1000
+    model = create_unet(**TINY).eval()
+    a = p_sample_loop(model, (2, 3, 32, 32), 4, torch.Generator().manual_seed(0))
+    b = p_sample_loop(model, (2, 3, 32, 32), 4, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.abs().max() <= 1.0 + 1e-6
