@@ -244,8 +244,8 @@ def pretrain(
 @friendly
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything (rerun to resume)."),
-    iterations: int = typer.Option(400, help="Diffusion pretraining iterations."),
-    epochs: int = typer.Option(30, help="Epochs of each fit."),
+    iterations: int = typer.Option(300, help="Diffusion pretraining iterations (batch 8)."),
+    epochs: int = typer.Option(25, help="Epochs of each fit."),
 ) -> None:
     """The main job on the embedded default, offline: synthetic data → pretrain a diffusion UNet →
     extract (MiniLM text) → fit with and without text → evaluate → runs/demo/report.md."""
