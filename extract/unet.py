@@ -214,26 +214,22 @@ class QKVAttentionLegacy(nn.Module):
         self.n_heads = n_heads
         self.impl = impl
 
+    def split(self, qkv: torch.Tensor, ch: int) -> tuple[torch.Tensor, ...]:
+        bs, _, length = qkv.shape
+        return qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
+        q, k, v = self.split(qkv, width // (3 * self.n_heads))
         return _attend(q, k, v, self.impl).reshape(bs, -1, length)
 
 
-class QKVAttention(nn.Module):
+class QKVAttention(QKVAttentionLegacy):
     """New order (``use_new_attention_order``): split q, k, v first, then heads."""
 
-    def __init__(self, n_heads: int, impl: str = "sdpa"):
-        super().__init__()
-        self.n_heads = n_heads
-        self.impl = impl
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        bs, width, length = qkv.shape
-        ch = width // (3 * self.n_heads)
-        q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
-        return _attend(q, k, v, self.impl).reshape(bs, -1, length)
+    def split(self, qkv: torch.Tensor, ch: int) -> tuple[torch.Tensor, ...]:
+        bs, _, length = qkv.shape
+        return tuple(t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
 
 
 class AttentionBlock(nn.Module):

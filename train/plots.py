@@ -163,6 +163,15 @@ def _figure(width: float, height: float):
     return fig
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out and write a figure as PNG (parent folders created); returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
 def heatmap_png(table, row_labels: Sequence[str], col_labels: Sequence[str], path: str | Path, title: str,
                 fmt: str = ".1f", cmap: str = "viridis", colorbar_label: str | None = None,
                 row_breaks: Sequence[int] = ()) -> Path:
@@ -205,11 +214,7 @@ def heatmap_png(table, row_labels: Sequence[str], col_labels: Sequence[str], pat
     cbar = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.04)
     if colorbar_label:
         cbar.set_label(colorbar_label, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, path)
 
 
 def loss_curve_png(history_csv: str | Path, path: str | Path, title: str | None = None) -> Path:
@@ -246,11 +251,7 @@ def loss_curve_png(history_csv: str | Path, path: str | Path, title: str | None 
         ax.set_xlim(epoch[0] - 1, epoch[0] + 1)
     ax.set_title(title or f"training — {Path(history_csv).parent.name}", fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, path)
 
 
 def pretrain_curve_png(log_csv: str | Path, path: str | Path, title: str | None = None) -> Path:
@@ -273,8 +274,4 @@ def pretrain_curve_png(log_csv: str | Path, path: str | Path, title: str | None 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title(title or f"diffusion pretraining — {Path(log_csv).parent.name}", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return _save(fig, path)
