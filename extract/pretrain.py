@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from extract.datasets import open_dataset, to_unit_range
 from extract.diffusion import NUM_TIMESTEPS, q_sample, sample_grid
 from extract.features import default_device
+from extract.progress import stage_progress
 from extract.run import dihedral
 from extract.unet import UNetModel, create_unet, normalize_flags, read_flags
 
@@ -149,8 +149,7 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
         (out / "model.pt.tmp").replace(out / "model.pt")
 
     model.train()
-    progress = Progress(TextColumn("[bold]pretrain[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("iterations"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    progress = stage_progress(console, "pretrain", "iterations")
     rows: list[list[Any]] = []
     with progress:
         task = progress.add_task("", total=cfg.iterations, completed=start)

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cache.key import default_cache_dir, make_key, store_path
 from cache.store import FeatureStore, SplitLayout
@@ -24,6 +23,7 @@ from extract.checkpoints import PRESETS, UNetSource, resolve_unet
 from extract.datasets import Dataset, Item, open_dataset, preprocessing, to_unit_range
 from extract.diffusion import DEFAULT_SEED, shared_noise
 from extract.features import FeatureExtractor, autocast_dtype, default_device
+from extract.progress import stage_progress
 from extract.text import choose_max_length, load_text_encoder
 from extract.unet import create_unet
 
@@ -211,8 +211,7 @@ def _execute(store: FeatureStore, ds: Dataset, extractor: FeatureExtractor, jobs
     shapes = extractor.block_shapes()
     samples = [(j, v, s) for j, job in enumerate(jobs) for s in sorted({s for s, _ in job.pairs})
                for v in range(views[job.split])]
-    progress = Progress(TextColumn("[bold]extract[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("images"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    progress = stage_progress(console, "extract", "images")
     loader = ThreadPoolExecutor(1, thread_name_prefix="textdiff-read")
     writer = ThreadPoolExecutor(1, thread_name_prefix="textdiff-write")
     # images are consumed in this order: those needing only base arrays, then in sample order

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from extract.progress import stage_progress
 from train.data import GIB, Sample, SplitFeatures
 from train.metrics import SegMetrics
 from train.plots import overlay_png
@@ -110,9 +110,7 @@ def evaluate(run: Path, split: str = "test", cache: Path | None = None, overlays
     metrics = SegMetrics()
     preds = np.zeros((len(data), size, size), dtype=bool)
     started = time.perf_counter()
-    progress = Progress(TextColumn(f"[bold]evaluate[/] {split}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("images"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console, transient=True)
+    progress = stage_progress(console, "evaluate", "images", description=split, transient=True)
     task = progress.add_task("", total=len(data))
     shown = False
     try:

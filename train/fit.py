@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cache.key import key_hash
 from cache.store import FeatureStore
+from extract.progress import stage_progress
 from train.data import GIB, PAPER_TRAIN_COUNT, Sample, SplitFeatures, choose_subset, resolve_selection
 from train.losses import segmentation_loss
 from train.metrics import SegMetrics
@@ -160,8 +160,7 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
 
     history: list[dict[str, float]] = []
     best: dict[str, Any] = {"val_dice": -1.0}
-    progress = Progress(TextColumn("[bold]fit[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("epochs"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    progress = stage_progress(console, "fit", "epochs")
     with progress:
         task = progress.add_task("", total=cfg.epochs)
         for epoch in range(1, cfg.epochs + 1):
