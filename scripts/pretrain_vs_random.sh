@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Does diffusion pretraining on MoNuSeg's unlabelled training images give better features than the
 # untrained UNet of the same flags? Same extraction, same fits (3 subset seeds), test Dice.
-# Usage: scripts/pretrain_vs_random.sh [ITERATIONS] [OUT]   (writes OUT/results.csv; ~30 min on 2 CPU cores)
+# Usage: [SIZE=64] [SEEDS="0 1 2"] scripts/pretrain_vs_random.sh [ITERATIONS] [OUT]
+#        (writes OUT/results.csv; ~30 min on 2 CPU cores at size 64, about 4x that at 128)
 set -euo pipefail
 ITER=${1:-1000}
 OUT=${2:-runs/pretrain-vs-random}
 DATA=${DATA:-../shared/data/MoNuSeg}
 P=${PIPELINE:-pipeline}
+SIZE=${SIZE:-64}
+SEEDS=${SEEDS:-0 1 2}
 export HF_HUB_OFFLINE=1
-common=(--dataset monuseg --data-root "$DATA" --size 64 --flags cpu-64 --batch-size 8)
+common=(--dataset monuseg --data-root "$DATA" --size "$SIZE" --flags cpu-64 --batch-size 8)
 $P pretrain "${common[@]}" --iterations "$ITER" --out "$OUT/unet-pretrained" --resume
 $P pretrain "${common[@]}" --iterations 0 --out "$OUT/unet-random" --resume   # the initial weights, untrained
 echo "unet,subset_seed,test_dice,test_iou" > "$OUT/results.csv"
 for unet in pretrained random; do
-  store=$($P extract --dataset monuseg --data-root "$DATA" --size 64 --blocks 4,6,8 --text-encoder minilm \
+  store=$($P extract --dataset monuseg --data-root "$DATA" --size "$SIZE" --blocks 4,6,8 --text-encoder minilm \
           --unet "$OUT/unet-$unet" --cache-dir "$OUT/cache" | tail -1)
-  for seed in 0 1 2; do
+  for seed in $SEEDS; do
     run="$OUT/fit-$unet-$seed"
     $P fit --cache "$store" --out "$run" --epochs 50 --dim 64 --subset-seed "$seed" > /dev/null
     $P evaluate "$run" --no-overlays > /dev/null
