@@ -61,12 +61,6 @@ def _to(sample: Sample, device: torch.device) -> Sample:
                   sample.target)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def evaluate(run: Path, split: str = "test", cache: Path | None = None, overlays: bool = True,
              console: Console | None = None, batch_size: int | None = None) -> dict[str, Any]:
     """Evaluate the run's best head on every image of ``split`` (view 0); write ``RUN/eval-<split>/``.
@@ -82,7 +76,7 @@ def evaluate(run: Path, split: str = "test", cache: Path | None = None, overlays
 
     Returns the summary (also written to ``summary.json``).
     """
-    from train.fit import load_run, predict  # train.fit is heavier; import on use
+    from train.fit import load_run, predict, write_json  # train.fit is heavier; import on use
 
     console = console or Console(stderr=True)
     run = Path(run)
@@ -146,7 +140,7 @@ def evaluate(run: Path, split: str = "test", cache: Path | None = None, overlays
     np.savez_compressed(out / "predictions.npz", ids=np.array(data.ids), pred=preds)
     # no paths: the same fit evaluated in two folders gives the same bytes
     summary = {**metrics.aggregate(), "split": split, "cache_key_hash": store.key_hash}
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     pct = {k: 100 * summary[k] for k in ("dice", "dice_std", "iou", "iou_std", "global_dice")}
     console.print(f"evaluate {split}: {summary['n_images']} images, Dice {pct['dice']:.2f} ± {pct['dice_std']:.2f} %, "
                   f"IoU {pct['iou']:.2f} ± {pct['iou_std']:.2f} %, global Dice {pct['global_dice']:.2f} % → {out}",

@@ -111,7 +111,8 @@ def _views(rng: np.random.Generator, n: int, n_views: int, augment: bool) -> lis
     return [0 if rng.random() < 0.5 else int(rng.integers(n_views)) for _ in range(n)]
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file, then rename): a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     tmp.replace(path)
@@ -152,8 +153,8 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
               "dataset": store.key["dataset"].get("name", ""), "size": size, "blocks": list(blocks),
               "steps": list(steps), "train_split": "train", "train_ids": train.ids,
               "val": {"split": val_split, "ids": val.ids}}
-    _write_json(out / "config.json", config)
-    _write_json(out / "cache_key.json", store.key)
+    write_json(out / "config.json", config)
+    write_json(out / "cache_key.json", store.key)
     console.print(f"fit: {len(train)} training images ({'in memory' if train.in_memory else 'streamed'}), "
                   f"validation on {len(val)} {val_split} images; blocks {list(blocks)} × steps {list(steps)}; "
                   f"{sum(p.numel() for p in head.parameters()):,} parameters")
@@ -197,7 +198,7 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
                "final_train_loss": history[-1]["train_loss"], "n_train": len(train), "n_val": len(val),
                "val_split": val_split, "epochs": cfg.epochs, "cache_key_hash": key_hash(store.key),
                "seconds": round(sum(r["seconds"] for r in history), 2)}
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     loss_curve_png(out / "history.csv", out / "loss.png", title=f"fit {out.name}")
     (out / INCOMPLETE).unlink()
     return metrics
