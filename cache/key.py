@@ -17,7 +17,7 @@ from typing import Any
 
 FORMAT_VERSION = 1
 
-_KEY_FIELDS = ("dataset", "preprocessing", "unet", "noise_seed", "text", "dtype")
+_KEY_FIELDS = ("dataset", "preprocessing", "unet", "noise_seed", "text", "dtype", "compute_dtype")
 
 
 def sha256_files(paths: Sequence[Path | str]) -> str:
@@ -50,7 +50,8 @@ def canonical_json(obj: Any) -> str:
 
 
 def make_key(
-    *, dataset: dict, preprocessing: dict, unet: dict, noise_seed: int, text: dict, dtype: str
+    *, dataset: dict, preprocessing: dict, unet: dict, noise_seed: int, text: dict, dtype: str,
+    compute_dtype: str = "float32",
 ) -> dict:
     """The full cache key (with "format_version"), normalised to plain JSON types.
 
@@ -63,6 +64,7 @@ def make_key(
         "noise_seed": noise_seed,
         "text": text,
         "dtype": dtype,
+        "compute_dtype": compute_dtype,  # the UNet's arithmetic (autocast changes the features)
     }
     if isinstance(noise_seed, bool) or not isinstance(noise_seed, int):
         raise TypeError(f"cache key field 'noise_seed' must be an int, got {noise_seed!r}")

@@ -139,8 +139,8 @@ def run_extract(cfg: ExtractConfig, console: Console | None = None,
     prep["augment"] = cfg.augment
     key = make_key(dataset=ds.fingerprint(), preprocessing=prep, unet=unet_src.identity(),
                    noise_seed=cfg.seed, text={**encoder.identity(), "max_length": max_length},
-                   dtype=STORE_DTYPE)
-    key["compute_dtype"] = str(autocast_dtype(device)).removeprefix("torch.") if cfg.autocast else "float32"
+                   dtype=STORE_DTYPE,
+                   compute_dtype=str(autocast_dtype(device)).removeprefix("torch.") if cfg.autocast else "float32")
     items = {s: ds.by_split(s) for s in ds.splits()}
     views = {s: AUGMENTATIONS[cfg.augment] if s == "train" else 1 for s in ds.splits()}
     layouts = {s: SplitLayout(ids=[it.id for it in items[s]], texts=[it.text for it in items[s]], views=views[s])

@@ -82,7 +82,8 @@ def test_key_hash_is_stable_and_canonical():
     key = _key()
     assert key["format_version"] == FORMAT_VERSION
     text = canonical_json(key)
-    assert text.startswith('{"dataset":{"files":{"a.png":"00ff"},"name":"synthetic","seed":0},"dtype":"float16"')
+    assert text.startswith('{"compute_dtype":"float32","dataset":{"files":{"a.png":"00ff"},"name":"synthetic",'
+                           '"seed":0},"dtype":"float16"')
     assert " " not in text.replace("text a", "")
     assert key_hash(key) == hashlib.sha256(text.encode()).hexdigest()
     reordered = dict(reversed(list(key.items())))
@@ -98,6 +99,7 @@ def test_key_hash_is_stable_and_canonical():
     ("noise_seed", 41),
     ("text", {"spec": "minilm", "weights_sha256": "def", "max_length": L + 1}),
     ("dtype", "float32"),
+    ("compute_dtype", "bfloat16"),
 ])
 def test_key_hash_sensitive_to_every_field(field, value):
     assert key_hash(_key(**{field: value})) != key_hash(_key())
