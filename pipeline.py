@@ -255,7 +255,7 @@ def demo(
     from extract.pretrain import pretrain as run_pretrain
     from extract.run import ExtractConfig, run_extract
     from train.evaluate import eval_dir, evaluate
-    from train.fit import INCOMPLETE, FitConfig
+    from train.fit import FitConfig, fit_finished
     from train.fit import fit as run_fit
     from train.report import results_table, write_report
 
@@ -268,7 +268,7 @@ def demo(
                                       cache_dir=out / "cache"), console=err)
     runs = {"with text": out / "text", "no text": out / "no-text"}
     for name, run in runs.items():
-        if not (run / "metrics.json").is_file() or (run / INCOMPLETE).exists():
+        if not fit_finished(run):
             err.print(f"[bold]demo[/]: fit {name}")
             run_fit(FitConfig(cache=store, out=run, epochs=epochs, dim=64,
                               fusion="cross-attn" if name == "with text" else "none"), console=err)

@@ -204,6 +204,11 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     return metrics
 
 
+def fit_finished(run: Path) -> bool:
+    """A fit wrote every file (``metrics.json`` last) and its ``INCOMPLETE`` mark is gone."""
+    return (Path(run) / "metrics.json").is_file() and not (Path(run) / INCOMPLETE).exists()
+
+
 def load_run(run: Path, cache: Path | None = None) -> tuple[dict[str, Any], TextDiffHead, FeatureStore]:
     """A finished run's config, its head (best weights, eval mode) and the store it was trained on."""
     run = Path(run)

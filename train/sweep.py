@@ -75,7 +75,7 @@ def _settings(fit_json: dict[str, Any]) -> dict[str, Any]:
 
 def _finished(run: Path, split: str) -> tuple[bool, bool]:
     """(fit finished, evaluation finished)."""
-    fitted = (run / "metrics.json").is_file() and not (run / fit_mod.INCOMPLETE).exists()
+    fitted = fit_mod.fit_finished(run)
     return fitted, fitted and (evaluate_mod.eval_dir(run, split) / "summary.json").is_file()
 
 
