@@ -219,6 +219,7 @@ def pretrain(
     data_root: Optional[Path] = typer.Option(None, help="The dataset's folder (not needed for synthetic)."),
     splits: str = typer.Option("train", help="Splits whose images are used (the test split only if you ask)."),
     size: int = typer.Option(64, help="Images are resized to size x size, as extraction does."),
+    crop: Optional[int] = typer.Option(None, help="Train on random crop x crop windows of the resized images (extract still at --size)."),
     flags: str = typer.Option("cpu-64", help="A preset (cpu-64: minutes on a CPU; gpu-256: about an hour on a GPU) or a JSON file of create_model flags."),
     iterations: int = typer.Option(2000, help="Training iterations."),
     batch_size: int = typer.Option(16, help="Images per iteration."),
@@ -234,7 +235,7 @@ def pretrain(
     from extract.pretrain import pretrain as run_pretrain
 
     cfg = PretrainConfig(dataset=dataset, out=out, data_root=data_root,
-                         splits=tuple(s.strip() for s in splits.split(",")), size=size, flags=flags,
+                         splits=tuple(s.strip() for s in splits.split(",")), size=size, crop=crop, flags=flags,
                          iterations=iterations, batch_size=batch_size, lr=lr, ema=ema, seed=seed, resume=resume,
                          device=device)
     typer.echo(str(run_pretrain(cfg, console=err)))

@@ -3,7 +3,8 @@
 The same :mod:`extract.unet` that loads OpenAI's checkpoints is trained with the standard DDPM
 objective L_simple = ‖ε − ε_θ(x_t, t)‖² on images only — never masks, never the test split unless
 asked. Images are resized to ``--size`` exactly as extraction does, then flipped / rotated by a random
-dihedral view. The EMA of the weights (``--ema``, with the usual warm-up ``min(ema, (1+k)/(10+k))`` so
+dihedral view; with ``--crop C`` each training sample is a random C×C window of that image (cheaper
+iterations, more variety; the UNet is convolutional, so extraction still runs at ``--size``). The EMA of the weights (``--ema``, with the usual warm-up ``min(ema, (1+k)/(10+k))`` so
 that short CPU runs do not keep the random init) is written as ``model.pt`` in guided-diffusion's
 state_dict format, with ``flags.json``: ``pipeline extract --unet DIR`` uses it.
 
@@ -57,6 +58,7 @@ class PretrainConfig:
     data_root: Path | None = None
     splits: tuple[str, ...] = ("train",)
     size: int = 64
+    crop: int | None = None         # train on random crop x crop windows of the size x size images
     flags: str = "cpu-64"          # a preset name or a JSON file of create_model flags
     iterations: int = 2000
     batch_size: int = 16
@@ -95,10 +97,16 @@ def _ema_update(ema: UNetModel, model: UNetModel, rate: float) -> None:
             e.mul_(rate).add_(p.detach(), alpha=1 - rate)
 
 
-def _batch(images: np.ndarray, rng: np.random.Generator, n: int) -> torch.Tensor:
+def _batch(images: np.ndarray, rng: np.random.Generator, n: int, crop: int | None = None) -> torch.Tensor:
+    """``n`` random images in random dihedral views, each a random ``crop``² window when asked."""
     idx = rng.integers(len(images), size=n)
     views = rng.integers(8, size=n)
-    return torch.from_numpy(to_unit_range(np.stack([dihedral(images[i], int(v)) for i, v in zip(idx, views)])))
+    batch = [dihedral(images[i], int(v)) for i, v in zip(idx, views)]
+    size = images.shape[-1]
+    if crop is not None and crop < size:
+        corners = rng.integers(size - crop + 1, size=(n, 2))
+        batch = [b[:, y:y + crop, x:x + crop] for b, (y, x) in zip(batch, corners)]
+    return torch.from_numpy(to_unit_range(np.stack(batch)))
 
 
 def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
@@ -106,8 +114,12 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
     console = console or Console(stderr=True)
     out = Path(cfg.out)
     flags = resolve_flags(cfg.flags)
+    if cfg.crop is not None and not 0 < cfg.crop <= cfg.size:
+        raise ValueError(f"--crop {cfg.crop} must be between 1 and --size {cfg.size}")
+    train_size = cfg.crop or cfg.size
     with torch.device("meta"):
-        create_unet(**flags).output_block_shapes(cfg.size)  # refuses a size the UNet cannot take
+        for s in {cfg.size, train_size}:
+            create_unet(**flags).output_block_shapes(s)  # refuses a size the UNet cannot take
     device = torch.device(cfg.device) if cfg.device else default_device()
     images = load_images(cfg)
 
@@ -121,8 +133,8 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
     state_path = out / "state.pt"
     if cfg.resume and state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)
-        if state["flags"] != flags or state["size"] != cfg.size:
-            raise ValueError(f"{state_path}: made with other flags or size; pretrain into a new --out")
+        if state["flags"] != flags or state["size"] != cfg.size or state.get("crop") != cfg.crop:
+            raise ValueError(f"{state_path}: made with other flags, size or crop; pretrain into a new --out")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optim.load_state_dict(state["optim"])
@@ -137,13 +149,14 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
     log_path = out / "train_log.csv"
     if start == 0:
         log_path.write_text(",".join(LOG_COLUMNS) + "\n")
-    console.print(f"pretrain: {len(images)} images ({', '.join(cfg.splits)}) at {cfg.size}px, "
+    crop_note = f" in random {cfg.crop}px crops" if cfg.crop else ""
+    console.print(f"pretrain: {len(images)} images ({', '.join(cfg.splits)}) at {cfg.size}px{crop_note}, "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters, {device}")
 
     def checkpoint(iteration: int) -> None:
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optim": optim.state_dict(),
                     "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(), "iteration": iteration,
-                    "flags": flags, "size": cfg.size}, out / "state.pt.tmp")
+                    "flags": flags, "size": cfg.size, "crop": cfg.crop}, out / "state.pt.tmp")
         (out / "state.pt.tmp").replace(state_path)
         torch.save(ema.state_dict(), out / "model.pt.tmp")
         (out / "model.pt.tmp").replace(out / "model.pt")
@@ -155,7 +168,7 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
         task = progress.add_task("", total=cfg.iterations, completed=start)
         for it in range(start, cfg.iterations):
             t0 = time.perf_counter()
-            x0 = _batch(images, rng, cfg.batch_size).to(device)
+            x0 = _batch(images, rng, cfg.batch_size, cfg.crop).to(device)
             t = torch.randint(0, NUM_TIMESTEPS, (cfg.batch_size,), generator=gen).to(device)
             noise = torch.randn(x0.shape, generator=gen).to(device)
             eps = model(q_sample(x0, t, noise), t)[:, :3]
@@ -183,6 +196,6 @@ def write_samples(model: UNetModel, cfg: PretrainConfig, out: Path, device: torc
     from PIL import Image
 
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    grid = sample_grid(model.eval(), cfg.samples, cfg.size, cfg.sample_steps, gen, device)
+    grid = sample_grid(model.eval(), cfg.samples, cfg.crop or cfg.size, cfg.sample_steps, gen, device)
     Image.fromarray(grid).save(out / "samples.png")
     return out / "samples.png"

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from cache.store import FeatureStore
-from extract.datasets import Dataset
+from extract.datasets import Dataset, to_unit_range
 from extract.diffusion import p_sample_loop, spaced_timesteps
-from extract.pretrain import PRETRAIN_PRESETS, PretrainConfig, load_images, pretrain
-from extract.run import ExtractConfig, run_extract
+from extract.pretrain import PRETRAIN_PRESETS, PretrainConfig, _batch, load_images, pretrain
+from extract.run import ExtractConfig, dihedral, run_extract
 from extract.unet import create_unet, load_unet
 from helpers import quiet
 
@@ -85,6 +85,23 @@ def test_images_only_train_split_no_masks(cfg: PretrainConfig, monkeypatch: pyte
     assert load_images(cfg).shape == (6, 3, 32, 32)
     assert load_images(replace(cfg, splits=("train", "test"))).shape == (8, 3, 32, 32)
     pretrain(replace(cfg, iterations=2), console=quiet())
+
+
+def test_random_crops_are_windows_of_the_views(cfg: PretrainConfig, tmp_path: Path) -> None:
+    images = np.arange(2 * 3 * 8 * 8, dtype=np.uint8).reshape(2, 3, 8, 8)
+    batch = _batch(images, np.random.default_rng(0), 32, crop=4)
+    assert batch.shape == (32, 3, 4, 4)
+    views = [torch.from_numpy(to_unit_range(dihedral(im, v))) for im in images for v in range(8)]
+    windows = [w[:, y:y + 4, x:x + 4] for w in views for y in range(5) for x in range(5)]
+    assert all(any(torch.equal(b, w) for w in windows) for b in batch)  # every sample is a window of a view
+    assert len({tuple(b.flatten().tolist()) for b in batch}) > 16       # and they vary
+
+    out = pretrain(replace(cfg, size=64, crop=32, iterations=4), console=quiet())
+    assert np.asarray(Image.open(out / "samples.png")).shape == (64, 64, 3)  # samples at the crop size
+    with pytest.raises(ValueError, match="crop"):
+        pretrain(replace(cfg, size=64, crop=16, iterations=8, resume=True), console=quiet())
+    with pytest.raises(ValueError, match="--crop 48 must be"):
+        pretrain(replace(cfg, out=tmp_path / "x", size=32, crop=48), console=quiet())
 
 
 def test_presets_and_sampler() -> None:
