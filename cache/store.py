@@ -24,6 +24,8 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -347,6 +349,12 @@ class FeatureStore:
             n = len(lay.ids)
             self._ensure_array(_feat_rel(split, step, block), _feat_spec(n, lay.views, channels, (h, w)))
             self._ensure_array(_done_rel(split, step, block), _done_spec(n))
+
+    def ensure_pairs(self, pairs: Sequence[tuple[int, int, int, tuple[int, int]]]) -> None:
+        """:meth:`ensure_pair` for each (step, block, channels, (h, w)), concurrently: creating an array is
+        a few small metadata writes, and a store has dozens."""
+        with ThreadPoolExecutor(8, thread_name_prefix="textdiff-create") as pool:
+            list(pool.map(lambda p: self.ensure_pair(*p), pairs))
 
     def _ensure_array(self, rel: str, spec: _Spec) -> None:
         if not self._exists(rel):

@@ -150,9 +150,7 @@ def run_extract(cfg: ExtractConfig, console: Console | None = None,
                                 token_dim=encoder.dim, extra_attrs={"forward_batch": cfg.batch_size,
                                                                     "extract": _provenance(cfg, unet_src)})
     pairs = [(s, b) for s in steps for b in blocks]
-    for s, b in pairs:
-        c, h, w = shapes[b]
-        store.ensure_pair(s, b, c, (h, w))
+    store.ensure_pairs([(s, b, shapes[b][0], shapes[b][1:]) for s, b in pairs])
     batch = int(store.attrs.get("forward_batch", cfg.batch_size))
     if batch != cfg.batch_size:
         console.print(f"note: this store was made with --batch-size {batch}; using it, so that every image's "
