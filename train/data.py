@@ -127,15 +127,20 @@ class SplitFeatures:
     def batch(self, rows: Sequence[int], views: Sequence[int] | None = None) -> Sample:
         """Rows ``rows`` (positions in this selection), each at its view (default 0)."""
         views = list(views) if views is not None else [0] * len(rows)
+        feats = self.features(rows, views)
+        tokens = torch.from_numpy(np.stack([self._row(self._tokens, k) for k in rows])).float()
+        token_mask = torch.from_numpy(self._token_mask[list(rows)])
+        target = torch.from_numpy(np.stack([self._row(self._mask, k, v) for k, v in zip(rows, views)])).long()
+        return Sample(feats, tokens, token_mask, target)
+
+    def features(self, rows: Sequence[int], views: Sequence[int]) -> list[torch.Tensor]:
+        """Per block, (B, len(steps)·C, h, w) float32: the steps concatenated on channels."""
         feats = []
         for b in self.blocks:
             per_row = [np.concatenate([self._row(self._feat[(s, b)], k, v) for s in self.steps], axis=0)
                        for k, v in zip(rows, views)]
             feats.append(torch.from_numpy(np.stack(per_row)).float())
-        tokens = torch.from_numpy(np.stack([self._row(self._tokens, k) for k in rows])).float()
-        token_mask = torch.from_numpy(self._token_mask[list(rows)])
-        target = torch.from_numpy(np.stack([self._row(self._mask, k, v) for k, v in zip(rows, views)])).long()
-        return Sample(feats, tokens, token_mask, target)
+        return feats
 
     def channels(self) -> list[int]:
         """Input channels per scale: len(steps) × the block's channels."""
