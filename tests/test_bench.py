@@ -1,0 +1,33 @@
+"""The benchmarks run end to end at tiny sizes and end with their RESULT line (opt-in: -m slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "extract": ["--images", "2", "--size", "64", "--repeats", "1"],
+    "fit": ["--images", "2", "--size", "64", "--epochs", "1", "--dim", "32", "--unet-flags", "gpu-256"],
+    "cache": ["--images", "2", "--size", "64"],
+    "memory": ["--counts", "2,4", "--size", "32", "--memory-budget-gb", "0.001"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_benchmark_runs_and_reports(name: str, qata_root: Path, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--data-root",
+                           str(qata_root), "--out", str(tmp_path), *TINY[name]],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT ")
+    result = dict(kv.split("=") for kv in last.removeprefix("RESULT ").split())
+    payload = json.loads((tmp_path / f"{name}-quick.json").read_text())
+    assert set(result) == set(payload["result"]) and payload["machine"]["cores"] >= 1
+    assert all(float(v) > 0 for k, v in result.items() if k not in ("largest_in_memory",))
