@@ -9,13 +9,16 @@ Layout (per split group ``<split>``; N images, V views, S size, L tokens, D toke
     <split>/feat/t{step}/b{block}  (N, V, C, h, w) float16  chunk (1, 1, C, h, w)
     <split>/done/base           (N,) bool chunk (1,)   image, mask and tokens of row i written
     <split>/done/t{step}_b{block}  (N,) bool chunk (1,)   features of row i written
+    <split>/crc/base            (N, 4) uint32   CRC-32 of row i's image, mask, tokens, token_mask as written
+    <split>/crc/t{step}_b{block}   (N,) uint32     CRC-32 of row i's float16 features (0: not recorded)
 
 Ids, texts and views live in the split group's attributes; the key and store facts in the root
 group's. Every chunk holds one image, so writers of different images never touch the same file;
 zarr writes each chunk atomically (temp file + rename), and the done flag is written after the
 data, so a killed writer leaves its row not-done. Done flags are never written False: their chunk
 exists exactly when the flag is set (fill False, empty chunks not written), which lets ``done``
-read a whole flag array with one directory listing.
+read a whole flag array with one directory listing. Checksums are written between the data and the
+flag; ``pipeline cache verify`` recomputes them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import re
 import shutil
 import uuid
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -84,6 +88,15 @@ def _done_rel(split: str, step: int | None = None, block: int | None = None) -> 
     return f"{split}/done/base" if step is None else f"{split}/done/{_pair_name(step, block)}"
 
 
+def _crc_rel(split: str, step: int | None = None, block: int | None = None) -> str:
+    return f"{split}/crc/base" if step is None else f"{split}/crc/{_pair_name(step, block)}"
+
+
+def checksum(value: np.ndarray) -> int:
+    """CRC-32 of an array's bytes as stored (C order), never 0: 0 in a crc array means "not recorded"."""
+    return zlib.crc32(np.ascontiguousarray(value).tobytes()) or 1
+
+
 def _base_specs(n: int, v: int, size: int, token_len: int, token_dim: int) -> dict[str, _Spec]:
     return {
         "image": _Spec((n, v, 3, size, size), (1, 1, 3, size, size), "uint8", 0, "noshuffle",
@@ -94,6 +107,7 @@ def _base_specs(n: int, v: int, size: int, token_len: int, token_dim: int) -> di
                         "shuffle", ("image", "token", "feature")),
         "token_mask": _Spec((n, token_len), (1, token_len), "bool", False, None, ("image", "token")),
         "done/base": _done_spec(n),
+        "crc/base": _Spec((n, len(_BASE_ARRAYS)), (1, len(_BASE_ARRAYS)), "uint32", 0, None, ("image", "array")),
     }
 
 
@@ -107,6 +121,10 @@ def _feat_spec(n: int, v: int, channels: int, hw: tuple[int, int]) -> _Spec:
 
 def _done_spec(n: int) -> _Spec:
     return _Spec((n,), (1,), "bool", False, None, ("image",))
+
+
+def _crc_spec(n: int) -> _Spec:
+    return _Spec((n,), (1,), "uint32", 0, None, ("image",))
 
 
 def _create_array(group: zarr.Group, name: str, spec: _Spec) -> zarr.Array:
@@ -321,6 +339,15 @@ class FeatureStore:
             common = here if common is None else common & here
         return sorted(common or ())
 
+    def has(self, rel: str) -> bool:
+        """Whether the array at ``rel`` (e.g. ``train/crc/base``) exists."""
+        return self._exists(rel)
+
+    def read(self, rel: str, row: int | None = None) -> np.ndarray:
+        """The array at ``rel`` (one row of it with ``row``), read directly (no dask)."""
+        arr = self._array(rel)
+        return np.asarray(arr[...] if row is None else arr[row])
+
     def _exists(self, rel: str) -> bool:
         return (self.path / rel / "zarr.json").is_file()
 
@@ -351,6 +378,7 @@ class FeatureStore:
             n = len(lay.ids)
             self._ensure_array(_feat_rel(split, step, block), _feat_spec(n, lay.views, channels, (h, w)))
             self._ensure_array(_done_rel(split, step, block), _done_spec(n))
+            self._ensure_array(_crc_rel(split, step, block), _crc_spec(n))
 
     def ensure_pairs(self, pairs: Sequence[tuple[int, int, int, tuple[int, int]]]) -> None:
         """:meth:`ensure_pair` for each (step, block, channels, (h, w)), concurrently: creating an array is
@@ -406,10 +434,11 @@ class FeatureStore:
         self._check_shape("mask", split, mask, (v, s, s))
         self._check_shape("tokens", split, tokens, (length, dim))
         self._check_shape("token_mask", split, token_mask, (length,))
-        self._array(f"{split}/image")[i] = image
-        self._array(f"{split}/mask")[i] = mask.astype(np.uint8)
-        self._array(f"{split}/tokens")[i] = tokens
-        self._array(f"{split}/token_mask")[i] = token_mask
+        values = {"image": image, "mask": mask.astype(np.uint8), "tokens": tokens, "token_mask": token_mask}
+        for name in _BASE_ARRAYS:
+            self._array(f"{split}/{name}")[i] = values[name]
+        if self._exists(_crc_rel(split)):  # stores made before checksums have none
+            self._array(_crc_rel(split))[i] = [checksum(values[name]) for name in _BASE_ARRAYS]
         self._array(_done_rel(split))[i] = True
 
     def write_features(self, split: str, i: int, step: int, block: int, feats: np.ndarray) -> None:
@@ -423,6 +452,8 @@ class FeatureStore:
         feats = self._float16(f"features t{step} b{block}", split, i, feats)
         self._check_shape(f"features t{step} b{block}", split, feats, tuple(arr.shape[1:]))
         arr[i] = feats
+        if self._exists(_crc_rel(split, step, block)):
+            self._array(_crc_rel(split, step, block))[i] = checksum(feats)
         self._array(_done_rel(split, step, block))[i] = True
 
     # ------------------------------------------------------------------ readers
