@@ -17,7 +17,7 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TextDiff: segmentation from a frozen diffusion UNet + free text, via a feature cache.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect feature stores.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and clean up feature stores.")
 app.add_typer(cache_app, name="cache")
 
 err = Console(stderr=True)
@@ -331,6 +331,62 @@ def cache_info(path: Path = typer.Argument(..., help="A store (.zarr folder)."))
     from cache.store import FeatureStore
 
     typer.echo(json.dumps(FeatureStore.open(path).info(), indent=1, default=str))
+
+
+@cache_app.command("verify")
+@friendly
+def cache_verify(path: Path = typer.Argument(..., help="A store (.zarr folder).")) -> None:
+    """Check every image recorded as done: data present, no NaN/Inf, checksums recorded at write time
+    match. Exits 1 and lists the problems if any."""
+    from cache.maintenance import verify_store, work_items
+    from extract.progress import stage_progress
+
+    progress = stage_progress(err, "verify", "rows")
+    with progress:
+        task = progress.add_task(Path(path).name, total=work_items(path))
+        report = verify_store(path, progress=lambda: progress.advance(task, 1))
+    for line in report.problems[:50]:
+        err.print(f"[red]problem[/]: {line}")
+    if len(report.problems) > 50:
+        err.print(f"... and {len(report.problems) - 50} more")
+    note = f"; {report.unrecorded} written before checksums (not compared)" if report.unrecorded else ""
+    summary = (f"{report.path}: {report.rows_checked} images, {report.arrays_checked} arrays checked, "
+               f"{len(report.problems)} problem(s){note}")
+    if not report.ok:
+        err.print(f"[red]FAILED[/] {summary}")
+        raise typer.Exit(1)
+    typer.echo(f"OK {summary}")
+
+
+def _removal_lines(rows: list[tuple[Path, int]], dry_run: bool) -> None:
+    verb = "would remove" if dry_run else "removed"
+    for path, nbytes in rows:
+        typer.echo(f"{verb} {path} ({nbytes / 1e6:.1f} MB)")
+    typer.echo(f"{verb} {len(rows)} store(s), {sum(b for _, b in rows) / 1e6:.1f} MB")
+
+
+@cache_app.command("rm")
+@friendly
+def cache_rm(paths: list[Path] = typer.Argument(..., help="Stores (.zarr folders) to delete."),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed.")) -> None:
+    """Delete feature stores (anything that is not one is refused, and nothing is deleted)."""
+    from cache.maintenance import remove_stores
+
+    _removal_lines(remove_stores(paths, dry_run=dry_run), dry_run)
+
+
+@cache_app.command("gc")
+@friendly
+def cache_gc(cache_dir: Optional[Path] = typer.Option(None, help="[default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]"),
+             older_than: Optional[float] = typer.Option(None, help="Remove stores last written more than DAYS ago."),
+             keep: Optional[int] = typer.Option(None, help="Keep the N most recently written stores (with --older-than: remove only stores that are both older and not among them)."),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed.")) -> None:
+    """Remove old feature stores from the cache folder; folders that are not stores are never touched."""
+    from cache.key import default_cache_dir
+    from cache.maintenance import gc_candidates, remove_stores
+
+    doomed = [p for p, _ in gc_candidates(cache_dir or default_cache_dir(), older_than, keep)]
+    _removal_lines(remove_stores(doomed, dry_run=dry_run), dry_run)
 
 
 if __name__ == "__main__":

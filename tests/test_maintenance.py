@@ -1,0 +1,91 @@
+"""`pipeline cache verify / rm / gc`: corruption is found and named, only stores are ever deleted."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from helpers import tiny_store
+from typer.testing import CliRunner
+
+from cache.maintenance import gc_candidates, remove_stores, verify_store
+from cache.store import FeatureStore, StoreError, checksum
+from pipeline import app
+
+
+@pytest.fixture()
+def store(adm_fixtures: Path, tmp_path: Path) -> Path:
+    return tiny_store(adm_fixtures, tmp_path / "cache")
+
+
+def test_a_fresh_store_verifies_with_every_checksum_recorded(store: Path) -> None:
+    report = verify_store(store)
+    fs = FeatureStore.open(store)
+    n_rows = sum(len(fs.ids(s)) for s in fs.splits())
+    assert report.ok and report.rows_checked == n_rows and report.unrecorded == 0
+    assert report.arrays_checked == n_rows * (4 + len(fs.pairs()))
+    row = fs.read("train/feat/t50/b4", 0)
+    assert int(fs.read("train/crc/t50_b4", 0)) == checksum(row)
+    result = CliRunner().invoke(app, ["cache", "verify", str(store)])
+    assert result.exit_code == 0 and result.stdout.startswith("OK ")
+
+
+def test_verify_names_altered_missing_and_nonfinite_data(store: Path) -> None:
+    fs = FeatureStore.open(store)
+    ids = fs.ids("train")
+    root = zarr.open_group(store, mode="r+")
+    feats = root["train/feat/t50/b4"]
+    changed = feats[1].copy()
+    changed.flat[0] += 1  # a silently altered value: only the checksum can tell
+    feats[1] = changed
+    bad = feats[2].copy()
+    bad.flat[3] = np.inf
+    feats[2] = bad
+    (store / "train" / "feat" / "t250" / "b8" / "c" / "3").rename(store / "moved-away")  # a lost chunk folder
+    image = root["train/image"]
+    image[0] = 255 - image[0]
+    report = verify_store(store)
+    assert not report.ok and len(report.problems) == 4, report.problems
+    text = "\n".join(report.problems)
+    assert f"train/{ids[1]} t50 b4: checksum" in text
+    assert f"train/{ids[2]} t50 b4: 1 NaN/Inf" in text
+    assert f"train/{ids[3]} t250 b8:" in text and "NaN/Inf" in text
+    assert f"train/{ids[0]} image: checksum" in text
+    result = CliRunner().invoke(app, ["cache", "verify", str(store)])
+    assert result.exit_code == 1 and "4 problem(s)" in result.output
+
+
+def test_rm_refuses_what_is_not_a_store_and_dry_run_deletes_nothing(store: Path, tmp_path: Path) -> None:
+    other = tmp_path / "precious"
+    other.mkdir()
+    with pytest.raises(StoreError, match="precious"):
+        remove_stores([store, other])
+    assert store.is_dir() and other.is_dir()  # refused as a whole: nothing deleted
+    assert remove_stores([store], dry_run=True)[0][1] > 0 and store.is_dir()
+    result = CliRunner().invoke(app, ["cache", "rm", str(store)])
+    assert result.exit_code == 0 and "removed 1 store(s)" in result.stdout and not store.exists()
+
+
+def test_gc_by_age_and_by_count_keeps_the_recent_and_ignores_non_stores(adm_fixtures: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    a = tiny_store(adm_fixtures, cache, counts={"train": 2, "val": 1, "test": 1})
+    b = tiny_store(adm_fixtures, cache, counts={"train": 3, "val": 1, "test": 1})
+    c = tiny_store(adm_fixtures, cache, counts={"train": 4, "val": 1, "test": 1})
+    (cache / "notes.zarr").mkdir()  # not a store: never touched
+    now = time.time()
+    for path, days in ((a, 30), (b, 10), (c, 0)):
+        for f in [path, *path.rglob("*")]:
+            os.utime(f, (now - days * 86400, now - days * 86400))
+    assert [p for p, _ in gc_candidates(cache, older_than_days=20)] == [a]
+    assert [p for p, _ in gc_candidates(cache, keep=1)] == [a, b]
+    assert [p for p, _ in gc_candidates(cache, older_than_days=5, keep=2)] == [a]
+    with pytest.raises(ValueError, match="--older-than"):
+        gc_candidates(cache)
+    dry = CliRunner().invoke(app, ["cache", "gc", "--cache-dir", str(cache), "--keep", "1", "--dry-run"])
+    assert dry.exit_code == 0 and "would remove 2 store(s)" in dry.stdout and a.exists() and b.exists()
+    done = CliRunner().invoke(app, ["cache", "gc", "--cache-dir", str(cache), "--keep", "1"])
+    assert done.exit_code == 0 and not a.exists() and not b.exists() and c.exists() and (cache / "notes.zarr").exists()
