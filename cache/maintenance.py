@@ -9,14 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import (
-    _BASE_ARRAYS,
-    FeatureStore,
-    StoreError,
-    _crc_rel,
-    _feat_rel,
-    checksum,
-)
+from cache.store import _BASE_ARRAYS, FeatureStore, StoreError, _feat_rel, checksum
 
 
 @dataclass
@@ -52,8 +45,7 @@ def verify_store(path: Path | str, progress=None) -> VerifyReport:
     report = VerifyReport(store.path)
     for split in store.splits():
         ids = store.ids(split)
-        base_crc = (store.read(_crc_rel(split)) if store.has(_crc_rel(split))
-                    else np.zeros((len(ids), len(_BASE_ARRAYS)), np.uint32))
+        base_crc = store.checksums(split)
         for i in np.flatnonzero(store.done(split)):
             report.rows_checked += 1
             for k, name in enumerate(_BASE_ARRAYS):
@@ -62,8 +54,7 @@ def verify_store(path: Path | str, progress=None) -> VerifyReport:
             if progress:
                 progress()
         for step, block in store.pairs():
-            rel = _crc_rel(split, step, block)
-            crc = store.read(rel) if store.has(rel) else np.zeros(len(ids), np.uint32)
+            crc = store.checksums(split, step, block)
             for i in np.flatnonzero(store.done(split, step, block)):
                 value = store.read(_feat_rel(split, step, block), int(i))
                 _check_row(report, f"{split}/{ids[i]} t{step} b{block}", value, int(crc[i]), True)

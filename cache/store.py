@@ -339,9 +339,14 @@ class FeatureStore:
             common = here if common is None else common & here
         return sorted(common or ())
 
-    def has(self, rel: str) -> bool:
-        """Whether the array at ``rel`` (e.g. ``train/crc/base``) exists."""
-        return self._exists(rel)
+    def checksums(self, split: str, step: int | None = None, block: int | None = None) -> np.ndarray:
+        """CRC-32s recorded at write time: (N, 4) for image, mask, tokens, token_mask (step=None), or (N,)
+        for a pair's features; 0 where none was recorded (rows or stores written before checksums)."""
+        rel = _crc_rel(split, step, block)
+        if self._exists(rel):
+            return self.read(rel)
+        n = len(self.layout(split).ids)
+        return np.zeros((n, len(_BASE_ARRAYS)) if step is None else n, np.uint32)
 
     def read(self, rel: str, row: int | None = None) -> np.ndarray:
         """The array at ``rel`` (one row of it with ``row``), read directly (no dask)."""
