@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -80,7 +82,7 @@ def gpu_paper_config(n_batches: int) -> list[list]:
     rows = []
     unet = create_unet(**PRESETS["adm-imagenet-256"].flags)
     for autocast in (False, True):
-        ex = FeatureExtractor(unet, shared_noise(256, 40), device="cuda", autocast=autocast)
+        ex = FeatureExtractor(unet, shared_noise(256), device="cuda", autocast=autocast)
         x0 = torch.rand(8, 3, 256, 256) * 2 - 1
 
         def run(ex: FeatureExtractor = ex, x0: torch.Tensor = x0) -> None:
@@ -112,16 +114,16 @@ def main() -> None:
     cfg = ExtractConfig(dataset="qata", data_root=args.data_root, unet=str(unet_dir), text_encoder="minilm",
                         size=size, steps=STEPS, blocks=QATA_BLOCKS, splits=("train",), limit=n,
                         batch_size=args.batch_size, cache_dir=work / "cache", device="cpu")
-    runs = iter(range(10**6))
+    runs = itertools.count()
 
     def extract_once() -> None:
-        run_extract(ExtractConfig(**{**cfg.__dict__, "cache_dir": work / f"cache{next(runs)}"}), console=quiet)
+        run_extract(replace(cfg, cache_dir=work / f"cache{next(runs)}"), console=quiet)
 
     ds = open_dataset("qata", args.data_root, splits=("train",)).head(n)
     x0 = torch.from_numpy(to_unit_range(np.stack([ds.load_image_uint8(it, size) for it in ds.by_split("train")])))
     unet = load_unet(unet_dir / "model.pt", unet_dir / "flags.json")
-    ex32 = FeatureExtractor(unet, shared_noise(size, 40), device="cpu")
-    ex16 = FeatureExtractor(unet, shared_noise(size, 40), device="cpu", autocast=True)
+    ex32 = FeatureExtractor(unet, shared_noise(size), device="cpu")
+    ex16 = FeatureExtractor(unet, shared_noise(size), device="cpu", autocast=True)
 
     # one process, interleaved: extract, bare, full, bf16 — each `repeats` times after a warm-up
     timings: dict[str, list[float]] = {k: [] for k in ("extract", "bare", "full", "bf16")}
