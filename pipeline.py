@@ -83,6 +83,8 @@ def extract(
     bgr: bool = typer.Option(False, "--bgr", help="Feed BGR like the authors' OpenCV loader (default RGB)."),
     skip_bad: bool = typer.Option(False, help="Skip items with a missing mask/text/image instead of failing (reported)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images of each split (quick trials)."),
+    scheduler: Optional[str] = typer.Option(None, help="Run on dask.distributed: local:N (N worker processes here) or tcp://HOST:PORT (a running cluster sharing the filesystem)."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per process (and per worker) [default: torch's, here; local:N workers copy it]. Values are bit-identical only between equal thread counts."),
 ) -> None:
     """Stage one: run the frozen UNet and text encoder once, write features to the store.
 
@@ -97,7 +99,7 @@ def extract(
         splits=tuple(s.strip() for s in splits.split(",")) if splits else None, augment=augment,
         max_length=max_length, cache_dir=cache_dir or default_cache_dir(), batch_size=batch_size,
         device=device, autocast=autocast, color_order="bgr" if bgr else "rgb", skip_bad=skip_bad,
-        limit=limit,
+        limit=limit, scheduler=scheduler, threads=threads,
     )
     path = run_extract(cfg, console=err)
     typer.echo(str(path))

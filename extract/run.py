@@ -24,7 +24,7 @@ from extract.datasets import Dataset, Item, open_dataset, preprocessing, to_unit
 from extract.diffusion import DEFAULT_SEED, shared_noise
 from extract.features import FeatureExtractor, autocast_dtype, default_device
 from extract.progress import stage_progress
-from extract.text import choose_max_length, load_text_encoder
+from extract.text import TextEncoder, choose_max_length, load_text_encoder
 from extract.unet import create_unet
 
 DEFAULT_STEPS = (50, 150, 250)
@@ -55,6 +55,8 @@ class ExtractConfig:
     color_order: str = "rgb"
     skip_bad: bool = False
     limit: int | None = None  # only the first N images of each split (quick trials)
+    scheduler: str | None = None  # None: this process; "local:N" or "tcp://HOST:PORT": dask.distributed
+    threads: int | None = None  # torch intra-op threads per process (None: torch's default here)
     dataset_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -65,7 +67,7 @@ def dihedral(a: np.ndarray, view: int) -> np.ndarray:
 
 
 @dataclass
-class _Job:
+class Job:
     """One image: what it still needs."""
 
     split: str
@@ -76,7 +78,7 @@ class _Job:
 
 
 def _plan(store: FeatureStore, splits: Sequence[str], pairs: Sequence[tuple[int, int]],
-          items: dict[str, list[Item]]) -> list[_Job]:
+          items: dict[str, list[Item]]) -> list[Job]:
     jobs = []
     for split in splits:
         base_done = store.done(split)
@@ -84,7 +86,7 @@ def _plan(store: FeatureStore, splits: Sequence[str], pairs: Sequence[tuple[int,
         for i, item in enumerate(items[split]):
             missing = [p for p in pairs if not pair_done[p][i]]
             if missing or not base_done[i]:
-                jobs.append(_Job(split, i, item, not bool(base_done[i]), missing))
+                jobs.append(Job(split, i, item, not bool(base_done[i]), missing))
     return jobs
 
 
@@ -98,19 +100,101 @@ def _provenance(cfg: ExtractConfig, unet_src: UNetSource) -> dict[str, Any]:
             "color_order": cfg.color_order, "dataset_options": cfg.dataset_options}
 
 
+@dataclass
+class Prepared:
+    """A store opened for writing and what it still lacks: the input of an executor (serial or cluster)."""
+
+    store: FeatureStore
+    ds: Dataset
+    jobs: list[Job]
+    views: dict[str, int]
+    batch: int
+    unet: UNetSource
+    max_length: int
+
+
+def open_source(cfg: ExtractConfig) -> Dataset:
+    """The dataset ``cfg`` names, cut to ``cfg.limit`` images per split (what every executor reads)."""
+    ds = open_dataset(cfg.dataset, cfg.data_root, skip_bad=cfg.skip_bad, **cfg.dataset_options)
+    return ds.head(cfg.limit) if cfg.limit is not None else ds
+
+
+def replan(store: FeatureStore, jobs: Sequence[Job]) -> list[Job]:
+    """``jobs`` less what the store now has (another process or an earlier attempt wrote it)."""
+    base = {s: store.done(s) for s in {j.split for j in jobs}}
+    pair_done: dict[tuple[str, int, int], np.ndarray] = {}
+    out = []
+    for job in jobs:
+        missing = []
+        for p in job.pairs:
+            if (job.split, *p) not in pair_done:
+                pair_done[(job.split, *p)] = store.done(job.split, *p)
+            if not pair_done[(job.split, *p)][job.index]:
+                missing.append(p)
+        needs_base = job.base and not base[job.split][job.index]
+        if missing or needs_base:
+            out.append(Job(job.split, job.index, job.item, needs_base, missing))
+    return out
+
+
+def encode_tokens(encoder: TextEncoder, jobs: Sequence[Job], max_length: int
+                  ) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """Token embeddings and masks of the jobs that still need their base arrays, by (split, row)."""
+    base_jobs = [j for j in jobs if j.base]
+    if not base_jobs:
+        return {}
+    emb, mask = encoder.encode([j.item.text for j in base_jobs], max_length)
+    return {(j.split, j.index): (emb[n], mask[n]) for n, j in enumerate(base_jobs)}
+
+
 def run_extract(cfg: ExtractConfig, console: Console | None = None,
-                on_batch: Callable[[int], None] | None = None) -> Path:
-    """Extract what the store lacks and return its path. ``on_batch(n_done)`` is a test hook."""
+                on_batch: Callable[[int], None] | None = None,
+                on_shard: Callable[[int, Any], None] | None = None) -> Path:
+    """Extract what the store lacks and return its path.
+
+    Serial by default; on a dask.distributed cluster with ``cfg.scheduler``. ``on_batch(n_done)`` (serial)
+    and ``on_shard(n_done, client)`` (cluster) are test hooks.
+    """
     console = console or Console(stderr=True)
+    if cfg.scheduler:
+        from extract.cluster import check_scheduler
+
+        check_scheduler(cfg.scheduler)
+    prepared, encoder = _prepare(cfg, console)
+    if not prepared.jobs:
+        return prepared.store.path
+    if cfg.scheduler:
+        del encoder  # the workers load their own
+        from extract.cluster import run_on_cluster
+
+        run_on_cluster(prepared, cfg, console, on_shard)
+        return prepared.store.path
+    before = torch.get_num_threads()
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        tokens = encode_tokens(encoder, prepared.jobs, prepared.max_length)
+        del encoder
+        device = torch.device(cfg.device) if cfg.device else default_device()
+        extractor = FeatureExtractor(prepared.unet.load(), shared_noise(cfg.size, cfg.seed), device=device,
+                                     autocast=cfg.autocast)
+        execute(prepared, extractor, tokens, cfg, console, on_batch)
+    finally:
+        torch.set_num_threads(before)
+    return prepared.store.path
+
+
+def _prepare(cfg: ExtractConfig, console: Console) -> tuple[Prepared, TextEncoder]:
+    """Check the arguments, open (or create) the store, and list what it lacks."""
     if cfg.augment not in AUGMENTATIONS:
         raise ValueError(f"--augment must be one of {sorted(AUGMENTATIONS)}, got {cfg.augment!r}")
-    ds: Dataset = open_dataset(cfg.dataset, cfg.data_root, skip_bad=cfg.skip_bad, **cfg.dataset_options)
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
+    ds = open_source(cfg)
     if ds.skipped:
         console.print(f"[yellow]skipped {len(ds.skipped)} bad item(s)[/]: "
                       + "; ".join(f"{f} ({why})" for f, why in ds.skipped[:5])
                       + (" ..." if len(ds.skipped) > 5 else ""))
-    if cfg.limit is not None:
-        ds = ds.head(cfg.limit)
     splits = list(cfg.splits or ds.splits())
     unknown = [s for s in splits if s not in ds.splits()]
     if unknown:
@@ -155,27 +239,14 @@ def run_extract(cfg: ExtractConfig, console: Console | None = None,
     if batch != cfg.batch_size:
         console.print(f"note: this store was made with --batch-size {batch}; using it, so that every image's "
                       f"features are computed identically")
-
     jobs = _plan(store, splits, pairs, items)
     if not jobs:
         console.print(f"nothing to do: {sum(len(items[s]) for s in splits)} images × {len(pairs)} "
                       f"(step, block) pairs already in the store")
-        return path
-
-    base_jobs = [j for j in jobs if j.base]
-    tokens: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-    if base_jobs:
-        emb, mask = encoder.encode([j.item.text for j in base_jobs], max_length)
-        tokens = {(j.split, j.index): (emb[n], mask[n]) for n, j in enumerate(base_jobs)}
-    del encoder
-
-    extractor = FeatureExtractor(unet_src.load(), shared_noise(cfg.size, cfg.seed), device=device,
-                                 autocast=cfg.autocast)
-    _execute(store, ds, extractor, jobs, tokens, views, cfg, batch, console, on_batch)
-    return path
+    return Prepared(store, ds, jobs, views, batch, unet_src, max_length), encoder
 
 
-def _load(ds: Dataset, job: _Job, size: int, color_order: str, n_views: int) -> tuple[np.ndarray, np.ndarray]:
+def _load(ds: Dataset, job: Job, size: int, color_order: str, n_views: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 image views (V, 3, S, S) and mask views (V, S, S) of one image."""
     img = ds.load_image_uint8(job.item, size, color_order)
     mask = ds.load_mask(job.item, size)
@@ -186,7 +257,7 @@ def _load(ds: Dataset, job: _Job, size: int, color_order: str, n_views: int) -> 
 class _Pending:
     """One image being assembled: its views, and a float16 buffer per missing (step, block)."""
 
-    def __init__(self, job: _Job, imgs: np.ndarray, masks: np.ndarray, shapes: list[tuple[int, int, int]]):
+    def __init__(self, job: Job, imgs: np.ndarray, masks: np.ndarray, shapes: list[tuple[int, int, int]]):
         self.job, self.imgs, self.masks = job, imgs, masks
         v = imgs.shape[0]
         self.feats = {(s, b): np.empty((v, *shapes[b]), np.float16) for s, b in job.pairs}
@@ -202,10 +273,11 @@ class _Pending:
             store.write_features(job.split, job.index, s, b, arr)
 
 
-def _execute(store: FeatureStore, ds: Dataset, extractor: FeatureExtractor, jobs: list[_Job], tokens: dict,
-             views: dict[str, int], cfg: ExtractConfig, batch: int, console: Console,
-             on_batch: Callable[[int], None] | None) -> None:
-    """Samples (image, view, step) go through the UNet ``batch`` at a time, the last batch zero-padded."""
+def execute(prepared: Prepared, extractor: FeatureExtractor, tokens: dict, cfg: ExtractConfig, console: Console,
+            on_batch: Callable[[int], None] | None = None) -> None:
+    """Write ``prepared.jobs``: samples (image, view, step) go through the UNet ``batch`` at a time, the
+    last batch zero-padded; reading runs ahead on one thread, writing behind on another."""
+    store, ds, jobs, views, batch = prepared.store, prepared.ds, prepared.jobs, prepared.views, prepared.batch
     shapes = extractor.block_shapes()
     samples = [(j, v, s) for j, job in enumerate(jobs) for s in sorted({s for s, _ in job.pairs})
                for v in range(views[job.split])]
