@@ -84,6 +84,7 @@ def extract(
     skip_bad: bool = typer.Option(False, help="Skip items with a missing mask/text/image instead of failing (reported)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images of each split (quick trials)."),
     scheduler: Optional[str] = typer.Option(None, help="Run on dask.distributed: local:N (N worker processes here) or tcp://HOST:PORT (a running cluster sharing the filesystem)."),
+    store_format: str = typer.Option("zarr", help="zarr (a folder; many writers, --scheduler) or h5 (one HDF5 file; one writer)."),
     threads: Optional[int] = typer.Option(None, help="Torch threads per process (and per worker) [default: torch's, here; local:N workers copy it]. Values are bit-identical only between equal thread counts."),
 ) -> None:
     """Stage one: run the frozen UNet and text encoder once, write features to the store.
@@ -99,7 +100,7 @@ def extract(
         splits=tuple(s.strip() for s in splits.split(",")) if splits else None, augment=augment,
         max_length=max_length, cache_dir=cache_dir or default_cache_dir(), batch_size=batch_size,
         device=device, autocast=autocast, color_order="bgr" if bgr else "rgb", skip_bad=skip_bad,
-        limit=limit, scheduler=scheduler, threads=threads,
+        limit=limit, scheduler=scheduler, threads=threads, store_format=store_format,
     )
     path = run_extract(cfg, console=err)
     typer.echo(str(path))
@@ -328,7 +329,7 @@ def cache_ls(cache_dir: Optional[Path] = typer.Option(None, help="[default: $TEX
 
 @cache_app.command("info")
 @friendly
-def cache_info(path: Path = typer.Argument(..., help="A store (.zarr folder).")) -> None:
+def cache_info(path: Path = typer.Argument(..., help="A store (.zarr folder or .h5 file).")) -> None:
     """A store's key, arrays (shapes, dtypes) and images done per split, as JSON."""
     from cache.store import FeatureStore
 
@@ -337,7 +338,7 @@ def cache_info(path: Path = typer.Argument(..., help="A store (.zarr folder)."))
 
 @cache_app.command("verify")
 @friendly
-def cache_verify(path: Path = typer.Argument(..., help="A store (.zarr folder).")) -> None:
+def cache_verify(path: Path = typer.Argument(..., help="A store (.zarr folder or .h5 file).")) -> None:
     """Check every image recorded as done: data present, no NaN/Inf, checksums recorded at write time
     match. Exits 1 and lists the problems if any."""
     from cache.maintenance import verify_store, work_items
@@ -360,6 +361,26 @@ def cache_verify(path: Path = typer.Argument(..., help="A store (.zarr folder)."
     typer.echo(f"OK {summary}")
 
 
+@cache_app.command("export")
+@friendly
+def cache_export(path: Path = typer.Argument(..., help="A store (.zarr folder or .h5 file)."),
+                 format: str = typer.Option(..., "--format", help="zarr or h5: the format to write."),
+                 out: Optional[Path] = typer.Option(None, help="Where [default: the same name with the format's suffix]."),
+                 ) -> None:
+    """Copy a store into the other format (same arrays, checksums and done flags); an interrupted export
+    resumes when run again. Prints the new store's path."""
+    from cache.export import export_store, export_target
+    from cache.store import FeatureStore
+    from extract.progress import stage_progress
+
+    target = export_target(path, format, out)
+    progress = stage_progress(err, "export", "rows")
+    with progress:
+        task = progress.add_task(f"{Path(path).name} → {target.name}", total=FeatureStore.open(path).rows_done())
+        result = export_store(path, format, out, progress=lambda: progress.advance(task, 1))
+    typer.echo(str(result))
+
+
 def _removal_lines(rows: list[tuple[Path, int]], dry_run: bool) -> None:
     verb = "would remove" if dry_run else "removed"
     for path, nbytes in rows:
@@ -369,7 +390,7 @@ def _removal_lines(rows: list[tuple[Path, int]], dry_run: bool) -> None:
 
 @cache_app.command("rm")
 @friendly
-def cache_rm(paths: list[Path] = typer.Argument(..., help="Stores (.zarr folders) to delete."),
+def cache_rm(paths: list[Path] = typer.Argument(..., help="Stores (.zarr folders, .h5 files) to delete."),
              dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed.")) -> None:
     """Delete feature stores (anything that is not one is refused, and nothing is deleted)."""
     from cache.maintenance import remove_stores

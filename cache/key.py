@@ -93,8 +93,10 @@ def default_cache_dir() -> Path:
     return base / "textdiff"
 
 
-def store_path(cache_dir: Path, dataset_name: str, key: dict) -> Path:
-    """`cache_dir/<dataset_name>-<first 12 hex of the key hash>.zarr`."""
+def store_path(cache_dir: Path, dataset_name: str, key: dict, store_format: str = "zarr") -> Path:
+    """`cache_dir/<dataset_name>-<first 12 hex of the key hash>.zarr` (or `.h5` for store_format "h5")."""
     if not dataset_name or "/" in dataset_name or "\\" in dataset_name or dataset_name.startswith("."):
         raise ValueError(f"dataset name {dataset_name!r} cannot be used in a store file name")
-    return Path(cache_dir) / f"{dataset_name}-{key_hash(key)[:12]}.zarr"
+    if store_format not in ("zarr", "h5"):
+        raise ValueError(f"--store-format must be zarr or h5, got {store_format!r}")
+    return Path(cache_dir) / f"{dataset_name}-{key_hash(key)[:12]}.{store_format}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import _BASE_ARRAYS, FeatureStore, StoreError, _feat_rel, checksum
+from cache.store import _BASE_ARRAYS, FeatureStore, StoreError, _feat_rel, checksum, store_paths
 
 
 @dataclass
@@ -65,29 +65,35 @@ def verify_store(path: Path | str, progress=None) -> VerifyReport:
 
 def work_items(path: Path | str) -> int:
     """How many rows ``verify_store`` will check (for a progress bar)."""
-    store = FeatureStore.open(path)
-    return sum(int(store.done(s).sum()) + sum(int(store.done(s, *p).sum()) for p in store.pairs())
-               for s in store.splits())
+    return FeatureStore.open(path).rows_done()
+
+
+def _files(path: Path) -> list[Path]:
+    path = Path(path)
+    return [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
 
 
 def store_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in _files(path))
 
 
 def last_written(path: Path) -> float:
     """The newest modification time of anything in the store (a resumed extract counts as use)."""
-    return max((f.stat().st_mtime for f in Path(path).rglob("*")), default=Path(path).stat().st_mtime)
+    return max((f.stat().st_mtime for f in _files(path)), default=Path(path).stat().st_mtime)
 
 
 def remove_stores(paths: list[Path], dry_run: bool = False) -> list[tuple[Path, int]]:
     """Delete feature stores (refusing anything that is not one); (path, bytes) of each."""
     checked = []
     for p in paths:
-        FeatureStore.open(p)  # raises StoreError, naming the path, if it is not a feature store
+        FeatureStore.open(p).close()  # raises StoreError, naming the path, if it is not a feature store
         checked.append((Path(p), store_bytes(Path(p))))
     if not dry_run:
         for p, _ in checked:
-            shutil.rmtree(p)
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     return checked
 
 
@@ -100,9 +106,9 @@ def gc_candidates(cache_dir: Path, older_than_days: float | None = None, keep: i
     if keep is not None and keep < 0:
         raise ValueError(f"--keep must be >= 0, got {keep}")
     stores = []
-    for p in sorted(Path(cache_dir).glob("*.zarr")):
+    for p in store_paths(cache_dir):
         try:
-            FeatureStore.open(p)
+            FeatureStore.open(p).close()
         except StoreError:
             continue  # not ours: never touched
         stores.append((p, last_written(p)))

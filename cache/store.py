@@ -1,4 +1,4 @@
-"""The feature store: one zarr v3 directory (LocalStore) per cache key.
+"""The feature store: one zarr v3 directory (default) or one HDF5 file per cache key (``cache/backends.py``).
 
 Layout (per split group ``<split>``; N images, V views, S size, L tokens, D token dim)::
 
@@ -13,12 +13,13 @@ Layout (per split group ``<split>``; N images, V views, S size, L tokens, D toke
     <split>/crc/t{step}_b{block}   (N,) uint32     CRC-32 of row i's float16 features (0: not recorded)
 
 Ids, texts and views live in the split group's attributes; the key and store facts in the root
-group's. Every chunk holds one image, so writers of different images never touch the same file;
-zarr writes each chunk atomically (temp file + rename), and the done flag is written after the
-data, so a killed writer leaves its row not-done. Done flags are never written False: their chunk
-exists exactly when the flag is set (fill False, empty chunks not written), which lets ``done``
+group's. Every chunk holds one image, so (zarr) writers of different images never touch the same
+file; zarr writes each chunk atomically (temp file + rename), and the done flag is written after the
+data, so a killed writer leaves its row not-done. Done flags are never written False: in zarr their
+chunk exists exactly when the flag is set (fill False, empty chunks not written), which lets ``done``
 read a whole flag array with one directory listing. Checksums are written between the data and the
-flag; ``pipeline cache verify`` recomputes them.
+flag; ``pipeline cache verify`` recomputes them. An HDF5 store (a ``.h5`` path) holds the same
+arrays in one file, for one writer at a time.
 """
 
 from __future__ import annotations
@@ -38,15 +39,11 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-import zarr
-from zarr.codecs import BloscCodec
-from zarr.errors import ContainsArrayError
-from zarr.storage import LocalStore
 
+from cache.backends import BACKENDS, Backend, Spec, backend_for
 from cache.key import FORMAT_VERSION, key_hash
 
 MARKER = "feature-store"
-_CHUNK_KEYS = {"name": "default", "separator": "/"}
 _BASE_ARRAYS = ("image", "mask", "tokens", "token_mask")
 _TOKEN_ROWS_PER_DASK_CHUNK = 256
 
@@ -62,16 +59,6 @@ class SplitLayout:
     ids: list[str]
     texts: list[str]
     views: int
-
-
-@dataclass(frozen=True)
-class _Spec:
-    shape: tuple[int, ...]
-    chunks: tuple[int, ...]
-    dtype: str
-    fill: Any
-    shuffle: str | None  # Blosc shuffle mode; None = uncompressed
-    dims: tuple[str, ...]
 
 
 def _pair_name(step: int, block: int) -> str:
@@ -97,42 +84,34 @@ def checksum(value: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(value).tobytes()) or 1
 
 
-def _base_specs(n: int, v: int, size: int, token_len: int, token_dim: int) -> dict[str, _Spec]:
+def _base_specs(n: int, v: int, size: int, token_len: int, token_dim: int) -> dict[str, Spec]:
     return {
-        "image": _Spec((n, v, 3, size, size), (1, 1, 3, size, size), "uint8", 0, "noshuffle",
+        "image": Spec((n, v, 3, size, size), (1, 1, 3, size, size), "uint8", 0, "noshuffle",
                        ("image", "view", "channel", "y", "x")),
-        "mask": _Spec((n, v, size, size), (1, 1, size, size), "uint8", 0, "bitshuffle",
+        "mask": Spec((n, v, size, size), (1, 1, size, size), "uint8", 0, "bitshuffle",
                       ("image", "view", "y", "x")),
-        "tokens": _Spec((n, token_len, token_dim), (1, token_len, token_dim), "float16", float("nan"),
+        "tokens": Spec((n, token_len, token_dim), (1, token_len, token_dim), "float16", float("nan"),
                         "shuffle", ("image", "token", "feature")),
-        "token_mask": _Spec((n, token_len), (1, token_len), "bool", False, None, ("image", "token")),
+        "token_mask": Spec((n, token_len), (1, token_len), "bool", False, None, ("image", "token")),
         "done/base": _done_spec(n),
-        "crc/base": _Spec((n, len(_BASE_ARRAYS)), (1, len(_BASE_ARRAYS)), "uint32", 0, None, ("image", "array")),
+        "crc/base": Spec((n, len(_BASE_ARRAYS)), (1, len(_BASE_ARRAYS)), "uint32", 0, None, ("image", "array")),
     }
 
 
-def _feat_spec(n: int, v: int, channels: int, hw: tuple[int, int]) -> _Spec:
+def _feat_spec(n: int, v: int, channels: int, hw: tuple[int, int]) -> Spec:
     h, w = hw
     # bitshuffle: 4 % smaller and 1.8x faster to decode than byte shuffle on float16 activations
     # (bench/cache.py); older stores with byte shuffle read the same (the codec is in each array's metadata)
-    return _Spec((n, v, channels, h, w), (1, 1, channels, h, w), "float16", float("nan"), "bitshuffle",
+    return Spec((n, v, channels, h, w), (1, 1, channels, h, w), "float16", float("nan"), "bitshuffle",
                  ("image", "view", "channel", "y", "x"))
 
 
-def _done_spec(n: int) -> _Spec:
-    return _Spec((n,), (1,), "bool", False, None, ("image",))
+def _done_spec(n: int) -> Spec:
+    return Spec((n,), (1,), "bool", False, None, ("image",))
 
 
-def _crc_spec(n: int) -> _Spec:
-    return _Spec((n,), (1,), "uint32", 0, None, ("image",))
-
-
-def _create_array(group: zarr.Group, name: str, spec: _Spec) -> zarr.Array:
-    compressors = None if spec.shuffle is None else BloscCodec(cname="zstd", clevel=3, shuffle=spec.shuffle)
-    return group.create_array(
-        name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill,
-        compressors=compressors, chunk_key_encoding=_CHUNK_KEYS, dimension_names=spec.dims,
-    )
+def _crc_spec(n: int) -> Spec:
+    return Spec((n,), (1,), "uint32", 0, None, ("image",))
 
 
 def _textdiff_version() -> str:
@@ -142,17 +121,22 @@ def _textdiff_version() -> str:
         return "unknown"
 
 
-def _numbered_subdirs(parent: Path, prefix: str) -> list[tuple[int, Path]]:
-    """(number, dir) for children named `<prefix><digits>`; anything else (temp files) is ignored."""
-    if not parent.is_dir():
-        return []
+def _numbered(names: list[str], prefix: str) -> list[tuple[int, str]]:
+    """(number, name) for names `<prefix><digits>`; anything else (temp files) is ignored."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)")
-    found = []
-    for child in parent.iterdir():
-        match = pattern.fullmatch(child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    return found
+    return [(int(m.group(1)), name) for name in names if (m := pattern.fullmatch(name))]
+
+
+def format_of(path: Path | str) -> str:
+    """The store format a path asks for by its suffix: h5 for .h5/.hdf5, else zarr."""
+    return "h5" if Path(path).suffix.lower() in (".h5", ".hdf5") else "zarr"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 def _validate_layout(path: Path, splits: dict[str, SplitLayout], sizes: dict[str, int]) -> None:
@@ -173,20 +157,27 @@ def _validate_layout(path: Path, splits: dict[str, SplitLayout], sizes: dict[str
 
 
 class FeatureStore:
-    """A textdiff feature store on local disk. Build with `create`, reopen with `open`."""
+    """A textdiff feature store on local disk (zarr folder or HDF5 file). Build with `create`, reopen with `open`."""
 
     path: Path
     key: dict
 
-    def __init__(self, path: Path, root: zarr.Group, mode: str) -> None:
+    def __init__(self, path: Path, backend: Backend, mode: str) -> None:
         self.path = path
         self.mode = mode
-        self._root = root
-        self._attrs = dict(root.attrs)
+        self._backend = backend
+        self._attrs = backend.attrs()
         self.key = self._attrs["key"]
-        self._store = root.store
         self._layouts: dict[str, SplitLayout] = {}
-        self._arrays: dict[str, zarr.Array] = {}
+
+    @property
+    def format(self) -> str:
+        """"zarr" or "h5"."""
+        return self._backend.format
+
+    def close(self) -> None:
+        """Release file handles now (an HDF5 store is otherwise closed when the object goes)."""
+        self._backend.close()
 
     def __reduce__(self):  # pickle as "reopen the same path" (dask workers)
         return (FeatureStore.open, (str(self.path), self.mode))
@@ -200,6 +191,7 @@ class FeatureStore:
                token_len: int, token_dim: int, extra_attrs: dict | None = None) -> FeatureStore:
         """Create a new store atomically, or open the existing one at `path` if its key and layout match.
 
+        The format follows the path: ``.h5``/``.hdf5`` an HDF5 file, anything else a zarr folder.
         ``extra_attrs`` (JSON-able) are recorded at creation only, e.g. how the arrays were computed.
         """
         path = Path(path)
@@ -207,10 +199,12 @@ class FeatureStore:
         if path.exists():
             return cls._open_matching(path, key, size, splits, token_len, token_dim)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+        tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex}{path.suffix}"
         try:
             cls._build(tmp, key, size, splits, token_len, token_dim, extra_attrs or {})
             try:
+                if path.exists():  # os.rename would replace a file (not a folder) silently
+                    raise FileExistsError(path)
                 os.rename(tmp, path)
             except OSError:
                 if not path.exists():
@@ -218,7 +212,7 @@ class FeatureStore:
                 # another process created it first: use theirs if it is the same store
                 return cls._open_matching(path, key, size, splits, token_len, token_dim)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
         return cls.open(path, "r+")
 
     @staticmethod
@@ -237,12 +231,14 @@ class FeatureStore:
             "token_dim": int(token_dim),
             "splits": list(splits),
         }
-        root = zarr.open_group(LocalStore(tmp), mode="w-", zarr_format=3, attributes=attrs)
-        for name, lay in splits.items():
-            group = root.create_group(
-                name, attributes={"ids": list(lay.ids), "texts": list(lay.texts), "views": int(lay.views)})
-            for rel, spec in _base_specs(len(lay.ids), lay.views, size, token_len, token_dim).items():
-                _create_array(group, rel, spec)
+        store = BACKENDS[format_of(tmp)].build(tmp, attrs, {name: {"ids": list(lay.ids), "texts": list(lay.texts),
+                                                  "views": int(lay.views)} for name, lay in splits.items()})
+        try:
+            for name, lay in splits.items():
+                for rel, spec in _base_specs(len(lay.ids), lay.views, size, token_len, token_dim).items():
+                    store.create(f"{name}/{rel}", spec)
+        finally:
+            store.close()
 
     @classmethod
     def _open_matching(cls, path: Path, key: dict, size: int, splits: dict[str, SplitLayout],
@@ -278,21 +274,25 @@ class FeatureStore:
         path = Path(path)
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
-        if not path.is_dir():
-            raise StoreError(f"{path}: no feature store there (not a directory)")
+        kind = backend_for(path)
+        if kind is None:
+            raise StoreError(f"{path}: no feature store there (neither a zarr folder nor an HDF5 file)")
         try:
-            root = zarr.open_group(LocalStore(path, read_only=mode == "r"), mode=mode, zarr_format=3)
-        except (FileNotFoundError, ValueError) as e:
+            backend = kind.open(path, read_only=mode == "r")
+        except (FileNotFoundError, ValueError, KeyError) as e:
             raise StoreError(f"{path}: not a zarr v3 group ({e})") from e
-        attrs = root.attrs
+        except OSError as e:  # HDF5: locked by a writer, or damaged
+            raise StoreError(f"{path}: cannot open the HDF5 store ({e}); another process may be writing it") from e
+        attrs = backend.attrs()
         if attrs.get("textdiff") != MARKER or "key" not in attrs:
-            raise StoreError(f"{path}: a zarr group but not a textdiff feature store")
+            backend.close()
+            raise StoreError(f"{path}: a {kind.format} store but not a textdiff feature store")
         if attrs.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: store format_version {attrs.get('format_version')} but this "
                              f"textdiff reads format_version {FORMAT_VERSION}; re-extract into a new store")
         if key_hash(attrs["key"]) != attrs.get("key_hash"):
             raise StoreError(f"{path}: stored key does not match its stored key_hash (edited?)")
-        return cls(path, root, mode)
+        return cls(path, backend, mode)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -316,7 +316,7 @@ class FeatureStore:
         if lay is None:
             if split not in self._attrs["splits"]:
                 raise StoreError(f"{self.path}: no split {split!r}; it has {self.splits()}")
-            attrs = self._root[split].attrs
+            attrs = self._backend.attrs(split)
             lay = SplitLayout(ids=list(attrs["ids"]), texts=list(attrs["texts"]), views=int(attrs["views"]))
             self._layouts[split] = lay
         return lay
@@ -332,12 +332,16 @@ class FeatureStore:
         common: set[tuple[int, int]] | None = None
         for split in self.splits():
             here = set()
-            for step, tdir in _numbered_subdirs(self.path / split / "feat", "t"):
-                for block, bdir in _numbered_subdirs(tdir, "b"):
-                    if (bdir / "zarr.json").is_file() and self._exists(_done_rel(split, step, block)):
+            for step, tname in _numbered(self._backend.children(f"{split}/feat"), "t"):
+                for block, _ in _numbered(self._backend.children(f"{split}/feat/{tname}"), "b"):
+                    if self._exists(_feat_rel(split, step, block)) and self._exists(_done_rel(split, step, block)):
                         here.add((step, block))
             common = here if common is None else common & here
         return sorted(common or ())
+
+    def feature_shape(self, step: int, block: int) -> tuple[int, int, int]:
+        """(C, h, w) of one view's features at (step, block)."""
+        return tuple(self._array(_feat_rel(self.splits()[0], step, block)).shape[2:])
 
     def checksums(self, split: str, step: int | None = None, block: int | None = None) -> np.ndarray:
         """CRC-32s recorded at write time: (N, 4) for image, mask, tokens, token_mask (step=None), or (N,)
@@ -354,17 +358,12 @@ class FeatureStore:
         return np.asarray(arr[...] if row is None else arr[row])
 
     def _exists(self, rel: str) -> bool:
-        return (self.path / rel / "zarr.json").is_file()
+        return self._backend.exists(rel)
 
-    def _array(self, rel: str) -> zarr.Array:
-        arr = self._arrays.get(rel)
-        if arr is None:
-            if not self._exists(rel):
-                raise StoreError(f"{self.path}: no array {rel!r}")
-            arr = zarr.open_array(self._store, path=rel, mode=self.mode, zarr_format=3)
-            arr = arr.with_config({"write_empty_chunks": False})
-            self._arrays[rel] = arr
-        return arr
+    def _array(self, rel: str) -> Any:
+        if not self._exists(rel):
+            raise StoreError(f"{self.path}: no array {rel!r}")
+        return self._backend.array(rel)
 
     def _writable(self) -> None:
         if self.mode == "r":
@@ -391,12 +390,9 @@ class FeatureStore:
         with ThreadPoolExecutor(8, thread_name_prefix="textdiff-create") as pool:
             list(pool.map(lambda p: self.ensure_pair(*p), pairs))
 
-    def _ensure_array(self, rel: str, spec: _Spec) -> None:
+    def _ensure_array(self, rel: str, spec: Spec) -> None:
         if not self._exists(rel):
-            try:
-                _create_array(self._root, rel, spec)
-            except ContainsArrayError:
-                pass  # a concurrent ensure_pair made it: checked below
+            self._backend.create(rel, spec)  # one made meanwhile by a concurrent ensure_pair is checked below
         arr = self._array(rel)
         if tuple(arr.shape) != spec.shape or arr.dtype != np.dtype(spec.dtype):
             raise StoreError(f"{self.path}: array {rel!r} is {tuple(arr.shape)} {arr.dtype}, "
@@ -445,6 +441,7 @@ class FeatureStore:
         if self._exists(_crc_rel(split)):  # stores made before checksums have none
             self._array(_crc_rel(split))[i] = [checksum(values[name]) for name in _BASE_ARRAYS]
         self._array(_done_rel(split))[i] = True
+        self._backend.commit()
 
     def write_features(self, split: str, i: int, step: int, block: int, feats: np.ndarray) -> None:
         """Write one image's features (V,C,h,w), cast to float16; then the done flag."""
@@ -460,6 +457,7 @@ class FeatureStore:
         if self._exists(_crc_rel(split, step, block)):
             self._array(_crc_rel(split, step, block))[i] = checksum(feats)
         self._array(_done_rel(split, step, block))[i] = True
+        self._backend.commit()
 
     # ------------------------------------------------------------------ readers
     def done(self, split: str, step: int | None = None, block: int | None = None) -> np.ndarray:
@@ -468,14 +466,12 @@ class FeatureStore:
         rel = _done_rel(split, step, block)
         if not self._exists(rel):
             raise StoreError(f"{self.path}: no done flags {rel!r} (pair not in the store)")
-        flags = np.zeros(n, dtype=bool)
-        try:
-            names = os.listdir(self.path / rel / "c")
-        except FileNotFoundError:
-            return flags  # nothing written yet
-        rows = np.fromiter((int(x) for x in names if x.isdigit()), dtype=np.int64)
-        flags[rows[rows < n]] = True
-        return flags
+        return self._backend.flags(rel, n)
+
+    def rows_done(self) -> int:
+        """Done flags set, over every split and (base + each pair): the rows a full read-through visits."""
+        return sum(int(self.done(s).sum()) + sum(int(self.done(s, *p).sum()) for p in self.pairs())
+                   for s in self.splits())
 
     def complete_indices(self, split: str, pairs: list[tuple[int, int]] | None = None) -> np.ndarray:
         """Rows whose base and every given pair (default: all pairs) are done."""
@@ -485,8 +481,8 @@ class FeatureStore:
         return np.flatnonzero(ok)
 
     def _dask(self, rel: str, rows: int = 1) -> da.Array:
-        arr = self._array(rel)
-        return da.from_zarr(arr, chunks=(rows,) + tuple(arr.shape[1:]))
+        self._array(rel)  # a clear error when it is missing
+        return self._backend.dask(rel, rows)
 
     def features(self, split: str, step: int, block: int) -> da.Array:
         """(N, V, C, h, w) float16, one image per dask chunk; rows not done read as NaN."""
@@ -531,7 +527,7 @@ class FeatureStore:
             splits[split] = {"total": len(lay.ids), "views": lay.views, "base_done": int(base.sum()),
                              "done": counts, "complete": int(complete.sum())}
         return {
-            "path": str(self.path), "key": self.key, "key_hash": self.key_hash, "size": self.size,
+            "path": str(self.path), "format": self.format, "key": self.key, "key_hash": self.key_hash, "size": self.size,
             "format_version": self._attrs["format_version"], "created": self._attrs["created"],
             "textdiff_version": self._attrs["textdiff_version"], "token_len": self._attrs["token_len"],
             "token_dim": self._attrs["token_dim"], "pairs": [list(p) for p in pairs],
@@ -540,12 +536,10 @@ class FeatureStore:
 
 
 def list_stores(cache_dir: Path) -> list[dict]:
-    """One row per `*.zarr` in `cache_dir`: path, dataset, key_hash, pairs, images done/total (or error)."""
-    cache_dir = Path(cache_dir)
-    if not cache_dir.is_dir():
-        return []
+    """One row per store (`*.zarr`, `*.h5`) in `cache_dir`: path, dataset, key_hash, pairs, images done/total
+    (or error)."""
     rows = []
-    for path in sorted(p for p in cache_dir.glob("*.zarr") if p.is_dir()):
+    for path in store_paths(cache_dir):
         try:
             info = FeatureStore.open(path).info()
         except StoreError as e:
@@ -554,6 +548,7 @@ def list_stores(cache_dir: Path) -> list[dict]:
         dataset = info["key"].get("dataset")
         rows.append({
             "path": str(path),
+            "format": info["format"],
             "dataset": dataset.get("name") if isinstance(dataset, dict) else None,
             "key_hash": info["key_hash"],
             "created": info["created"],
@@ -565,3 +560,12 @@ def list_stores(cache_dir: Path) -> list[dict]:
                        for name, s in info["splits"].items()},
         })
     return rows
+
+
+def store_paths(cache_dir: Path | str) -> list[Path]:
+    """What in ``cache_dir`` looks like a store by its name (``*.zarr`` folders, ``*.h5`` files), sorted."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    return sorted([p for p in cache_dir.glob("*.zarr") if p.is_dir()]
+                  + [p for p in cache_dir.glob("*.h5") if p.is_file()])

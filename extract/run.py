@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from cache.backends import FORMATS
 from cache.key import default_cache_dir, make_key, store_path
 from cache.store import FeatureStore, SplitLayout
 from extract.checkpoints import PRESETS, UNetSource, resolve_unet
@@ -57,6 +58,7 @@ class ExtractConfig:
     limit: int | None = None  # only the first N images of each split (quick trials)
     scheduler: str | None = None  # None: this process; "local:N" or "tcp://HOST:PORT": dask.distributed
     threads: int | None = None  # torch intra-op threads per process (None: torch's default here)
+    store_format: str = "zarr"  # or "h5": one HDF5 file, one writer
     dataset_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -160,6 +162,9 @@ def run_extract(cfg: ExtractConfig, console: Console | None = None,
         from extract.cluster import check_scheduler
 
         check_scheduler(cfg.scheduler)
+        if cfg.store_format == "h5":
+            raise ValueError("--scheduler needs a zarr store (HDF5 has one writer at a time): extract with "
+                             "--store-format zarr, then `pipeline cache export STORE --format h5`")
     prepared, encoder = _prepare(cfg, console)
     if not prepared.jobs:
         return prepared.store.path
@@ -190,6 +195,8 @@ def _prepare(cfg: ExtractConfig, console: Console) -> tuple[Prepared, TextEncode
         raise ValueError(f"--augment must be one of {sorted(AUGMENTATIONS)}, got {cfg.augment!r}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
+    if cfg.store_format not in FORMATS:
+        raise ValueError(f"--store-format must be one of {list(FORMATS)}, got {cfg.store_format!r}")
     ds = open_source(cfg)
     if ds.skipped:
         console.print(f"[yellow]skipped {len(ds.skipped)} bad item(s)[/]: "
@@ -229,7 +236,7 @@ def _prepare(cfg: ExtractConfig, console: Console) -> tuple[Prepared, TextEncode
     views = {s: AUGMENTATIONS[cfg.augment] if s == "train" else 1 for s in ds.splits()}
     layouts = {s: SplitLayout(ids=[it.id for it in items[s]], texts=[it.text for it in items[s]], views=views[s])
                for s in ds.splits()}
-    path = store_path(Path(cfg.cache_dir), ds.name, key)
+    path = store_path(Path(cfg.cache_dir), ds.name, key, cfg.store_format)
     store = FeatureStore.create(path, key, size=cfg.size, splits=layouts, token_len=max_length,
                                 token_dim=encoder.dim, extra_attrs={"forward_batch": cfg.batch_size,
                                                                     "extract": _provenance(cfg, unet_src)})

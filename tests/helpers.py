@@ -6,8 +6,10 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
+from cache.store import FeatureStore
 from extract.run import ExtractConfig, run_extract
 
 TINY_COUNTS = {"train": 4, "val": 2, "test": 3}
@@ -26,3 +28,25 @@ def tiny_store(adm: Path, cache_dir: Path, counts: dict[str, int] | None = None,
                         blocks=(4, 8), cache_dir=cache_dir, dataset_options={"counts": counts or TINY_COUNTS},
                         **options)
     return run_extract(cfg, console=quiet())
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a store (either format), for equality checks."""
+    store = FeatureStore.open(path)
+    out: dict[str, np.ndarray] = {}
+    for split in store.splits():
+        out[f"{split}/image"] = store.images(split).compute()
+        out[f"{split}/mask"] = store.masks(split).compute()
+        out[f"{split}/tokens"] = store.tokens(split).compute()
+        out[f"{split}/token_mask"] = store.token_mask(split)
+        for s, b in store.pairs():
+            out[f"{split}/t{s}/b{b}"] = store.features(split, s, b).compute()
+        out[f"{split}/crc"] = store.checksums(split)
+    store.close()
+    return out
+
+
+def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -1,4 +1,4 @@
-"""Tests for cache/: key hashing and the zarr feature store."""
+"""Tests for cache/: key hashing and the feature store, in both formats (zarr folder, HDF5 file)."""
 
 from __future__ import annotations
 
@@ -70,9 +70,15 @@ def _snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(params=["zarr", "h5"])
+def fmt(request: pytest.FixtureRequest) -> str:
+    """Each store test runs on both formats."""
+    return request.param
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> FeatureStore:
-    return _new(tmp_path / "s.zarr")
+def store(tmp_path: Path, fmt: str) -> FeatureStore:
+    return _new(tmp_path / f"s.{fmt}")
 
 
 # ---------------------------------------------------------------- key
@@ -153,12 +159,14 @@ def test_store_path(tmp_path):
 # ---------------------------------------------------------------- create / open
 
 
-def test_create_open_round_trip(tmp_path):
-    path = tmp_path / "cache" / "s.zarr"
+def test_create_open_round_trip(tmp_path, fmt):
+    path = tmp_path / "cache" / f"s.{fmt}"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no zarr warnings for users
         created = _new(path)
-    assert not [p for p in path.parent.iterdir() if p.name != "s.zarr"], "temp build dir left behind"
+    assert not [p for p in path.parent.iterdir() if p.name != path.name], "temp build dir left behind"
+    assert created.format == fmt and (path.is_dir() if fmt == "zarr" else path.is_file())
+    created.close()
     store = FeatureStore.open(path)
     assert store.key == _key() and store.key_hash == key_hash(_key())
     assert store.splits() == ["train", "test"]
@@ -195,8 +203,8 @@ def test_different_key_refused(store):
     assert store.key_hash in str(err.value) and key_hash(other) in str(err.value)
 
 
-def test_create_race_uses_the_winner(tmp_path, monkeypatch):
-    path = tmp_path / "s.zarr"
+def test_create_race_uses_the_winner(tmp_path, monkeypatch, fmt):
+    path = tmp_path / f"s.{fmt}"
     build = FeatureStore._build
 
     def build_then_lose(tmp, *args):
@@ -206,11 +214,11 @@ def test_create_race_uses_the_winner(tmp_path, monkeypatch):
     monkeypatch.setattr(FeatureStore, "_build", staticmethod(build_then_lose))
     store = _new(path)
     assert store.key_hash == key_hash(_key())
-    assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
-def test_create_race_with_other_key_refused(tmp_path, monkeypatch):
-    path = tmp_path / "s.zarr"
+def test_create_race_with_other_key_refused(tmp_path, monkeypatch, fmt):
+    path = tmp_path / f"s.{fmt}"
     build = FeatureStore._build
 
     def build_then_lose(tmp, key, *args):
@@ -222,8 +230,9 @@ def test_create_race_with_other_key_refused(tmp_path, monkeypatch):
         _new(path)
 
 
-def test_open_refuses_foreign_and_old_stores(tmp_path, store):
-    with pytest.raises(StoreError, match="not a directory"):
+def test_open_refuses_foreign_and_old_stores(tmp_path):
+    store = _new(tmp_path / "s.zarr")
+    with pytest.raises(StoreError, match="no feature store there"):
         FeatureStore.open(tmp_path / "missing.zarr")
     (tmp_path / "empty.zarr").mkdir()
     with pytest.raises(StoreError, match="not a zarr"):
@@ -275,8 +284,9 @@ def test_writes_set_done_and_read_back(store):
     reader = FeatureStore.open(store.path)
     assert reader.done("train").tolist() == [False, True, False]
     assert reader.done("train", 50, 6).tolist() == [False, True, False]
-    raw = zarr.open_array(store.path / "train" / "done" / "t50_b6", mode="r")[:]
-    assert np.array_equal(raw, reader.done("train", 50, 6))  # the listing agrees with zarr
+    if store.format == "zarr":
+        raw = zarr.open_array(store.path / "train" / "done" / "t50_b6", mode="r")[:]
+        assert np.array_equal(raw, reader.done("train", 50, 6))  # the listing agrees with zarr
     assert reader.complete_indices("train").tolist() == [1]
 
     got = reader.features("train", 50, 6)
@@ -356,11 +366,11 @@ def test_simulated_crash_leaves_row_not_done(store, monkeypatch):
     assert not reader.done("train", 50, 6).any()  # data on disk, flag not set
     assert reader.complete_indices("train").size == 0
     assert reader.info()["splits"]["train"]["complete"] == 0
-    # a stray zarr temp file is ignored by the flag reader and the pair listing
-    (store.path / "train" / "done" / "t50_b6" / "c").mkdir(parents=True, exist_ok=True)
-    (store.path / "train" / "done" / "t50_b6" / "c" / "0.1234abcd.partial").write_bytes(b"\x01")
-    (store.path / "train" / "feat" / "zarr.1234abcd.partial").write_bytes(b"{}")
-    assert not reader.done("train", 50, 6).any() and reader.pairs() == [(50, 6)]
     # resuming rewrites the row
     store.write_features("train", 0, 50, 6, feats)
     assert reader.complete_indices("train").tolist() == [0]
+    if store.format == "zarr":  # a stray zarr temp file is ignored by the flag reader and the pair listing
+        (store.path / "train" / "done" / "t50_b6" / "c").mkdir(parents=True, exist_ok=True)
+        (store.path / "train" / "done" / "t50_b6" / "c" / "1.1234abcd.partial").write_bytes(b"\x01")
+        (store.path / "train" / "feat" / "zarr.1234abcd.partial").write_bytes(b"{}")
+        assert reader.done("train", 50, 6).tolist() == [True, False, False] and reader.pairs() == [(50, 6)]

@@ -24,6 +24,7 @@ from extract.diffusion import shared_noise
 from extract.features import FeatureExtractor
 from extract.run import ExtractConfig, dihedral, run_extract
 from extract.unet import load_unet
+from tests.helpers import arrays, assert_same
 
 SYN = {"counts": {"train": 4, "val": 2, "test": 2}}
 
@@ -34,26 +35,6 @@ def cfg(adm_fixtures: Path, tmp_path: Path) -> ExtractConfig:
                          unet_flags=adm_fixtures / "adm_tiny_flags.json", text_encoder="minilm", size=32,
                          steps=(50, 250), blocks=(4, 8), cache_dir=tmp_path / "cache", batch_size=4,
                          dataset_options=SYN)
-
-
-def arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a store, for equality checks."""
-    store = FeatureStore.open(path)
-    out: dict[str, np.ndarray] = {}
-    for split in store.splits():
-        out[f"{split}/image"] = store.images(split).compute()
-        out[f"{split}/mask"] = store.masks(split).compute()
-        out[f"{split}/tokens"] = store.tokens(split).compute()
-        out[f"{split}/token_mask"] = store.token_mask(split)
-        for s, b in store.pairs():
-            out[f"{split}/t{s}/b{b}"] = store.features(split, s, b).compute()
-    return out
-
-
-def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_store_holds_exactly_the_extractor_features(cfg: ExtractConfig, adm_fixtures: Path) -> None:

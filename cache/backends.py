@@ -1,0 +1,239 @@
+"""Where a feature store's arrays live: a zarr v3 directory (default) or one HDF5 file.
+
+Both hold the same layout (``cache/store.py``): groups by relative path (``train/feat/t50/b4``), the
+same shapes, chunks (one image per chunk), dtypes and fill values, the root and split attributes as
+JSON. ``FeatureStore`` talks only to the small interface below, so readers, ``fit``, ``evaluate``,
+``cache info`` and ``cache verify`` work on either.
+
+zarr: any number of processes may write different images at once (one file per chunk, each
+written atomically) — what ``extract --scheduler`` needs. HDF5: one writing process at a time
+(HDF5 locks the file; a second writer is refused), flushed after every image so that a killed
+writer leaves the images it committed readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import dask.array as da
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.errors import ContainsArrayError
+from zarr.storage import LocalStore
+
+FORMATS = ("zarr", "h5")
+_CHUNK_KEYS = {"name": "default", "separator": "/"}
+_H5_ATTRS = "textdiff_attrs"  # HDF5 attributes hold the JSON of what zarr keeps as attributes
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One array: shape, chunks, dtype, fill value, shuffle mode (None: uncompressed), dimension names."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    fill: Any
+    shuffle: str | None
+    dims: tuple[str, ...]
+
+
+class Backend:
+    """The storage interface of a feature store (see the module docstring)."""
+
+    format: ClassVar[str]
+    suffix: ClassVar[str]
+
+    def __init__(self, path: Path, read_only: bool) -> None:
+        self.path, self.read_only = path, read_only
+
+    @classmethod
+    def build(cls, path: Path, attrs: dict, groups: dict[str, dict]) -> Backend:
+        """A new, writable store at ``path`` with root ``attrs`` and one group per ``groups`` item."""
+        raise NotImplementedError
+
+    def attrs(self, group: str = "") -> dict:
+        raise NotImplementedError
+
+    def exists(self, rel: str) -> bool:
+        raise NotImplementedError
+
+    def children(self, rel: str) -> list[str]:
+        """Names directly under group ``rel`` ([] when it does not exist)."""
+        raise NotImplementedError
+
+    def create(self, rel: str, spec: Spec) -> None:
+        """Create array ``rel``; an array created meanwhile by another writer is left as it is."""
+        raise NotImplementedError
+
+    def array(self, rel: str) -> Any:
+        """The array at ``rel``: numpy-style indexing for reads and writes, ``shape``, ``dtype``, ``chunks``."""
+        raise NotImplementedError
+
+    def flags(self, rel: str, n: int) -> np.ndarray:
+        """A (n,) bool done-flag array, read whole."""
+        return np.asarray(self.array(rel)[...], dtype=bool)
+
+    def dask(self, rel: str, rows: int) -> da.Array:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        """Make what was written so far durable (after each image's done flag)."""
+
+    def close(self) -> None:
+        """Release the store's file handles."""
+
+
+class ZarrBackend(Backend):
+    """A zarr v3 directory on the local (or a shared) filesystem."""
+
+    format, suffix = "zarr", ".zarr"
+
+    def __init__(self, path: Path, read_only: bool, root: zarr.Group) -> None:
+        super().__init__(path, read_only)
+        self._root = root
+        self._arrays: dict[str, zarr.Array] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def build(cls, path: Path, attrs: dict, groups: dict[str, dict]) -> ZarrBackend:
+        root = zarr.open_group(LocalStore(path), mode="w-", zarr_format=3, attributes=attrs)
+        for name, group_attrs in groups.items():
+            root.create_group(name, attributes=group_attrs)
+        return cls(path, False, root)
+
+    @classmethod
+    def open(cls, path: Path, read_only: bool) -> ZarrBackend:
+        root = zarr.open_group(LocalStore(path, read_only=read_only), mode="r" if read_only else "r+",
+                               zarr_format=3)
+        return cls(path, read_only, root)
+
+    def attrs(self, group: str = "") -> dict:
+        return dict((self._root[group] if group else self._root).attrs)
+
+    def exists(self, rel: str) -> bool:
+        return (self.path / rel / "zarr.json").is_file()
+
+    def children(self, rel: str) -> list[str]:
+        folder = self.path / rel
+        return sorted(c.name for c in folder.iterdir() if c.is_dir()) if folder.is_dir() else []
+
+    def create(self, rel: str, spec: Spec) -> None:
+        compressors = None if spec.shuffle is None else BloscCodec(cname="zstd", clevel=3, shuffle=spec.shuffle)
+        try:
+            self._root.create_array(rel, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
+                                    fill_value=spec.fill, compressors=compressors,
+                                    chunk_key_encoding=_CHUNK_KEYS, dimension_names=spec.dims)
+        except ContainsArrayError:
+            pass
+
+    def array(self, rel: str) -> zarr.Array:
+        arr = self._arrays.get(rel)
+        if arr is None:
+            arr = zarr.open_array(self._root.store, path=rel, mode="r" if self.read_only else "r+", zarr_format=3)
+            arr = self._arrays[rel] = arr.with_config({"write_empty_chunks": False})
+        return arr
+
+    def flags(self, rel: str, n: int) -> np.ndarray:
+        """Done flags are never written False, so a flag's chunk file exists exactly when it is set: one
+        directory listing reads them all."""
+        flags = np.zeros(n, dtype=bool)
+        try:
+            names = os.listdir(self.path / rel / "c")
+        except FileNotFoundError:
+            return flags  # nothing written yet
+        rows = np.fromiter((int(x) for x in names if x.isdigit()), dtype=np.int64)
+        flags[rows[rows < n]] = True
+        return flags
+
+    def dask(self, rel: str, rows: int) -> da.Array:
+        arr = self.array(rel)
+        return da.from_zarr(arr, chunks=(rows,) + tuple(arr.shape[1:]))
+
+
+class H5Backend(Backend):
+    """One HDF5 file (h5py): chunked datasets, byte shuffle + LZF where zarr uses blosc."""
+
+    format, suffix = "h5", ".h5"
+
+    def __init__(self, path: Path, read_only: bool, file: Any) -> None:
+        super().__init__(path, read_only)
+        self._file = file
+
+    @classmethod
+    def build(cls, path: Path, attrs: dict, groups: dict[str, dict]) -> H5Backend:
+        import h5py
+
+        f = h5py.File(path, "w-")
+        f.attrs[_H5_ATTRS] = json.dumps(attrs)
+        for name, group_attrs in groups.items():
+            f.create_group(name).attrs[_H5_ATTRS] = json.dumps(group_attrs)
+        return cls(path, False, f)
+
+    @classmethod
+    def open(cls, path: Path, read_only: bool) -> H5Backend:
+        import h5py
+
+        return cls(path, read_only, h5py.File(path, "r" if read_only else "r+"))
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        f = getattr(self, "_file", None)
+        if f is not None and f.id.valid:
+            f.close()
+
+    def attrs(self, group: str = "") -> dict:
+        raw = (self._file[group] if group else self._file).attrs.get(_H5_ATTRS)
+        return json.loads(raw) if raw is not None else {}
+
+    def exists(self, rel: str) -> bool:
+        import h5py
+
+        return isinstance(self._file.get(rel), h5py.Dataset)
+
+    def children(self, rel: str) -> list[str]:
+        import h5py
+
+        group = self._file.get(rel)
+        return sorted(group.keys()) if isinstance(group, h5py.Group) else []
+
+    def create(self, rel: str, spec: Spec) -> None:
+        if rel in self._file:
+            return
+        compress = spec.shuffle is not None
+        ds = self._file.create_dataset(rel, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
+                                       fillvalue=np.array(spec.fill, dtype=spec.dtype),
+                                       compression="lzf" if compress else None, shuffle=compress)
+        ds.attrs["dimension_names"] = list(spec.dims)
+
+    def array(self, rel: str) -> Any:
+        return self._file[rel]
+
+    def dask(self, rel: str, rows: int) -> da.Array:
+        ds = self._file[rel]
+        return da.from_array(ds, chunks=(rows,) + tuple(ds.shape[1:]), lock=True, asarray=True)
+
+    def commit(self) -> None:
+        self._file.flush()
+
+
+BACKENDS: dict[str, type[Backend]] = {"zarr": ZarrBackend, "h5": H5Backend}
+
+
+def backend_for(path: Path) -> type[Backend] | None:
+    """The backend of what is at ``path``: a directory is zarr, an HDF5 file h5; None otherwise."""
+    if path.is_dir():
+        return ZarrBackend
+    if path.is_file():
+        import h5py
+
+        return H5Backend if h5py.is_hdf5(path) else None
+    return None

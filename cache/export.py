@@ -1,0 +1,62 @@
+"""``pipeline cache export``: the same store in the other format (zarr folder <-> HDF5 file).
+
+Rows are copied the way extraction writes them (data, checksum, then the done flag), so an
+interrupted export leaves a valid, partial store, and running the export again copies only the
+rows still missing. Only rows marked done in the source are copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from cache.backends import FORMATS
+from cache.store import _BASE_ARRAYS, FeatureStore, StoreError, _feat_rel, format_of
+
+# root attributes a new store sets itself; everything else (how it was made) is carried over
+_OWN_ATTRS = {"textdiff", "key", "key_hash", "format_version", "size", "textdiff_version", "created",
+              "token_len", "token_dim", "splits"}
+
+
+def export_target(src: Path, store_format: str, dest: Path | None = None) -> Path:
+    """Where ``export_store`` writes: ``dest``, or the source's path with the other suffix."""
+    if store_format not in FORMATS:
+        raise StoreError(f"--format must be one of {list(FORMATS)}, got {store_format!r}")
+    dest = Path(dest) if dest is not None else Path(src).with_suffix(f".{store_format}")
+    if format_of(dest) != store_format:
+        raise StoreError(f"{dest}: an {store_format} store's name must end in .{store_format}")
+    return dest
+
+
+def export_store(src_path: Path, store_format: str, dest: Path | None = None,
+                 progress: Callable[[], None] | None = None) -> Path:
+    """Copy the store at ``src_path`` into a store of ``store_format``; returns its path."""
+    src = FeatureStore.open(src_path)
+    target = export_target(src.path, store_format, dest)
+    if src.format == store_format and target.resolve() == src.path.resolve():
+        raise StoreError(f"{src.path} is already a {store_format} store")
+    attrs = src.attrs
+    out = FeatureStore.create(target, src.key, size=src.size, splits={s: src.layout(s) for s in src.splits()},
+                              token_len=attrs["token_len"], token_dim=attrs["token_dim"],
+                              extra_attrs={**{k: v for k, v in attrs.items() if k not in _OWN_ATTRS},
+                                           "exported_from": {"path": str(src.path), "created": attrs["created"]}})
+    pairs = src.pairs()
+    shapes = {p: src.feature_shape(*p) for p in pairs}
+    out.ensure_pairs([(s, b, shapes[s, b][0], shapes[s, b][1:]) for s, b in pairs])
+    for split in src.splits():
+        have = out.done(split)
+        for i in src.done(split).nonzero()[0]:
+            if not have[i]:
+                out.write_base(split, int(i), *(src.read(f"{split}/{name}", int(i)) for name in _BASE_ARRAYS))
+            if progress:
+                progress()
+        for step, block in pairs:
+            have = out.done(split, step, block)
+            for i in src.done(split, step, block).nonzero()[0]:
+                if not have[i]:
+                    out.write_features(split, int(i), step, block, src.read(_feat_rel(split, step, block), int(i)))
+                if progress:
+                    progress()
+    out.close()
+    src.close()
+    return target
