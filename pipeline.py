@@ -76,7 +76,7 @@ def extract(
     splits: Optional[str] = typer.Option(None, help="Comma-separated splits to extract [default: all]."),
     augment: str = typer.Option("none", help="none, or d4: also store the 8 dihedral views of training images."),
     max_length: Optional[int] = typer.Option(None, help="Text tokens kept [default: the longest text]; authors: 10."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Where stores live [default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]."),
+    cache_dir: Optional[str] = typer.Option(None, help="Where stores live: a folder or an fsspec URL (s3://bucket/cache, zarr only) [default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]."),
     batch_size: int = typer.Option(12, help="UNet samples (images x views x steps) per forward pass."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
     autocast: bool = typer.Option(False, help="Mixed precision: bf16 on CPU, fp16 on GPU."),
@@ -109,7 +109,7 @@ def extract(
 @app.command()
 @friendly
 def fit(
-    cache: Path = typer.Option(..., help="A store written by `pipeline extract`."),
+    cache: str = typer.Option(..., help="A store written by `pipeline extract` (a path or an fsspec URL)."),
     out: Path = typer.Option(..., help="The run folder to write."),
     blocks: Optional[str] = typer.Option(None, help="Blocks to use [default: all in the store]."),
     steps: Optional[str] = typer.Option(None, help="Steps to use [default: all in the store]."),
@@ -156,7 +156,7 @@ def fit(
 def evaluate(
     run: Path = typer.Argument(..., help="A `pipeline fit` run folder."),
     split: str = typer.Option("test", help="The store split to score."),
-    cache: Optional[Path] = typer.Option(None, help="The run's store, if it moved [default: the one the run recorded]; a store with another key is refused."),
+    cache: Optional[str] = typer.Option(None, help="The run's store, if it moved [default: the one the run recorded]; a store with another key is refused."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Also write eval-<split>/overlays/<id>.png (image | ground truth | prediction)."),
 ) -> None:
     """Score a run on one split: per_image.csv, summary.json, predictions.npz and overlays in RUN/eval-<split>/."""
@@ -168,7 +168,7 @@ def evaluate(
 @app.command()
 @friendly
 def sweep(
-    cache: Path = typer.Option(..., help="A store written by `pipeline extract`; every block and step in it is swept."),
+    cache: str = typer.Option(..., help="A store written by `pipeline extract`; every block and step in it is swept."),
     out: Path = typer.Option(..., help="The sweep folder (runs/<name>, sweep.csv, sweep.png); run again to resume."),
     epochs: int = typer.Option(100, help="Epochs per fit."),
     train_count: Optional[int] = typer.Option(None, help="Few-shot training images [default: 5 MoNuSeg, 150 QaTa, else all]."),
@@ -195,7 +195,7 @@ def predict(
     image: Path = typer.Option(..., "--image", help="The image to segment (PNG, JPEG, TIFF, BMP; grey, RGB, 16-bit)."),
     text: str = typer.Option(..., "--text", help="The image's description (what the head attends to)."),
     out: Path = typer.Option(..., "--out", help="Mask PNG to write ({0,255}); a folder → <image stem>_mask.png."),
-    cache: Optional[Path] = typer.Option(None, help="The run's store, if it moved [default: the one the run recorded]."),
+    cache: Optional[str] = typer.Option(None, help="The run's store, if it moved [default: the one the run recorded]."),
     original_size: bool = typer.Option(False, "--original-size", help="Resize the mask (nearest) back to the image's size."),
     unet: Optional[str] = typer.Option(None, help="The run's UNet checkpoint, if it moved (its sha256 is checked)."),
     text_encoder: Optional[str] = typer.Option(None, help="The run's text encoder, if it moved (its hashes are checked)."),
@@ -329,7 +329,7 @@ def cache_ls(cache_dir: Optional[Path] = typer.Option(None, help="[default: $TEX
 
 @cache_app.command("info")
 @friendly
-def cache_info(path: Path = typer.Argument(..., help="A store (.zarr folder or .h5 file).")) -> None:
+def cache_info(path: str = typer.Argument(..., help="A store (.zarr folder, .h5 file, or zarr URL).")) -> None:
     """A store's key, arrays (shapes, dtypes) and images done per split, as JSON."""
     from cache.store import FeatureStore
 
@@ -338,15 +338,16 @@ def cache_info(path: Path = typer.Argument(..., help="A store (.zarr folder or .
 
 @cache_app.command("verify")
 @friendly
-def cache_verify(path: Path = typer.Argument(..., help="A store (.zarr folder or .h5 file).")) -> None:
+def cache_verify(path: str = typer.Argument(..., help="A store (.zarr folder, .h5 file, or zarr URL).")) -> None:
     """Check every image recorded as done: data present, no NaN/Inf, checksums recorded at write time
     match. Exits 1 and lists the problems if any."""
+    from cache.backends import basename
     from cache.maintenance import verify_store, work_items
     from extract.progress import stage_progress
 
     progress = stage_progress(err, "verify", "rows")
     with progress:
-        task = progress.add_task(Path(path).name, total=work_items(path))
+        task = progress.add_task(basename(path), total=work_items(path))
         report = verify_store(path, progress=lambda: progress.advance(task, 1))
     for line in report.problems[:50]:
         err.print(f"[red]problem[/]: {line}")
@@ -363,12 +364,13 @@ def cache_verify(path: Path = typer.Argument(..., help="A store (.zarr folder or
 
 @cache_app.command("export")
 @friendly
-def cache_export(path: Path = typer.Argument(..., help="A store (.zarr folder or .h5 file)."),
+def cache_export(path: str = typer.Argument(..., help="A store (.zarr folder, .h5 file, or zarr URL)."),
                  format: str = typer.Option(..., "--format", help="zarr or h5: the format to write."),
-                 out: Optional[Path] = typer.Option(None, help="Where [default: the same name with the format's suffix]."),
+                 out: Optional[str] = typer.Option(None, help="Where (a path, or a URL for zarr) [default: the same name with the format's suffix]."),
                  ) -> None:
     """Copy a store into the other format (same arrays, checksums and done flags); an interrupted export
     resumes when run again. Prints the new store's path."""
+    from cache.backends import basename
     from cache.export import export_store, export_target
     from cache.store import FeatureStore
     from extract.progress import stage_progress
@@ -376,7 +378,7 @@ def cache_export(path: Path = typer.Argument(..., help="A store (.zarr folder or
     target = export_target(path, format, out)
     progress = stage_progress(err, "export", "rows")
     with progress:
-        task = progress.add_task(f"{Path(path).name} → {target.name}", total=FeatureStore.open(path).rows_done())
+        task = progress.add_task(f"{basename(path)} → {basename(target)}", total=FeatureStore.open(path).rows_done())
         result = export_store(path, format, out, progress=lambda: progress.advance(task, 1))
     typer.echo(str(result))
 

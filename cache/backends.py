@@ -6,7 +6,9 @@ JSON. ``FeatureStore`` talks only to the small interface below, so readers, ``fi
 ``cache info`` and ``cache verify`` work on either.
 
 zarr: any number of processes may write different images at once (one file per chunk, each
-written atomically) — what ``extract --scheduler`` needs. HDF5: one writing process at a time
+written atomically) — what ``extract --scheduler`` needs. A zarr store may also live at any fsspec
+URL zarr supports (``s3://bucket/cache/x.zarr``, ``gs://``, ``memory://`` ...; the protocol's
+package, e.g. s3fs, installed; credentials as that package reads them). HDF5: one writing process at a time
 (HDF5 locks the file; a second writer is refused), flushed after every image so that a killed
 writer leaves the images it committed readable.
 """
@@ -15,21 +17,47 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import dask.array as da
+import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 from zarr.errors import ContainsArrayError
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 FORMATS = ("zarr", "h5")
 _CHUNK_KEYS = {"name": "default", "separator": "/"}
 _H5_ATTRS = "textdiff_attrs"  # HDF5 attributes hold the JSON of what zarr keeps as attributes
+
+
+Location = Path | str  # a local path, or an fsspec URL (str) for zarr stores
+
+
+def is_url(location: Location) -> bool:
+    """An fsspec URL (``proto://...``) rather than a local path."""
+    return isinstance(location, str) and "://" in location
+
+
+def as_location(value: str | Path) -> Location:
+    """A command-line store or cache folder: URLs stay strings (``Path`` would fold their ``//``)."""
+    return value if is_url(value) else Path(value)
+
+
+def join(location: Location, name: str) -> Location:
+    """``location / name`` for paths and URLs."""
+    return f"{str(location).rstrip('/')}/{name}" if is_url(location) else Path(location) / name
+
+
+def dirname(location: Location) -> Location:
+    return str(location).rstrip("/").rsplit("/", 1)[0] if is_url(location) else Path(location).parent
+
+
+def basename(location: Location) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1] if is_url(location) else Path(location).name
 
 
 @dataclass(frozen=True)
@@ -50,11 +78,11 @@ class Backend:
     format: ClassVar[str]
     suffix: ClassVar[str]
 
-    def __init__(self, path: Path, read_only: bool) -> None:
+    def __init__(self, path: Location, read_only: bool) -> None:
         self.path, self.read_only = path, read_only
 
     @classmethod
-    def build(cls, path: Path, attrs: dict, groups: dict[str, dict]) -> Backend:
+    def build(cls, path: Location, attrs: dict, groups: dict[str, dict]) -> Backend:
         """A new, writable store at ``path`` with root ``attrs`` and one group per ``groups`` item."""
         raise NotImplementedError
 
@@ -90,39 +118,61 @@ class Backend:
         """Release the store's file handles."""
 
 
+def _fs(location: Location) -> tuple[Any, str]:
+    """(fsspec filesystem, path on it) of a local path or URL."""
+    if is_url(location):
+        return fsspec.core.url_to_fs(str(location))
+    return fsspec.filesystem("file"), str(Path(location).resolve())
+
+
 class ZarrBackend(Backend):
-    """A zarr v3 directory on the local (or a shared) filesystem."""
+    """A zarr v3 directory: on the local (or a shared) filesystem, or at an fsspec URL."""
 
     format, suffix = "zarr", ".zarr"
 
-    def __init__(self, path: Path, read_only: bool, root: zarr.Group) -> None:
+    def __init__(self, path: Location, read_only: bool, root: zarr.Group) -> None:
         super().__init__(path, read_only)
         self._root = root
         self._arrays: dict[str, zarr.Array] = {}
-        self._lock = threading.Lock()
+        self._fs, self._base = _fs(path)
+
+    @staticmethod
+    def _store(path: Location, read_only: bool) -> Any:
+        if not is_url(path):
+            return LocalStore(path, read_only=read_only)
+        options = {"auto_mkdir": True} if str(path).startswith("file://") else None
+        return FsspecStore.from_url(str(path), read_only=read_only, storage_options=options)
 
     @classmethod
-    def build(cls, path: Path, attrs: dict, groups: dict[str, dict]) -> ZarrBackend:
-        root = zarr.open_group(LocalStore(path), mode="w-", zarr_format=3, attributes=attrs)
+    def build(cls, path: Location, attrs: dict, groups: dict[str, dict]) -> ZarrBackend:
+        root = zarr.open_group(cls._store(path, False), mode="w-", zarr_format=3, attributes=attrs)
         for name, group_attrs in groups.items():
             root.create_group(name, attributes=group_attrs)
         return cls(path, False, root)
 
     @classmethod
-    def open(cls, path: Path, read_only: bool) -> ZarrBackend:
-        root = zarr.open_group(LocalStore(path, read_only=read_only), mode="r" if read_only else "r+",
-                               zarr_format=3)
+    def open(cls, path: Location, read_only: bool) -> ZarrBackend:
+        root = zarr.open_group(cls._store(path, read_only), mode="r" if read_only else "r+", zarr_format=3)
         return cls(path, read_only, root)
 
     def attrs(self, group: str = "") -> dict:
         return dict((self._root[group] if group else self._root).attrs)
 
+    def _names(self, rel: str, directories: bool) -> list[str]:
+        try:
+            entries = self._fs.ls(f"{self._base}/{rel}", detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries
+                      if (e["type"] == "directory") == directories)
+
     def exists(self, rel: str) -> bool:
-        return (self.path / rel / "zarr.json").is_file()
+        if not is_url(self.path):  # the common case, without fsspec's overhead
+            return (Path(self.path) / rel / "zarr.json").is_file()
+        return self._fs.exists(f"{self._base}/{rel}/zarr.json")
 
     def children(self, rel: str) -> list[str]:
-        folder = self.path / rel
-        return sorted(c.name for c in folder.iterdir() if c.is_dir()) if folder.is_dir() else []
+        return self._names(rel, directories=True)
 
     def create(self, rel: str, spec: Spec) -> None:
         compressors = None if spec.shuffle is None else BloscCodec(cname="zstd", clevel=3, shuffle=spec.shuffle)
@@ -144,10 +194,13 @@ class ZarrBackend(Backend):
         """Done flags are never written False, so a flag's chunk file exists exactly when it is set: one
         directory listing reads them all."""
         flags = np.zeros(n, dtype=bool)
-        try:
-            names = os.listdir(self.path / rel / "c")
-        except FileNotFoundError:
-            return flags  # nothing written yet
+        if is_url(self.path):
+            names = self._names(f"{rel}/c", directories=False)
+        else:
+            try:
+                names = os.listdir(Path(self.path) / rel / "c")
+            except FileNotFoundError:
+                return flags  # nothing written yet
         rows = np.fromiter((int(x) for x in names if x.isdigit()), dtype=np.int64)
         flags[rows[rows < n]] = True
         return flags
@@ -228,8 +281,13 @@ class H5Backend(Backend):
 BACKENDS: dict[str, type[Backend]] = {"zarr": ZarrBackend, "h5": H5Backend}
 
 
-def backend_for(path: Path) -> type[Backend] | None:
-    """The backend of what is at ``path``: a directory is zarr, an HDF5 file h5; None otherwise."""
+def backend_for(path: Location) -> type[Backend] | None:
+    """The backend of what is at ``path``: a directory (or a URL holding zarr.json) is zarr, an HDF5 file
+    h5; None otherwise."""
+    if is_url(path):
+        fs, base = _fs(path)
+        return ZarrBackend if fs.exists(f"{base}/zarr.json") else None
+    path = Path(path)
     if path.is_dir():
         return ZarrBackend
     if path.is_file():

@@ -8,9 +8,7 @@ rows still missing. Only rows marked done in the source are copied.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
-
-from cache.backends import FORMATS
+from cache.backends import FORMATS, Location, as_location, basename, dirname, join
 from cache.store import _BASE_ARRAYS, FeatureStore, StoreError, _feat_rel, format_of
 
 # root attributes a new store sets itself; everything else (how it was made) is carried over
@@ -18,22 +16,26 @@ _OWN_ATTRS = {"textdiff", "key", "key_hash", "format_version", "size", "textdiff
               "token_len", "token_dim", "splits"}
 
 
-def export_target(src: Path, store_format: str, dest: Path | None = None) -> Path:
-    """Where ``export_store`` writes: ``dest``, or the source's path with the other suffix."""
+def export_target(src: Location, store_format: str, dest: Location | None = None) -> Location:
+    """Where ``export_store`` writes: ``dest`` (a path or URL), or the source's path with the other suffix."""
     if store_format not in FORMATS:
         raise StoreError(f"--format must be one of {list(FORMATS)}, got {store_format!r}")
-    dest = Path(dest) if dest is not None else Path(src).with_suffix(f".{store_format}")
+    if dest is None:
+        src = as_location(src)
+        stem = basename(src).rsplit(".", 1)[0]
+        dest = join(dirname(src), f"{stem}.{store_format}")
+    dest = as_location(dest)
     if format_of(dest) != store_format:
         raise StoreError(f"{dest}: an {store_format} store's name must end in .{store_format}")
     return dest
 
 
-def export_store(src_path: Path, store_format: str, dest: Path | None = None,
-                 progress: Callable[[], None] | None = None) -> Path:
+def export_store(src_path: Location, store_format: str, dest: Location | None = None,
+                 progress: Callable[[], None] | None = None) -> Location:
     """Copy the store at ``src_path`` into a store of ``store_format``; returns its path."""
     src = FeatureStore.open(src_path)
     target = export_target(src.path, store_format, dest)
-    if src.format == store_format and target.resolve() == src.path.resolve():
+    if src.format == store_format and str(target) in (str(src.path), src.location):
         raise StoreError(f"{src.path} is already a {store_format} store")
     attrs = src.attrs
     out = FeatureStore.create(target, src.key, size=src.size, splits={s: src.layout(s) for s in src.splits()},

@@ -83,20 +83,23 @@ def key_hash(key: dict) -> str:
     return hashlib.sha256(canonical_json(key).encode("utf-8")).hexdigest()
 
 
-def default_cache_dir() -> Path:
-    """$TEXTDIFF_CACHE_DIR, else $XDG_CACHE_HOME/textdiff, else ~/.cache/textdiff."""
+def default_cache_dir() -> Path | str:
+    """$TEXTDIFF_CACHE_DIR (a folder or an fsspec URL), else $XDG_CACHE_HOME/textdiff, else ~/.cache/textdiff."""
     explicit = os.environ.get("TEXTDIFF_CACHE_DIR")
     if explicit:
-        return Path(explicit).expanduser()
+        return explicit if "://" in explicit else Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "textdiff"
 
 
-def store_path(cache_dir: Path, dataset_name: str, key: dict, store_format: str = "zarr") -> Path:
+def store_path(cache_dir: Path | str, dataset_name: str, key: dict, store_format: str = "zarr") -> Path | str:
     """`cache_dir/<dataset_name>-<first 12 hex of the key hash>.zarr` (or `.h5` for store_format "h5")."""
     if not dataset_name or "/" in dataset_name or "\\" in dataset_name or dataset_name.startswith("."):
         raise ValueError(f"dataset name {dataset_name!r} cannot be used in a store file name")
     if store_format not in ("zarr", "h5"):
         raise ValueError(f"--store-format must be zarr or h5, got {store_format!r}")
-    return Path(cache_dir) / f"{dataset_name}-{key_hash(key)[:12]}.{store_format}"
+    name = f"{dataset_name}-{key_hash(key)[:12]}.{store_format}"
+    if isinstance(cache_dir, str) and "://" in cache_dir:  # an fsspec URL (zarr stores only)
+        return f"{cache_dir.rstrip('/')}/{name}"
+    return Path(cache_dir) / name

@@ -39,8 +39,9 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+from zarr.errors import ContainsGroupError
 
-from cache.backends import BACKENDS, Backend, Spec, backend_for
+from cache.backends import BACKENDS, Backend, Location, Spec, as_location, backend_for, basename, is_url
 from cache.key import FORMAT_VERSION, key_hash
 
 MARKER = "feature-store"
@@ -139,7 +140,7 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _validate_layout(path: Path, splits: dict[str, SplitLayout], sizes: dict[str, int]) -> None:
+def _validate_layout(path: Location, splits: dict[str, SplitLayout], sizes: dict[str, int]) -> None:
     if not splits:
         raise StoreError(f"{path}: a store needs at least one split")
     for name, value in sizes.items():
@@ -159,16 +160,26 @@ def _validate_layout(path: Path, splits: dict[str, SplitLayout], sizes: dict[str
 class FeatureStore:
     """A textdiff feature store on local disk (zarr folder or HDF5 file). Build with `create`, reopen with `open`."""
 
-    path: Path
+    path: Location  # a Path, or a URL string
     key: dict
 
-    def __init__(self, path: Path, backend: Backend, mode: str) -> None:
+    def __init__(self, path: Location, backend: Backend, mode: str) -> None:
         self.path = path
         self.mode = mode
         self._backend = backend
         self._attrs = backend.attrs()
         self.key = self._attrs["key"]
         self._layouts: dict[str, SplitLayout] = {}
+
+    @property
+    def location(self) -> str:
+        """Where the store is, absolute: a resolved path, or the URL."""
+        return str(self.path) if is_url(self.path) else str(Path(self.path).resolve())
+
+    @property
+    def name(self) -> str:
+        """The store's file or folder name (``monuseg-0123456789ab.zarr``)."""
+        return basename(self.path)
 
     @property
     def format(self) -> str:
@@ -194,8 +205,10 @@ class FeatureStore:
         The format follows the path: ``.h5``/``.hdf5`` an HDF5 file, anything else a zarr folder.
         ``extra_attrs`` (JSON-able) are recorded at creation only, e.g. how the arrays were computed.
         """
-        path = Path(path)
+        path = as_location(path)
         _validate_layout(path, splits, {"size": size, "token_len": token_len, "token_dim": token_dim})
+        if is_url(path):
+            return cls._create_at_url(str(path), key, size, splits, token_len, token_dim, extra_attrs or {})
         if path.exists():
             return cls._open_matching(path, key, size, splits, token_len, token_dim)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,8 +228,21 @@ class FeatureStore:
             _remove(tmp)
         return cls.open(path, "r+")
 
+    @classmethod
+    def _create_at_url(cls, url: str, key: dict, size: int, splits: dict[str, SplitLayout], token_len: int,
+                       token_dim: int, extra_attrs: dict) -> FeatureStore:
+        """Object stores have no atomic rename: build in place; a store already there is checked instead."""
+        if format_of(url) != "zarr":
+            raise StoreError(f"{url}: only zarr stores can live at a URL (HDF5 stores are local files)")
+        if backend_for(url) is None:
+            try:
+                cls._build(url, key, size, splits, token_len, token_dim, extra_attrs)
+            except (ContainsGroupError, FileExistsError):
+                pass  # another process made it first: checked below
+        return cls._open_matching(url, key, size, splits, token_len, token_dim)
+
     @staticmethod
-    def _build(tmp: Path, key: dict, size: int, splits: dict[str, SplitLayout],
+    def _build(tmp: Location, key: dict, size: int, splits: dict[str, SplitLayout],
                token_len: int, token_dim: int, extra_attrs: dict) -> None:
         attrs = {
             **extra_attrs,
@@ -241,7 +267,7 @@ class FeatureStore:
             store.close()
 
     @classmethod
-    def _open_matching(cls, path: Path, key: dict, size: int, splits: dict[str, SplitLayout],
+    def _open_matching(cls, path: Location, key: dict, size: int, splits: dict[str, SplitLayout],
                        token_len: int, token_dim: int) -> FeatureStore:
         store = cls.open(path, "r+")
         wanted = key_hash(key)
@@ -270,8 +296,8 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: Path | str, mode: str = "r") -> FeatureStore:
-        """Open an existing store; mode "r" (read-only) or "r+" (read/write)."""
-        path = Path(path)
+        """Open an existing store (a path, or an fsspec URL); mode "r" (read-only) or "r+" (read/write)."""
+        path = as_location(path)
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         kind = backend_for(path)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from cache.backends import is_url
 from extract.checkpoints import UNetSource
 from extract.diffusion import shared_noise
 from extract.features import FeatureExtractor, default_device
@@ -158,11 +159,11 @@ def run_on_cluster(prepared: Prepared, cfg: ExtractConfig, console: Console,
     from distributed.scheduler import KilledWorker
 
     cfg = replace(cfg, data_root=Path(cfg.data_root).resolve() if cfg.data_root else None,
-                  cache_dir=Path(cfg.cache_dir).resolve())
+                  cache_dir=cfg.cache_dir if is_url(cfg.cache_dir) else Path(cfg.cache_dir).resolve())
     unet = replace(prepared.unet, checkpoint=Path(prepared.unet.checkpoint).resolve())
     parts = shards(prepared.jobs, prepared.views, prepared.batch)
     with connect(cfg.scheduler or "", cfg.threads) as (client, threads):
-        spec = WorkerSpec(uuid.uuid4().hex, cfg, str(Path(prepared.store.path).resolve()), unet,
+        spec = WorkerSpec(uuid.uuid4().hex, cfg, prepared.store.location, unet,
                           prepared.max_length, prepared.batch, prepared.views, threads)
         n_workers = len(client.nthreads())
         futures = client.map(extract_shard, [spec] * len(parts), parts, pure=False)
@@ -170,7 +171,7 @@ def run_on_cluster(prepared: Prepared, cfg: ExtractConfig, console: Console,
         done = 0
         progress = stage_progress(console, "extract", "images")
         with progress:
-            task = progress.add_task(f"{prepared.ds.name} → {prepared.store.path.name} "
+            task = progress.add_task(f"{prepared.ds.name} → {prepared.store.name} "
                                      f"({len(parts)} shards, {n_workers} workers)", total=len(prepared.jobs))
             try:
                 for future in as_completed(futures):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from cache.backends import FORMATS
+from cache.backends import FORMATS, as_location
 from cache.key import default_cache_dir, make_key, store_path
 from cache.store import FeatureStore, SplitLayout
 from extract.checkpoints import PRESETS, UNetSource, resolve_unet
@@ -49,7 +49,7 @@ class ExtractConfig:
     splits: tuple[str, ...] | None = None  # None: every split of the dataset
     augment: str = "none"
     max_length: int | None = None
-    cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_dir: Path | str = field(default_factory=default_cache_dir)  # a folder, or an fsspec URL
     batch_size: int = 12  # UNet samples (images × views × steps) per forward pass
     device: str | None = None
     autocast: bool = False
@@ -236,7 +236,7 @@ def _prepare(cfg: ExtractConfig, console: Console) -> tuple[Prepared, TextEncode
     views = {s: AUGMENTATIONS[cfg.augment] if s == "train" else 1 for s in ds.splits()}
     layouts = {s: SplitLayout(ids=[it.id for it in items[s]], texts=[it.text for it in items[s]], views=views[s])
                for s in ds.splits()}
-    path = store_path(Path(cfg.cache_dir), ds.name, key, cfg.store_format)
+    path = store_path(as_location(cfg.cache_dir), ds.name, key, cfg.store_format)
     store = FeatureStore.create(path, key, size=cfg.size, splits=layouts, token_len=max_length,
                                 token_dim=encoder.dim, extra_attrs={"forward_batch": cfg.batch_size,
                                                                     "extract": _provenance(cfg, unet_src)})
@@ -309,7 +309,7 @@ def execute(prepared: Prepared, extractor: FeatureExtractor, tokens: dict, cfg: 
     n_written = 0
     try:
         with progress:
-            task = progress.add_task(f"{ds.name} → {store.path.name}", total=len(jobs))
+            task = progress.add_task(f"{ds.name} → {store.name}", total=len(jobs))
 
             def flush(p: _Pending) -> None:
                 nonlocal n_written

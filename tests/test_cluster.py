@@ -22,7 +22,7 @@ pytest.importorskip("distributed")
 COUNTS = {"train": 6, "val": 3, "test": 3}
 
 
-def config(adm: Path, cache: Path, **kw) -> ExtractConfig:
+def config(adm: Path, cache: Path | str, **kw) -> ExtractConfig:
     return ExtractConfig(dataset="synthetic", unet=str(adm / "adm_tiny.pt"), unet_flags=adm / "adm_tiny_flags.json",
                          text_encoder="minilm", size=32, steps=(50, 250), blocks=(4, 8), cache_dir=cache,
                          batch_size=2, dataset_options={"counts": COUNTS}, **kw)
@@ -74,9 +74,11 @@ def test_a_worker_killed_mid_run_has_its_images_redone(adm_fixtures: Path, seria
             pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
             os.kill(pid, signal.SIGKILL)
 
-    path = run_extract(replace(config(adm_fixtures, tmp_path), scheduler="local:2"), console=quiet(),
-                       on_shard=kill_a_busy_worker)
+    # the store at an fsspec URL: the workers write through fsspec, as they would to object storage
+    url = run_extract(replace(config(adm_fixtures, f"file://{tmp_path}"), scheduler="local:2"), console=quiet(),
+                      on_shard=kill_a_busy_worker)
     assert killed, "no worker was busy when the first shard finished"
+    path = Path(str(url).removeprefix("file://"))
     got, want = store_files(path), store_files(serial)
     assert got.keys() == want.keys()
     assert [k for k in want if got[k] != want[k]] == []

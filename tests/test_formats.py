@@ -94,3 +94,15 @@ def test_h5_has_one_writer(adm_fixtures: Path, both: tuple[Path, Path]) -> None:
     finally:
         writer.close()
     assert res.returncode != 0 and "another process may be writing it" in res.stderr
+
+
+def test_zarr_store_at_an_fsspec_url(adm_fixtures: Path, both: tuple[Path, Path], tmp_path: Path) -> None:
+    zarr_path, _ = both
+    url = tiny_store(adm_fixtures, f"file://{tmp_path}/remote")  # type: ignore[arg-type]
+    assert isinstance(url, str) and url == f"file://{tmp_path}/remote/{zarr_path.name}"
+    assert_same(arrays(url), arrays(zarr_path))
+    assert cli("cache", "verify", url).startswith("OK ")
+    mem = export_store(zarr_path, "zarr", "memory://textdiff-test/s.zarr")  # object-store semantics: no rename
+    assert_same(arrays(mem), arrays(zarr_path))
+    with pytest.raises(StoreError, match="only zarr stores can live at a URL"):
+        export_store(zarr_path, "h5", "memory://textdiff-test/s.h5")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache.backends import dirname
 from cache.store import FeatureStore
 
 #: few-shot protocol of the paper: training images per dataset (others: all)
@@ -48,7 +49,7 @@ def extract_hint(store: FeatureStore, blocks: Sequence[int], steps: Sequence[int
     if args.get("color_order") == "bgr":
         parts.append("--bgr")
     parts += [f"--steps {','.join(map(str, steps))}", f"--blocks {','.join(map(str, blocks))}",
-              f"--cache-dir {store.path.parent}"]
+              f"--cache-dir {dirname(store.path)}"]
     return " ".join(parts)
 
 

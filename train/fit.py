@@ -149,7 +149,7 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / INCOMPLETE).write_text("this fit has not finished; its files are not to be trusted\n")
-    config = {"fit": cfg.to_json(), "head": head.config, "cache": str(store.path.resolve()),
+    config = {"fit": cfg.to_json(), "head": head.config, "cache": store.location,
               "dataset": store.key["dataset"].get("name", ""), "size": size, "blocks": list(blocks),
               "steps": list(steps), "train_split": "train", "train_ids": train.ids,
               "val": {"split": val_split, "ids": val.ids}}

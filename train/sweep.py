@@ -138,7 +138,7 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
 
     rows: list[dict[str, Any]] = []
     for i, item in enumerate(plan, 1):
-        cfg = _fit_config(item, Path(cache), out, epochs, base)
+        cfg = _fit_config(item, cache, out, epochs, base)
         run = Path(cfg.out)
         label = f"[{i}/{len(plan)}] {item.name}"
         fitted, evaluated = _finished(run, split)
@@ -153,7 +153,7 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
                 fit_mod.fit(cfg, console=console)
             else:
                 console.print(f"{label}: reusing the fit, evaluating on {split}", highlight=False)
-            evaluate_mod.evaluate(run, split=split, cache=Path(cache), overlays=False, console=console)
+            evaluate_mod.evaluate(run, split=split, cache=cache, overlays=False, console=console)
         metrics = json.loads((run / "metrics.json").read_text())
         summary = json.loads((evaluate_mod.eval_dir(run, split) / "summary.json").read_text())
         rows.append({"kind": item.kind, "value": item.value, "text": item.text,
