@@ -134,7 +134,6 @@ def fit(
 ) -> None:
     """Stage two: train the cross-attention and pixel classifier from the cache."""
     from train.fit import FitConfig
-    from train.fit import fit as run_fit
 
     if no_text and fusion != "cross-attn":
         raise typer.BadParameter("--no-text and --fusion are exclusive")
@@ -146,9 +145,42 @@ def fit(
                     shared_block=not per_scale_blocks, dice_on_logits=dice_on_logits,
                     attend_padding=attend_padding, seed=seed,
                     memory_budget_gb=memory_budget_gb, augment=not no_augment)
+    _fit_and_report(cfg)
+
+
+def _fit_and_report(cfg: Any) -> None:
+    """Run a fit (head or baseline), say its best epoch, print its folder."""
+    from train.fit import fit as run_fit
+
     metrics = run_fit(cfg, console=err)
     err.print(f"best validation Dice {metrics['best_val_dice']:.4f} at epoch {metrics['best_epoch']}")
-    typer.echo(str(out))
+    typer.echo(str(cfg.out))
+
+
+@app.command()
+@friendly
+def baseline(
+    cache: str = typer.Option(..., help="A store of the dataset (from `pipeline extract`): its images, masks, splits and views are used; no features needed."),
+    out: Path = typer.Option(..., help="The run folder to write (`pipeline evaluate` scores it)."),
+    train_count: Optional[int] = typer.Option(None, help="Few-shot training images [default: 5 MoNuSeg, 150 QaTa, else all]."),
+    subset_seed: int = typer.Option(0, help="Seed of the few-shot subset: the same ids as `fit` for the same seed."),
+    width: int = typer.Option(64, help="Channels of the first level (64: the classic 31.0 M-parameter U-Net)."),
+    depth: int = typer.Option(4, help="Down-sampling levels (the size must be divisible by 2^depth)."),
+    epochs: int = typer.Option(100, help="Epochs (as `fit`)."),
+    batch_size: int = typer.Option(1, help="Images per step (as `fit`)."),
+    lr: float = typer.Option(1e-4, help="Adam learning rate (as `fit`)."),
+    lr_drop_epoch: int = typer.Option(60, help="Multiply the learning rate by 0.1 after this epoch (0 = never)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation [default: the subset seed]."),
+    no_augment: bool = typer.Option(False, "--no-augment", help="Do not sample the cached dihedral views."),
+) -> None:
+    """The plain U-Net baseline: trained on the same few labelled images as `fit` (same subset, views,
+    loss, optimiser, best epoch on validation), on the images alone."""
+    from train.fit import FitConfig
+
+    cfg = FitConfig(cache=cache, out=out, train_count=train_count, subset_seed=subset_seed, epochs=epochs,
+                    batch_size=batch_size, lr=lr, lr_drop_epoch=lr_drop_epoch or None, seed=seed,
+                    augment=not no_augment, model="unet", width=width, depth=depth)
+    _fit_and_report(cfg)
 
 
 @app.command()
@@ -193,7 +225,7 @@ def sweep(
 def predict(
     run: Path = typer.Argument(..., help="A `pipeline fit` run folder."),
     image: Path = typer.Option(..., "--image", help="The image to segment (PNG, JPEG, TIFF, BMP; grey, RGB, 16-bit)."),
-    text: str = typer.Option(..., "--text", help="The image's description (what the head attends to)."),
+    text: str = typer.Option("", "--text", help="The image's description (what the head attends to; not needed by --no-text runs and the plain U-Net baseline)."),
     out: Path = typer.Option(..., "--out", help="Mask PNG to write ({0,255}); a folder → <image stem>_mask.png."),
     cache: Optional[str] = typer.Option(None, help="The run's store, if it moved [default: the one the run recorded]."),
     original_size: bool = typer.Option(False, "--original-size", help="Resize the mask (nearest) back to the image's size."),

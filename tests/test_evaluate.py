@@ -114,7 +114,7 @@ def test_metrics_recomputed_from_saved_predictions(run, evaluated, store_path):
 
 def test_features_are_read_as_the_head_was_trained(store_path, tmp_path, monkeypatch):
     """A run fitted with the authors' padding attention is evaluated with it too."""
-    import train.evaluate
+    import train.fit
 
     run = tmp_path / "padding"
     fit(FitConfig(cache=store_path, out=run, epochs=1, dim=16, head_channels=(8, 4), attend_padding=True),
@@ -122,11 +122,11 @@ def test_features_are_read_as_the_head_was_trained(store_path, tmp_path, monkeyp
     seen = []
 
     class Spy(SplitFeatures):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            seen.append(kwargs.get("attend_padding"))
+        def __init__(self, store, split, blocks, steps, indices=None, memory_budget=0.0, attend_padding=False):
+            super().__init__(store, split, blocks, steps, indices, memory_budget, attend_padding)
+            seen.append(attend_padding)
 
-    monkeypatch.setattr(train.evaluate, "SplitFeatures", Spy)
+    monkeypatch.setattr(train.fit, "SplitFeatures", Spy)  # evaluate builds its data through train.fit.split_data
     evaluate(run, overlays=False, console=quiet())
     assert seen == [True]
     config, head, store = load_run(run)

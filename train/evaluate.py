@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 
 from extract.progress import stage_progress
-from train.data import GIB, Sample, SplitFeatures
+from train.data import GIB, Sample
 from train.metrics import SegMetrics
 from train.plots import overlay_png
 
@@ -76,17 +76,18 @@ def evaluate(run: Path, split: str = "test", cache: Path | None = None, overlays
 
     Returns the summary (also written to ``summary.json``).
     """
-    from train.fit import load_run, predict, write_json  # train.fit is heavier; import on use
+    from train.fit import load_run, predict, split_data, write_json  # train.fit is heavier; import on use
 
     console = console or Console(stderr=True)
     run = Path(run)
     config, head, store = load_run(run, cache)
     fit_cfg = config.get("fit", {})
-    data = SplitFeatures(store, split, config["blocks"], config["steps"],
-                         memory_budget=float(fit_cfg.get("memory_budget_gb", 4.0)) * GIB,
-                         attend_padding=bool(fit_cfg.get("attend_padding", False)))  # as the head was trained
+    plain = config["head"].get("kind") == "plain-unet"
+    data = split_data(plain, store, split, tuple(config["blocks"]), tuple(config["steps"]), None,
+                      float(fit_cfg.get("memory_budget_gb", 4.0)) * GIB,
+                      bool(fit_cfg.get("attend_padding", False)))  # as the head was trained
     size = store.size
-    batch = batch_size or _auto_batch(config["head"], size)
+    batch = batch_size or (4 if plain else _auto_batch(config["head"], size))
     images = store.images(split) if overlays else None
     device = next(head.parameters()).device
 

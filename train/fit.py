@@ -28,6 +28,7 @@ from rich.console import Console
 from cache.key import key_hash
 from cache.store import FeatureStore
 from extract.progress import stage_progress
+from train.baseline import PlainUNet, SplitImages
 from train.data import GIB, PAPER_TRAIN_COUNT, Sample, SplitFeatures, choose_subset, resolve_selection
 from train.losses import segmentation_loss
 from train.metrics import SegMetrics
@@ -35,6 +36,7 @@ from train.model import FUSIONS, TextDiffHead
 from train.plots import loss_curve_png
 
 INCOMPLETE = "INCOMPLETE"
+MODELS = ("textdiff", "unet")
 
 
 class CacheMismatchError(ValueError):
@@ -67,6 +69,9 @@ class FitConfig:
     val_fraction: float = 0.2               # hold-out of train when the store has no val split
     memory_budget_gb: float = 4.0
     augment: bool = True
+    model: str = "textdiff"                 # or "unet": the plain U-Net baseline on the images (train/baseline.py)
+    width: int = 64                         # plain U-Net: channels of its first level (64: 31.0 M parameters)
+    depth: int = 4                          # plain U-Net: down-sampling levels
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -128,18 +133,24 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     store = FeatureStore.open(cfg.cache)
     if "train" not in store.splits():
         raise ValueError(f"store {store.path} has no train split (it has {store.splits()})")
-    blocks, steps = resolve_selection(store, cfg.blocks, cfg.steps)
+    if cfg.model not in MODELS:
+        raise ValueError(f"model must be one of {list(MODELS)}, got {cfg.model!r}")
+    plain = cfg.model == "unet"
+    blocks, steps = ((), ()) if plain else resolve_selection(store, cfg.blocks, cfg.steps)
     train_idx, val_split, val_idx = _split_train_val(store, cfg)
     budget = cfg.memory_budget_gb * GIB
-    train = SplitFeatures(store, "train", blocks, steps, train_idx, budget, cfg.attend_padding)
-    val = SplitFeatures(store, val_split, blocks, steps, val_idx, budget, cfg.attend_padding)
+    train = split_data(plain, store, "train", blocks, steps, train_idx, budget, cfg.attend_padding)
+    val = split_data(plain, store, val_split, blocks, steps, val_idx, budget, cfg.attend_padding)
     size = store.size
 
     seed = cfg.subset_seed if cfg.seed is None else cfg.seed
     torch.manual_seed(seed)
-    head = TextDiffHead(in_channels=train.channels(), text_dim=int(store.attrs["token_dim"]), dim=cfg.dim,
-                        head_channels=cfg.head_channels, fusion=cfg.fusion, shared_block=cfg.shared_block,
-                        pos_enc=cfg.pos_enc, norm=cfg.norm)
+    if plain:
+        head = PlainUNet(width=cfg.width, depth=cfg.depth)
+    else:
+        head = TextDiffHead(in_channels=train.channels(), text_dim=int(store.attrs["token_dim"]), dim=cfg.dim,
+                            head_channels=cfg.head_channels, fusion=cfg.fusion, shared_block=cfg.shared_block,
+                            pos_enc=cfg.pos_enc, norm=cfg.norm)
     head.init_weights()
     optim = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     milestones = [cfg.lr_drop_epoch] if cfg.lr_drop_epoch else []
@@ -155,8 +166,9 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
               "val": {"split": val_split, "ids": val.ids}}
     write_json(out / "config.json", config)
     write_json(out / "cache_key.json", store.key)
+    inputs = "images (plain U-Net)" if plain else f"blocks {list(blocks)} × steps {list(steps)}"
     console.print(f"fit: {len(train)} training images ({'in memory' if train.in_memory else 'streamed'}), "
-                  f"validation on {len(val)} {val_split} images; blocks {list(blocks)} × steps {list(steps)}; "
+                  f"validation on {len(val)} {val_split} images; {inputs}; "
                   f"{sum(p.numel() for p in head.parameters()):,} parameters")
 
     history: list[dict[str, float]] = []
@@ -204,12 +216,28 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     return metrics
 
 
+def split_data(plain: bool, store: FeatureStore, split: str, blocks: tuple[int, ...], steps: tuple[int, ...],
+               indices: np.ndarray | None, budget: float, attend_padding: bool) -> SplitFeatures:
+    """A split's rows as the model takes them: features for the TextDiff head, images for the plain U-Net."""
+    if plain:
+        return SplitImages(store, split, indices, budget)
+    return SplitFeatures(store, split, blocks, steps, indices, budget, attend_padding)
+
+
+def build_model(config: dict[str, Any]) -> TextDiffHead | PlainUNet:
+    """The model a run's ``config.json`` describes (its ``head`` entry), untrained."""
+    head = dict(config["head"])
+    if head.pop("kind", None) == "plain-unet":
+        return PlainUNet(**head)
+    return TextDiffHead(**head)
+
+
 def fit_finished(run: Path) -> bool:
     """A fit wrote every file (``metrics.json`` last) and its ``INCOMPLETE`` mark is gone."""
     return (Path(run) / "metrics.json").is_file() and not (Path(run) / INCOMPLETE).exists()
 
 
-def load_run(run: Path, cache: Path | None = None) -> tuple[dict[str, Any], TextDiffHead, FeatureStore]:
+def load_run(run: Path, cache: Path | None = None) -> tuple[dict[str, Any], TextDiffHead | PlainUNet, FeatureStore]:
     """A finished run's config, its head (best weights, eval mode) and the store it was trained on."""
     run = Path(run)
     if (run / INCOMPLETE).exists():
@@ -222,6 +250,6 @@ def load_run(run: Path, cache: Path | None = None) -> tuple[dict[str, Any], Text
     if key_hash(store.key) != key_hash(expected):
         raise CacheMismatchError(f"store {store.path} (key {key_hash(store.key)[:12]}) is not the one run {run} "
                                  f"was trained on (key {key_hash(expected)[:12]}); its features would not match")
-    head = TextDiffHead(**config["head"])
+    head = build_model(config)
     head.load_state_dict(torch.load(run / "head.pt", map_location="cpu", weights_only=True))
     return config, head.eval(), store

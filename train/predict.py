@@ -98,8 +98,8 @@ class Predictor:
     config: dict[str, Any]
     head: TextDiffHead
     store: FeatureStore
-    extractor: FeatureExtractor
-    encoder: TextEncoder | None  # None when the head takes no text (fusion "none")
+    extractor: FeatureExtractor | None  # None for the plain U-Net baseline (it takes the image itself)
+    encoder: TextEncoder | None  # None when the head takes no text (fusion "none", the plain U-Net)
     blocks: tuple[int, ...]
     steps: tuple[int, ...]
     size: int
@@ -122,16 +122,19 @@ class Predictor:
         if prep.get("image_resize") != "pil-bilinear":
             raise ValueError(f"{where}: unsupported image_resize {prep.get('image_resize')!r}")
         dev = torch.device(device) if device else default_device()
-        src = _resolve_checked_unet(unet or made.get("unet"), key, where)
-        needs_text = config["head"].get("fusion", "cross-attn") != "none"
+        plain = config["head"].get("kind") == "plain-unet"
+        needs_text = not plain and config["head"].get("fusion", "cross-attn") != "none"
         encoder = (_load_checked_encoder(text_encoder or made.get("text_encoder"), key, where, str(dev))
                    if needs_text else None)
         size = int(prep["size"])
-        compute = key.get("compute_dtype", "float32")
-        extractor = FeatureExtractor(src.load(), shared_noise(size, int(key["noise_seed"])), device=dev,
-                                     autocast=compute != "float32")
-        if compute != "float32":
-            extractor.compute_dtype = getattr(torch, compute)  # the store's, whatever this device's default
+        extractor = None
+        if not plain:
+            src = _resolve_checked_unet(unet or made.get("unet"), key, where)
+            compute = key.get("compute_dtype", "float32")
+            extractor = FeatureExtractor(src.load(), shared_noise(size, int(key["noise_seed"])), device=dev,
+                                         autocast=compute != "float32")
+            if compute != "float32":
+                extractor.compute_dtype = getattr(torch, compute)  # the store's, whatever this device's default
         pad_to = store.attrs.get("forward_batch")
         return cls(config=config, head=head, store=store, extractor=extractor, encoder=encoder,
                    blocks=tuple(int(b) for b in config["blocks"]), steps=tuple(int(s) for s in config["steps"]),
@@ -139,8 +142,11 @@ class Predictor:
                    max_length=int(key["text"]["max_length"]), pad_to=int(pad_to) if pad_to else None)
 
     def features(self, image: np.ndarray) -> list[torch.Tensor]:
-        """Per block (1, len(steps)·C, h, w) float32 for one uint8 (3, S, S) image, as the store holds them."""
+        """Per block (1, len(steps)·C, h, w) float32 for one uint8 (3, S, S) image, as the store holds them
+        (the plain U-Net: the image itself in [-1, 1])."""
         x0 = torch.from_numpy(to_unit_range(image[None]))
+        if self.extractor is None:
+            return [x0]
         n = len(self.steps)
         x0, t = x0.repeat(n, 1, 1, 1), torch.tensor(self.steps)
         chunk = self.pad_to or n
