@@ -335,7 +335,7 @@ def _pairs_summary(names: list[str]) -> str:
 
 @cache_app.command("ls")
 @friendly
-def cache_ls(cache_dir: Optional[Path] = typer.Option(None, help="[default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]")) -> None:
+def cache_ls(cache_dir: Optional[str] = typer.Option(None, help="[default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]")) -> None:
     """List the stores in the cache folder."""
     from rich.table import Table
 
@@ -434,7 +434,7 @@ def cache_rm(paths: list[Path] = typer.Argument(..., help="Stores (.zarr folders
 
 @cache_app.command("gc")
 @friendly
-def cache_gc(cache_dir: Optional[Path] = typer.Option(None, help="[default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]"),
+def cache_gc(cache_dir: Optional[str] = typer.Option(None, help="[default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]"),
              older_than: Optional[float] = typer.Option(None, help="Remove stores last written more than DAYS ago."),
              keep: Optional[int] = typer.Option(None, help="Keep the N most recently written stores (with --older-than: remove only stores that are both older and not among them)."),
              dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed.")) -> None:

@@ -1,4 +1,4 @@
-"""The feature cache: keys (identity of a store) and the zarr feature store."""
+"""The feature cache: keys (identity of a store) and the feature store (zarr folder or URL, or HDF5 file)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from cache.backends import FORMATS, Location, as_location, basename, dirname, join
-from cache.store import _BASE_ARRAYS, FeatureStore, StoreError, _feat_rel, format_of
+from cache.store import BASE_ARRAYS, FeatureStore, StoreError, feat_rel, format_of
 
 # root attributes a new store sets itself; everything else (how it was made) is carried over
 _OWN_ATTRS = {"textdiff", "key", "key_hash", "format_version", "size", "textdiff_version", "created",
@@ -49,14 +49,14 @@ def export_store(src_path: Location, store_format: str, dest: Location | None = 
         have = out.done(split)
         for i in src.done(split).nonzero()[0]:
             if not have[i]:
-                out.write_base(split, int(i), *(src.read(f"{split}/{name}", int(i)) for name in _BASE_ARRAYS))
+                out.write_base(split, int(i), *(src.read(f"{split}/{name}", int(i)) for name in BASE_ARRAYS))
             if progress:
                 progress()
         for step, block in pairs:
             have = out.done(split, step, block)
             for i in src.done(split, step, block).nonzero()[0]:
                 if not have[i]:
-                    out.write_features(split, int(i), step, block, src.read(_feat_rel(split, step, block), int(i)))
+                    out.write_features(split, int(i), step, block, src.read(feat_rel(split, step, block), int(i)))
                 if progress:
                     progress()
     out.close()

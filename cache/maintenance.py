@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import _BASE_ARRAYS, FeatureStore, StoreError, _feat_rel, checksum, store_paths
+from cache.store import BASE_ARRAYS, FeatureStore, StoreError, checksum, feat_rel, store_paths
 
 
 @dataclass
@@ -48,7 +48,7 @@ def verify_store(path: Path | str, progress=None) -> VerifyReport:
         base_crc = store.checksums(split)
         for i in np.flatnonzero(store.done(split)):
             report.rows_checked += 1
-            for k, name in enumerate(_BASE_ARRAYS):
+            for k, name in enumerate(BASE_ARRAYS):
                 value = store.read(f"{split}/{name}", int(i))
                 _check_row(report, f"{split}/{ids[i]} {name}", value, int(base_crc[i, k]), name == "tokens")
             if progress:
@@ -56,7 +56,7 @@ def verify_store(path: Path | str, progress=None) -> VerifyReport:
         for step, block in store.pairs():
             crc = store.checksums(split, step, block)
             for i in np.flatnonzero(store.done(split, step, block)):
-                value = store.read(_feat_rel(split, step, block), int(i))
+                value = store.read(feat_rel(split, step, block), int(i))
                 _check_row(report, f"{split}/{ids[i]} t{step} b{block}", value, int(crc[i]), True)
                 if progress:
                     progress()

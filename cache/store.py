@@ -45,7 +45,7 @@ from cache.backends import BACKENDS, Backend, Location, Spec, as_location, backe
 from cache.key import FORMAT_VERSION, key_hash
 
 MARKER = "feature-store"
-_BASE_ARRAYS = ("image", "mask", "tokens", "token_mask")
+BASE_ARRAYS = ("image", "mask", "tokens", "token_mask")  # per row, beside the features; their CRCs in this order
 _TOKEN_ROWS_PER_DASK_CHUNK = 256
 
 
@@ -66,7 +66,8 @@ def _pair_name(step: int, block: int) -> str:
     return f"t{step}_b{block}"
 
 
-def _feat_rel(split: str, step: int, block: int) -> str:
+def feat_rel(split: str, step: int, block: int) -> str:
+    """Where a (step, block)'s features live in a store (``FeatureStore.read`` takes it)."""
     return f"{split}/feat/t{step}/b{block}"
 
 
@@ -95,7 +96,7 @@ def _base_specs(n: int, v: int, size: int, token_len: int, token_dim: int) -> di
                         "shuffle", ("image", "token", "feature")),
         "token_mask": Spec((n, token_len), (1, token_len), "bool", False, None, ("image", "token")),
         "done/base": _done_spec(n),
-        "crc/base": Spec((n, len(_BASE_ARRAYS)), (1, len(_BASE_ARRAYS)), "uint32", 0, None, ("image", "array")),
+        "crc/base": Spec((n, len(BASE_ARRAYS)), (1, len(BASE_ARRAYS)), "uint32", 0, None, ("image", "array")),
     }
 
 
@@ -360,14 +361,14 @@ class FeatureStore:
             here = set()
             for step, tname in _numbered(self._backend.children(f"{split}/feat"), "t"):
                 for block, _ in _numbered(self._backend.children(f"{split}/feat/{tname}"), "b"):
-                    if self._exists(_feat_rel(split, step, block)) and self._exists(_done_rel(split, step, block)):
+                    if self._exists(feat_rel(split, step, block)) and self._exists(_done_rel(split, step, block)):
                         here.add((step, block))
             common = here if common is None else common & here
         return sorted(common or ())
 
     def feature_shape(self, step: int, block: int) -> tuple[int, int, int]:
         """(C, h, w) of one view's features at (step, block)."""
-        return tuple(self._array(_feat_rel(self.splits()[0], step, block)).shape[2:])
+        return tuple(self._array(feat_rel(self.splits()[0], step, block)).shape[2:])
 
     def checksums(self, split: str, step: int | None = None, block: int | None = None) -> np.ndarray:
         """CRC-32s recorded at write time: (N, 4) for image, mask, tokens, token_mask (step=None), or (N,)
@@ -376,7 +377,7 @@ class FeatureStore:
         if self._exists(rel):
             return self.read(rel)
         n = len(self.layout(split).ids)
-        return np.zeros((n, len(_BASE_ARRAYS)) if step is None else n, np.uint32)
+        return np.zeros((n, len(BASE_ARRAYS)) if step is None else n, np.uint32)
 
     def read(self, rel: str, row: int | None = None) -> np.ndarray:
         """The array at ``rel`` (one row of it with ``row``), read directly (no dask)."""
@@ -406,7 +407,7 @@ class FeatureStore:
         for split in self.splits():
             lay = self.layout(split)
             n = len(lay.ids)
-            self._ensure_array(_feat_rel(split, step, block), _feat_spec(n, lay.views, channels, (h, w)))
+            self._ensure_array(feat_rel(split, step, block), _feat_spec(n, lay.views, channels, (h, w)))
             self._ensure_array(_done_rel(split, step, block), _done_spec(n))
             self._ensure_array(_crc_rel(split, step, block), _crc_spec(n))
 
@@ -462,10 +463,10 @@ class FeatureStore:
         self._check_shape("tokens", split, tokens, (length, dim))
         self._check_shape("token_mask", split, token_mask, (length,))
         values = {"image": image, "mask": mask.astype(np.uint8), "tokens": tokens, "token_mask": token_mask}
-        for name in _BASE_ARRAYS:
+        for name in BASE_ARRAYS:
             self._array(f"{split}/{name}")[i] = values[name]
         if self._exists(_crc_rel(split)):  # stores made before checksums have none
-            self._array(_crc_rel(split))[i] = [checksum(values[name]) for name in _BASE_ARRAYS]
+            self._array(_crc_rel(split))[i] = [checksum(values[name]) for name in BASE_ARRAYS]
         self._array(_done_rel(split))[i] = True
         self._backend.commit()
 
@@ -473,7 +474,7 @@ class FeatureStore:
         """Write one image's features (V,C,h,w), cast to float16; then the done flag."""
         self._writable()
         i = self._row(split, i)
-        rel = _feat_rel(split, step, block)
+        rel = feat_rel(split, step, block)
         if not self._exists(rel):
             raise StoreError(f"{self.path}: no arrays for t{step} b{block}; call ensure_pair first")
         arr = self._array(rel)
@@ -512,7 +513,7 @@ class FeatureStore:
 
     def features(self, split: str, step: int, block: int) -> da.Array:
         """(N, V, C, h, w) float16, one image per dask chunk; rows not done read as NaN."""
-        return self._dask(_feat_rel(split, step, block))
+        return self._dask(feat_rel(split, step, block))
 
     def tokens(self, split: str) -> da.Array:
         """(N, L, D) float16."""
@@ -536,9 +537,9 @@ class FeatureStore:
         arrays: dict[str, dict] = {}
         splits: dict[str, dict] = {}
         for split in self.splits():
-            rels = [f"{split}/{name}" for name in _BASE_ARRAYS] + [_done_rel(split)]
+            rels = [f"{split}/{name}" for name in BASE_ARRAYS] + [_done_rel(split)]
             for step, block in pairs:
-                rels += [_feat_rel(split, step, block), _done_rel(split, step, block)]
+                rels += [feat_rel(split, step, block), _done_rel(split, step, block)]
             for rel in rels:
                 arr = self._array(rel)
                 arrays[rel] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": list(arr.chunks)}
@@ -590,6 +591,9 @@ def list_stores(cache_dir: Path) -> list[dict]:
 
 def store_paths(cache_dir: Path | str) -> list[Path]:
     """What in ``cache_dir`` looks like a store by its name (``*.zarr`` folders, ``*.h5`` files), sorted."""
+    if is_url(cache_dir):
+        raise StoreError(f"{cache_dir}: listing and collecting stores works on local folders only; for object "
+                         "storage use the bucket's own listing and lifecycle rules")
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         return []

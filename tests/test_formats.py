@@ -106,3 +106,10 @@ def test_zarr_store_at_an_fsspec_url(adm_fixtures: Path, both: tuple[Path, Path]
     assert_same(arrays(mem), arrays(zarr_path))
     with pytest.raises(StoreError, match="only zarr stores can live at a URL"):
         export_store(zarr_path, "h5", "memory://textdiff-test/s.h5")
+
+
+def test_listing_a_url_cache_is_refused_clearly() -> None:
+    for command in (["cache", "ls", "--cache-dir", "memory://bucket/cache"],
+                    ["cache", "gc", "--cache-dir", "memory://bucket/cache", "--keep", "1", "--dry-run"]):
+        res = runner.invoke(pipeline.app, command)
+        assert res.exit_code == 1 and "local folders only" in " ".join(res.output.split()), res.output

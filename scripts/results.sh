@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The paper's protocol on real data (issue 7): TextDiff, no text (ζ1), concat fusion (ζ2) and the plain
+# U-Net baseline, each on the same 3 random few-shot training subsets; test Dice / IoU, mean ± std.
+# Encoders that run anywhere: a `pipeline pretrain` domain UNet (trained on the dataset's unlabelled
+# training images) and MiniLM for the text.
+#
+# Usage: [SIZE=128] [EPOCHS=100] [SEEDS="0 1 2"] [FLAGS=cpu-64] [BLOCKS=4,6,8] [DIM=768] [AUGMENT=d4]
+#        [PRETRAIN_ITER=5000] [UNET=folder] [WIDTH=64] scripts/results.sh monuseg|qata [OUT]
+# Writes OUT/<method>-<seed>/ run folders (each with eval-test/), OUT/sweep/ (Fig. 3, monuseg) and
+# OUT/table.md (scripts/results_table.py). Everything resumes: re-running skips finished work.
+set -euo pipefail
+DATASET=${1:?usage: scripts/results.sh monuseg|qata [OUT]}
+OUT=${2:-runs/results/$DATASET}
+case $DATASET in
+  monuseg) DATA=${DATA:-../shared/data/MoNuSeg} ;;
+  qata) DATA=${DATA:-../shared/data/QaTa-COV19} ;;
+  *) echo "unknown dataset $DATASET (monuseg or qata)" >&2; exit 2 ;;
+esac
+P=${PIPELINE:-pipeline}
+SIZE=${SIZE:-128}; EPOCHS=${EPOCHS:-100}; SEEDS=${SEEDS:-0 1 2}; FLAGS=${FLAGS:-cpu-64}
+BLOCKS=${BLOCKS:-4,6,8}; DIM=${DIM:-768}; AUGMENT=${AUGMENT:-d4}; WIDTH=${WIDTH:-64}
+UNET=${UNET:-$OUT/unet-pretrained}
+export HF_HUB_OFFLINE=1
+
+if [ ! -f "$UNET/model.pt" ]; then
+  $P pretrain --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --crop 64 --flags "$FLAGS" --batch-size 8 \
+     --iterations "${PRETRAIN_ITER:-5000}" --out "$UNET" --resume
+fi
+store=$($P extract --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --unet "$UNET" --text-encoder minilm \
+        --blocks "$BLOCKS" --augment "$AUGMENT" --cache-dir "$OUT/cache" | tail -1)
+
+done_run() { [ -f "$1/eval-test/summary.json" ] && [ ! -e "$1/INCOMPLETE" ]; }
+for seed in $SEEDS; do
+  common=(--cache "$store" --subset-seed "$seed" --epochs "$EPOCHS")
+  for method in textdiff notext concat; do
+    run="$OUT/$method-$seed"
+    done_run "$run" && continue
+    case $method in
+      textdiff) extra=() ;;
+      notext) extra=(--no-text) ;;
+      concat) extra=(--fusion concat) ;;
+    esac
+    $P fit "${common[@]}" --dim "$DIM" "${extra[@]}" --out "$run" > /dev/null
+    $P evaluate "$run" > /dev/null
+  done
+  run="$OUT/unet-$seed"
+  if ! done_run "$run"; then
+    $P baseline "${common[@]}" --width "$WIDTH" --out "$run" > /dev/null
+    $P evaluate "$run" > /dev/null
+  fi
+done
+if [ "$DATASET" = monuseg ] && [ -n "${SWEEP:-1}" ]; then   # Fig. 3: each block and step alone, with and without text
+  $P sweep --cache "$store" --out "$OUT/sweep" --epochs "$EPOCHS" --dim "$DIM" > /dev/null
+fi
+python3 "$(dirname "$0")/results_table.py" "$OUT" --dataset "$DATASET" | tee "$OUT/table.md"

@@ -1,0 +1,60 @@
+"""The results table of scripts/results.sh: ours (mean ± std over the training subsets) beside the paper's.
+
+    python scripts/results_table.py runs/results/monuseg --dataset monuseg
+
+Reads OUT/<method>-<seed>/eval-test/summary.json and each run's config.json (for what was run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+METHODS = {"textdiff": "TextDiff", "notext": "no text (ζ1)", "concat": "concat fusion (ζ2)", "unet": "U-Net baseline"}
+# The paper's Tables 1 and 2 (Dice / IoU %); Table 2 gives Dice only.
+PAPER = {
+    "monuseg": {"textdiff": (78.67, 64.98), "notext": (77.73, None), "concat": (76.34, None), "unet": (73.92, 58.98)},
+    "qata": {"textdiff": (71.41, 59.03), "notext": (68.90, None), "concat": (70.71, None), "unet": (46.08, 34.16)},
+}
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
+
+
+def table(out: Path, dataset: str) -> str:
+    rows = ["| method | Dice % (ours) | IoU % (ours) | subsets | Dice % (paper) | IoU % (paper) |",
+            "|---|---|---|---|---|---|"]
+    for key, name in METHODS.items():
+        runs = sorted(out.glob(f"{key}-*/eval-test/summary.json"))
+        dice = [json.loads(p.read_text())["dice"] for p in runs]
+        iou = [json.loads(p.read_text())["iou"] for p in runs]
+        seeds = ",".join(p.parts[-3].rsplit("-", 1)[1] for p in runs)
+        paper_dice, paper_iou = PAPER[dataset][key]
+        rows.append(f"| {name} | {mean_std(dice)} | {mean_std(iou)} | {seeds or '—'} | {paper_dice:.2f} | "
+                    f"{'—' if paper_iou is None else f'{paper_iou:.2f}'} |")
+    example = next(iter(sorted(out.glob("textdiff-*/config.json"))), None)
+    if example:
+        cfg = json.loads(example.read_text())
+        fit = cfg["fit"]
+        rows += ["", f"Image size {cfg['size']} px; blocks {cfg['blocks']} × steps {cfg['steps']}; "
+                     f"{len(cfg['train_ids'])} training images; {fit['epochs']} epochs; head width {fit['dim']}; "
+                     f"store {Path(cfg['cache']).name}."]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--dataset", choices=sorted(PAPER), required=True)
+    args = ap.parse_args()
+    print(table(args.out, args.dataset))
+
+
+if __name__ == "__main__":
+    main()
