@@ -5,7 +5,7 @@
 # training images) and MiniLM for the text.
 #
 # Usage: [SIZE=128] [EPOCHS=100] [SEEDS="0 1 2"] [FLAGS=cpu-64] [BLOCKS=4,6,8] [DIM=768] [AUGMENT=d4]
-#        [PRETRAIN_ITER=5000] [UNET=folder] [WIDTH=64] scripts/results.sh monuseg|qata [OUT]
+#        [PRETRAIN_ITER=5000] [UNET=folder] [WIDTH=64] [SWEEP= (empty: no Fig. 3 sweep)] scripts/results.sh monuseg|qata [OUT]
 # Writes OUT/<method>-<seed>/ run folders (each with eval-test/), OUT/sweep/ (Fig. 3, monuseg) and
 # OUT/table.md (scripts/results_table.py). Everything resumes: re-running skips finished work.
 set -euo pipefail
@@ -49,7 +49,7 @@ for seed in $SEEDS; do
     $P evaluate "$run" > /dev/null
   fi
 done
-if [ "$DATASET" = monuseg ] && [ -n "${SWEEP:-1}" ]; then   # Fig. 3: each block and step alone, with and without text
+if [ "$DATASET" = monuseg ] && [ -n "${SWEEP-1}" ]; then   # Fig. 3: each block and step alone, with and without text
   $P sweep --cache "$store" --out "$OUT/sweep" --epochs "$EPOCHS" --dim "$DIM" > /dev/null
 fi
 python3 "$(dirname "$0")/results_table.py" "$OUT" --dataset "$DATASET" | tee "$OUT/table.md"
