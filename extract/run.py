@@ -79,19 +79,6 @@ class Job:
     pairs: list[tuple[int, int]]
 
 
-def _plan(store: FeatureStore, splits: Sequence[str], pairs: Sequence[tuple[int, int]],
-          items: dict[str, list[Item]]) -> list[Job]:
-    jobs = []
-    for split in splits:
-        base_done = store.done(split)
-        pair_done = {p: store.done(split, *p) for p in pairs}
-        for i, item in enumerate(items[split]):
-            missing = [p for p in pairs if not pair_done[p][i]]
-            if missing or not base_done[i]:
-                jobs.append(Job(split, i, item, not bool(base_done[i]), missing))
-    return jobs
-
-
 def _provenance(cfg: ExtractConfig, unet_src: UNetSource) -> dict[str, Any]:
     """How the store was made (not its identity): to rebuild `pipeline extract` commands and for `predict`."""
     return {"dataset": cfg.dataset, "data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
@@ -246,7 +233,8 @@ def _prepare(cfg: ExtractConfig, console: Console) -> tuple[Prepared, TextEncode
     if batch != cfg.batch_size:
         console.print(f"note: this store was made with --batch-size {batch}; using it, so that every image's "
                       f"features are computed identically")
-    jobs = _plan(store, splits, pairs, items)
+    jobs = replan(store, [Job(split, i, item, True, list(pairs)) for split in splits
+                          for i, item in enumerate(items[split])])
     if not jobs:
         console.print(f"nothing to do: {sum(len(items[s]) for s in splits)} images × {len(pairs)} "
                       f"(step, block) pairs already in the store")
