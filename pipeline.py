@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TextDiff: segmentation from a frozen diffusion UNet + free text, via a feature cache.")
@@ -38,12 +40,13 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
-            err.print("[red]interrupted[/]: everything committed so far is kept; run the same command to resume")
+            err.print("[red]interrupted[/]: everything committed so far is kept; run the same command to resume",
+                      soft_wrap=True)
             raise typer.Exit(130) from None
         except (ValueError, RuntimeError, OSError, KeyError) as e:
             if _state["debug"]:
                 raise
-            err.print(f"[red]error[/]: {e}", markup=True, highlight=False)
+            err.print(f"[red]error[/]: {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -347,7 +350,7 @@ def cache_ls(cache_dir: Optional[str] = typer.Option(None, help="[default: $TEXT
     if not rows:
         err.print(f"no stores in {folder}")
         return
-    table = Table("store", "dataset", "pairs", "images done", "created", title=f"stores in {folder}")
+    table = Table("store", "dataset", "pairs", "images done", "last written", title=f"stores in {folder}")
     for column in table.columns:
         column.overflow = "fold"
     for r in rows:
@@ -355,7 +358,8 @@ def cache_ls(cache_dir: Optional[str] = typer.Option(None, help="[default: $TEXT
             table.add_row(Path(r["path"]).name, "[red]unreadable[/]", "", "", str(r["error"])[:60])
             continue
         table.add_row(Path(r["path"]).name, str(r["dataset"]), _pairs_summary(r["pairs"]),
-                      f"{r['images_done']} / {r['images_total']}", str(r["created"]))
+                      f"{r['images_done']} / {r['images_total']}",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(r["modified"])))
     Console().print(table)
 
 

@@ -264,7 +264,8 @@ class H5Backend(Backend):
         compress = spec.shuffle is not None
         ds = self._file.create_dataset(rel, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
                                        fillvalue=np.array(spec.fill, dtype=spec.dtype),
-                                       compression="lzf" if compress else None, shuffle=compress)
+                                       compression="lzf" if compress else None, shuffle=compress,
+                                       track_times=False)  # same inputs → same file bytes
         ds.attrs["dimension_names"] = list(spec.dims)
 
     def array(self, rel: str) -> Any:

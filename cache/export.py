@@ -41,7 +41,7 @@ def export_store(src_path: Location, store_format: str, dest: Location | None = 
     out = FeatureStore.create(target, src.key, size=src.size, splits={s: src.layout(s) for s in src.splits()},
                               token_len=attrs["token_len"], token_dim=attrs["token_dim"],
                               extra_attrs={**{k: v for k, v in attrs.items() if k not in _OWN_ATTRS},
-                                           "exported_from": {"path": str(src.path), "created": attrs["created"]}})
+                                           "exported_from": {"path": str(src.path)}})
     pairs = src.pairs()
     shapes = {p: src.feature_shape(*p) for p in pairs}
     out.ensure_pairs([(s, b, shapes[s, b][0], shapes[s, b][1:]) for s, b in pairs])

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import BASE_ARRAYS, FeatureStore, StoreError, checksum, feat_rel, store_paths
+from cache.lock import held_by_other, lock_path
+from cache.store import (BASE_ARRAYS, FeatureStore, StoreError, checksum, feat_rel, last_written, store_files,
+                         store_paths)
 
 
 @dataclass
@@ -68,18 +70,8 @@ def work_items(path: Path | str) -> int:
     return FeatureStore.open(path).rows_done()
 
 
-def _files(path: Path) -> list[Path]:
-    path = Path(path)
-    return [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-
-
 def store_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in _files(path))
-
-
-def last_written(path: Path) -> float:
-    """The newest modification time of anything in the store (a resumed extract counts as use)."""
-    return max((f.stat().st_mtime for f in _files(path)), default=Path(path).stat().st_mtime)
+    return sum(f.stat().st_size for f in store_files(path))
 
 
 def remove_stores(paths: list[Path], dry_run: bool = False) -> list[tuple[Path, int]]:
@@ -87,6 +79,9 @@ def remove_stores(paths: list[Path], dry_run: bool = False) -> list[tuple[Path, 
     checked = []
     for p in paths:
         FeatureStore.open(p).close()  # raises StoreError, naming the path, if it is not a feature store
+        holder = held_by_other(p)
+        if holder:
+            raise StoreError(f"{p}: being written by another process ({holder}); stop it or let it finish first")
         checked.append((Path(p), store_bytes(Path(p))))
     if not dry_run:
         for p, _ in checked:
@@ -94,6 +89,7 @@ def remove_stores(paths: list[Path], dry_run: bool = False) -> list[tuple[Path, 
                 shutil.rmtree(p)
             else:
                 p.unlink()
+            lock_path(p).unlink(missing_ok=True)
     return checked
 
 
@@ -111,6 +107,8 @@ def gc_candidates(cache_dir: Path, older_than_days: float | None = None, keep: i
             FeatureStore.open(p).close()
         except StoreError:
             continue  # not ours: never touched
+        if held_by_other(p):
+            continue  # being written now: in use
         stores.append((p, last_written(p)))
     stores.sort(key=lambda s: s[1], reverse=True)
     now = time.time()

@@ -32,7 +32,6 @@ import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -253,7 +252,6 @@ class FeatureStore:
             "format_version": FORMAT_VERSION,
             "size": int(size),
             "textdiff_version": _textdiff_version(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "token_len": int(token_len),
             "token_dim": int(token_dim),
             "splits": list(splits),
@@ -273,8 +271,10 @@ class FeatureStore:
         store = cls.open(path, "r+")
         wanted = key_hash(key)
         if store.key_hash != wanted:
-            raise StoreError(f"{path} holds a store with key hash {store.key_hash}, "
-                             f"not the requested {wanted}; use another path or remove it")
+            differ = sorted(k for k in set(store.key) | set(key) if store.key.get(k) != key.get(k))
+            raise StoreError(f"{path} holds a store made with another configuration (it differs in: "
+                             f"{', '.join(differ)}; key hash {store.key_hash[:12]}, requested {wanted[:12]}); "
+                             f"use another cache folder or remove it")
         problems = []
         facts = {"size": size, "token_len": token_len, "token_dim": token_dim}
         for name, value in facts.items():
@@ -412,8 +412,13 @@ class FeatureStore:
             self._ensure_array(_crc_rel(split, step, block), _crc_spec(n))
 
     def ensure_pairs(self, pairs: Sequence[tuple[int, int, int, tuple[int, int]]]) -> None:
-        """:meth:`ensure_pair` for each (step, block, channels, (h, w)), concurrently: creating an array is
-        a few small metadata writes, and a store has dozens."""
+        """:meth:`ensure_pair` for each (step, block, channels, (h, w)); concurrently for zarr (creating an
+        array is a few small metadata writes, and a store has dozens), in order for HDF5 (one file: the
+        order of creation decides its bytes)."""
+        if self.format == "h5":
+            for p in pairs:
+                self.ensure_pair(*p)
+            return
         with ThreadPoolExecutor(8, thread_name_prefix="textdiff-create") as pool:
             list(pool.map(lambda p: self.ensure_pair(*p), pairs))
 
@@ -555,7 +560,7 @@ class FeatureStore:
                              "done": counts, "complete": int(complete.sum())}
         return {
             "path": str(self.path), "format": self.format, "key": self.key, "key_hash": self.key_hash, "size": self.size,
-            "format_version": self._attrs["format_version"], "created": self._attrs["created"],
+            "format_version": self._attrs["format_version"],
             "textdiff_version": self._attrs["textdiff_version"], "token_len": self._attrs["token_len"],
             "token_dim": self._attrs["token_dim"], "pairs": [list(p) for p in pairs],
             "arrays": arrays, "splits": splits,
@@ -578,7 +583,7 @@ def list_stores(cache_dir: Path) -> list[dict]:
             "format": info["format"],
             "dataset": dataset.get("name") if isinstance(dataset, dict) else None,
             "key_hash": info["key_hash"],
-            "created": info["created"],
+            "modified": last_written(path),
             "size": info["size"],
             "pairs": [_pair_name(s, b) for s, b in info["pairs"]],
             "images_done": sum(s["complete"] for s in info["splits"].values()),
@@ -589,6 +594,30 @@ def list_stores(cache_dir: Path) -> list[dict]:
     return rows
 
 
+def remove_leftovers(path: Path | str) -> int:
+    """Delete what a killed writer of the local store ``path`` left: zarr's half-written ``*.partial``
+    chunk files inside it and unfinished builds (``.<name>.tmp-*``) beside it. Only for the holder of the
+    store's writer lock. Returns how many were removed."""
+    path = Path(path)
+    found = list(path.parent.glob(f".{path.stem}.tmp-*{path.suffix}"))
+    if path.is_dir():
+        found += [p for p in path.rglob("*.partial") if p.is_file()]
+    for p in found:
+        _remove(p)
+    return len(found)
+
+
+def store_files(path: Path | str) -> list[Path]:
+    """Every file of a local store (the file itself for HDF5)."""
+    path = Path(path)
+    return [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+
+
+def last_written(path: Path | str) -> float:
+    """The newest modification time of anything in a local store (a resumed extract counts as use)."""
+    return max((f.stat().st_mtime for f in store_files(path)), default=Path(path).stat().st_mtime)
+
+
 def store_paths(cache_dir: Path | str) -> list[Path]:
     """What in ``cache_dir`` looks like a store by its name (``*.zarr`` folders, ``*.h5`` files), sorted."""
     if is_url(cache_dir):
@@ -597,5 +626,5 @@ def store_paths(cache_dir: Path | str) -> list[Path]:
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         return []
-    return sorted([p for p in cache_dir.glob("*.zarr") if p.is_dir()]
-                  + [p for p in cache_dir.glob("*.h5") if p.is_file()])
+    return sorted([p for p in cache_dir.glob("*.zarr") if p.is_dir() and not p.name.startswith(".")]
+                  + [p for p in cache_dir.glob("*.h5") if p.is_file() and not p.name.startswith(".")])

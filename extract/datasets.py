@@ -41,7 +41,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -54,6 +54,7 @@ DEFAULT_BLOCKS = {"monuseg": (6, 8, 12, 16), "qata": (4, 6, 8, 12), "folder": (6
                   "synthetic": (4, 6, 8)}  # valid for small UNets (12 output blocks) too
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _TEXT_COLUMNS = ("text", "description", "caption")
+T = TypeVar("T")
 
 
 class DatasetError(ValueError):
@@ -73,35 +74,51 @@ class Item:
 
 # --------------------------------------------------------------------------- pixels
 
-def _pil_to_rgb8(im: Image.Image, path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 from any PIL mode: grey replicated, alpha dropped, 16-bit scaled to 8-bit."""
+_MODE_NOTES = {"L": "grayscale, replicated to RGB", "1": "1-bit, replicated to RGB",
+               "LA": "grayscale with alpha, alpha dropped", "P": "palette colours, converted to RGB",
+               "PA": "palette colours with alpha, converted to RGB", "RGBA": "alpha dropped",
+               "RGBa": "alpha dropped", "RGBX": "padding channel dropped", "CMYK": "CMYK, converted to RGB",
+               "YCbCr": "YCbCr, converted to RGB", "LAB": "Lab, converted to RGB", "HSV": "HSV, converted to RGB"}
+
+
+def _pil_to_rgb8(im: Image.Image, path: Path) -> tuple[np.ndarray, str | None]:
+    """(H, W, 3) uint8 from any PIL mode (grey replicated, alpha dropped, 16-bit scaled to 8-bit) and a
+    note saying what was converted (None for 8-bit RGB)."""
     if im.mode.startswith("I"):  # I;16*, I: 16-bit grey (PNG / TIFF)
         return _array_to_rgb8(np.asarray(im), path)
     if im.mode == "F":
         raise DatasetError(f"{path}: floating-point images are not supported (mode F)")
-    return np.asarray(im.convert("RGB"))
+    return np.asarray(im.convert("RGB")), _MODE_NOTES.get(im.mode, None if im.mode == "RGB" else
+                                                           f"mode {im.mode}, converted to RGB")
 
 
-def _array_to_rgb8(a: np.ndarray, path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 from a (H, W[, C]) uint8/uint16/bool array (C = 1, 3 or 4)."""
+def _array_to_rgb8(a: np.ndarray, path: Path) -> tuple[np.ndarray, str | None]:
+    """(H, W, 3) uint8 from a (H, W[, C]) uint8/uint16/bool array (C = 1, 3 or 4), and what was converted."""
+    notes = []
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255
+        notes.append("1-bit")
     elif a.dtype.kind in "ui" and a.dtype.itemsize > 1:  # 16-bit grey/RGB (PIL "I;16*", "I"; tifffile)
         if a.size and (a.min() < 0 or a.max() > 65535):
             raise DatasetError(f"{path}: pixel values outside the 16-bit range")
         a = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        notes.append("16-bit, scaled to 8 bits")
     elif a.dtype != np.uint8:
         raise DatasetError(f"{path}: unsupported pixel type {a.dtype}")
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
         raise DatasetError(f"{path}: unsupported image shape {a.shape}")
+    if a.shape[2] == 1:
+        notes.append("grayscale, replicated to RGB")
+    elif a.shape[2] == 4:
+        notes.append("alpha dropped")
     a = a[..., :3] if a.shape[2] != 1 else np.repeat(a, 3, axis=2)
-    return np.ascontiguousarray(a)
+    return np.ascontiguousarray(a), "; ".join(notes) or None
 
 
-def _decode(path: Path, kind: str, convert: Callable[[Image.Image, Path], np.ndarray],
-            from_array: Callable[[np.ndarray, Path], np.ndarray]) -> np.ndarray:
+def _decode(path: Path, kind: str, convert: Callable[[Image.Image, Path], T],
+            from_array: Callable[[np.ndarray, Path], T]) -> T:
     """Decode ``path`` fully (PIL, tifffile for TIFFs PIL cannot read); any failure names the file."""
     if not path.is_file():
         raise DatasetError(f"{path}: {kind} file not found")
@@ -112,15 +129,24 @@ def _decode(path: Path, kind: str, convert: Callable[[Image.Image, Path], np.nda
     except DatasetError:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure becomes one error naming the file
-        if path.suffix.lower() in (".tif", ".tiff"):
+        also = ""
+        if path.suffix.lower() in (".tif", ".tiff"):  # TIFFs PIL cannot decode (e.g. 16-bit RGB, some codecs)
             try:
                 import tifffile
                 return from_array(np.asarray(tifffile.imread(path)), path)
-            except DatasetError:
-                raise
-            except Exception:  # noqa: BLE001
-                pass
-        raise DatasetError(f"{path}: cannot read {kind} (unreadable or truncated: {e})") from e
+            except Exception as e2:  # noqa: BLE001
+                also = f"; tifffile: {str(e2).removeprefix(f'{path}: ')}"
+        raise DatasetError(f"{path}: cannot read {kind} (unreadable or truncated: {e}{also})") from e
+
+
+def decode_image(path: Path) -> tuple[np.ndarray, str | None]:
+    """A whole image file as (H, W, 3) uint8 RGB and a note of what was converted (None: it was 8-bit RGB)."""
+    return _decode(Path(path), "image", _pil_to_rgb8, _array_to_rgb8)
+
+
+def decode_mask(path: Path) -> np.ndarray:
+    """A whole mask file as (H, W) uint8 in {0, 1}; anything but a binary mask is a :class:`DatasetError`."""
+    return _decode(Path(path), "mask", _pil_mask, _mask_values)
 
 
 def _mask_values(a: np.ndarray, path: Path) -> np.ndarray:
@@ -167,7 +193,7 @@ def read_image(path: Path, size: int, color_order: str = "rgb") -> tuple[np.ndar
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    rgb8 = _decode(path, "image", _pil_to_rgb8, _array_to_rgb8)
+    rgb8, _note = decode_image(path)
     return resize_image(rgb8, size, color_order), (int(rgb8.shape[0]), int(rgb8.shape[1]))
 
 
@@ -335,7 +361,7 @@ class Dataset:
         if self._synthetic is not None:
             rgb8 = self._synthetic.sample(item).image
         else:
-            rgb8 = _decode(self._path(item.image_path, item), "image", _pil_to_rgb8, _array_to_rgb8)
+            rgb8, _note = decode_image(self._path(item.image_path, item))
         return resize_image(rgb8, size, color_order)
 
     def load_image(self, item: Item, size: int, color_order: str = "rgb") -> np.ndarray:
@@ -348,7 +374,7 @@ class Dataset:
         if self._synthetic is not None:
             mask = self._synthetic.sample(item).mask
         else:
-            mask = _decode(self._path(item.mask_path, item), "mask", _pil_mask, _mask_values)
+            mask = decode_mask(self._path(item.mask_path, item))
         return _resize_mask(np.ascontiguousarray(mask), size)
 
     def _path(self, path: Path | None, item: Item) -> Path:
@@ -639,15 +665,80 @@ def open_dataset(name: str, root: Path | str | None = None, *, splits: Sequence[
     else:
         items, tables, layout = _read_folder(root, wanted, problems)
     if problems and not skip_bad:
-        lines = [f"  {p}: {why}" for p, why in problems[:20]] + ([f"  ... and {len(problems) - 20} more"]
-                                                                  if len(problems) > 20 else [])
-        raise DatasetError(f"{name}: {len(problems)} problem(s) in {root} (skip_bad=True / --skip-bad drops "
-                           f"these items):\n" + "\n".join(lines))
+        raise problems_error(name, root, problems)
     items.sort(key=lambda it: (SPLITS.index(it.split), it.id))  # ids are unique: files indexed by stem
     if not items:
         raise DatasetError(f"{root}: no usable items")
     skipped = [(_rel(p, root), why) for p, why in problems]
     return Dataset(name, root, items, DEFAULT_BLOCKS[name], skipped, layout, tables)
+
+
+def problems_error(name: str, root: Path, problems: Sequence[tuple[Path, str]]) -> DatasetError:
+    """One line: the file and what is wrong; several files: their count, then each (20 at most)."""
+    if len(problems) == 1:
+        path, why = problems[0]
+        return DatasetError(f"{path}: {why} (--skip-bad drops such items)")
+    shown = "; ".join(f"{p}: {why}" for p, why in problems[:20]) + (
+        f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+    return DatasetError(f"{name}: {len(problems)} problem(s) in {root} (--skip-bad drops these items): {shown}")
+
+
+def check_files(ds: Dataset, skip_bad: bool = False, on_item: Callable[[], None] | None = None,
+                threads: int = 4) -> tuple[Dataset, list[tuple[str, str]]]:
+    """Decode every image and mask of ``ds`` in full before anything is written from them.
+
+    Returns the dataset (less the bad items with ``skip_bad``, recorded in ``skipped``) and notes
+    ``(file, what)`` for what is accepted but worth saying: an image converted to RGB (grey, alpha,
+    16-bit, palette) and an empty mask. Raises :class:`DatasetError` naming each bad file otherwise: one
+    that does not decode (truncated, not an image), a mask that is not binary, an image and a mask of
+    different sizes. ``on_item`` is called once per item checked (progress).
+    """
+    if ds.root is None:  # synthetic: generated, nothing to read
+        return ds, []
+
+    def one(item: Item) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+        problems: list[tuple[Path, str]] = []
+        notes: list[tuple[Path, str]] = []
+        image = mask = None
+        try:
+            image, note = decode_image(ds._path(item.image_path, item))
+            if note:
+                notes.append((item.image_path, note))
+        except DatasetError as e:
+            problems.append((item.image_path, _why(e, item.image_path)))
+        try:
+            mask = decode_mask(ds._path(item.mask_path, item))
+            if not mask.any():
+                notes.append((item.mask_path, "empty mask (no foreground): kept; it scores 1 only if the "
+                                              "prediction is empty too"))
+        except DatasetError as e:
+            problems.append((item.mask_path, _why(e, item.mask_path)))
+        if image is not None and mask is not None and image.shape[:2] != mask.shape:
+            problems.append((item.mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} px but its image "
+                                             f"{item.image_path.name} is {image.shape[1]}x{image.shape[0]} px"))
+        if on_item:
+            on_item()
+        return problems, notes
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="textdiff-check") as pool:
+        results = list(pool.map(one, ds.items))
+    problems = [p for probs, _ in results for p in probs]
+    notes = [(_rel(p, ds.root), what) for _, ns in results for p, what in ns]
+    if problems and not skip_bad:
+        raise problems_error(ds.name, ds.root, problems)
+    bad = {it.id + "/" + it.split for it, (probs, _) in zip(ds.items, results, strict=True) if probs}
+    kept = [it for it in ds.items if it.id + "/" + it.split not in bad]
+    if not kept:
+        raise DatasetError(f"{ds.root}: no usable items")
+    skipped = ds.skipped + [(_rel(p, ds.root), why) for p, why in problems]
+    return replace(ds, items=kept, skipped=skipped), notes
+
+
+def _why(e: DatasetError, path: Path | None) -> str:
+    """The message of a decoding error without the leading "<path>: "."""
+    return str(e).removeprefix(f"{path}: ")
 
 
 def _rel(path: Path, root: Path) -> str:

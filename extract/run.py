@@ -7,6 +7,7 @@ compressing + writing the last one run on threads beside the UNet forward.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,10 +19,11 @@ import torch
 from rich.console import Console
 
 from cache.backends import FORMATS, as_location
-from cache.key import default_cache_dir, make_key, store_path
-from cache.store import FeatureStore, SplitLayout
+from cache.lock import writer_lock
+from cache.key import default_cache_dir, key_hash, make_key, store_path
+from cache.store import FeatureStore, SplitLayout, StoreError, remove_leftovers
 from extract.checkpoints import PRESETS, UNetSource, resolve_unet
-from extract.datasets import Dataset, Item, open_dataset, preprocessing, to_unit_range
+from extract.datasets import Dataset, Item, check_files, open_dataset, preprocessing, to_unit_range
 from extract.diffusion import DEFAULT_SEED, shared_noise
 from extract.features import FeatureExtractor, autocast_dtype, default_device
 from extract.progress import stage_progress
@@ -108,6 +110,23 @@ def open_source(cfg: ExtractConfig) -> Dataset:
     return ds.head(cfg.limit) if cfg.limit is not None else ds
 
 
+def check_inputs(ds: Dataset, skip_bad: bool, console: Console) -> Dataset:
+    """Decode every file before anything is written (:func:`extract.datasets.check_files`); print its notes."""
+    if ds.root is None:
+        return ds
+    progress = stage_progress(console, "check", "images")
+    with progress:
+        task = progress.add_task(f"{ds.name} files", total=len(ds.items))
+        ds, notes = check_files(ds, skip_bad, on_item=lambda: progress.advance(task, 1))
+    by_what: dict[str, list[str]] = {}
+    for file, what in notes:
+        by_what.setdefault(what, []).append(file)
+    for what, files in by_what.items():
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        console.print(f"[yellow]note[/]: {len(files)} file(s): {what}: {shown}", highlight=False, soft_wrap=True)
+    return ds
+
+
 def replan(store: FeatureStore, jobs: Sequence[Job]) -> list[Job]:
     """``jobs`` less what the store now has (another process or an earlier attempt wrote it)."""
     base = {s: store.done(s) for s in {j.split for j in jobs}}
@@ -152,15 +171,23 @@ def run_extract(cfg: ExtractConfig, console: Console | None = None,
         if cfg.store_format == "h5":
             raise ValueError("--scheduler needs a zarr store (HDF5 has one writer at a time): extract with "
                              "--store-format zarr, then `pipeline cache export STORE --format h5`")
-    prepared, encoder = _prepare(cfg, console)
-    if not prepared.jobs:
-        return prepared.store.path
-    if cfg.scheduler:
-        del encoder  # the workers load their own
-        from extract.cluster import run_on_cluster
+    with contextlib.ExitStack() as held:  # the store's writer lock, from opening it to the last write
+        prepared, encoder, model = _prepare(cfg, console, held)
+        if not prepared.jobs:
+            return prepared.store.path
+        if cfg.scheduler:
+            del encoder, model  # the workers load their own
+            from extract.cluster import run_on_cluster
 
-        run_on_cluster(prepared, cfg, console, on_shard)
-        return prepared.store.path
+            run_on_cluster(prepared, cfg, console, on_shard)
+            return prepared.store.path
+        _run_serial(prepared, encoder, model, cfg, console, on_batch)
+    return prepared.store.path
+
+
+def _run_serial(prepared: Prepared, encoder: TextEncoder, model: torch.nn.Module | None, cfg: ExtractConfig,
+                console: Console, on_batch: Callable[[int], None] | None) -> None:
+    """Encode the texts and execute the jobs in this process."""
     before = torch.get_num_threads()
     try:
         if cfg.threads:
@@ -168,27 +195,30 @@ def run_extract(cfg: ExtractConfig, console: Console | None = None,
         tokens = encode_tokens(encoder, prepared.jobs, prepared.max_length)
         del encoder
         device = torch.device(cfg.device) if cfg.device else default_device()
-        extractor = FeatureExtractor(prepared.unet.load(), shared_noise(cfg.size, cfg.seed), device=device,
+        assert model is not None  # loaded whenever there are jobs
+        extractor = FeatureExtractor(model, shared_noise(cfg.size, cfg.seed), device=device,
                                      autocast=cfg.autocast)
         execute(prepared, extractor, tokens, cfg, console, on_batch)
     finally:
         torch.set_num_threads(before)
-    return prepared.store.path
 
 
-def _prepare(cfg: ExtractConfig, console: Console) -> tuple[Prepared, TextEncoder]:
-    """Check the arguments, open (or create) the store, and list what it lacks."""
+def _prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
+             ) -> tuple[Prepared, TextEncoder, torch.nn.Module | None]:
+    """Check the arguments and every input (dataset files, texts, UNet weights) before anything is
+    written; then take the store's writer lock (into ``held``), open (or create) the store, and list
+    what it lacks."""
     if cfg.augment not in AUGMENTATIONS:
         raise ValueError(f"--augment must be one of {sorted(AUGMENTATIONS)}, got {cfg.augment!r}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
     if cfg.store_format not in FORMATS:
         raise ValueError(f"--store-format must be one of {list(FORMATS)}, got {cfg.store_format!r}")
-    ds = open_source(cfg)
+    ds = check_inputs(open_source(cfg), cfg.skip_bad, console)
     if ds.skipped:
         console.print(f"[yellow]skipped {len(ds.skipped)} bad item(s)[/]: "
                       + "; ".join(f"{f} ({why})" for f, why in ds.skipped[:5])
-                      + (" ..." if len(ds.skipped) > 5 else ""))
+                      + (" ..." if len(ds.skipped) > 5 else ""), soft_wrap=True, highlight=False)
     splits = list(cfg.splits or ds.splits())
     unknown = [s for s in splits if s not in ds.splits()]
     if unknown:
@@ -211,7 +241,7 @@ def _prepare(cfg: ExtractConfig, console: Console) -> tuple[Prepared, TextEncode
     max_length, n_trunc = choose_max_length(encoder, all_texts, cfg.max_length)
     if n_trunc:
         console.print(f"[yellow]note[/]: {n_trunc} of {len(all_texts)} texts are longer than "
-                      f"{max_length} tokens and are truncated (--max-length)")
+                      f"{max_length} tokens and are truncated (--max-length)", soft_wrap=True)
 
     prep = preprocessing(cfg.size, cfg.color_order)
     prep["augment"] = cfg.augment
@@ -224,21 +254,49 @@ def _prepare(cfg: ExtractConfig, console: Console) -> tuple[Prepared, TextEncode
     layouts = {s: SplitLayout(ids=[it.id for it in items[s]], texts=[it.text for it in items[s]], views=views[s])
                for s in ds.splits()}
     path = store_path(as_location(cfg.cache_dir), ds.name, key, cfg.store_format)
-    store = FeatureStore.create(path, key, size=cfg.size, splits=layouts, token_len=max_length,
-                                token_dim=encoder.dim, extra_attrs={"forward_batch": cfg.batch_size,
-                                                                    "extract": _provenance(cfg, unet_src)})
     pairs = [(s, b) for s in steps for b in blocks]
-    store.ensure_pairs([(s, b, shapes[b][0], shapes[b][1:]) for s, b in pairs])
+    all_jobs = [Job(split, i, item, True, list(pairs)) for split in splits for i, item in enumerate(items[split])]
+    nothing = (f"nothing to do: {sum(len(items[s]) for s in splits)} images × {len(pairs)} (step, block) pairs "
+               f"already in the store")
+    complete = _complete_store(path, key, pairs, all_jobs)
+    if complete is not None:  # read-only is enough: no lock, no UNet (its folder may be read-only)
+        console.print(nothing)
+        return Prepared(complete, ds, [], views, cfg.batch_size, unet_src, max_length), encoder, None
+    model = unet_src.load()  # a checkpoint for other flags, or with NaN weights, stops here: nothing written
+    note = lambda msg: console.print(f"[yellow]note[/]: {msg}", highlight=False, soft_wrap=True)  # noqa: E731
+    if held.enter_context(writer_lock(path, note)):
+        removed = remove_leftovers(path)
+        note(f"the last extract of this store was killed; {removed} half-written temporary file(s) removed, "
+             f"its committed images kept")
+    try:
+        store = FeatureStore.create(path, key, size=cfg.size, splits=layouts, token_len=max_length,
+                                    token_dim=encoder.dim, extra_attrs={"forward_batch": cfg.batch_size,
+                                                                        "extract": _provenance(cfg, unet_src)})
+        store.ensure_pairs([(s, b, shapes[b][0], shapes[b][1:]) for s, b in pairs])
+    except OSError as e:
+        raise OSError(e.errno, f"creating the arrays of {path} failed: {e.strerror or e} ({e.filename}); no image "
+                               f"was written yet: free the space (or fix the folder) and re-run") from e
     batch = int(store.attrs.get("forward_batch", cfg.batch_size))
     if batch != cfg.batch_size:
         console.print(f"note: this store was made with --batch-size {batch}; using it, so that every image's "
                       f"features are computed identically")
-    jobs = replan(store, [Job(split, i, item, True, list(pairs)) for split in splits
-                          for i, item in enumerate(items[split])])
-    if not jobs:
-        console.print(f"nothing to do: {sum(len(items[s]) for s in splits)} images × {len(pairs)} "
-                      f"(step, block) pairs already in the store")
-    return Prepared(store, ds, jobs, views, batch, unet_src, max_length), encoder
+    jobs = replan(store, all_jobs)
+    if not jobs:  # another process finished it while this one waited for the lock
+        console.print(nothing)
+    return Prepared(store, ds, jobs, views, batch, unet_src, max_length), encoder, model
+
+
+def _complete_store(path: Path | str, key: dict, pairs: list[tuple[int, int]],
+                    jobs: list[Job]) -> FeatureStore | None:
+    """The store at ``path``, opened read-only, if it is this key's and already has everything; else None."""
+    try:
+        store = FeatureStore.open(path)
+    except (StoreError, OSError, FileNotFoundError):
+        return None
+    if store.key_hash != key_hash(key) or not set(pairs) <= set(store.pairs()) or replan(store, jobs):
+        store.close()
+        return None
+    return store
 
 
 def _load(ds: Dataset, job: Job, size: int, color_order: str, n_views: int) -> tuple[np.ndarray, np.ndarray]:
@@ -259,13 +317,19 @@ class _Pending:
         self.remaining = v * len({s for s, _ in job.pairs})
 
     def write(self, store: FeatureStore, tokens: dict) -> None:
-        """Base arrays first, then each pair (data, then its done flag)."""
+        """Base arrays first, then each pair (data, then its done flag). A failed write (disk full, a
+        read-only or vanished folder) names the store and the image; every row committed before it stays."""
         job = self.job
-        if job.base:
-            emb, tmask = tokens[(job.split, job.index)]
-            store.write_base(job.split, job.index, self.imgs, self.masks, emb, tmask)
-        for (s, b), arr in self.feats.items():
-            store.write_features(job.split, job.index, s, b, arr)
+        try:
+            if job.base:
+                emb, tmask = tokens[(job.split, job.index)]
+                store.write_base(job.split, job.index, self.imgs, self.masks, emb, tmask)
+            for (s, b), arr in self.feats.items():
+                store.write_features(job.split, job.index, s, b, arr)
+        except OSError as e:
+            raise OSError(e.errno, f"writing {store.path} ({job.split}/{job.item.id}) failed: "
+                                   f"{e.strerror or e}; every image written before it is kept, free the "
+                                   f"space (or fix the folder) and re-run to resume") from e
 
 
 def execute(prepared: Prepared, extractor: FeatureExtractor, tokens: dict, cfg: ExtractConfig, console: Console,

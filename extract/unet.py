@@ -500,7 +500,8 @@ def read_flags(flags: Mapping[str, Any] | str | Path) -> dict[str, Any]:
 
 
 def _mismatch_report(model_sd: Mapping[str, torch.Tensor], ckpt: Mapping[str, torch.Tensor],
-                     checkpoint: Path, flags: Mapping[str, Any], limit: int = 12) -> str | None:
+                     checkpoint: Path, flags: Mapping[str, Any], limit: int = 3) -> str | None:
+    """One line: which keys are missing, unexpected or mis-shaped (the first ``limit`` of each), and the flags."""
     missing = [k for k in model_sd if k not in ckpt]
     unexpected = [k for k in ckpt if k not in model_sd]
     misshaped = [f"{k}: checkpoint {tuple(ckpt[k].shape)} vs model {tuple(model_sd[k].shape)}"
@@ -508,16 +509,22 @@ def _mismatch_report(model_sd: Mapping[str, torch.Tensor], ckpt: Mapping[str, to
     if not (missing or unexpected or misshaped):
         return None
 
-    def block(title: str, rows: list[str]) -> str:
-        shown = "".join(f"\n    {r}" for r in rows[:limit])
-        more = f"\n    ... and {len(rows) - limit} more" if len(rows) > limit else ""
-        return f"\n  {title} ({len(rows)}):{shown}{more}" if rows else ""
+    def part(title: str, rows: list[str]) -> list[str]:
+        more = f", ... {len(rows) - limit} more" if len(rows) > limit else ""
+        return [f"{title} keys ({len(rows)}): {', '.join(rows[:limit])}{more}"] if rows else []
 
-    return (f"checkpoint {checkpoint} does not fit the UNet flags "
-            f"({len(model_sd)} keys expected, {len(ckpt)} in the file):"
-            + block("missing keys", missing) + block("unexpected keys", unexpected)
-            + block("mis-shaped keys", misshaped)
-            + "\n  flags used: " + json.dumps(dict(flags), sort_keys=True))
+    parts = part("missing", missing) + part("unexpected", unexpected) + part("mis-shaped", misshaped)
+    return (f"checkpoint {checkpoint} does not fit the UNet flags ({len(model_sd)} keys expected, {len(ckpt)} "
+            f"in the file): {'; '.join(parts)}; flags used: {json.dumps(dict(flags), sort_keys=True)}")
+
+
+def _check_finite(sd: Mapping[str, torch.Tensor], checkpoint: Path) -> None:
+    """A checkpoint with NaN or infinite weights would fill the store with NaN features: refuse it."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f", ... {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(f"UNet checkpoint {checkpoint}: {len(bad)} tensor(s) hold NaN or infinite values "
+                         f"({shown}); the file is corrupt or its training diverged")
 
 
 def load_state_dict_file(checkpoint: str | Path) -> dict[str, torch.Tensor]:
@@ -551,6 +558,7 @@ def load_unet(checkpoint: str | Path, flags: Mapping[str, Any] | str | Path,
     report = _mismatch_report(model.state_dict(), sd, Path(checkpoint), f)
     if report:
         raise CheckpointMismatchError(report)
+    _check_finite(sd, Path(checkpoint))
     target = model.state_dict()
     sd = {k: v.to(target[k].dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)

@@ -29,10 +29,8 @@ def config(adm: Path, cache: Path | str, **kw) -> ExtractConfig:
 
 
 def store_files(path: Path) -> dict[str, bytes]:
-    """Every chunk of a store (data, done flags, checksums), by relative path; metadata left out (it
-    records the creation time)."""
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*")
-            if p.is_file() and p.name != "zarr.json"}
+    """Every file of a store (data, done flags, checksums, metadata), by relative path."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
