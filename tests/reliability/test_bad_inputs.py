@@ -261,3 +261,17 @@ def test_debug_shows_the_traceback(good: tuple[Path, Path], tmp_path: Path) -> N
     """--debug: the same failure raises (the traceback) instead of the one-line error."""
     with pytest.raises(ValueError, match=r"--steps must lie in \[0, 999\]"):
         cli(["--debug", *extract_args(good[0], tmp_path / "cache", "--steps", "50,5000")])
+
+
+def test_skip_bad_drops_the_bad_files(case: tuple[Path, Path]) -> None:
+    """--skip-bad: a truncated image and a non-binary mask are left out (and listed), the rest extracted."""
+    root, cache = case
+    truncate(first(root, "train", "image"))
+    replace_image(first(root, "val", "mask"),
+                  lambda a: Image.fromarray(np.where(a[..., 0] > 0, 255, 7).astype(np.uint8)))
+    res = cli(extract_args(root, cache, "--skip-bad"))
+    assert res.code == 0, res.stderr
+    assert "skipped 2 bad item(s)" in res.stderr and first(root, "train", "image").name in res.stderr
+    store = FeatureStore.open(res.stdout.strip().splitlines()[-1])
+    assert first(root, "train", "image").stem not in store.ids("train") and len(store.ids("train")) == 2
+    assert "val" not in store.splits() or len(store.ids("val")) == 0
