@@ -450,5 +450,28 @@ def cache_gc(cache_dir: Optional[str] = typer.Option(None, help="[default: $TEXT
     _removal_lines(remove_stores(doomed, dry_run=dry_run), dry_run)
 
 
+def main() -> None:
+    """The ``pipeline`` command: ``app``, with a bad option or argument reported on one line (exit code 2)."""
+    try:
+        from typer._click import exceptions as cx  # typer >= 0.20 carries its own click
+    except ImportError:  # pragma: no cover - older typer on click
+        from click import exceptions as cx
+
+    try:
+        code = app(standalone_mode=False)
+    except cx.NoArgsIsHelpError as e:
+        e.show()
+        code = e.exit_code
+    except cx.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        err.print(f"[red]error[/]: {escape(e.format_message())}{hint}", highlight=False, soft_wrap=True)
+        code = e.exit_code
+    except typer.Abort:
+        err.print("[red]aborted[/]")
+        code = 1
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

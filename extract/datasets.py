@@ -34,11 +34,14 @@ and record them in ``Dataset.skipped``. Unreadable files raise when loaded.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -683,6 +686,21 @@ def problems_error(name: str, root: Path, problems: Sequence[tuple[Path, str]]) 
     return DatasetError(f"{name}: {len(problems)} problem(s) in {root} (--skip-bad drops these items): {shown}")
 
 
+@contextlib.contextmanager
+def quiet_decoders() -> Iterator[None]:
+    """Silence the decoders' own chatter (PIL's warnings, tifffile's log): a broken file is reported once,
+    as one error naming it, not with extra lines from the library that failed to read it."""
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def check_files(ds: Dataset, skip_bad: bool = False, on_item: Callable[[], None] | None = None,
                 threads: int = 4) -> tuple[Dataset, list[tuple[str, str]]]:
     """Decode every image and mask of ``ds`` in full before anything is written from them.
@@ -722,7 +740,7 @@ def check_files(ds: Dataset, skip_bad: bool = False, on_item: Callable[[], None]
 
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="textdiff-check") as pool:
+    with quiet_decoders(), ThreadPoolExecutor(max(1, threads), thread_name_prefix="textdiff-check") as pool:
         results = list(pool.map(one, ds.items))
     problems = [p for probs, _ in results for p in probs]
     notes = [(_rel(p, ds.root), what) for _, ns in results for p, what in ns]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +25,9 @@ import torch
 from PIL import Image
 
 from cache.store import FeatureStore
-from tests.reliability.conftest import (ADM, LVIT_FOLDERS, Result, cli, digest, extract_args, mini_folder, mini_qata,
-                                        read_xlsx, stores, write_xlsx)
+from extract.datasets import DatasetError, check_files, open_dataset
+from tests.reliability.conftest import (ADM, LVIT_FOLDERS, Result, child, cli, digest, extract_args, finish,
+                                        mini_folder, mini_qata, read_xlsx, stores, write_xlsx)
 
 
 def unlocked(files: dict[str, str]) -> dict[str, str]:
@@ -214,6 +217,8 @@ def test_bad_input(c: Case, case: tuple[Path, Path], tmp_path: Path) -> None:
         assert res.code == 1, res.stderr
         line = res.error_line()
         assert all(w in line for w in words), (words, line)
+        others = [ln for ln in res.stderr.strip().splitlines()[:-1] if not ln.startswith("check ")]
+        assert not others, res.stderr  # nothing but the file check's progress line before the error
         assert unlocked(after) == unlocked(before)  # nothing written
     else:
         assert res.code == 0, res.stderr
@@ -275,3 +280,31 @@ def test_skip_bad_drops_the_bad_files(case: tuple[Path, Path]) -> None:
     store = FeatureStore.open(res.stdout.strip().splitlines()[-1])
     assert first(root, "train", "image").stem not in store.ids("train") and len(store.ids("train")) == 2
     assert "val" not in store.splits() or len(store.ids("val")) == 0
+
+
+def test_a_truncated_tiff_adds_no_line_of_its_own(case: tuple[Path, Path],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The decoders' chatter (tifffile's "invalid offset to first page" log, PIL's "Corrupt EXIF data"
+    warning) would be more lines beside the one error line."""
+    root, _ = case
+    truncate(first(root, "test", "image"))
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        with pytest.raises(DatasetError, match="cannot read image"):
+            check_files(open_dataset("monuseg", root))
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")], caplog.text
+    assert not warned, [str(w.message) for w in warned]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--size", "abc"], ["'--size'", "valid integer", "extract --help"]),
+    (["--steps", "50,x"], ["--steps", "comma-separated integers"]),
+], ids=["not-an-integer", "not-a-list-of-integers"])
+def test_usage_errors_are_one_line_too(good: tuple[Path, Path], tmp_path: Path, args: list[str],
+                                       words: list[str]) -> None:
+    """The installed command (not only the stage code): a malformed option is one ``error:`` line, exit 2."""
+    res = finish(child(extract_args(good[0], tmp_path / "cache", *args)))
+    assert res.code == 2, res.stderr
+    line = res.error_line()
+    assert all(w in line for w in words), (words, line)
+    assert not (tmp_path / "cache").exists()
