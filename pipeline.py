@@ -43,6 +43,8 @@ def friendly(fn: F) -> F:
             err.print("[red]interrupted[/]: everything committed so far is kept; run the same command to resume",
                       soft_wrap=True)
             raise typer.Exit(130) from None
+        except typer.Exit:  # a command's own exit code (typer.Exit is a RuntimeError: let it through first)
+            raise
         except (ValueError, RuntimeError, OSError, KeyError) as e:
             if _state["debug"]:
                 raise
@@ -374,11 +376,13 @@ def cache_info(path: str = typer.Argument(..., help="A store (.zarr folder, .h5 
 
 @cache_app.command("verify")
 @friendly
-def cache_verify(path: str = typer.Argument(..., help="A store (.zarr folder, .h5 file, or zarr URL).")) -> None:
+def cache_verify(path: str = typer.Argument(..., help="A store (.zarr folder, .h5 file, or zarr URL)."),
+                 repair: bool = typer.Option(False, "--repair", help="Mark the damaged rows not done, so that the store's `pipeline extract` (printed) rewrites exactly them.")) -> None:
     """Check every image recorded as done: data present, no NaN/Inf, checksums recorded at write time
     match. Exits 1 and lists the problems if any."""
     from cache.backends import basename
-    from cache.maintenance import verify_store, work_items
+    from cache.maintenance import repair_store, verify_store, work_items
+    from cache.store import FeatureStore
     from extract.progress import stage_progress
 
     progress = stage_progress(err, "verify", "rows")
@@ -386,7 +390,7 @@ def cache_verify(path: str = typer.Argument(..., help="A store (.zarr folder, .h
         task = progress.add_task(basename(path), total=work_items(path))
         report = verify_store(path, progress=lambda: progress.advance(task, 1))
     for line in report.problems[:50]:
-        err.print(f"[red]problem[/]: {line}")
+        err.print(f"[red]problem[/]: {escape(line)}", soft_wrap=True, highlight=False)
     if len(report.problems) > 50:
         err.print(f"... and {len(report.problems) - 50} more")
     note = f"; {report.unrecorded} written before checksums (not compared)" if report.unrecorded else ""
@@ -394,6 +398,10 @@ def cache_verify(path: str = typer.Argument(..., help="A store (.zarr folder, .h
                f"{len(report.problems)} problem(s){note}")
     if not report.ok:
         err.print(f"[red]FAILED[/] {summary}")
+        if repair:
+            n = repair_store(report)
+            err.print(f"repaired: {n} damaged row(s) marked not done; rewrite them with the store's own command:\n"
+                      f"  {escape(FeatureStore.open(path).extract_command())}", soft_wrap=True, highlight=False)
         raise typer.Exit(1)
     typer.echo(f"OK {summary}")
 

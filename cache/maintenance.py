@@ -9,60 +9,83 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.lock import held_by_other, lock_path
-from cache.store import (BASE_ARRAYS, FeatureStore, StoreError, checksum, feat_rel, last_written, store_files,
-                         store_paths)
+from cache.lock import held_by_other, lock_path, writer_lock
+from cache.store import (BASE_ARRAYS, DamagedDataError, FeatureStore, StoreError, feat_rel, last_written,
+                         row_problem, store_files, store_paths)
+
+
+Damage = tuple[str, int, tuple[int, int] | None]  # (split, row, (step, block) or None for the base arrays)
 
 
 @dataclass
 class VerifyReport:
-    """What ``verify`` found: rows checked, and one line per problem (split, image id, array, what)."""
+    """What ``verify`` found: rows checked, one line per problem (split, image id, array, what), and the
+    damaged rows themselves (for ``repair_store``)."""
 
     path: Path
     rows_checked: int = 0
     arrays_checked: int = 0
     unrecorded: int = 0                       # rows written before checksums existed
     problems: list[str] = field(default_factory=list)
+    damaged: list[Damage] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
-
-def _check_row(report: VerifyReport, where: str, value: np.ndarray, recorded: int, float_data: bool) -> None:
-    report.arrays_checked += 1
-    if float_data and not np.isfinite(value).all():
-        n_bad = int((~np.isfinite(value)).sum())
-        report.problems.append(f"{where}: {n_bad} NaN/Inf values (missing chunk or corrupt data)")
-        return
-    if recorded == 0:
-        report.unrecorded += 1
-    elif checksum(value) != recorded:
-        report.problems.append(f"{where}: checksum {checksum(value):08x} != {recorded:08x} recorded at write time")
+    def check(self, store: FeatureStore, where: str, rel: str, row: int, recorded: int, float_data: bool,
+              damage: Damage) -> None:
+        """Read row ``row`` of ``rel`` and record what is wrong with it, if anything."""
+        self.arrays_checked += 1
+        try:
+            problem = row_problem(store.read(rel, row), recorded, float_data)
+        except DamagedDataError as e:
+            problem = e.reason
+        if problem:
+            self.problems.append(f"{where}: {problem}")
+            if damage not in self.damaged:
+                self.damaged.append(damage)
+        elif recorded == 0:
+            self.unrecorded += 1
 
 
 def verify_store(path: Path | str, progress=None) -> VerifyReport:
-    """Every row marked done: its data present and finite, and equal to the checksum recorded when written."""
+    """Every row marked done: its data readable, finite, and equal to the checksum recorded when written."""
     store = FeatureStore.open(path)
     report = VerifyReport(store.path)
     for split in store.splits():
         ids = store.ids(split)
         base_crc = store.checksums(split)
         for i in np.flatnonzero(store.done(split)):
+            i = int(i)
             report.rows_checked += 1
             for k, name in enumerate(BASE_ARRAYS):
-                value = store.read(f"{split}/{name}", int(i))
-                _check_row(report, f"{split}/{ids[i]} {name}", value, int(base_crc[i, k]), name == "tokens")
+                report.check(store, f"{split}/{ids[i]} {name}", f"{split}/{name}", i, int(base_crc[i, k]),
+                             name == "tokens", (split, i, None))
             if progress:
                 progress()
         for step, block in store.pairs():
             crc = store.checksums(split, step, block)
             for i in np.flatnonzero(store.done(split, step, block)):
-                value = store.read(feat_rel(split, step, block), int(i))
-                _check_row(report, f"{split}/{ids[i]} t{step} b{block}", value, int(crc[i]), True)
+                i = int(i)
+                report.check(store, f"{split}/{ids[i]} t{step} b{block}", feat_rel(split, step, block), i,
+                             int(crc[i]), True, (split, i, (step, block)))
                 if progress:
                     progress()
     return report
+
+
+def repair_store(report: VerifyReport) -> int:
+    """Clear the done flags of the damaged rows ``report`` found (under the store's writer lock), so that
+    running the store's ``pipeline extract`` again rewrites exactly them; returns how many were cleared."""
+    with writer_lock(report.path):
+        store = FeatureStore.open(report.path, mode="r+")
+        try:
+            for split, row, pair in report.damaged:
+                store.unmark(split, row, *(pair or (None, None)))
+        finally:
+            store.close()
+    return len(report.damaged)
 
 
 def work_items(path: Path | str) -> int:

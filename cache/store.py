@@ -40,7 +40,8 @@ import dask.array as da
 import numpy as np
 from zarr.errors import ContainsGroupError
 
-from cache.backends import BACKENDS, Backend, Location, Spec, as_location, backend_for, basename, is_url
+from cache.backends import (BACKENDS, Backend, Location, Spec, as_location, backend_for, basename, dirname,
+                            is_url)
 from cache.key import FORMAT_VERSION, key_hash
 
 MARKER = "feature-store"
@@ -50,6 +51,15 @@ _TOKEN_ROWS_PER_DASK_CHUNK = 256
 
 class StoreError(RuntimeError):
     """A feature store is missing, foreign, inconsistent, or used wrongly; the message names the path."""
+
+
+class DamagedDataError(StoreError):
+    """A row that does not read back as it was written: undecodable, NaN/Inf, or not its recorded CRC-32.
+    ``reason`` is the message without the path and array in front."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -83,6 +93,18 @@ def _crc_rel(split: str, step: int | None = None, block: int | None = None) -> s
 def checksum(value: np.ndarray) -> int:
     """CRC-32 of an array's bytes as stored (C order), never 0: 0 in a crc array means "not recorded"."""
     return zlib.crc32(np.ascontiguousarray(value).tobytes()) or 1
+
+
+def row_problem(value: np.ndarray, recorded: int, float_data: bool) -> str | None:
+    """What is wrong with a row read back (None: nothing): NaN/Inf values (``float_data``; a lost chunk reads
+    as NaN), or a CRC-32 other than ``recorded`` at write time (0: none recorded, not compared). A matching
+    CRC settles it alone: writers refuse non-finite values."""
+    actual = checksum(value) if recorded else None
+    if actual == recorded:
+        return None
+    if float_data and not np.isfinite(value).all():
+        return f"{int((~np.isfinite(value)).sum())} NaN/Inf values (missing chunk or corrupt data)"
+    return None if actual is None else f"checksum {actual:08x} != {recorded:08x} recorded at write time"
 
 
 def _base_specs(n: int, v: int, size: int, token_len: int, token_dim: int) -> dict[str, Spec]:
@@ -380,9 +402,42 @@ class FeatureStore:
         return np.zeros((n, len(BASE_ARRAYS)) if step is None else n, np.uint32)
 
     def read(self, rel: str, row: int | None = None) -> np.ndarray:
-        """The array at ``rel`` (one row of it with ``row``), read directly (no dask)."""
+        """The array at ``rel`` (one row of it with ``row``), read directly (no dask); a chunk that does not
+        decode is a :class:`DamagedDataError` naming the array and row."""
         arr = self._array(rel)
-        return np.asarray(arr[...] if row is None else arr[row])
+        try:
+            return np.asarray(arr[...] if row is None else arr[row])
+        except Exception as e:  # noqa: BLE001 - any decoder failure: the bytes on disk are damaged
+            where = rel if row is None else f"{rel} row {row}"
+            reason = f"unreadable ({type(e).__name__}: {e})"
+            raise DamagedDataError(f"{self.path}: {where}: {reason}", reason) from e
+
+    def extract_command(self, blocks: Sequence[int] | None = None, steps: Sequence[int] | None = None) -> str:
+        """The ``pipeline extract`` command that made this store, for ``blocks`` × ``steps`` (default: the
+        pairs it holds): re-run, it adds those pairs and rewrites every row whose done flag is clear."""
+        args = dict(self.attrs.get("extract", {}))
+        pairs = self.pairs()
+        blocks = sorted({b for _, b in pairs}) if blocks is None else blocks
+        steps = sorted({s for s, _ in pairs}) if steps is None else steps
+        parts = ["pipeline extract"]
+        for name in ("dataset", "data_root", "unet", "unet_flags", "text_encoder", "size", "seed", "max_length",
+                     "augment"):
+            value = args.get(name)
+            if value not in (None, "", "none"):
+                parts.append(f"--{name.replace('_', '-')} {value}")
+        if args.get("color_order") == "bgr":
+            parts.append("--bgr")
+        parts += [f"--steps {','.join(map(str, steps))}", f"--blocks {','.join(map(str, blocks))}",
+                  f"--cache-dir {dirname(self.path)}"]
+        return " ".join(parts)
+
+    def unmark(self, split: str, i: int, step: int | None = None, block: int | None = None) -> None:
+        """Clear row ``i``'s done flag (the base arrays with ``step=None``, else the pair's features), so
+        that the next ``extract`` writes it again: how a damaged row is repaired."""
+        self._writable()
+        i = self._row(split, i)
+        self._array(_done_rel(split, step, block))[i] = False  # zarr: the flag's chunk file is removed
+        self._backend.commit()
 
     def _exists(self, rel: str) -> bool:
         return self._backend.exists(rel)

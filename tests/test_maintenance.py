@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from helpers import tiny_store
+from helpers import arrays, assert_same, tiny_store
 from typer.testing import CliRunner
 
 from cache.maintenance import gc_candidates, remove_stores, verify_store
-from cache.store import FeatureStore, StoreError, checksum
+from cache.store import DamagedDataError, FeatureStore, StoreError, checksum
 from pipeline import app
 
 
@@ -89,3 +89,56 @@ def test_gc_by_age_and_by_count_keeps_the_recent_and_ignores_non_stores(adm_fixt
     assert dry.exit_code == 0 and "would remove 2 store(s)" in dry.stdout and a.exists() and b.exists()
     done = CliRunner().invoke(app, ["cache", "gc", "--cache-dir", str(cache), "--keep", "1"])
     assert done.exit_code == 0 and not a.exists() and not b.exists() and c.exists() and (cache / "notes.zarr").exists()
+
+
+def _damage(store: Path) -> list[str]:
+    """Damage after the fact, in train rows 0-3 (three kinds; an image too); returns the ids hit."""
+    ids = FeatureStore.open(store).ids("train")
+    root = zarr.open_group(store, mode="r+")
+    feats = root["train/feat/t50/b4"]
+    changed = feats[1].copy()
+    changed.flat[5] += 1  # a silently altered value
+    feats[1] = changed
+    mask = root["train/mask"]
+    mask[0] = 1 - mask[0]
+    chunk = next(p for p in (store / "train" / "feat" / "t250" / "b8" / "c" / "2").rglob("*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:20])  # a chunk that no longer decodes
+    image = root["train/image"]
+    image[3] = 255 - image[3]  # the plain U-Net's input
+    return ids[:4]
+
+
+@pytest.mark.parametrize("budget", [4 << 30, 0], ids=["in-memory", "streamed"])
+def test_fit_data_refuses_a_damaged_row_naming_it(store: Path, budget: int) -> None:
+    from train.baseline import SplitImages
+    from train.data import SplitFeatures
+
+    ids = _damage(store)
+    fs = FeatureStore.open(store)
+    with pytest.raises(DamagedDataError, match=rf"train/{ids[0]} mask: checksum .*cache verify --repair"):
+        SplitFeatures(fs, "train", [4], [50], memory_budget=budget)
+    with pytest.raises(DamagedDataError, match=rf"train/{ids[1]} t50 b4: checksum"):
+        SplitFeatures(fs, "train", [4], [50], indices=[1, 3], memory_budget=budget)
+    with pytest.raises(DamagedDataError, match=rf"train/{ids[2]} t250 b8: unreadable"):
+        SplitFeatures(fs, "train", [8], [250], indices=[2, 3], memory_budget=budget)
+    assert len(SplitFeatures(fs, "train", [4, 8], [50, 250], indices=[3], memory_budget=budget)) == 1
+    with pytest.raises(DamagedDataError, match=rf"train/{ids[3]} image: checksum"):
+        SplitImages(fs, "train", indices=[3], memory_budget=budget)
+
+
+def test_verify_repair_then_extract_restores_the_store_exactly(adm_fixtures: Path, store: Path,
+                                                               tmp_path: Path) -> None:
+    pristine = arrays(store)
+    ids = _damage(store)
+    report = verify_store(store)
+    assert len(report.problems) == 4 and any(f"train/{ids[2]} t250 b8: unreadable" in p for p in report.problems)
+    result = CliRunner().invoke(app, ["cache", "verify", "--repair", str(store)])
+    assert result.exit_code == 1 and "repaired: 4 damaged row(s)" in result.output
+    assert "pipeline extract --dataset synthetic" in result.output
+    fs = FeatureStore.open(store)
+    assert not fs.done("train")[0] and not fs.done("train", 50, 4)[1] and not fs.done("train", 250, 8)[2]
+    assert not fs.done("train")[3] and fs.done("train")[1:3].all() and fs.done("train", 50, 4)[[0, 2, 3]].all()
+    assert verify_store(store).ok  # what is still marked done is sound
+    assert tiny_store(adm_fixtures, tmp_path / "cache") == store  # the same extraction: rewrites the damaged rows
+    assert_same(arrays(store), pristine)
+    assert verify_store(store).ok

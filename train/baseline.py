@@ -73,6 +73,7 @@ class SplitImages(SplitFeatures):
                  attend_padding: bool = False):
         super().__init__(store, split, (), (), indices, memory_budget, attend_padding)
         self._images = store.images(split)[self.indices].compute()
+        self._check_rows({"image": self._images})
 
     def features(self, rows: Sequence[int], views: Sequence[int]) -> list[torch.Tensor]:
         """[(B, 3, S, S) float32 in [-1, 1]]: the images at their views."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from cache.backends import dirname
-from cache.store import FeatureStore
+from cache.store import BASE_ARRAYS, DamagedDataError, FeatureStore, feat_rel, row_problem
 
 #: few-shot protocol of the paper: training images per dataset (others: all)
 PAPER_TRAIN_COUNT = {"monuseg": 5, "qata": 150}
@@ -37,22 +37,6 @@ def choose_subset(n_total: int, count: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_total, size=count, replace=False))
 
 
-def extract_hint(store: FeatureStore, blocks: Sequence[int], steps: Sequence[int]) -> str:
-    """The ``pipeline extract`` command that adds ``blocks`` × ``steps`` to this store."""
-    args = dict(store.attrs.get("extract", {}))
-    parts = ["pipeline extract"]
-    for name in ("dataset", "data_root", "unet", "unet_flags", "text_encoder", "size", "seed", "max_length",
-                 "augment"):
-        value = args.get(name)
-        if value not in (None, "", "none"):
-            parts.append(f"--{name.replace('_', '-')} {value}")
-    if args.get("color_order") == "bgr":
-        parts.append("--bgr")
-    parts += [f"--steps {','.join(map(str, steps))}", f"--blocks {','.join(map(str, blocks))}",
-              f"--cache-dir {dirname(store.path)}"]
-    return " ".join(parts)
-
-
 def resolve_selection(store: FeatureStore, blocks: Sequence[int] | None, steps: Sequence[int] | None
                       ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Blocks and steps to use (default: all the store has); refuse any the store lacks."""
@@ -65,7 +49,7 @@ def resolve_selection(store: FeatureStore, blocks: Sequence[int] | None, steps: 
     if missing:
         raise MissingFeaturesError(
             f"store {store.path} lacks (step, block) {missing} (it has steps {have_steps} × blocks "
-            f"{have_blocks}); add them with:\n  {extract_hint(store, blocks, steps)}")
+            f"{have_blocks}); add them with:\n  {store.extract_command(blocks, steps)}")
     return blocks, steps
 
 
@@ -104,15 +88,47 @@ class SplitFeatures:
         self._feat = {(s, b): store.features(split, s, b) for s in self.steps for b in self.blocks}
         self._tokens, self._mask = store.tokens(split), store.masks(split)
         self._token_mask = store.token_mask(split)[self.indices]
-        if attend_padding:  # the authors' behaviour: padding tokens take part in the attention
-            self._token_mask = np.ones_like(self._token_mask)
         self.nbytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize * len(self.indices)
                           for a in [*self._feat.values(), self._tokens, self._mask])
         self.in_memory = self.nbytes <= memory_budget
         if self.in_memory:
             idx = self.indices
-            self._feat = {k: a[idx].compute() for k, a in self._feat.items()}
-            self._tokens, self._mask = self._tokens[idx].compute(), self._mask[idx].compute()
+            try:
+                self._feat = {k: a[idx].compute() for k, a in self._feat.items()}
+                self._tokens, self._mask = self._tokens[idx].compute(), self._mask[idx].compute()
+            except Exception:  # noqa: BLE001 - a chunk that does not decode: name its row (below) instead
+                self.in_memory = False
+                self._check_rows()
+                raise
+        self._check_rows()
+        if attend_padding:  # the authors' behaviour: padding tokens take part in the attention
+            self._token_mask = np.ones_like(self._token_mask)
+
+    def _check_rows(self, base: dict[str, Any] | None = None) -> None:
+        """Every selected row reads back as written (finite, its recorded CRC-32), or a
+        :class:`DamagedDataError` names it and the repair: a store damaged after it was written is refused,
+        never learned from. ``base``: base arrays by name (default: mask, tokens, token_mask), then every
+        feature array. Rows held in memory (numpy) are checked as loaded; streamed ones (dask) are read once."""
+        store, split = self.store, self.split
+        base_crc = store.checksums(split)
+        base = base or {"mask": self._mask, "tokens": self._tokens, "token_mask": self._token_mask}
+        arrays = [(f"{split}/{name}", name, values, base_crc[:, BASE_ARRAYS.index(name)], name == "tokens")
+                  for name, values in base.items()]
+        arrays += [(feat_rel(split, s, b), f"t{s} b{b}", a, store.checksums(split, s, b), True)
+                   for (s, b), a in self._feat.items()]
+        for rel, what, values, crc, float_data in arrays:
+            for k, i in enumerate(self.indices):
+                i = int(i)
+                try:
+                    value = values[k] if isinstance(values, np.ndarray) else store.read(rel, i)
+                    problem = row_problem(np.asarray(value), int(crc[i]), float_data)
+                except DamagedDataError as e:
+                    problem = e.reason
+                if problem:
+                    raise DamagedDataError(
+                        f"{store.path}: {split}/{store.ids(split)[i]} {what}: {problem}; the store was damaged "
+                        f"after it was written: `pipeline cache verify --repair {store.path}` marks every damaged "
+                        f"row, then the store's `pipeline extract` rewrites them", problem)
 
     def __len__(self) -> int:
         return len(self.indices)
