@@ -56,7 +56,7 @@ def test_verify_names_altered_missing_and_nonfinite_data(store: Path) -> None:
     assert f"train/{ids[3]} t250 b8:" in text and "NaN/Inf" in text
     assert f"train/{ids[0]} image: checksum" in text
     result = CliRunner().invoke(app, ["cache", "verify", str(store)])
-    assert result.exit_code == 1 and "4 problem(s)" in result.output
+    assert result.exit_code == 1 and "4 problem(s)" in result.output and "error:" not in result.output
 
 
 def test_rm_refuses_what_is_not_a_store_and_dry_run_deletes_nothing(store: Path, tmp_path: Path) -> None:
