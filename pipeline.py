@@ -165,8 +165,12 @@ def _fit_and_report(cfg: Any) -> None:
 @app.command()
 @friendly
 def baseline(
-    cache: str = typer.Option(..., help="A store of the dataset (from `pipeline extract`): its images, masks, splits and views are used; no features needed."),
     out: Path = typer.Option(..., help="The run folder to write (`pipeline evaluate` scores it)."),
+    cache: Optional[str] = typer.Option(None, help="A store of the dataset (from `pipeline extract`): its images, masks, splits and views are used; no features needed."),
+    dataset: Optional[str] = typer.Option(None, help="Instead of --cache: use the newest complete store of this dataset in --cache-dir (one with d4 views first)."),
+    data_root: Optional[Path] = typer.Option(None, help="With --dataset: only a store made from this folder."),
+    size: Optional[int] = typer.Option(None, help="With --dataset: only a store of this image size."),
+    cache_dir: Optional[str] = typer.Option(None, help="With --dataset: where to look [default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]."),
     train_count: Optional[int] = typer.Option(None, help="Few-shot training images [default: 5 MoNuSeg, 150 QaTa, else all]."),
     subset_seed: int = typer.Option(0, help="Seed of the few-shot subset: the same ids as `fit` for the same seed."),
     width: int = typer.Option(64, help="Channels of the first level (64: the classic 31.0 M-parameter U-Net)."),
@@ -180,8 +184,15 @@ def baseline(
 ) -> None:
     """The plain U-Net baseline: trained on the same few labelled images as `fit` (same subset, views,
     loss, optimiser, best epoch on validation), on the images alone."""
+    from cache.key import default_cache_dir
+    from cache.store import find_store
     from train.fit import FitConfig
 
+    if (cache is None) == (dataset is None):
+        raise typer.BadParameter("give either --cache STORE or --dataset NAME (to find its store in --cache-dir)")
+    if dataset is not None:
+        cache = str(find_store(cache_dir or default_cache_dir(), dataset, data_root, size))
+        err.print(f"baseline: images of {cache}", highlight=False, soft_wrap=True)
     cfg = FitConfig(cache=cache, out=out, train_count=train_count, subset_seed=subset_seed, epochs=epochs,
                     batch_size=batch_size, lr=lr, lr_drop_epoch=lr_drop_epoch or None, seed=seed,
                     augment=not no_augment, model="unet", width=width, depth=depth)

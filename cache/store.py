@@ -683,3 +683,30 @@ def store_paths(cache_dir: Path | str) -> list[Path]:
         return []
     return sorted([p for p in cache_dir.glob("*.zarr") if p.is_dir() and not p.name.startswith(".")]
                   + [p for p in cache_dir.glob("*.h5") if p.is_file() and not p.name.startswith(".")])
+
+
+def find_store(cache_dir: Path | str, dataset: str, data_root: Path | str | None = None,
+               size: int | None = None) -> Path:
+    """The store in ``cache_dir`` of ``dataset`` (from ``data_root`` at ``size`` px, where given) whose images
+    are all written: one with cached dihedral views first, then the most recently written. Any UNet's store
+    will do for what needs only images, masks and ids (the plain U-Net baseline)."""
+    root = str(Path(data_root).expanduser().resolve()) if data_root is not None else None
+    found = []
+    for path in store_paths(cache_dir):
+        try:
+            store = FeatureStore.open(path)
+        except StoreError:
+            continue
+        made = store.attrs.get("extract", {})
+        if (made.get("dataset") == dataset and (root is None or made.get("data_root") == root)
+                and (size is None or store.size == size)
+                and all(store.done(s).all() for s in store.splits())):
+            views = max(store.layout(s).views for s in store.splits())
+            found.append((views > 1, last_written(path), path))
+        store.close()
+    if not found:
+        where = "".join([f" from {root}" if root else "", f" at {size} px" if size else ""])
+        raise StoreError(f"no complete store of {dataset}{where} in {cache_dir}: the baseline trains on a store's "
+                         f"images, so that it sees exactly what `fit` sees; make one with `pipeline extract "
+                         f"--dataset {dataset} ... --augment d4 --cache-dir {cache_dir}` (any UNet), or pass --cache STORE")
+    return max(found)[2]

@@ -68,3 +68,22 @@ def test_predict_runs_a_baseline(store: Path, tmp_path: Path) -> None:
     cli("predict", str(run), "--image", str(image), "--out", str(tmp_path / "mask.png"))
     mask = np.asarray(Image.open(tmp_path / "mask.png"))
     assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 255}
+
+
+def test_baseline_by_dataset_finds_its_store(store: Path, tmp_path: Path) -> None:
+    """`--dataset NAME`: the newest complete store of that dataset in the cache folder, the same ids as `--cache`."""
+    by_name, by_store = tmp_path / "by-name", tmp_path / "by-store"
+    common = ("--train-count", "2", "--width", "8", "--depth", "3", "--epochs", "1")
+    res = runner.invoke(pipeline.app, ["baseline", "--dataset", "synthetic", "--size", "32", "--cache-dir",
+                                       str(store.parent), "--out", str(by_name), *common])
+    assert res.exit_code == 0 and f"images of {store}" in res.stderr, res.output
+    cli("baseline", "--cache", str(store), "--out", str(by_store), *common)
+    cfg_n, cfg_s = (json.loads((r / "config.json").read_text()) for r in (by_name, by_store))
+    assert cfg_n["train_ids"] == cfg_s["train_ids"] and cfg_n["cache"] == cfg_s["cache"]
+    missing = runner.invoke(pipeline.app, ["baseline", "--dataset", "qata", "--cache-dir", str(store.parent),
+                                           "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "no complete store of qata" in missing.stderr
+    assert "pipeline extract --dataset qata" in missing.stderr
+    both = runner.invoke(pipeline.app, ["baseline", "--dataset", "synthetic", "--cache", str(store),
+                                        "--out", str(tmp_path / "y")])
+    assert both.exit_code == 2 and not (tmp_path / "y").exists()
