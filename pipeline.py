@@ -75,22 +75,22 @@ def extract(
     unet_flags: Optional[Path] = typer.Option(None, help="guided-diffusion create_model flags (JSON) for a state_dict file."),
     text_encoder: str = typer.Option("bioclinicalbert", help="bioclinicalbert, minilm (offline), or a local HF model folder."),
     steps: str = typer.Option("50,150,250", help="Diffusion steps t."),
-    blocks: Optional[str] = typer.Option(None, help="UNet output_blocks to keep [default: the paper's for the dataset]."),
+    blocks: Optional[str] = typer.Option(None, help="UNet output_blocks to keep (default: the paper's for the dataset)."),
     size: int = typer.Option(256, help="Images are resized to size x size."),
     seed: int = typer.Option(40, help="Seed of the one noise tensor shared by all images and steps (authors: 40)."),
-    splits: Optional[str] = typer.Option(None, help="Comma-separated splits to extract [default: all]."),
+    splits: Optional[str] = typer.Option(None, help="Comma-separated splits to extract (default: all)."),
     augment: str = typer.Option("none", help="none, or d4: also store the 8 dihedral views of training images."),
-    max_length: Optional[int] = typer.Option(None, help="Text tokens kept [default: the longest text]; authors: 10."),
-    cache_dir: Optional[str] = typer.Option(None, help="Where stores live: a folder or an fsspec URL (s3://bucket/cache, zarr only) [default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]."),
+    max_length: Optional[int] = typer.Option(None, help="Text tokens kept (default: the longest text); authors: 10."),
+    cache_dir: Optional[str] = typer.Option(None, help="Where stores live: a folder or an fsspec URL (s3://bucket/cache, zarr only) (default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff)."),
     batch_size: int = typer.Option(12, help="UNet samples (images x views x steps) per forward pass."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
     autocast: bool = typer.Option(False, help="Mixed precision: bf16 on CPU, fp16 on GPU."),
     bgr: bool = typer.Option(False, "--bgr", help="Feed BGR like the authors' OpenCV loader (default RGB)."),
     skip_bad: bool = typer.Option(False, help="Skip items with a missing mask/text/image instead of failing (reported)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N images of each split (quick trials)."),
     scheduler: Optional[str] = typer.Option(None, help="Run on dask.distributed: local:N (N worker processes here) or tcp://HOST:PORT (a running cluster sharing the filesystem)."),
     store_format: str = typer.Option("zarr", help="zarr (a folder; many writers, --scheduler) or h5 (one HDF5 file; one writer)."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads per process (and per worker) [default: torch's, here; local:N workers copy it]. Values are bit-identical only between equal thread counts."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per process (and per worker) (default: torch's, here; local:N workers copy it). Values are bit-identical only between equal thread counts."),
 ) -> None:
     """Stage one: run the frozen UNet and text encoder once, write features to the store.
 
@@ -116,9 +116,9 @@ def extract(
 def fit(
     cache: str = typer.Option(..., help="A store written by `pipeline extract` (a path or an fsspec URL)."),
     out: Path = typer.Option(..., help="The run folder to write."),
-    blocks: Optional[str] = typer.Option(None, help="Blocks to use [default: all in the store]."),
-    steps: Optional[str] = typer.Option(None, help="Steps to use [default: all in the store]."),
-    train_count: Optional[int] = typer.Option(None, help="Few-shot training images [default: 5 MoNuSeg, 150 QaTa, else all]."),
+    blocks: Optional[str] = typer.Option(None, help="Blocks to use (default: all in the store)."),
+    steps: Optional[str] = typer.Option(None, help="Steps to use (default: all in the store)."),
+    train_count: Optional[int] = typer.Option(None, help="Few-shot training images (default: 5 MoNuSeg, 150 QaTa, else all)."),
     subset_seed: int = typer.Option(0, help="Seed of the few-shot subset (the chosen ids are recorded)."),
     epochs: int = typer.Option(100, help="Epochs (paper: 100; authors' code: 50)."),
     batch_size: int = typer.Option(1, help="Images per step (paper: 1)."),
@@ -133,7 +133,7 @@ def fit(
     per_scale_blocks: bool = typer.Option(False, "--per-scale-blocks", help="One transformer block per scale instead of one shared."),
     dice_on_logits: bool = typer.Option(False, "--dice-on-logits", help="Feed raw logits to the Dice loss, as the authors' code does."),
     attend_padding: bool = typer.Option(False, "--attend-padding", help="Let the cross-attention attend to padding tokens, as the authors' code does."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation [default: the subset seed]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation (default: the subset seed)."),
     memory_budget_gb: float = typer.Option(4.0, help="Hold features in memory up to this size, else stream them."),
     no_augment: bool = typer.Option(False, "--no-augment", help="Do not sample the cached dihedral views."),
 ) -> None:
@@ -170,8 +170,8 @@ def baseline(
     dataset: Optional[str] = typer.Option(None, help="Instead of --cache: use the newest complete store of this dataset in --cache-dir (one with d4 views first)."),
     data_root: Optional[Path] = typer.Option(None, help="With --dataset: only a store made from this folder."),
     size: Optional[int] = typer.Option(None, help="With --dataset: only a store of this image size."),
-    cache_dir: Optional[str] = typer.Option(None, help="With --dataset: where to look [default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]."),
-    train_count: Optional[int] = typer.Option(None, help="Few-shot training images [default: 5 MoNuSeg, 150 QaTa, else all]."),
+    cache_dir: Optional[str] = typer.Option(None, help="With --dataset: where to look (default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff)."),
+    train_count: Optional[int] = typer.Option(None, help="Few-shot training images (default: 5 MoNuSeg, 150 QaTa, else all)."),
     subset_seed: int = typer.Option(0, help="Seed of the few-shot subset: the same ids as `fit` for the same seed."),
     width: int = typer.Option(64, help="Channels of the first level (64: the classic 31.0 M-parameter U-Net)."),
     depth: int = typer.Option(4, help="Down-sampling levels (the size must be divisible by 2^depth)."),
@@ -179,7 +179,7 @@ def baseline(
     batch_size: int = typer.Option(1, help="Images per step (as `fit`)."),
     lr: float = typer.Option(1e-4, help="Adam learning rate (as `fit`)."),
     lr_drop_epoch: int = typer.Option(60, help="Multiply the learning rate by 0.1 after this epoch (0 = never)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation [default: the subset seed]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation (default: the subset seed)."),
     no_augment: bool = typer.Option(False, "--no-augment", help="Do not sample the cached dihedral views."),
 ) -> None:
     """The plain U-Net baseline: trained on the same few labelled images as `fit` (same subset, views,
@@ -204,7 +204,7 @@ def baseline(
 def evaluate(
     run: Path = typer.Argument(..., help="A `pipeline fit` run folder."),
     split: str = typer.Option("test", help="The store split to score."),
-    cache: Optional[str] = typer.Option(None, help="The run's store, if it moved [default: the one the run recorded]; a store with another key is refused."),
+    cache: Optional[str] = typer.Option(None, help="The run's store, if it moved (default: the one the run recorded); a store with another key is refused."),
     overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Also write eval-<split>/overlays/<id>.png (image | ground truth | prediction)."),
 ) -> None:
     """Score a run on one split: per_image.csv, summary.json, predictions.npz and overlays in RUN/eval-<split>/."""
@@ -219,11 +219,11 @@ def sweep(
     cache: str = typer.Option(..., help="A store written by `pipeline extract`; every block and step in it is swept."),
     out: Path = typer.Option(..., help="The sweep folder (runs/<name>, sweep.csv, sweep.png); run again to resume."),
     epochs: int = typer.Option(100, help="Epochs per fit."),
-    train_count: Optional[int] = typer.Option(None, help="Few-shot training images [default: 5 MoNuSeg, 150 QaTa, else all]."),
+    train_count: Optional[int] = typer.Option(None, help="Few-shot training images (default: 5 MoNuSeg, 150 QaTa, else all)."),
     subset_seed: int = typer.Option(0, help="Seed of the few-shot subset."),
     dim: int = typer.Option(768, help="Width of the projections and the transformer block."),
     head_channels: str = typer.Option("128,32", help="Hidden widths of the conv classifier."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation [default: the subset seed]."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation (default: the subset seed)."),
     memory_budget_gb: float = typer.Option(4.0, help="Hold features in memory up to this size, else stream them."),
     no_augment: bool = typer.Option(False, "--no-augment", help="Do not sample the cached dihedral views."),
 ) -> None:
@@ -243,11 +243,11 @@ def predict(
     image: Path = typer.Option(..., "--image", help="The image to segment (PNG, JPEG, TIFF, BMP; grey, RGB, 16-bit)."),
     text: str = typer.Option("", "--text", help="The image's description (what the head attends to; not needed by --no-text runs and the plain U-Net baseline)."),
     out: Path = typer.Option(..., "--out", help="Mask PNG to write ({0,255}); a folder → <image stem>_mask.png."),
-    cache: Optional[str] = typer.Option(None, help="The run's store, if it moved [default: the one the run recorded]."),
+    cache: Optional[str] = typer.Option(None, help="The run's store, if it moved (default: the one the run recorded)."),
     original_size: bool = typer.Option(False, "--original-size", help="Resize the mask (nearest) back to the image's size."),
     unet: Optional[str] = typer.Option(None, help="The run's UNet checkpoint, if it moved (its sha256 is checked)."),
     text_encoder: Optional[str] = typer.Option(None, help="The run's text encoder, if it moved (its hashes are checked)."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
 ) -> None:
     """Segment a new image: stage one for it with the run's own UNet and text encoder, then the head.
 
@@ -278,7 +278,7 @@ def pretrain(
     ema: float = typer.Option(0.9999, help="EMA rate of the saved weights (with warm-up)."),
     seed: int = typer.Option(0, help="Seed of the weights, batches, noise and timesteps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda [default: cuda when present]."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
 ) -> None:
     """Train this project's ADM UNet on a dataset's unlabelled images (DDPM ε-prediction); use it with
     `pipeline extract --unet OUT`. The last line printed is the folder."""
@@ -351,7 +351,7 @@ def _pairs_summary(names: list[str]) -> str:
 
 @cache_app.command("ls")
 @friendly
-def cache_ls(cache_dir: Optional[str] = typer.Option(None, help="[default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]")) -> None:
+def cache_ls(cache_dir: Optional[str] = typer.Option(None, help="(default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff)")) -> None:
     """List the stores in the cache folder."""
     from rich.table import Table
 
@@ -421,7 +421,7 @@ def cache_verify(path: str = typer.Argument(..., help="A store (.zarr folder, .h
 @friendly
 def cache_export(path: str = typer.Argument(..., help="A store (.zarr folder, .h5 file, or zarr URL)."),
                  format: str = typer.Option(..., "--format", help="zarr or h5: the format to write."),
-                 out: Optional[str] = typer.Option(None, help="Where (a path, or a URL for zarr) [default: the same name with the format's suffix]."),
+                 out: Optional[str] = typer.Option(None, help="Where (a path, or a URL for zarr) (default: the same name with the format's suffix)."),
                  ) -> None:
     """Copy a store into the other format (same arrays, checksums and done flags); an interrupted export
     resumes when run again. Prints the new store's path."""
@@ -457,7 +457,7 @@ def cache_rm(paths: list[Path] = typer.Argument(..., help="Stores (.zarr folders
 
 @cache_app.command("gc")
 @friendly
-def cache_gc(cache_dir: Optional[str] = typer.Option(None, help="[default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff]"),
+def cache_gc(cache_dir: Optional[str] = typer.Option(None, help="(default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff)"),
              older_than: Optional[float] = typer.Option(None, help="Remove stores last written more than DAYS ago."),
              keep: Optional[int] = typer.Option(None, help="Keep the N most recently written stores (with --older-than: remove only stores that are both older and not among them)."),
              dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed.")) -> None:
