@@ -2,12 +2,14 @@
 
     python scripts/results_table.py runs/results/monuseg --dataset monuseg
 
-Reads OUT/<method>-<seed>/eval-test/summary.json and each run's config.json (for what was run).
+Reads OUT/<method>-<seed>/eval-test/summary.json and each run's config.json (for what was run), and
+OUT/sweep/sweep.csv (Fig. 3) when the sweep was run.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 from pathlib import Path
@@ -45,7 +47,24 @@ def table(out: Path, dataset: str) -> str:
         rows += ["", f"Image size {cfg['size']} px; blocks {cfg['blocks']} × steps {cfg['steps']}; "
                      f"{len(cfg['train_ids'])} training images; {fit['epochs']} epochs; head width {fit['dim']}; "
                      f"store {Path(cfg['cache']).name}."]
-    return "\n".join(rows)
+    return "\n".join(rows + fig3(out / "sweep" / "sweep.csv"))
+
+
+def fig3(csv_path: Path) -> list[str]:
+    """The Fig. 3 sweep (``pipeline sweep``), when it was run: test Dice % per single block / step, ± text."""
+    if not csv_path.is_file():
+        return []
+    cells: dict[tuple[str, str], dict[str, float]] = {}
+    for r in csv.DictReader(csv_path.open()):
+        cells.setdefault((r["kind"], r["value"]), {})[r["text"]] = 100 * float(r["test_dice"])
+    order = sorted(cells, key=lambda k: (k[0] != "block", int(k[1])))
+    rows = ["", "Fig. 3 (one subset, seed 0): test Dice % with each block alone (all steps) and each step alone "
+                "(all blocks); `sweep/sweep.png` is the heat-map.", "",
+            "| features | with text | without text |", "|---|---|---|"]
+    for kind, value in order:
+        c = cells[(kind, value)]
+        rows.append(f"| {kind} {value} | {c.get('yes', float('nan')):.2f} | {c.get('no', float('nan')):.2f} |")
+    return rows
 
 
 def main() -> None:
