@@ -43,7 +43,7 @@ class VerifyReport:
             problem = e.reason
         if problem:
             self.problems.append(f"{where}: {problem}")
-            if damage not in self.damaged:
+            if not self.damaged or self.damaged[-1] != damage:  # a row's arrays are checked one after another
                 self.damaged.append(damage)
         elif recorded == 0:
             self.unrecorded += 1
