@@ -226,6 +226,7 @@ def sweep(
     seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation (default: the subset seed)."),
     memory_budget_gb: float = typer.Option(4.0, help="Hold features in memory up to this size, else stream them."),
     no_augment: bool = typer.Option(False, "--no-augment", help="Do not sample the cached dihedral views."),
+    grid: bool = typer.Option(False, "--grid", help="Also one fit per (block, step) pair: the block × step heat-map grid.png."),
 ) -> None:
     """Fig. 3: one fit per single block and per single step, with and without text, each scored on test."""
     from train.sweep import sweep_cli
@@ -233,7 +234,7 @@ def sweep(
     base = dict(train_count=train_count, subset_seed=subset_seed, dim=dim,
                 head_channels=_ints(head_channels, "--head-channels") or (), seed=seed,
                 memory_budget_gb=memory_budget_gb, augment=not no_augment)
-    sweep_cli(cache, out, epochs, base, console=err)
+    sweep_cli(cache, out, epochs, base, console=err, grid=grid)
 
 
 @app.command()

@@ -49,7 +49,7 @@ for seed in $SEEDS; do
     $P evaluate "$run" > /dev/null
   fi
 done
-if [ "$DATASET" = monuseg ] && [ -n "${SWEEP-1}" ]; then   # Fig. 3: each block and step alone, with and without text
-  $P sweep --cache "$store" --out "$OUT/sweep" --epochs "$EPOCHS" --dim "$DIM" > /dev/null
+if [ "$DATASET" = monuseg ] && [ -n "${SWEEP-1}" ]; then   # Fig. 3: each block, step and pair alone, ± text
+  $P sweep --cache "$store" --out "$OUT/sweep" --epochs "$EPOCHS" --dim "$DIM" --grid > /dev/null
 fi
 python3 "$(dirname "$0")/results_table.py" "$OUT" --dataset "$DATASET" | tee "$OUT/table.md"

@@ -51,20 +51,33 @@ def table(out: Path, dataset: str) -> str:
 
 
 def fig3(csv_path: Path) -> list[str]:
-    """The Fig. 3 sweep (``pipeline sweep``), when it was run: test Dice % per single block / step, ± text."""
+    """The Fig. 3 sweep (``pipeline sweep``), when it was run: test Dice % per single block / step, ± text;
+    and with ``--grid``, per (block, step) pair."""
     if not csv_path.is_file():
         return []
-    cells: dict[tuple[str, str], dict[str, float]] = {}
-    for r in csv.DictReader(csv_path.open()):
-        cells.setdefault((r["kind"], r["value"]), {})[r["text"]] = 100 * float(r["test_dice"])
-    order = sorted(cells, key=lambda k: (k[0] != "block", int(k[1])))
-    rows = ["", "Fig. 3 (one subset, seed 0): test Dice % with each block alone (all steps) and each step alone "
-                "(all blocks); `sweep/sweep.png` is the heat-map.", "",
-            "| features | with text | without text |", "|---|---|---|"]
-    for kind, value in order:
-        c = cells[(kind, value)]
-        rows.append(f"| {kind} {value} | {c.get('yes', float('nan')):.2f} | {c.get('no', float('nan')):.2f} |")
-    return rows
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    if "block" not in (reader.fieldnames or []):
+        return ["", f"Fig. 3: {csv_path} was written by an older `pipeline sweep` (no block / step columns); "
+                    "run the sweep again: it reuses every finished fit and rewrites the table."]
+    dice = {(r["block"], r["step"], r["text"]): 100 * float(r["test_dice"]) for r in rows}
+    blocks = sorted({r["block"] for r in rows if r["block"]}, key=int)
+    steps = sorted({r["step"] for r in rows if r["step"]}, key=int)
+    nan = float("nan")
+    out = ["", "Fig. 3 (one subset, seed 0): test Dice % with each block alone (all steps) and each step alone "
+               "(all blocks); `sweep/sweep.png` is the heat-map.", "",
+           "| features | with text | without text |", "|---|---|---|"]
+    for label, b, t in [(f"block {b}", b, "") for b in blocks] + [(f"step {t}", "", t) for t in steps]:
+        out.append(f"| {label} | {dice.get((b, t, 'yes'), nan):.2f} | {dice.get((b, t, 'no'), nan):.2f} |")
+    if any(r["kind"] == "pair" for r in rows):
+        out += ["", "Each block with each step alone (`pipeline sweep --grid`; `sweep/grid.png`), test Dice % "
+                    "with text / without text:", "",
+                "| block | " + " | ".join(f"step {t}" for t in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+        for b in blocks:
+            cells = [f"{dice.get((b, t, 'yes'), nan):.2f} / {dice.get((b, t, 'no'), nan):.2f}" for t in steps]
+            out.append(f"| {b} | " + " | ".join(cells) + " |")
+    return out
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,16 @@ def test_plan_covers_blocks_then_steps_with_and_without_text():
     assert [p.name for p in plan] == NAMES
     assert [(p.blocks, p.steps) for p in plan[::2]] == [((4,), (50, 250)), ((8,), (50, 250)),
                                                         ((4, 8), (50,)), ((4, 8), (250,))]
+    assert [(p.block, p.step) for p in plan[::2]] == [(4, None), (8, None), (None, 50), (None, 250)]
+
+
+def test_grid_plan_adds_every_pair_after_the_marginals():
+    plan = sweep_plan((4, 8), (50, 250), grid=True)
+    assert [p.name for p in plan[:8]] == NAMES
+    assert [p.name for p in plan[8:]] == [f"b{b}-t{s}-{t}" for b in (4, 8) for s in (50, 250)
+                                          for t in ("text", "notext")]
+    assert all(p.kind == "pair" and p.blocks == (p.block,) and p.steps == (p.step,) for p in plan[8:])
+    assert [p.text for p in plan[8:10]] == ["yes", "no"]
 
 
 def test_sweep_writes_eight_rows_and_a_heatmap(swept):
@@ -57,8 +68,9 @@ def test_sweep_writes_eight_rows_and_a_heatmap(swept):
     assert csv_path == out / "sweep.csv"
     rows = rows_of(csv_path)
     assert len(rows) == 8 and list(rows[0]) == list(CSV_COLUMNS)
-    assert [(r["kind"], r["value"], r["text"]) for r in rows] == [
-        (k, v, t) for k, vs in (("block", ("4", "8")), ("step", ("50", "250"))) for v in vs for t in ("yes", "no")]
+    assert [(r["kind"], r["block"], r["step"], r["text"]) for r in rows] == [
+        (k, *bs, t) for k, cells in (("block", (("4", ""), ("8", ""))), ("step", (("", "50"), ("", "250"))))
+        for bs in cells for t in ("yes", "no")]
     assert [r["run"] for r in rows] == [f"runs/{n}" for n in NAMES]
     png = out / "sweep.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
@@ -72,9 +84,9 @@ def test_each_run_has_its_selection_and_its_numbers(swept):
         run = out / row["run"]
         config = json.loads((run / "config.json").read_text())
         if row["kind"] == "block":
-            assert config["blocks"] == [int(row["value"])] and config["steps"] == [50, 250]
+            assert config["blocks"] == [int(row["block"])] and config["steps"] == [50, 250]
         else:
-            assert config["blocks"] == [4, 8] and config["steps"] == [int(row["value"])]
+            assert config["blocks"] == [4, 8] and config["steps"] == [int(row["step"])]
         assert config["fit"]["fusion"] == ("cross-attn" if row["text"] == "yes" else "none")
         assert config["head"]["fusion"] == config["fit"]["fusion"]
         assert config["fit"]["epochs"] == 1 and config["fit"]["dim"] == 16 and config["fit"]["head_channels"] == [8, 4]
@@ -140,3 +152,24 @@ def test_base_cannot_set_what_the_sweep_sets(store_path, tmp_path):
         sweep(store_path, tmp_path, epochs=1, base={"nonsense": 1}, console=console())
     with pytest.raises(ValueError, match="epochs"):
         sweep(store_path, tmp_path, epochs=0, base=BASE, console=console())
+
+
+def test_grid_reuses_the_marginals_and_adds_the_pairs(swept, store_path, tmp_path):
+    out, csv_path = swept
+    grid_out = tmp_path / "grid"
+    shutil.copytree(out, grid_out)
+    con = console()
+    path = sweep(store_path, grid_out, epochs=1, base=BASE, console=con, grid=True)
+    assert con.file.getvalue().count("reusing the finished run") == 8
+    rows = rows_of(path)
+    assert rows[:8] == rows_of(csv_path)
+    pairs = rows[8:]
+    assert [(r["kind"], r["block"], r["step"], r["text"]) for r in pairs] == [
+        ("pair", b, s, t) for b in ("4", "8") for s in ("50", "250") for t in ("yes", "no")]
+    for row in pairs:
+        config = json.loads((grid_out / row["run"] / "config.json").read_text())
+        assert config["blocks"] == [int(row["block"])] and config["steps"] == [int(row["step"])]
+        assert config["fit"]["fusion"] == ("cross-attn" if row["text"] == "yes" else "none")
+    with Image.open(grid_out / "grid.png") as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1]  # 2 block rows × 4 (step, text) columns
+    assert not (out / "grid.png").exists()

@@ -174,10 +174,11 @@ def _save(fig, path: str | Path) -> Path:
 
 def heatmap_png(table, row_labels: Sequence[str], col_labels: Sequence[str], path: str | Path, title: str,
                 fmt: str = ".1f", cmap: str = "viridis", colorbar_label: str | None = None,
-                row_breaks: Sequence[int] = ()) -> Path:
+                row_breaks: Sequence[int] = (), col_breaks: Sequence[int] = ()) -> Path:
     """A heat-map of ``table`` (rows × cols; NaN = missing, drawn grey with "–") with each cell's
     value written as ``format(value, fmt)``; a white line above each row index in ``row_breaks``
-    separates groups of rows; the title is wrapped to the figure. Returns ``path``."""
+    (left of each column index in ``col_breaks``) separates groups; the title is wrapped to the
+    figure. Returns ``path``."""
     values = np.asarray(table, dtype=float)
     if values.shape != (len(row_labels), len(col_labels)):
         raise ValueError(f"table is {values.shape} but there are {len(row_labels)} row and "
@@ -210,6 +211,8 @@ def heatmap_png(table, row_labels: Sequence[str], col_labels: Sequence[str], pat
     ax.tick_params(length=0)
     for r in row_breaks:
         ax.axhline(r - 0.5, color="white", lw=3)
+    for c in col_breaks:
+        ax.axvline(c - 0.5, color="white", lw=3)
     ax.set_title("\n".join(lines), fontsize=10, pad=22)
     cbar = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.04)
     if colorbar_label:

@@ -5,11 +5,17 @@ For a store with blocks B and steps T, the sweep fits ``2·(|B| + |T|)`` heads, 
     b<block>-text / b<block>-notext   blocks=(block,), every step      fusion cross-attn / none
     t<step>-text  / t<step>-notext    steps=(step,),   every block     fusion cross-attn / none
 
+and, with ``grid=True``, ``2·|B|·|T|`` more, one per (block, step) pair:
+
+    b<block>-t<step>-text / -notext   blocks=(block,), steps=(step,)   fusion cross-attn / none
+
 each in ``OUT/runs/<name>`` and evaluated on the test split (no overlays). ``OUT/sweep.csv`` has one
-row per run (kind, value, text, test_dice, test_iou, val_dice, run; fractions) and ``OUT/sweep.png``
-the heat-map of test Dice %. A run whose ``metrics.json`` and ``eval-<split>/summary.json`` exist is
-reused (after checking it was made with the same settings and store); a fit that did not finish is
-redone, and a finished fit missing its evaluation is only evaluated.
+row per run (kind, block, step, text, test_dice, test_iou, val_dice, run; Dice and IoU as fractions;
+block or step empty where the run uses all of them), ``OUT/sweep.png`` the heat-map of test Dice % per
+single block and step, and with the grid ``OUT/grid.png`` the block × step heat-map. A run whose
+``metrics.json`` and ``eval-<split>/summary.json`` exist is reused (after checking it was made with the
+same settings and store); a fit that did not finish is redone, and a finished fit missing its
+evaluation is only evaluated.
 """
 from __future__ import annotations
 
@@ -29,9 +35,9 @@ from cache.store import FeatureStore
 from train.data import resolve_selection
 from train.plots import heatmap_png
 
-__all__ = ["CSV_COLUMNS", "SweepRun", "sweep", "sweep_cli", "sweep_plan"]
+__all__ = ["CSV_COLUMNS", "SweepRun", "cell_label", "sweep", "sweep_cli", "sweep_plan"]
 
-CSV_COLUMNS = ("kind", "value", "text", "test_dice", "test_iou", "val_dice", "run")
+CSV_COLUMNS = ("kind", "block", "step", "text", "test_dice", "test_iou", "val_dice", "run")
 FUSION = {"yes": "cross-attn", "no": "none"}
 # FitConfig fields a sweep sets itself; ``base`` may set any other
 _OWN_FIELDS = {"cache", "out", "blocks", "steps", "fusion", "epochs"}
@@ -41,26 +47,45 @@ _OWN_FIELDS = {"cache", "out", "blocks", "steps", "fusion", "epochs"}
 class SweepRun:
     """One cell of the figure."""
 
-    kind: str                # "block" or "step"
-    value: int
+    kind: str                # "block" (one block, every step), "step" (one step, every block) or "pair"
     text: str                # "yes" or "no"
     blocks: tuple[int, ...]
     steps: tuple[int, ...]
 
     @property
+    def block(self) -> int | None:
+        """The single block, or None where the run uses every block."""
+        return self.blocks[0] if self.kind in ("block", "pair") else None
+
+    @property
+    def step(self) -> int | None:
+        """The single step, or None where the run uses every step."""
+        return self.steps[0] if self.kind in ("step", "pair") else None
+
+    @property
     def row_label(self) -> str:
-        """b<block> or t<step>, the figure's row."""
-        return f"{'b' if self.kind == 'block' else 't'}{self.value}"
+        """b<block>, t<step> or b<block>-t<step>."""
+        return cell_label(self.block, self.step)
 
     @property
     def name(self) -> str:
         return f"{self.row_label}-{'text' if self.text == 'yes' else 'notext'}"
 
 
-def sweep_plan(blocks: tuple[int, ...], steps: tuple[int, ...]) -> list[SweepRun]:
-    """Every single block (all steps), then every single step (all blocks); with text, then without."""
-    plan = [SweepRun("block", b, t, (b,), steps) for b in blocks for t in ("yes", "no")]
-    return plan + [SweepRun("step", s, t, blocks, (s,)) for s in steps for t in ("yes", "no")]
+def cell_label(block: int | str | None, step: int | str | None) -> str:
+    """b<block>, t<step> or b<block>-t<step> (None or "" = every block / step)."""
+    return "-".join(f"{p}{v}" for p, v in (("b", block), ("t", step)) if v not in (None, ""))
+
+
+def sweep_plan(blocks: tuple[int, ...], steps: tuple[int, ...], grid: bool = False) -> list[SweepRun]:
+    """Every single block (all steps), then every single step (all blocks), then (grid) every
+    (block, step) pair; each with text, then without."""
+    texts = ("yes", "no")
+    plan = [SweepRun("block", t, (b,), steps) for b in blocks for t in texts]
+    plan += [SweepRun("step", t, blocks, (s,)) for s in steps for t in texts]
+    if grid:
+        plan += [SweepRun("pair", t, (b,), (s,)) for b in blocks for s in steps for t in texts]
+    return plan
 
 
 def _fit_config(item: SweepRun, cache: Path, out: Path, epochs: int, base: dict[str, Any]) -> fit_mod.FitConfig:
@@ -105,8 +130,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = None,
-          console: Console | None = None, split: str = "test") -> Path:
-    """Fit and evaluate every cell of Fig. 3; write ``out/sweep.csv`` and ``out/sweep.png``; return the CSV.
+          console: Console | None = None, split: str = "test", grid: bool = False) -> Path:
+    """Fit and evaluate every cell of Fig. 3; write ``out/sweep.csv`` and ``out/sweep.png`` (and with
+    ``grid``, ``out/grid.png``); return the CSV.
 
     Args:
         cache: the feature store; the sweep covers every block and step it holds.
@@ -116,6 +142,7 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
             head_channels, train_count, subset_seed, seed); not cache, out, blocks, steps, fusion, epochs.
         console: progress and messages; default stderr.
         split: the split each run is evaluated on. Default "test".
+        grid: also fit every (block, step) pair alone (the block × step heat-map).
     """
     console = console or Console(stderr=True)
     base = dict(base or {})
@@ -132,8 +159,9 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
     blocks, steps = resolve_selection(store, None, None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = sweep_plan(blocks, steps)
-    console.print(f"sweep: {len(plan)} runs ({len(blocks)} blocks × {len(steps)} steps, with and without text), "
+    plan = sweep_plan(blocks, steps, grid)
+    console.print(f"sweep: {len(plan)} runs ({len(blocks)} blocks × {len(steps)} steps{', every pair' if grid else ''}, "
+                  f"with and without text), "
                   f"{epochs} epoch(s) each → {out}", highlight=False)
 
     rows: list[dict[str, Any]] = []
@@ -156,37 +184,45 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
             evaluate_mod.evaluate(run, split=split, cache=cache, overlays=False, console=console)
         metrics = json.loads((run / "metrics.json").read_text())
         summary = json.loads((evaluate_mod.eval_dir(run, split) / "summary.json").read_text())
-        rows.append({"kind": item.kind, "value": item.value, "text": item.text,
+        rows.append({"kind": item.kind, "block": "" if item.block is None else item.block,
+                     "step": "" if item.step is None else item.step, "text": item.text,
                      "test_dice": round(float(summary["dice"]), 6), "test_iou": round(float(summary["iou"]), 6),
                      "val_dice": round(float(metrics["best_val_dice"]), 6),
                      "run": run.relative_to(out).as_posix()})
         _write_csv(out / "sweep.csv", rows)  # after every run: a partial sweep is readable
 
-    labels = list(dict.fromkeys(item.row_label for item in plan))
-    table = np.full((len(labels), 2), np.nan)
-    for item, row in zip(plan, rows):
-        table[labels.index(item.row_label), 0 if item.text == "yes" else 1] = 100 * row["test_dice"]
+    dice = {(item.row_label, item.text): 100 * row["test_dice"] for item, row in zip(plan, rows)}
     dataset = store.key["dataset"].get("name", "") if isinstance(store.key.get("dataset"), dict) else ""
+    about = f"{epochs} epoch{'s' if epochs > 1 else ''} per fit · store {store.key_hash[:12]}"
+    labels = [cell_label(b, None) for b in blocks] + [cell_label(None, s) for s in steps]
+    table = [[dice[label, t] for t in ("yes", "no")] for label in labels]
     heatmap_png(table, labels, ["with text", "without text"], out / "sweep.png", fmt=".1f",
-                title=f"{dataset} {split} Dice (%): single block (all steps), single step (all blocks)\n"
-                      f"{epochs} epoch{'s' if epochs > 1 else ''} per fit · store {store.key_hash[:12]}",
+                title=f"{dataset} {split} Dice (%): single block (all steps), single step (all blocks)\n{about}",
                 colorbar_label="Dice (%)", row_breaks=[len(blocks)])
-    console.print(f"sweep: {out / 'sweep.csv'}, {out / 'sweep.png'}", highlight=False)
+    if grid:
+        cols = [(s, t) for t in ("yes", "no") for s in steps]
+        table = [[dice[cell_label(b, s), t] for s, t in cols] for b in blocks]
+        heatmap_png(table, [cell_label(b, None) for b in blocks],
+                    [f"t{s}\n{'text' if t == 'yes' else 'no text'}" for s, t in cols], out / "grid.png", fmt=".1f",
+                    title=f"{dataset} {split} Dice (%): one block × one step, with text (left) and without (right)"
+                          f"\n{about}", colorbar_label="Dice (%)", col_breaks=[len(steps)])
+    figures = f"{out / 'sweep.png'}" + (f", {out / 'grid.png'}" if grid else "")
+    console.print(f"sweep: {out / 'sweep.csv'}, {figures}", highlight=False)
     return out / "sweep.csv"
 
 
-def sweep_cli(cache: Path, out: Path, epochs: int, base: dict[str, Any], console: Console | None = None) -> Path:
+def sweep_cli(cache: Path, out: Path, epochs: int, base: dict[str, Any], console: Console | None = None,
+              grid: bool = False) -> Path:
     """The body of ``pipeline sweep``: run the sweep, print its table, return the CSV path."""
     from rich.table import Table
 
     console = console or Console(stderr=True)
-    path = sweep(cache, out, epochs, base, console=console)
+    path = sweep(cache, out, epochs, base, console=console, grid=grid)
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     table = Table("", "text", "test Dice %", "test IoU %", "val Dice %", "run", title=f"sweep {out}")
     for r in rows:
-        label = f"{'b' if r['kind'] == 'block' else 't'}{r['value']}"
-        table.add_row(label, r["text"], *(f"{100 * float(r[k]):.2f}" for k in ("test_dice", "test_iou", "val_dice")),
+        table.add_row(cell_label(r["block"], r["step"]), r["text"], *(f"{100 * float(r[k]):.2f}" for k in ("test_dice", "test_iou", "val_dice")),
                       r["run"])
     Console().print(table)
     print(path)
