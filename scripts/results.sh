@@ -5,7 +5,10 @@
 # training images) and MiniLM for the text.
 #
 # Usage: [SIZE=128] [EPOCHS=100] [SEEDS="0 1 2"] [FLAGS=cpu-64] [BLOCKS=4,6,8] [DIM=768] [AUGMENT=d4]
-#        [PRETRAIN_ITER=5000] [UNET=folder] [WIDTH=64] [SWEEP= (empty: no Fig. 3 sweep)] scripts/results.sh monuseg|qata [OUT]
+#        [PRETRAIN_ITER=5000] [UNET=folder|checkpoint|name] [TEXT=minilm] [WIDTH=64] [SWEEP= (empty: no Fig. 3 sweep)]
+#        scripts/results.sh monuseg|qata [OUT]
+# Without UNET, a domain UNet is pretrained into OUT/unet-pretrained first; with it (e.g. UNET=adm-imagenet-256
+# TEXT=bioclinicalbert SIZE=256 BLOCKS=6,8,12,16 DIM=768: the paper's encoders), that UNet is used as it is.
 # Writes OUT/<method>-<seed>/ run folders (each with eval-test/), OUT/sweep/ (Fig. 3, monuseg) and
 # OUT/table.md (scripts/results_table.py). Everything resumes: re-running skips finished work.
 set -euo pipefail
@@ -19,14 +22,15 @@ esac
 P=${PIPELINE:-pipeline}
 SIZE=${SIZE:-128}; EPOCHS=${EPOCHS:-100}; SEEDS=${SEEDS:-0 1 2}; FLAGS=${FLAGS:-cpu-64}
 BLOCKS=${BLOCKS:-4,6,8}; DIM=${DIM:-768}; AUGMENT=${AUGMENT:-d4}; WIDTH=${WIDTH:-64}
-UNET=${UNET:-$OUT/unet-pretrained}
-export HF_HUB_OFFLINE=1
+TEXT=${TEXT:-minilm}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
-if [ ! -f "$UNET/model.pt" ]; then
-  $P pretrain --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --crop 64 --flags "$FLAGS" --batch-size 8 \
+if [ -z "${UNET:-}" ]; then
+  UNET=$OUT/unet-pretrained
+  [ -f "$UNET/model.pt" ] || $P pretrain --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --crop 64 --flags "$FLAGS" --batch-size 8 \
      --iterations "${PRETRAIN_ITER:-5000}" --out "$UNET" --resume
 fi
-store=$($P extract --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --unet "$UNET" --text-encoder minilm \
+store=$($P extract --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --unet "$UNET" --text-encoder "$TEXT" \
         --blocks "$BLOCKS" --augment "$AUGMENT" --cache-dir "$OUT/cache" | tail -1)
 
 done_run() { [ -f "$1/eval-test/summary.json" ] && [ ! -e "$1/INCOMPLETE" ]; }

@@ -1,0 +1,90 @@
+"""scripts/results.sh: what it runs, that it resumes, and that UNET / TEXT choose the encoders.
+
+The stages are replaced by a stub ``pipeline`` (``PIPELINE=``) that logs its arguments and writes the
+files the script looks for; the stages themselves are tested elsewhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUB = '''import json, sys
+from pathlib import Path
+args = sys.argv[1:]
+with open(LOG, "a") as f:
+    f.write(json.dumps(args) + "\\n")
+def opt(name):
+    return args[args.index(name) + 1]
+cmd = args[0]
+if cmd == "pretrain":
+    Path(opt("--out")).mkdir(parents=True)
+    (Path(opt("--out")) / "model.pt").write_text("")
+elif cmd == "extract":
+    print("progress line")
+    print(opt("--cache-dir") + "/store.zarr")
+elif cmd in ("fit", "baseline"):
+    Path(opt("--out")).mkdir(parents=True, exist_ok=True)
+    (Path(opt("--out")) / "INCOMPLETE").unlink(missing_ok=True)
+    (Path(opt("--out")) / "config.json").write_text(json.dumps({"fit": {"epochs": 1, "dim": 8}, "size": 32,
+        "blocks": [1], "steps": [50], "train_ids": ["a"], "cache": "store.zarr"}))
+elif cmd == "evaluate":
+    (Path(args[1]) / "eval-test").mkdir(exist_ok=True)
+    (Path(args[1]) / "eval-test" / "summary.json").write_text(json.dumps({"dice": 0.5, "iou": 0.4}))
+'''
+
+
+@pytest.fixture()
+def stub(tmp_path: Path) -> tuple[Path, Path]:
+    log = tmp_path / "log.jsonl"
+    script = tmp_path / "pipeline"
+    script.write_text(f"#!{sys.executable}\nLOG = {str(log)!r}\n" + STUB)
+    script.chmod(0o755)
+    return script, log
+
+
+def run(stub: tuple[Path, Path], out: Path, dataset: str = "qata", **env: str) -> list[list[str]]:
+    script, log = stub
+    log.write_text("")
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "results.sh"), dataset, str(out)], cwd=ROOT,
+                         env={**os.environ, "PIPELINE": str(script), "SEEDS": "0 1", **env},
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "| TextDiff | 50.00 ± 0.00 | 40.00 ± 0.00 | 0,1 | 71.41 | 59.03 |" in res.stdout
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_first_run_pretrains_extracts_fits_and_evaluates_every_method(stub, tmp_path):
+    calls = run(stub, tmp_path / "out")
+    assert [c[0] for c in calls[:2]] == ["pretrain", "extract"]
+    assert calls[1][calls[1].index("--unet") + 1] == str(tmp_path / "out" / "unet-pretrained")
+    assert calls[1][calls[1].index("--text-encoder") + 1] == "minilm"
+    fits = [c for c in calls if c[0] in ("fit", "baseline")]
+    assert [(c[0], c[c.index("--out") + 1].rsplit("/", 1)[1]) for c in fits] == [
+        (cmd, f"{m}-{s}") for s in (0, 1) for cmd, m in
+        (("fit", "textdiff"), ("fit", "notext"), ("fit", "concat"), ("baseline", "unet"))]
+    assert all(c[c.index("--cache") + 1] == str(tmp_path / "out" / "cache" / "store.zarr") for c in fits)
+    assert "--no-text" in fits[1] and fits[2][fits[2].index("--fusion") + 1] == "concat"
+    assert sum(c[0] == "evaluate" for c in calls) == 8
+    assert (tmp_path / "out" / "table.md").is_file()
+
+
+def test_second_run_skips_finished_work(stub, tmp_path):
+    run(stub, tmp_path / "out")
+    (tmp_path / "out" / "concat-1" / "INCOMPLETE").write_text("")  # a fit killed before it finished
+    calls = run(stub, tmp_path / "out")
+    assert [c[0] for c in calls] == ["extract", "fit", "evaluate"]
+    assert calls[1][calls[1].index("--out") + 1].endswith("concat-1")
+
+
+def test_a_given_unet_and_text_encoder_are_used_without_pretraining(stub, tmp_path):
+    calls = run(stub, tmp_path / "out", UNET="adm-imagenet-256", TEXT="bioclinicalbert", SIZE="256")
+    assert calls[0][0] == "extract"
+    extract = calls[0]
+    assert [extract[extract.index(k) + 1] for k in ("--unet", "--text-encoder", "--size")] == [
+        "adm-imagenet-256", "bioclinicalbert", "256"]
