@@ -25,7 +25,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 
 import train.evaluate as evaluate_mod
@@ -39,6 +38,7 @@ __all__ = ["CSV_COLUMNS", "SweepRun", "cell_label", "sweep", "sweep_cli", "sweep
 
 CSV_COLUMNS = ("kind", "block", "step", "text", "test_dice", "test_iou", "val_dice", "run")
 FUSION = {"yes": "cross-attn", "no": "none"}
+TEXTS = tuple(FUSION)  # with text, then without: the order of the plan and of the figures' columns
 # FitConfig fields a sweep sets itself; ``base`` may set any other
 _OWN_FIELDS = {"cache", "out", "blocks", "steps", "fusion", "epochs"}
 
@@ -80,11 +80,10 @@ def cell_label(block: int | str | None, step: int | str | None) -> str:
 def sweep_plan(blocks: tuple[int, ...], steps: tuple[int, ...], grid: bool = False) -> list[SweepRun]:
     """Every single block (all steps), then every single step (all blocks), then (grid) every
     (block, step) pair; each with text, then without."""
-    texts = ("yes", "no")
-    plan = [SweepRun("block", t, (b,), steps) for b in blocks for t in texts]
-    plan += [SweepRun("step", t, blocks, (s,)) for s in steps for t in texts]
+    plan = [SweepRun("block", t, (b,), steps) for b in blocks for t in TEXTS]
+    plan += [SweepRun("step", t, blocks, (s,)) for s in steps for t in TEXTS]
     if grid:
-        plan += [SweepRun("pair", t, (b,), (s,)) for b in blocks for s in steps for t in texts]
+        plan += [SweepRun("pair", t, (b,), (s,)) for b in blocks for s in steps for t in TEXTS]
     return plan
 
 
@@ -160,9 +159,9 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = sweep_plan(blocks, steps, grid)
-    console.print(f"sweep: {len(plan)} runs ({len(blocks)} blocks × {len(steps)} steps{', every pair' if grid else ''}, "
-                  f"with and without text), "
-                  f"{epochs} epoch(s) each → {out}", highlight=False)
+    pairs = ", every pair" if grid else ""
+    console.print(f"sweep: {len(plan)} runs ({len(blocks)} blocks × {len(steps)} steps{pairs}, "
+                  f"with and without text), {epochs} epoch(s) each → {out}", highlight=False)
 
     rows: list[dict[str, Any]] = []
     for i, item in enumerate(plan, 1):
@@ -195,12 +194,12 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
     dataset = store.key["dataset"].get("name", "") if isinstance(store.key.get("dataset"), dict) else ""
     about = f"{epochs} epoch{'s' if epochs > 1 else ''} per fit · store {store.key_hash[:12]}"
     labels = [cell_label(b, None) for b in blocks] + [cell_label(None, s) for s in steps]
-    table = [[dice[label, t] for t in ("yes", "no")] for label in labels]
+    table = [[dice[label, t] for t in TEXTS] for label in labels]
     heatmap_png(table, labels, ["with text", "without text"], out / "sweep.png", fmt=".1f",
                 title=f"{dataset} {split} Dice (%): single block (all steps), single step (all blocks)\n{about}",
                 colorbar_label="Dice (%)", row_breaks=[len(blocks)])
     if grid:
-        cols = [(s, t) for t in ("yes", "no") for s in steps]
+        cols = [(s, t) for t in TEXTS for s in steps]
         table = [[dice[cell_label(b, s), t] for s, t in cols] for b in blocks]
         heatmap_png(table, [cell_label(b, None) for b in blocks],
                     [f"t{s}\n{'text' if t == 'yes' else 'no text'}" for s, t in cols], out / "grid.png", fmt=".1f",
@@ -222,8 +221,8 @@ def sweep_cli(cache: Path, out: Path, epochs: int, base: dict[str, Any], console
         rows = list(csv.DictReader(f))
     table = Table("", "text", "test Dice %", "test IoU %", "val Dice %", "run", title=f"sweep {out}")
     for r in rows:
-        table.add_row(cell_label(r["block"], r["step"]), r["text"], *(f"{100 * float(r[k]):.2f}" for k in ("test_dice", "test_iou", "val_dice")),
-                      r["run"])
+        scores = (f"{100 * float(r[k]):.2f}" for k in ("test_dice", "test_iou", "val_dice"))
+        table.add_row(cell_label(r["block"], r["step"]), r["text"], *scores, r["run"])
     Console().print(table)
     print(path)
     return path
