@@ -6,9 +6,12 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -52,6 +55,59 @@ def friendly(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_UNSET: Any = object()
+
+
+def _field(config: type, name: str) -> dataclasses.Field:
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            return f
+    raise KeyError(f"{config.__name__} has no field {name!r}")
+
+
+def option(config: type, name: str, *decls: str, default: Any = _UNSET, help: Optional[str] = None,
+           **kw: Any) -> Any:
+    """A typer option whose default and help come from field ``name`` of dataclass ``config`` (its
+    ``metadata["help"]``), the one source of truth; a tuple default is shown comma-separated, as typed.
+    ``default`` / ``help`` override where the CLI's differ (a flag that negates a field, say)."""
+    f = _field(config, name)
+    if default is _UNSET:
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...
+    if isinstance(default, tuple):
+        default = ",".join(str(v) for v in default)
+    return typer.Option(default, *decls, help=f.metadata.get("help", "") if help is None else help, **kw)
+
+
+def shared_options(**params: tuple[Any, Any]) -> Callable[[F], F]:
+    """Give a command the options ``params`` (name → (type, typer.Option)) besides its own; the command
+    receives them as one dict, its keyword ``common``. Commands that share options declare them once."""
+
+    def decorate(fn: F) -> F:
+        own = [p for name, p in inspect.signature(fn).parameters.items() if name != "common"]
+        hints = {k: v for k, v in typing.get_type_hints(fn).items() if k not in ("common", "return")}
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
+                 for name, (kind, opt) in params.items()]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            common = {name: kwargs.pop(name) for name in params if name in kwargs}
+            return fn(*args, common=common, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+             for p in own] + extra)
+        wrapper.__annotations__ = {**hints, **{name: kind for name, (kind, _) in params.items()}, "return": None}
+        del wrapper.__wrapped__  # typer must read the new signature, not the function's own
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def _ints(value: Optional[str], name: str) -> Optional[tuple[int, ...]]:
