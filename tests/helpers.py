@@ -1,4 +1,4 @@
-"""Builders shared by the stage-two tests: a tiny store from the fixture UNet, a quiet console."""
+"""Builders shared by the stage-two tests: a tiny store from the tiny UNet (tests/conftest.py), a quiet console."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def quiet() -> Console:
 
 def tiny_store(adm: Path, cache_dir: Path, counts: dict[str, int] | None = None, unet: Path | None = None,
                **options: Any) -> Path:
-    """A synthetic store at 32 px, steps 50/250, blocks 4/8, from the fixture UNet (or a copy at ``unet``)."""
+    """A synthetic store at 32 px, steps 50/250, blocks 4/8, from the tiny UNet in folder ``adm`` (the
+    ``tiny_unet`` fixture) or a copy of its checkpoint at ``unet``."""
     cfg = ExtractConfig(dataset="synthetic", unet=str(unet or adm / "adm_tiny.pt"),
                         unet_flags=adm / "adm_tiny_flags.json", text_encoder="minilm", size=32, steps=(50, 250),
                         blocks=(4, 8), cache_dir=cache_dir, dataset_options={"counts": counts or TINY_COUNTS},

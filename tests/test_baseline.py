@@ -26,8 +26,8 @@ def cli(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def store(adm_fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_store(adm_fixtures, tmp_path_factory.mktemp("baseline"), counts={"train": 6, "val": 2, "test": 3})
+def store(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_store(tiny_unet, tmp_path_factory.mktemp("baseline"), counts={"train": 6, "val": 2, "test": 3})
 
 
 def test_default_is_the_classic_31m_unet() -> None:

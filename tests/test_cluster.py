@@ -34,13 +34,13 @@ def store_files(path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def serial(adm_fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return run_extract(config(adm_fixtures, tmp_path_factory.mktemp("serial")), console=quiet())
+def serial(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_extract(config(tiny_unet, tmp_path_factory.mktemp("serial")), console=quiet())
 
 
-def test_local_cluster_writes_the_serial_store(adm_fixtures: Path, tmp_path: Path) -> None:
+def test_local_cluster_writes_the_serial_store(tiny_unet: Path, tmp_path: Path) -> None:
     """The issue's check, through the CLI: --scheduler local:2 equals the serial store; cache verify passes."""
-    a = adm_fixtures
+    a = tiny_unet
     runner = CliRunner()
 
     def extract(cache: Path, *extra: str) -> Path:
@@ -60,7 +60,7 @@ def test_local_cluster_writes_the_serial_store(adm_fixtures: Path, tmp_path: Pat
     assert res.exit_code == 0 and "0 problem(s)" in res.output, res.output
 
 
-def test_a_worker_killed_mid_run_has_its_images_redone(adm_fixtures: Path, serial: Path, tmp_path: Path) -> None:
+def test_a_worker_killed_mid_run_has_its_images_redone(tiny_unet: Path, serial: Path, tmp_path: Path) -> None:
     killed: list[str] = []
 
     def kill_a_busy_worker(done: int, client) -> None:
@@ -73,7 +73,7 @@ def test_a_worker_killed_mid_run_has_its_images_redone(adm_fixtures: Path, seria
             os.kill(pid, signal.SIGKILL)
 
     # the store at an fsspec URL: the workers write through fsspec, as they would to object storage
-    url = run_extract(replace(config(adm_fixtures, f"file://{tmp_path}"), scheduler="local:2"), console=quiet(),
+    url = run_extract(replace(config(tiny_unet, f"file://{tmp_path}"), scheduler="local:2"), console=quiet(),
                       on_shard=kill_a_busy_worker)
     assert killed, "no worker was busy when the first shard finished"
     path = Path(str(url).removeprefix("file://"))

@@ -29,8 +29,8 @@ def tiny_store(adm: Path, cache_dir: Path, seed: int = 40) -> Path:
 
 
 @pytest.fixture(scope="module")
-def store_path(adm_fixtures, tmp_path_factory) -> Path:
-    return tiny_store(adm_fixtures, tmp_path_factory.mktemp("cache"))
+def store_path(tiny_unet, tmp_path_factory) -> Path:
+    return tiny_store(tiny_unet, tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +155,8 @@ def test_other_split_and_no_overlays(run, evaluated):
     assert (run / "eval-test" / "summary.json").is_file()  # the test evaluation is untouched
 
 
-def test_store_with_another_key_is_refused(run, evaluated, store_path, adm_fixtures, tmp_path):
-    other = tiny_store(adm_fixtures, tmp_path / "cache", seed=41)  # another noise seed: another key
+def test_store_with_another_key_is_refused(run, evaluated, store_path, tiny_unet, tmp_path):
+    other = tiny_store(tiny_unet, tmp_path / "cache", seed=41)  # another noise seed: another key
     ours, theirs = FeatureStore.open(store_path).key_hash, FeatureStore.open(other).key_hash
     assert ours != theirs
     before = (run / "eval-test" / "summary.json").read_text()
@@ -225,10 +225,10 @@ def test_heatmap_and_loss_curve_write_pngs(tmp_path, run):
         assert im.size == (768, 432)  # 6.4 × 3.6 in at 120 dpi
 
 
-def test_monuseg_fit_evaluate_is_sane_and_repeatable(adm_fixtures: Path, monuseg_root: Path, tmp_path: Path) -> None:
+def test_monuseg_fit_evaluate_is_sane_and_repeatable(tiny_unet: Path, monuseg_root: Path, tmp_path: Path) -> None:
     """Real MoNuSeg at 64 px (3 images per split): every output written, sane values, same bytes twice."""
-    store = run_extract(ExtractConfig(dataset="monuseg", data_root=monuseg_root, unet=str(adm_fixtures / "adm_tiny.pt"),
-                                      unet_flags=adm_fixtures / "adm_tiny_flags.json", text_encoder="minilm",
+    store = run_extract(ExtractConfig(dataset="monuseg", data_root=monuseg_root, unet=str(tiny_unet / "adm_tiny.pt"),
+                                      unet_flags=tiny_unet / "adm_tiny_flags.json", text_encoder="minilm",
                                       size=64, blocks=(4, 6, 8), limit=3, cache_dir=tmp_path / "cache"),
                         console=quiet())
     summaries = []

@@ -30,14 +30,14 @@ SYN = {"counts": {"train": 4, "val": 2, "test": 2}}
 
 
 @pytest.fixture()
-def cfg(adm_fixtures: Path, tmp_path: Path) -> ExtractConfig:
-    return ExtractConfig(dataset="synthetic", unet=str(adm_fixtures / "adm_tiny.pt"),
-                         unet_flags=adm_fixtures / "adm_tiny_flags.json", text_encoder="minilm", size=32,
+def cfg(tiny_unet: Path, tmp_path: Path) -> ExtractConfig:
+    return ExtractConfig(dataset="synthetic", unet=str(tiny_unet / "adm_tiny.pt"),
+                         unet_flags=tiny_unet / "adm_tiny_flags.json", text_encoder="minilm", size=32,
                          steps=(50, 250), blocks=(4, 8), cache_dir=tmp_path / "cache", batch_size=4,
                          dataset_options=SYN)
 
 
-def test_store_holds_exactly_the_extractor_features(cfg: ExtractConfig, adm_fixtures: Path) -> None:
+def test_store_holds_exactly_the_extractor_features(cfg: ExtractConfig, tiny_unet: Path) -> None:
     path = run_extract(cfg)
     store = FeatureStore.open(path)
     info = store.info()
@@ -47,7 +47,7 @@ def test_store_holds_exactly_the_extractor_features(cfg: ExtractConfig, adm_fixt
     ds = open_dataset("synthetic", **SYN)
     item = ds.by_split("val")[1]
     x0 = torch.from_numpy(ds.load_image(item, 32))[None]
-    unet = load_unet(adm_fixtures / "adm_tiny.pt", adm_fixtures / "adm_tiny_flags.json")
+    unet = load_unet(tiny_unet / "adm_tiny.pt", tiny_unet / "adm_tiny_flags.json")
     feats = FeatureExtractor(unet, shared_noise(32, 40), device="cpu")(x0, [50, 250], [4, 8])
     got = store.features("val", 250, 8)[1, 0].compute()
     assert got.dtype == np.float16 and got.shape == (32, 32, 32)
@@ -141,9 +141,9 @@ def cli_args(adm: Path, root: Path, dataset: str, cache: Path, blocks: str, extr
             "--steps", "50,150,250", "--blocks", blocks, "--cache-dir", str(cache), *extra]
 
 
-def test_monuseg_issue_check(adm_fixtures: Path, monuseg_root: Path, tmp_path: Path) -> None:
+def test_monuseg_issue_check(tiny_unet: Path, monuseg_root: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    res = runner.invoke(pipeline.app, cli_args(adm_fixtures, monuseg_root, "monuseg", tmp_path, "4,6,8"))
+    res = runner.invoke(pipeline.app, cli_args(tiny_unet, monuseg_root, "monuseg", tmp_path, "4,6,8"))
     assert res.exit_code == 0, res.output
     path = Path(res.stdout.strip().splitlines()[-1])
     info = json.loads(runner.invoke(pipeline.app, ["cache", "info", str(path)]).stdout)
@@ -152,7 +152,7 @@ def test_monuseg_issue_check(adm_fixtures: Path, monuseg_root: Path, tmp_path: P
     assert info["arrays"]["test/feat/t150/b8"]["shape"] == [14, 1, 32, 64, 64]
     assert info["arrays"]["test/feat/t150/b8"]["dtype"] == "float16"
     t0 = time.perf_counter()
-    again = runner.invoke(pipeline.app, cli_args(adm_fixtures, monuseg_root, "monuseg", tmp_path, "4,6,8"))
+    again = runner.invoke(pipeline.app, cli_args(tiny_unet, monuseg_root, "monuseg", tmp_path, "4,6,8"))
     assert again.exit_code == 0 and again.stdout.strip().splitlines()[-1] == str(path)
     assert "nothing to do" in again.output and time.perf_counter() - t0 < 10
     ls = runner.invoke(pipeline.app, ["cache", "ls", "--cache-dir", str(tmp_path)], env={"COLUMNS": "250"})
@@ -160,9 +160,9 @@ def test_monuseg_issue_check(adm_fixtures: Path, monuseg_root: Path, tmp_path: P
     assert "44 / 44" in row and "t 50,150,250 × b 4,6,8" in row
 
 
-def test_qata_few_images(adm_fixtures: Path, qata_root: Path, tmp_path: Path) -> None:
-    cfg = ExtractConfig(dataset="qata", data_root=qata_root, unet=str(adm_fixtures / "adm_tiny.pt"),
-                        unet_flags=adm_fixtures / "adm_tiny_flags.json", text_encoder="minilm", size=64,
+def test_qata_few_images(tiny_unet: Path, qata_root: Path, tmp_path: Path) -> None:
+    cfg = ExtractConfig(dataset="qata", data_root=qata_root, unet=str(tiny_unet / "adm_tiny.pt"),
+                        unet_flags=tiny_unet / "adm_tiny_flags.json", text_encoder="minilm", size=64,
                         blocks=(4, 6, 8), cache_dir=tmp_path, limit=3)
     store = FeatureStore.open(run_extract(cfg))
     assert {s: v["complete"] for s, v in store.info()["splits"].items()} == {"train": 3, "val": 3, "test": 3}
@@ -172,12 +172,12 @@ def test_qata_few_images(adm_fixtures: Path, qata_root: Path, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("dataset", ["monuseg", "qata"])
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(adm_fixtures: Path, shared_dir: Path, tmp_path: Path,
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_unet: Path, shared_dir: Path, tmp_path: Path,
                                                            dataset: str) -> None:
     root = shared_dir / "data" / ("MoNuSeg" if dataset == "monuseg" else "QaTa-COV19")
     extra = ("--batch-size", "3", "--limit", "4")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "pipeline", *cli_args(adm_fixtures, root, dataset, tmp_path / "k", "4,8", extra)]
+    cmd = [sys.executable, "-m", "pipeline", *cli_args(tiny_unet, root, dataset, tmp_path / "k", "4,8", extra)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill once some, but not all, images are committed
@@ -187,7 +187,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(adm_fixtures: Path, sh
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    ref_cmd = [sys.executable, "-m", "pipeline", *cli_args(adm_fixtures, root, dataset, tmp_path / "r", "4,8", extra)]
+    ref_cmd = [sys.executable, "-m", "pipeline", *cli_args(tiny_unet, root, dataset, tmp_path / "r", "4,8", extra)]
     ref = subprocess.run(ref_cmd, env=env, capture_output=True, text=True, check=True)
     resumed_path = Path(resumed.stdout.strip().splitlines()[-1])
     assert resumed_path.name == Path(ref.stdout.strip().splitlines()[-1]).name

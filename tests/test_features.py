@@ -14,11 +14,13 @@ from extract.unet import load_unet
 
 
 @pytest.fixture(scope="module")
-def tiny(adm_fixtures: Path):
-    return load_unet(adm_fixtures / "adm_tiny.pt", adm_fixtures / "adm_tiny_flags.json")
+def tiny(tiny_unet: Path):
+    return load_unet(tiny_unet / "adm_tiny.pt", tiny_unet / "adm_tiny_flags.json")
 
 
-def test_truncated_forward_equals_full_forward_and_fixture(tiny, adm_fixtures: Path) -> None:
+def test_truncated_forward_equals_full_forward_and_fixture(adm_fixtures: Path) -> None:
+    # the reference blocks were computed with the fixture's own weights: this test loads them
+    tiny = load_unet(adm_fixtures / "adm_tiny.pt", adm_fixtures / "adm_tiny_flags.json")
     io = np.load(adm_fixtures / "adm_tiny_io.npz")
     noise = torch.from_numpy(io["noise"][:1])
     ex = FeatureExtractor(tiny, noise, device="cpu")
@@ -52,7 +54,7 @@ def test_truncated_forward_equals_full_forward_and_fixture(tiny, adm_fixtures: P
             assert torch.equal(feats[(step, k)], captured[k][2 * i:2 * i + 2])
 
 
-def test_block_shapes_and_range(tiny, adm_fixtures: Path) -> None:
+def test_block_shapes_and_range(tiny) -> None:
     ex = FeatureExtractor(tiny, torch.zeros(1, 3, 64, 64), device="cpu")
     assert ex.block_shapes()[8] == (32, 64, 64)
     with pytest.raises(ValueError, match="out of range"):

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def store_path(adm_fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_store(adm_fixtures, tmp_path_factory.mktemp("cache"))
+def store_path(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_store(tiny_unet, tmp_path_factory.mktemp("cache"))
 
 
 def tiny_fit(store: Path, out: Path, **kw) -> FitConfig:
@@ -96,16 +96,16 @@ def test_single_block_and_step_selection(store_path: Path, tmp_path: Path) -> No
     assert config["head"]["in_channels"] == [32] and config["head"]["fusion"] == "none"
 
 
-def test_holdout_when_there_is_no_val_split(adm_fixtures: Path, tmp_path: Path) -> None:
-    store = tiny_store(adm_fixtures, tmp_path / "c", counts={"train": 5, "test": 2})
+def test_holdout_when_there_is_no_val_split(tiny_unet: Path, tmp_path: Path) -> None:
+    store = tiny_store(tiny_unet, tmp_path / "c", counts={"train": 5, "test": 2})
     fit(tiny_fit(store, tmp_path / "run"))
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["val"]["split"] == "train" and len(config["val"]["ids"]) == 1
     assert not set(config["val"]["ids"]) & set(config["train_ids"]) and len(config["train_ids"]) == 4
 
 
-def test_d4_store_trains_on_sampled_views(adm_fixtures: Path, tmp_path: Path, monkeypatch) -> None:
-    store = tiny_store(adm_fixtures, tmp_path / "c", counts={"train": 3, "val": 1}, augment="d4")
+def test_d4_store_trains_on_sampled_views(tiny_unet: Path, tmp_path: Path, monkeypatch) -> None:
+    store = tiny_store(tiny_unet, tmp_path / "c", counts={"train": 3, "val": 1}, augment="d4")
     seen: list[int] = []
     real = SplitFeatures.batch
 
@@ -119,9 +119,9 @@ def test_d4_store_trains_on_sampled_views(adm_fixtures: Path, tmp_path: Path, mo
     assert 0 in seen and len(set(seen)) >= 3 and max(seen) <= 7
 
 
-def test_a_different_store_is_refused(store_path: Path, adm_fixtures: Path, tmp_path: Path) -> None:
+def test_a_different_store_is_refused(store_path: Path, tiny_unet: Path, tmp_path: Path) -> None:
     fit(tiny_fit(store_path, tmp_path / "run"))
-    other = tiny_store(adm_fixtures, tmp_path / "other", seed=41)
+    other = tiny_store(tiny_unet, tmp_path / "other", seed=41)
     with pytest.raises(CacheMismatchError, match="not the one run"):
         load_run(tmp_path / "run", cache=other)
 

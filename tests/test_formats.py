@@ -27,10 +27,10 @@ def cli(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def both(adm_fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def both(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same tiny extraction as a zarr folder and as an HDF5 file."""
     cache = tmp_path_factory.mktemp("formats")
-    return tiny_store(adm_fixtures, cache), tiny_store(adm_fixtures, cache, store_format="h5")
+    return tiny_store(tiny_unet, cache), tiny_store(tiny_unet, cache, store_format="h5")
 
 
 def test_h5_store_holds_the_zarr_arrays(both: tuple[Path, Path]) -> None:
@@ -81,10 +81,10 @@ def test_export_both_ways_and_resume(both: tuple[Path, Path], tmp_path: Path) ->
         export_store(zarr_path, "h5", tmp_path / "y.zarr")
 
 
-def test_h5_has_one_writer(adm_fixtures: Path, both: tuple[Path, Path]) -> None:
+def test_h5_has_one_writer(tiny_unet: Path, both: tuple[Path, Path]) -> None:
     _, h5_path = both
-    cfg = ExtractConfig(dataset="synthetic", unet=str(adm_fixtures / "adm_tiny.pt"), text_encoder="minilm",
-                        unet_flags=adm_fixtures / "adm_tiny_flags.json", store_format="h5", scheduler="local:2")
+    cfg = ExtractConfig(dataset="synthetic", unet=str(tiny_unet / "adm_tiny.pt"), text_encoder="minilm",
+                        unet_flags=tiny_unet / "adm_tiny_flags.json", store_format="h5", scheduler="local:2")
     with pytest.raises(ValueError, match="--scheduler needs a zarr store"):
         run_extract(cfg, console=quiet())
     writer = FeatureStore.open(h5_path, "r+")  # another process cannot open it meanwhile
@@ -96,9 +96,9 @@ def test_h5_has_one_writer(adm_fixtures: Path, both: tuple[Path, Path]) -> None:
     assert res.returncode != 0 and "another process may be writing it" in res.stderr
 
 
-def test_zarr_store_at_an_fsspec_url(adm_fixtures: Path, both: tuple[Path, Path], tmp_path: Path) -> None:
+def test_zarr_store_at_an_fsspec_url(tiny_unet: Path, both: tuple[Path, Path], tmp_path: Path) -> None:
     zarr_path, _ = both
-    url = tiny_store(adm_fixtures, f"file://{tmp_path}/remote")  # type: ignore[arg-type]
+    url = tiny_store(tiny_unet, f"file://{tmp_path}/remote")  # type: ignore[arg-type]
     assert isinstance(url, str) and url == f"file://{tmp_path}/remote/{zarr_path.name}"
     assert_same(arrays(url), arrays(zarr_path))
     assert cli("cache", "verify", url).startswith("OK ")

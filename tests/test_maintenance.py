@@ -18,8 +18,8 @@ from pipeline import app
 
 
 @pytest.fixture()
-def store(adm_fixtures: Path, tmp_path: Path) -> Path:
-    return tiny_store(adm_fixtures, tmp_path / "cache")
+def store(tiny_unet: Path, tmp_path: Path) -> Path:
+    return tiny_store(tiny_unet, tmp_path / "cache")
 
 
 def test_a_fresh_store_verifies_with_every_checksum_recorded(store: Path) -> None:
@@ -70,11 +70,11 @@ def test_rm_refuses_what_is_not_a_store_and_dry_run_deletes_nothing(store: Path,
     assert result.exit_code == 0 and "removed 1 store(s)" in result.stdout and not store.exists()
 
 
-def test_gc_by_age_and_by_count_keeps_the_recent_and_ignores_non_stores(adm_fixtures: Path, tmp_path: Path) -> None:
+def test_gc_by_age_and_by_count_keeps_the_recent_and_ignores_non_stores(tiny_unet: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    a = tiny_store(adm_fixtures, cache, counts={"train": 2, "val": 1, "test": 1})
-    b = tiny_store(adm_fixtures, cache, counts={"train": 3, "val": 1, "test": 1})
-    c = tiny_store(adm_fixtures, cache, counts={"train": 4, "val": 1, "test": 1})
+    a = tiny_store(tiny_unet, cache, counts={"train": 2, "val": 1, "test": 1})
+    b = tiny_store(tiny_unet, cache, counts={"train": 3, "val": 1, "test": 1})
+    c = tiny_store(tiny_unet, cache, counts={"train": 4, "val": 1, "test": 1})
     (cache / "notes.zarr").mkdir()  # not a store: never touched
     now = time.time()
     for path, days in ((a, 30), (b, 10), (c, 0)):
@@ -126,7 +126,7 @@ def test_fit_data_refuses_a_damaged_row_naming_it(store: Path, budget: int) -> N
         SplitImages(fs, "train", indices=[3], memory_budget=budget)
 
 
-def test_verify_repair_then_extract_restores_the_store_exactly(adm_fixtures: Path, store: Path,
+def test_verify_repair_then_extract_restores_the_store_exactly(tiny_unet: Path, store: Path,
                                                                tmp_path: Path) -> None:
     pristine = arrays(store)
     ids = _damage(store)
@@ -139,6 +139,6 @@ def test_verify_repair_then_extract_restores_the_store_exactly(adm_fixtures: Pat
     assert not fs.done("train")[0] and not fs.done("train", 50, 4)[1] and not fs.done("train", 250, 8)[2]
     assert not fs.done("train")[3] and fs.done("train")[1:3].all() and fs.done("train", 50, 4)[[0, 2, 3]].all()
     assert verify_store(store).ok  # what is still marked done is sound
-    assert tiny_store(adm_fixtures, tmp_path / "cache") == store  # the same extraction: rewrites the damaged rows
+    assert tiny_store(tiny_unet, tmp_path / "cache") == store  # the same extraction: rewrites the damaged rows
     assert_same(arrays(store), pristine)
     assert verify_store(store).ok

@@ -24,13 +24,13 @@ from helpers import tiny_store
 
 
 @pytest.fixture(scope="module")
-def tiny(adm_fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def tiny(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny store made from a copy of the fixture UNet (so a test can alter its bytes), and a run fitted on it."""
     root = tmp_path_factory.mktemp("predict")
     ckpt = root / "unet" / "adm_tiny.pt"
     ckpt.parent.mkdir()
-    shutil.copyfile(adm_fixtures / "adm_tiny.pt", ckpt)
-    store = tiny_store(adm_fixtures, root / "cache", unet=ckpt, batch_size=4)
+    shutil.copyfile(tiny_unet / "adm_tiny.pt", ckpt)
+    store = tiny_store(tiny_unet, root / "cache", unet=ckpt, batch_size=4)
     run = root / "run"
     fit(FitConfig(cache=store, out=run, epochs=2, dim=16, head_channels=(8, 4), train_count=None))
     return {"root": root, "store": store, "run": run, "ckpt": ckpt}

@@ -23,8 +23,8 @@ console = quiet
 
 
 @pytest.fixture(scope="module")
-def store_path(adm_fixtures, tmp_path_factory) -> Path:
-    return tiny_store(adm_fixtures, tmp_path_factory.mktemp("cache"))
+def store_path(tiny_unet, tmp_path_factory) -> Path:
+    return tiny_store(tiny_unet, tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

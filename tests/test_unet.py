@@ -56,6 +56,25 @@ def test_builds_the_official_256_keys_and_shapes(adm_fixtures: Path) -> None:
     assert PRESETS["adm-imagenet-256"].flags == normalize_flags(manifest["flags"])
 
 
+def test_the_built_tiny_unet_has_the_fixture_flags_and_keys(tiny_unet: Path, adm_fixtures: Path) -> None:
+    """The suite's own tiny UNet (tests/conftest.py) is the fixture's model with other seeded weights."""
+    assert json.loads((tiny_unet / "adm_tiny_flags.json").read_text()) == \
+        json.loads((adm_fixtures / "adm_tiny_flags.json").read_text())
+    ours = torch.load(tiny_unet / "adm_tiny.pt", weights_only=True)
+    ref = torch.load(adm_fixtures / "adm_tiny.pt", weights_only=True)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+
+
+def test_the_built_tiny_unet_is_seeded_with_no_zero_layer(tiny_unet: Path, tmp_path: Path) -> None:
+    from tests.conftest import build_tiny_unet
+
+    ours = torch.load(tiny_unet / "adm_tiny.pt", weights_only=True)
+    again = torch.load(build_tiny_unet(tmp_path) / "adm_tiny.pt", weights_only=True)
+    assert ours.keys() == again.keys() and all(torch.equal(ours[k], again[k]) for k in ours)
+    assert [k for k, v in ours.items() if not v.any()] == []  # guided-diffusion's zero-initialised layers too
+    load_unet(tiny_unet / "adm_tiny.pt", tiny_unet / "adm_tiny_flags.json")
+
+
 def test_output_block_shapes_match_design_table() -> None:
     with torch.device("meta"):
         model = create_unet(**PRESETS["adm-imagenet-256"].flags)
@@ -118,13 +137,13 @@ def test_missing_flags_take_guided_diffusion_defaults() -> None:
         normalize_flags(num_chanels=64)
 
 
-def test_mismatched_checkpoint_lists_keys_and_flags(tmp_path: Path, adm_fixtures: Path) -> None:
-    sd = torch.load(adm_fixtures / "adm_tiny.pt", weights_only=True)
+def test_mismatched_checkpoint_lists_keys_and_flags(tmp_path: Path, tiny_unet: Path) -> None:
+    sd = torch.load(tiny_unet / "adm_tiny.pt", weights_only=True)
     sd["extra.weight"] = torch.zeros(1)
     del sd["out.2.bias"]
     path = tmp_path / "bad.pt"
     torch.save(sd, path)
-    flags = json.loads((adm_fixtures / "adm_tiny_flags.json").read_text())
+    flags = json.loads((tiny_unet / "adm_tiny_flags.json").read_text())
     flags["num_channels"] = 64
     with pytest.raises(CheckpointMismatchError) as info:
         load_unet(path, flags)
@@ -160,12 +179,12 @@ def test_preset_found_in_models_folder(tmp_path: Path, monkeypatch: pytest.Monke
     assert src.flags["num_channels"] == 256
 
 
-def test_pretrain_folder_and_flags_beside_file(tmp_path: Path, adm_fixtures: Path) -> None:
+def test_pretrain_folder_and_flags_beside_file(tmp_path: Path, tiny_unet: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    (run / "model.pt").write_bytes((adm_fixtures / "adm_tiny.pt").read_bytes())
-    (run / "flags.json").write_text((adm_fixtures / "adm_tiny_flags.json").read_text())
+    (run / "model.pt").write_bytes((tiny_unet / "adm_tiny.pt").read_bytes())
+    (run / "flags.json").write_text((tiny_unet / "adm_tiny_flags.json").read_text())
     a, b = resolve_unet(str(run)), resolve_unet(str(run / "model.pt"))
     assert a.checkpoint == b.checkpoint and a.flags == b.flags and a.flags["num_channels"] == 32
     with pytest.raises(UNetNotFoundError, match="--unet-flags"):
-        resolve_unet(str(adm_fixtures / "adm_tiny.pt"))
+        resolve_unet(str(tiny_unet / "adm_tiny.pt"))

@@ -22,17 +22,31 @@ import pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("TEXTDIFF_SHARED", REPO.parent / "shared"))
-ADM = SHARED / "fixtures" / "adm"
 MONUSEG = SHARED / "data" / "MoNuSeg"
 QATA = SHARED / "data" / "QaTa-COV19"
 LVIT_FOLDERS = {"train": "Train_Folder", "val": "Val_Folder", "test": "Test_Folder"}
 MINI = {"train": 3, "val": 1, "test": 1}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def real_data_and_unet(monuseg_root: Path, tiny_unet: Path):
+    """Every test here works on a small copy of the real MoNuSeg data (so needs ../shared), with the tiny UNet
+    the suite builds. Session scope: set before any module fixture runs the CLI. Its folder travels in the
+    environment, as this file is imported twice (by pytest, and by the tests as tests.reliability.conftest)."""
+    os.environ["TEXTDIFF_TEST_UNET"] = str(tiny_unet)
+    yield
+    os.environ.pop("TEXTDIFF_TEST_UNET", None)
+
+
+def unet_dir() -> Path:
+    """The folder holding this session's ``adm_tiny.pt`` and ``adm_tiny_flags.json``."""
+    return Path(os.environ["TEXTDIFF_TEST_UNET"])
+
+
 def extract_args(root: Path, cache: Path, *extra: str, dataset: str = "monuseg") -> list[str]:
-    """``pipeline extract`` of a mini dataset with the fixture UNet and MiniLM at 32 px (seconds)."""
-    return ["extract", "--dataset", dataset, "--data-root", str(root), "--unet", str(ADM / "adm_tiny.pt"),
-            "--unet-flags", str(ADM / "adm_tiny_flags.json"), "--text-encoder", "minilm", "--size", "32",
+    """``pipeline extract`` of a mini dataset with the tiny UNet and MiniLM at 32 px (seconds)."""
+    return ["extract", "--dataset", dataset, "--data-root", str(root), "--unet", str(unet_dir() / "adm_tiny.pt"),
+            "--unet-flags", str(unet_dir() / "adm_tiny_flags.json"), "--text-encoder", "minilm", "--size", "32",
             "--steps", "50,250", "--blocks", "4,8", "--batch-size", "2", "--cache-dir", str(cache), *extra]
 
 
@@ -178,8 +192,6 @@ def mini_folder(dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def good(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(mini MoNuSeg folder, cache folder holding its complete store)."""
-    if not (ADM / "adm_tiny.pt").is_file():
-        pytest.skip(f"{ADM} is absent")
     base = tmp_path_factory.mktemp("good")
     root, cache = mini_monuseg(base / "monuseg"), base / "cache"
     res = cli(extract_args(root, cache))

@@ -26,8 +26,8 @@ from PIL import Image
 
 from cache.store import FeatureStore
 from extract.datasets import DatasetError, check_files, open_dataset
-from tests.reliability.conftest import (ADM, LVIT_FOLDERS, Result, child, cli, digest, extract_args, finish,
-                                        mini_folder, mini_qata, read_xlsx, stores, write_xlsx)
+from tests.reliability.conftest import (LVIT_FOLDERS, Result, child, cli, digest, extract_args, finish, mini_folder,
+                                        mini_qata, read_xlsx, stores, unet_dir, write_xlsx)
 
 
 def unlocked(files: dict[str, str]) -> dict[str, str]:
@@ -119,14 +119,14 @@ def _name(split: str, kind: str) -> Callable[[Path], str]:
 
 
 def other_flags(_root: Path, _cache: Path, tmp: Path) -> list[str]:
-    flags = json.loads((ADM / "adm_tiny_flags.json").read_text())
+    flags = json.loads((unet_dir() / "adm_tiny_flags.json").read_text())
     flags["num_channels"] *= 2
     (tmp / "flags.json").write_text(json.dumps(flags))
     return ["--unet-flags", str(tmp / "flags.json")]
 
 
 def nan_weights(_root: Path, _cache: Path, tmp: Path) -> list[str]:
-    sd = torch.load(ADM / "adm_tiny.pt", weights_only=True)
+    sd = torch.load(unet_dir() / "adm_tiny.pt", weights_only=True)
     key = next(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1)
     sd[key] = sd[key].clone()
     sd[key].view(-1)[0] = float("nan")
