@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from cache.backends import FORMATS, Location, as_location, basename, dirname, join
-from cache.store import BASE_ARRAYS, FeatureStore, StoreError, feat_rel, format_of
+from cache.schema import BASE_ARRAYS, StoreError, feat_rel
+from cache.store import FeatureStore, format_of
 
 # root attributes a new store sets itself; everything else (how it was made) is carried over
 _OWN_ATTRS = {"textdiff", "key", "key_hash", "format_version", "size", "textdiff_version", "created",
