@@ -483,9 +483,11 @@ def cache_export(path: str = typer.Argument(..., help="A store (.zarr folder, .h
     """Copy a store into the other format (same arrays, checksums and done flags); an interrupted export
     resumes when run again. Prints the new store's path."""
     from cache import FeatureStore, export_store, export_target
-    from cache.backends import basename
+    from cache.backends import FORMATS, basename
     from extract.progress import stage_progress
 
+    if format not in FORMATS:
+        raise ValueError(f"--format must be one of {list(FORMATS)}, got {format!r}")
     target = export_target(path, format, out)
     progress = stage_progress(err, "export", "rows")
     with progress:
@@ -520,6 +522,8 @@ def cache_gc(cache_dir: Optional[str] = typer.Option(None, help="(default: $TEXT
     """Remove old feature stores from the cache folder; folders that are not stores are never touched."""
     from cache import default_cache_dir, gc_candidates, remove_stores
 
+    if keep is not None and keep < 0:
+        raise ValueError(f"--keep must be >= 0, got {keep}")
     doomed = [p for p, _ in gc_candidates(cache_dir or default_cache_dir(), older_than, keep)]
     _removal_lines(remove_stores(doomed, dry_run=dry_run), dry_run)
 

@@ -136,7 +136,7 @@ def gc_candidates(cache_dir: Path | str, older_than_days: float | None = None, k
     if older_than_days is None and keep is None:
         raise ValueError("say what to collect: --older-than DAYS and/or --keep N")
     if keep is not None and keep < 0:
-        raise ValueError(f"--keep must be >= 0, got {keep}")
+        raise ValueError(f"keep must be >= 0, got {keep}")
     stores = []
     for p in store_paths(cache_dir):
         try:

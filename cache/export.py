@@ -20,7 +20,7 @@ _OWN_ATTRS = {"textdiff", "key", "key_hash", "format_version", "size", "textdiff
 def export_target(src: Location, store_format: str, dest: Location | None = None) -> Location:
     """Where ``export_store`` writes: ``dest`` (a path or URL), or the source's path with the other suffix."""
     if store_format not in FORMATS:
-        raise StoreError(f"--format must be one of {list(FORMATS)}, got {store_format!r}")
+        raise StoreError(f"store_format must be one of {list(FORMATS)}, got {store_format!r}")
     if dest is None:
         src = as_location(src)
         stem = basename(src).rsplit(".", 1)[0]
