@@ -1,6 +1,6 @@
 """Where a feature store's arrays live: a zarr v3 directory (default) or one HDF5 file.
 
-Both hold the same layout (``cache/store.py``): groups by relative path (``train/feat/t50/b4``), the
+Both hold the same layout (``cache/schema.py``): groups by relative path (``train/feat/t50/b4``), the
 same shapes, chunks (one image per chunk), dtypes and fill values, the root and split attributes as
 JSON. ``FeatureStore`` talks only to the small interface below, so readers, ``fit``, ``evaluate``,
 ``cache info`` and ``cache verify`` work on either.
