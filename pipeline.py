@@ -412,8 +412,7 @@ def cache_ls(cache_dir: Optional[str] = typer.Option(None, help="(default: $TEXT
     """List the stores in the cache folder."""
     from rich.table import Table
 
-    from cache.key import default_cache_dir
-    from cache.store import list_stores
+    from cache import default_cache_dir, list_stores
 
     folder = cache_dir or default_cache_dir()
     rows = list_stores(folder)
@@ -437,7 +436,7 @@ def cache_ls(cache_dir: Optional[str] = typer.Option(None, help="(default: $TEXT
 @friendly
 def cache_info(path: str = typer.Argument(..., help="A store (.zarr folder, .h5 file, or zarr URL).")) -> None:
     """A store's key, arrays (shapes, dtypes) and images done per split, as JSON."""
-    from cache.store import FeatureStore
+    from cache import FeatureStore
 
     typer.echo(json.dumps(FeatureStore.open(path).info(), indent=1, default=str))
 
@@ -448,9 +447,10 @@ def cache_verify(path: str = typer.Argument(..., help="A store (.zarr folder, .h
                  repair: bool = typer.Option(False, "--repair", help="Mark the damaged rows not done, so that the store's `pipeline extract` (printed) rewrites exactly them.")) -> None:
     """Check every image recorded as done: data present, no NaN/Inf, checksums recorded at write time
     match. Exits 1 and lists the problems if any."""
+    from cache import FeatureStore, repair_store, verify_store
     from cache.backends import basename
-    from cache.maintenance import repair_store, verify_store, work_items
-    from cache.store import FeatureStore
+    from cache.maintenance import work_items
+    from extract.command import extract_command
     from extract.progress import stage_progress
 
     progress = stage_progress(err, "verify", "rows")
@@ -469,7 +469,7 @@ def cache_verify(path: str = typer.Argument(..., help="A store (.zarr folder, .h
         if repair:
             n = repair_store(report)
             err.print(f"repaired: {n} damaged row(s) marked not done; rewrite them with the store's own command:\n"
-                      f"  {escape(FeatureStore.open(path).extract_command())}", soft_wrap=True, highlight=False)
+                      f"  {escape(extract_command(FeatureStore.open(path)))}", soft_wrap=True, highlight=False)
         raise typer.Exit(1)
     typer.echo(f"OK {summary}")
 
@@ -482,11 +482,12 @@ def cache_export(path: str = typer.Argument(..., help="A store (.zarr folder, .h
                  ) -> None:
     """Copy a store into the other format (same arrays, checksums and done flags); an interrupted export
     resumes when run again. Prints the new store's path."""
-    from cache.backends import basename
-    from cache.export import export_store, export_target
-    from cache.store import FeatureStore
+    from cache import FeatureStore, export_store, export_target
+    from cache.backends import FORMATS, basename
     from extract.progress import stage_progress
 
+    if format not in FORMATS:
+        raise ValueError(f"--format must be one of {list(FORMATS)}, got {format!r}")
     target = export_target(path, format, out)
     progress = stage_progress(err, "export", "rows")
     with progress:
@@ -507,7 +508,7 @@ def _removal_lines(rows: list[tuple[Path, int]], dry_run: bool) -> None:
 def cache_rm(paths: list[Path] = typer.Argument(..., help="Stores (.zarr folders, .h5 files) to delete."),
              dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed.")) -> None:
     """Delete feature stores (anything that is not one is refused, and nothing is deleted)."""
-    from cache.maintenance import remove_stores
+    from cache import remove_stores
 
     _removal_lines(remove_stores(paths, dry_run=dry_run), dry_run)
 
@@ -519,9 +520,10 @@ def cache_gc(cache_dir: Optional[str] = typer.Option(None, help="(default: $TEXT
              keep: Optional[int] = typer.Option(None, help="Keep the N most recently written stores (with --older-than: remove only stores that are both older and not among them)."),
              dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be removed.")) -> None:
     """Remove old feature stores from the cache folder; folders that are not stores are never touched."""
-    from cache.key import default_cache_dir
-    from cache.maintenance import gc_candidates, remove_stores
+    from cache import default_cache_dir, gc_candidates, remove_stores
 
+    if keep is not None and keep < 0:
+        raise ValueError(f"--keep must be >= 0, got {keep}")
     doomed = [p for p, _ in gc_candidates(cache_dir or default_cache_dir(), older_than, keep)]
     _removal_lines(remove_stores(doomed, dry_run=dry_run), dry_run)
 

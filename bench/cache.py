@@ -29,7 +29,8 @@ import torch
 import zarr
 from rich.console import Console
 
-from cache.store import FeatureStore, checksum
+from cache.integrity import checksum
+from cache.store import FeatureStore
 from extract.checkpoints import PRESETS
 from extract.pretrain import PRETRAIN_PRESETS
 from extract.run import ExtractConfig, run_extract

@@ -1,6 +1,6 @@
 """Where a feature store's arrays live: a zarr v3 directory (default) or one HDF5 file.
 
-Both hold the same layout (``cache/store.py``): groups by relative path (``train/feat/t50/b4``), the
+Both hold the same layout (``cache/schema.py``): groups by relative path (``train/feat/t50/b4``), the
 same shapes, chunks (one image per chunk), dtypes and fill values, the root and split attributes as
 JSON. ``FeatureStore`` talks only to the small interface below, so readers, ``fit``, ``evaluate``,
 ``cache info`` and ``cache verify`` work on either.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -58,6 +59,14 @@ def dirname(location: Location) -> Location:
 
 def basename(location: Location) -> str:
     return str(location).rstrip("/").rsplit("/", 1)[-1] if is_url(location) else Path(location).name
+
+
+def remove_local(path: Path) -> None:
+    """Delete a local file or folder if it is there (what is left of a folder that will not go stays)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 @dataclass(frozen=True)

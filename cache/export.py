@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from cache.backends import FORMATS, Location, as_location, basename, dirname, join
-from cache.store import BASE_ARRAYS, FeatureStore, StoreError, feat_rel, format_of
+from cache.schema import BASE_ARRAYS, StoreError, feat_rel
+from cache.store import FeatureStore, format_of
 
 # root attributes a new store sets itself; everything else (how it was made) is carried over
 _OWN_ATTRS = {"textdiff", "key", "key_hash", "format_version", "size", "textdiff_version", "created",
@@ -19,7 +20,7 @@ _OWN_ATTRS = {"textdiff", "key", "key_hash", "format_version", "size", "textdiff
 def export_target(src: Location, store_format: str, dest: Location | None = None) -> Location:
     """Where ``export_store`` writes: ``dest`` (a path or URL), or the source's path with the other suffix."""
     if store_format not in FORMATS:
-        raise StoreError(f"--format must be one of {list(FORMATS)}, got {store_format!r}")
+        raise StoreError(f"store_format must be one of {list(FORMATS)}, got {store_format!r}")
     if dest is None:
         src = as_location(src)
         stem = basename(src).rsplit(".", 1)[0]

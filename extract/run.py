@@ -21,7 +21,8 @@ from rich.console import Console
 from cache.backends import FORMATS, as_location
 from cache.lock import writer_lock
 from cache.key import default_cache_dir, key_hash, make_key, store_path
-from cache.store import FeatureStore, SplitLayout, StoreError, remove_leftovers
+from cache.schema import SplitLayout
+from cache.store import FeatureStore, StoreError, remove_leftovers
 from extract.checkpoints import PRESETS, UNetSource, resolve_unet
 from extract.datasets import Dataset, Item, check_files, open_dataset, preprocessing, to_unit_range
 from extract.diffusion import DEFAULT_SEED, shared_noise

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import pipeline
 from cache.export import export_store
-from cache.store import FeatureStore, StoreError, list_stores
+from cache import FeatureStore, StoreError, list_stores
 from extract.run import ExtractConfig, run_extract
 from tests.helpers import arrays, assert_same, quiet, tiny_store
 

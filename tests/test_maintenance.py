@@ -12,8 +12,7 @@ import zarr
 from helpers import arrays, assert_same, tiny_store
 from typer.testing import CliRunner
 
-from cache.maintenance import gc_candidates, remove_stores, verify_store
-from cache.store import DamagedDataError, FeatureStore, StoreError, checksum
+from cache import DamagedDataError, FeatureStore, StoreError, checksum, gc_candidates, remove_stores, verify_store
 from pipeline import app
 
 

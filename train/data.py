@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache.store import BASE_ARRAYS, DamagedDataError, FeatureStore, feat_rel, row_problem
+from cache.integrity import DamagedDataError, base_arrays, first_damaged, pair_array
+from cache.store import FeatureStore
+from extract.command import extract_command
 
 #: few-shot protocol of the paper: training images per dataset (others: all)
 PAPER_TRAIN_COUNT = {"monuseg": 5, "qata": 150}
@@ -40,16 +42,16 @@ def choose_subset(n_total: int, count: int | None, seed: int) -> np.ndarray:
 def resolve_selection(store: FeatureStore, blocks: Sequence[int] | None, steps: Sequence[int] | None
                       ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Blocks and steps to use (default: all the store has); refuse any the store lacks."""
-    pairs = set(store.pairs())
+    pairs = store.pairs()
     have_blocks = sorted({b for _, b in pairs})
     have_steps = sorted({s for s, _ in pairs})
     blocks = tuple(sorted(blocks)) if blocks else tuple(have_blocks)
     steps = tuple(sorted(steps)) if steps else tuple(have_steps)
-    missing = [(s, b) for s in steps for b in blocks if (s, b) not in pairs]
+    missing = store.missing(blocks, steps)
     if missing:
         raise MissingFeaturesError(
             f"store {store.path} lacks (step, block) {missing} (it has steps {have_steps} × blocks "
-            f"{have_blocks}); add them with:\n  {store.extract_command(blocks, steps)}")
+            f"{have_blocks}); add them with:\n  {extract_command(store, blocks, steps)}")
     return blocks, steps
 
 
@@ -110,25 +112,17 @@ class SplitFeatures:
         never learned from. ``base``: base arrays by name (default: mask, tokens, token_mask), then every
         feature array. Rows held in memory (numpy) are checked as loaded; streamed ones (dask) are read once."""
         store, split = self.store, self.split
-        base_crc = store.checksums(split)
         base = base or {"mask": self._mask, "tokens": self._tokens, "token_mask": self._token_mask}
-        arrays = [(f"{split}/{name}", name, values, base_crc[:, BASE_ARRAYS.index(name)], name == "tokens")
-                  for name, values in base.items()]
-        arrays += [(feat_rel(split, s, b), f"t{s} b{b}", a, store.checksums(split, s, b), True)
+        in_memory = {name: values for name, values in base.items() if isinstance(values, np.ndarray)}
+        arrays = base_arrays(store, split, list(base), in_memory)
+        arrays += [pair_array(store, split, s, b, a if isinstance(a, np.ndarray) else None)
                    for (s, b), a in self._feat.items()]
-        for rel, what, values, crc, float_data in arrays:
-            for k, i in enumerate(self.indices):
-                i = int(i)
-                try:
-                    value = values[k] if isinstance(values, np.ndarray) else store.read(rel, i)
-                    problem = row_problem(np.asarray(value), int(crc[i]), float_data)
-                except DamagedDataError as e:
-                    problem = e.reason
-                if problem:
-                    raise DamagedDataError(
-                        f"{store.path}: {split}/{store.ids(split)[i]} {what}: {problem}; the store was damaged "
-                        f"after it was written: `pipeline cache verify --repair {store.path}` marks every damaged "
-                        f"row, then the store's `pipeline extract` rewrites them", problem)
+        damaged = first_damaged(store, split, arrays, self.indices)
+        if damaged:
+            raise DamagedDataError(
+                f"{store.path}: {damaged.where}: {damaged.problem}; the store was damaged after it was written: "
+                f"`pipeline cache verify --repair {store.path}` marks every damaged row, then the store's "
+                f"`pipeline extract` rewrites them", damaged.problem)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from cache.lock import held_by_other, writer_lock
-from cache.maintenance import gc_candidates, remove_stores
-from cache.store import StoreError
+from cache import StoreError, gc_candidates, remove_stores
 from tests.reliability.conftest import child, digest, extract_args, finish, stores
 from tests.reliability.test_kills import assert_like_reference, reference  # noqa: F401 - the shared fixture
 

@@ -1,0 +1,120 @@
+"""Whether a store's rows read back as they were written: checksums, and the one row checker.
+
+Writers record a CRC-32 per row and array between the data and its done flag (:func:`checksum`);
+:func:`check_rows` reads rows back and compares. Stage two's loading refuses the first damaged row it
+finds; ``verify_store`` (``cache/maintenance.py``) collects them all.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cache.schema import BASE_ARRAYS, StoreError, feat_rel
+
+if TYPE_CHECKING:
+    from cache.store import FeatureStore
+
+
+class DamagedDataError(StoreError):
+    """A row that does not read back as it was written: undecodable, NaN/Inf, or not its recorded CRC-32.
+    ``reason`` is the message without the path and array in front."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def checksum(value: np.ndarray) -> int:
+    """CRC-32 of an array's bytes as stored (C order), never 0: 0 in a crc array means "not recorded"."""
+    return zlib.crc32(np.ascontiguousarray(value).tobytes()) or 1
+
+
+def row_problem(value: np.ndarray, recorded: int, float_data: bool) -> str | None:
+    """What is wrong with a row read back (None: nothing): NaN/Inf values (``float_data``; a lost chunk reads
+    as NaN), or a CRC-32 other than ``recorded`` at write time (0: none recorded, not compared). A matching
+    CRC settles it alone: writers refuse non-finite values."""
+    actual = checksum(value) if recorded else None
+    if actual == recorded:
+        return None
+    if float_data and not np.isfinite(value).all():
+        return f"{int((~np.isfinite(value)).sum())} NaN/Inf values (missing chunk or corrupt data)"
+    return None if actual is None else f"checksum {actual:08x} != {recorded:08x} recorded at write time"
+
+
+@dataclass(frozen=True)
+class RowArray:
+    """One array of a split as the checker sees it. ``loaded``: the rows to check, already in memory (in
+    the order they are given to :func:`check_rows`); without it each row is read from the store."""
+
+    label: str                         # how a problem names it: "mask", "t50 b4"
+    rel: str                           # its path in the store
+    recorded: np.ndarray               # (N,) CRC-32 per row at write time (0: none recorded)
+    float_data: bool                   # NaN/Inf is damage (a lost chunk reads as NaN)
+    pair: tuple[int, int] | None = None  # (step, block) of features; None for a base array
+    loaded: np.ndarray | None = None
+
+
+def base_arrays(store: FeatureStore, split: str, names: Sequence[str] = BASE_ARRAYS,
+                loaded: Mapping[str, np.ndarray] | None = None) -> list[RowArray]:
+    """The base arrays ``names`` (of ``BASE_ARRAYS``) of ``split``; ``loaded``: those already in memory."""
+    crc, loaded = store.checksums(split), loaded or {}
+    return [RowArray(name, f"{split}/{name}", crc[:, BASE_ARRAYS.index(name)], name == "tokens", None,
+                     loaded.get(name)) for name in names]
+
+
+def pair_array(store: FeatureStore, split: str, step: int, block: int,
+               loaded: np.ndarray | None = None) -> RowArray:
+    """The features of (``step``, ``block``) in ``split``."""
+    return RowArray(f"t{step} b{block}", feat_rel(split, step, block), store.checksums(split, step, block),
+                    True, (step, block), loaded)
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """One row of one array, checked: ``problem`` is None when it reads back as written."""
+
+    split: str
+    row: int
+    row_id: str
+    array: RowArray
+    problem: str | None
+
+    @property
+    def where(self) -> str:
+        """``train/<id> mask``: the split, the image and the array."""
+        return f"{self.split}/{self.row_id} {self.array.label}"
+
+    @property
+    def recorded(self) -> bool:
+        """Whether a checksum was recorded for the row (rows written before checksums have none)."""
+        return bool(self.array.recorded[self.row])
+
+
+def check_rows(store: FeatureStore, split: str, arrays: Sequence[RowArray], rows: Sequence[int],
+               progress: Callable[[], None] | None = None) -> Iterator[RowCheck]:
+    """Check ``rows`` of ``split`` in every one of ``arrays``, row by row: each read back (or taken from
+    ``loaded``) must decode, be finite where float, and match its recorded CRC-32. Yields every check;
+    calls ``progress`` after each row."""
+    ids = store.ids(split)
+    for k, i in enumerate(rows):
+        i = int(i)
+        for a in arrays:
+            try:
+                value = a.loaded[k] if a.loaded is not None else store.read(a.rel, i)
+                problem = row_problem(np.asarray(value), int(a.recorded[i]), a.float_data)
+            except DamagedDataError as e:
+                problem = e.reason
+            yield RowCheck(split, i, ids[i], a, problem)
+        if progress:
+            progress()
+
+
+def first_damaged(store: FeatureStore, split: str, arrays: Sequence[RowArray], rows: Sequence[int]
+                  ) -> RowCheck | None:
+    """The first row of :func:`check_rows` with a problem, or None when every row is sound."""
+    return next((c for c in check_rows(store, split, arrays, rows) if c.problem), None)
