@@ -451,7 +451,7 @@ def cache_verify(path: str = typer.Argument(..., help="A store (.zarr folder, .h
     from cache.backends import basename
     from cache.maintenance import repair_store, verify_store, work_items
     from cache.store import FeatureStore
-    from extract.progress import stage_progress
+    from extract.shared import stage_progress
 
     progress = stage_progress(err, "verify", "rows")
     with progress:
@@ -485,7 +485,7 @@ def cache_export(path: str = typer.Argument(..., help="A store (.zarr folder, .h
     from cache.backends import basename
     from cache.export import export_store, export_target
     from cache.store import FeatureStore
-    from extract.progress import stage_progress
+    from extract.shared import stage_progress
 
     target = export_target(path, format, out)
     progress = stage_progress(err, "export", "rows")

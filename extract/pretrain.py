@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from extract.datasets import open_dataset, to_unit_range
+from extract.datasets import open_dataset
 from extract.diffusion import NUM_TIMESTEPS, q_sample, sample_grid
 from extract.features import default_device
-from extract.progress import stage_progress
-from extract.run import dihedral
+from extract.shared import dihedral, stage_progress, to_unit_range
 from extract.unet import UNetModel, create_unet, normalize_flags, read_flags
 
 #: flag presets for `--flags`: minutes on a 2-core CPU, about an hour on one GPU

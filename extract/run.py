@@ -23,10 +23,10 @@ from cache.lock import writer_lock
 from cache.key import default_cache_dir, key_hash, make_key, store_path
 from cache.store import FeatureStore, SplitLayout, StoreError, remove_leftovers
 from extract.checkpoints import PRESETS, UNetSource, resolve_unet
-from extract.datasets import Dataset, Item, check_files, open_dataset, preprocessing, to_unit_range
+from extract.datasets import Dataset, Item, check_files, open_dataset, preprocessing
 from extract.diffusion import DEFAULT_SEED, shared_noise
 from extract.features import FeatureExtractor, autocast_dtype, default_device
-from extract.progress import stage_progress
+from extract.shared import dihedral, stage_progress, to_unit_range
 from extract.text import TextEncoder, choose_max_length, load_text_encoder
 from extract.unet import create_unet
 
@@ -62,12 +62,6 @@ class ExtractConfig:
     threads: int | None = None  # torch intra-op threads per process (None: torch's default here)
     store_format: str = "zarr"  # or "h5": one HDF5 file, one writer
     dataset_options: dict[str, Any] = field(default_factory=dict)
-
-
-def dihedral(a: np.ndarray, view: int) -> np.ndarray:
-    """View ``view`` (0..7) of the dihedral group on the last two axes: rot90 × (view % 4), then flip if ≥ 4."""
-    out = np.rot90(a, k=view % 4, axes=(-2, -1))
-    return np.ascontiguousarray(out[..., ::-1] if view >= 4 else out)
 
 
 @dataclass

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from cache.store import FeatureStore
-from extract.datasets import Dataset, to_unit_range
+from extract.datasets import Dataset
 from extract.diffusion import p_sample_loop, spaced_timesteps
 from extract.pretrain import PRETRAIN_PRESETS, PretrainConfig, _batch, load_images, pretrain
-from extract.run import ExtractConfig, dihedral, run_extract
+from extract.run import ExtractConfig, run_extract
+from extract.shared import dihedral, to_unit_range
 from extract.unet import create_unet, load_unet
 from helpers import quiet
 
