@@ -19,7 +19,6 @@ import copy
 import csv
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
+from extract.config import PretrainConfig
 from extract.datasets import open_dataset
 from extract.diffusion import NUM_TIMESTEPS, q_sample, sample_grid
 from extract.features import default_device
@@ -47,29 +47,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 }
 LOG_COLUMNS = ("iteration", "loss", "lr", "images_per_s", "seconds")
 
-
-@dataclass
-class PretrainConfig:
-    """Everything ``pipeline pretrain`` takes."""
-
-    dataset: str
-    out: Path
-    data_root: Path | None = None
-    splits: tuple[str, ...] = ("train",)
-    size: int = 64
-    crop: int | None = None         # train on random crop x crop windows of the size x size images
-    flags: str = "cpu-64"          # a preset name or a JSON file of create_model flags
-    iterations: int = 2000
-    batch_size: int = 16
-    lr: float = 1e-4
-    ema: float = 0.9999
-    seed: int = 0
-    resume: bool = False
-    device: str | None = None
-    samples: int = 16               # images in samples.png
-    sample_steps: int = 50          # respaced ancestral sampling steps for samples.png
-    checkpoint_every: int = 100
-    dataset_options: dict[str, Any] = field(default_factory=dict)
+__all__ = ["PRETRAIN_PRESETS", "PretrainConfig", "load_images", "pretrain", "resolve_flags", "write_samples"]
 
 
 def resolve_flags(spec: str) -> dict[str, Any]:

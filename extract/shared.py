@@ -2,11 +2,13 @@
 
 ``dihedral`` gives the 8 views (rotations × flip) that extraction stores and pretraining / the baseline
 sample; ``to_unit_range`` scales uint8 pixels to the UNet's [-1, 1]; ``stage_progress`` is a rich bar in
-a terminal and a plain line every ``interval`` s in a log file.
+a terminal and a plain line every ``interval`` s in a log file; ``option_field`` gives a config dataclass
+field its option's help.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -93,3 +95,8 @@ def stage_progress(console: Console, stage: str, unit: str, description: str = "
     return Progress(TextColumn(f"[bold]{stage}[/] {description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn(), console=console, **kwargs)
 
+
+def option_field(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field carrying its option's help (``metadata["help"]``): the config dataclasses are the one
+    source of the CLI's defaults and help texts (``pipeline.option``)."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
