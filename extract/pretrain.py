@@ -10,7 +10,7 @@ state_dict format, with ``flags.json``: ``pipeline extract --unet DIR`` uses it.
 
 Outputs: ``model.pt``, ``flags.json``, ``train_log.csv``, ``samples.png`` (ancestral sampling from
 the EMA model), and ``state.pt`` (everything ``--resume`` needs, RNG states included, so
-a resumed run is the same run).
+a resumed run is the same run; tensors and plain values only, loaded with ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import pickle
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,23 @@ def _batch(images: np.ndarray, rng: np.random.Generator, n: int, crop: int | Non
     return torch.from_numpy(to_unit_range(np.stack(batch)))
 
 
+def load_state(path: Path) -> dict[str, Any]:
+    """The resumable state ``state.pt``: tensors and plain values only (``weights_only``: nothing in it can run
+    code), on the CPU; the model and the optimiser move it to their device as they load it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise ValueError(f"{path}: holds {'a ' + why.group(1) if why else 'an object'}, not only tensors and "
+                         f"plain values, so it is not loaded (it could run code); pretrain into a new output "
+                         f"folder") from None
+
+
+def _plain_rng_state(state: str | dict[str, Any]) -> dict[str, Any]:
+    """numpy's bit-generator state as ``state.pt`` keeps it: a JSON string (older files: the plain dict)."""
+    return json.loads(state) if isinstance(state, str) else state
+
+
 def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
     """Train (or, with ``resume``, continue) and write the folder ``cfg.out``; returns it."""
     console = console or Console(stderr=True)
@@ -109,13 +128,13 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
     start = 0
     state_path = out / "state.pt"
     if cfg.resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = load_state(state_path)
         if state["flags"] != flags or state["size"] != cfg.size or state.get("crop") != cfg.crop:
             raise ValueError(f"{state_path}: made with other flags, size or crop; pretrain into a new --out")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optim.load_state_dict(state["optim"])
-        rng.bit_generator.state = state["numpy_rng"]
+        rng.bit_generator.state = _plain_rng_state(state["numpy_rng"])
         gen.set_state(state["torch_rng"])
         start = state["iteration"]
         console.print(f"pretrain: resuming {out} at iteration {start}")
@@ -132,7 +151,8 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
 
     def checkpoint(iteration: int) -> None:
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optim": optim.state_dict(),
-                    "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(), "iteration": iteration,
+                    "numpy_rng": json.dumps(rng.bit_generator.state), "torch_rng": gen.get_state(),
+                    "iteration": iteration,
                     "flags": flags, "size": cfg.size, "crop": cfg.crop}, out / "state.pt.tmp")
         (out / "state.pt.tmp").replace(state_path)
         torch.save(ema.state_dict(), out / "model.pt.tmp")
