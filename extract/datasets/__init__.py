@@ -1,31 +1,10 @@
 """Dataset readers: image + mask + text triples in train / val / test splits.
 
-``open_dataset(name, root)`` reads one of four sources into a :class:`Dataset`:
-
-monuseg
-    LViT's layout: ``{Train,Val,Test}_Folder/`` each with ``img/``, ``labelcol/`` and
-    ``<Train|Val|Test>_text.xlsx`` (columns ``Image``, ``Description``; ``Image`` names the mask file,
-    the image is found by stem, e.g. the test images are ``.tif``).
-qata
-    SGSeg's layout (``images/{train,valid,test}/{images,masks}`` with masks ``mask_<name>.png`` and
-    ``prompts/annotation.json``) or LViT's layout (as monuseg, masks ``mask_<name>.png``), detected
-    from the folders present (option ``layout="sgseg"|"lvit"`` forces one). Item id = ``<name>``.
-folder
-    A generic layout; either flat::
-
-        root/images/<id>.png|jpg|jpeg|tif|tiff|bmp
-        root/masks/<id>.<any of those>          same stem as the image
-        root/texts.csv  or  root/texts.xlsx     columns: image, text[, split]
-
-    where ``image`` is the image's file name or stem and ``split`` is train / val (or valid) / test
-    (no split column: everything is ``train``); or the same three entries inside per-split
-    subfolders ``root/train/``, ``root/val/`` (or ``valid/``), ``root/test/``.
-synthetic
-    Generated from a seed (options ``seed``, ``counts``, ``native_size``); the text is necessary to
-    segment it: identical discs lie in all four regions (the triangles cut by the diagonals: top,
-    right, bottom, left) and only those in the regions the text names are in the mask. Each region has
-    a fixed background tint (its landmark), so a model without positional encoding can still tell
-    the regions apart. See :func:`synthetic_sample`.
+``open_dataset(name, root)`` reads one of four sources into a :class:`Dataset`: ``monuseg`` (LViT's
+layout), ``qata`` (SGSeg's or LViT's layout, detected), ``folder`` (``images/``, ``masks/`` and a text
+table, flat or per split) — see :mod:`extract.datasets.layouts` for each layout — and ``synthetic``
+(generated from a seed, options ``seed``, ``counts``, ``native_size``; the text is necessary to
+segment it — see :func:`synthetic_sample`). Other readers can :func:`register` under a new name.
 
 Structural problems (missing mask, a text row with no image, an image with no text, empty text)
 raise one :class:`DatasetError` listing every problem, or with ``skip_bad=True`` drop those items

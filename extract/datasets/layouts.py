@@ -9,9 +9,15 @@ qata
     ``prompts/annotation.json``) or LViT's layout (as monuseg, masks ``mask_<name>.png``), detected
     from the folders present (option ``layout="sgseg"|"lvit"`` forces one). Item id = ``<name>``.
 folder
-    A generic layout; either flat (``root/images/``, ``root/masks/``, ``root/texts.csv|xlsx``) or the
-    same three entries inside per-split subfolders ``root/train/``, ``root/val/`` (or ``valid/``),
-    ``root/test/``.
+    A generic layout; either flat::
+
+        root/images/<id>.png|jpg|jpeg|tif|tiff|bmp
+        root/masks/<id>.<any of those>          same stem as the image
+        root/texts.csv  or  root/texts.xlsx     columns: image, text[, split]
+
+    where ``image`` is the image's file name or stem and ``split`` is train / val (or valid) / test
+    (no split column: everything is ``train``); or the same three entries inside per-split
+    subfolders ``root/train/``, ``root/val/`` (or ``valid/``), ``root/test/``.
 """
 
 from __future__ import annotations
