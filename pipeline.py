@@ -20,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from extract.config import ExtractConfig, PretrainConfig
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TextDiff: segmentation from a frozen diffusion UNet + free text, via a feature cache.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and clean up feature stores.")
@@ -125,43 +127,43 @@ def _ints(value: Optional[str], name: str) -> Optional[tuple[int, ...]]:
 @app.command()
 @friendly
 def extract(
-    dataset: str = typer.Option(..., help="monuseg, qata, folder or synthetic."),
-    data_root: Optional[Path] = typer.Option(None, help="The dataset's folder (not needed for synthetic)."),
-    unet: str = typer.Option("adm-imagenet-256", help="Preset name, a `pipeline pretrain` folder, or a state_dict file."),
-    unet_flags: Optional[Path] = typer.Option(None, help="guided-diffusion create_model flags (JSON) for a state_dict file."),
-    text_encoder: str = typer.Option("bioclinicalbert", help="bioclinicalbert, minilm (offline), or a local HF model folder."),
-    steps: str = typer.Option("50,150,250", help="Diffusion steps t."),
-    blocks: Optional[str] = typer.Option(None, help="UNet output_blocks to keep (default: the paper's for the dataset)."),
-    size: int = typer.Option(256, help="Images are resized to size x size."),
-    seed: int = typer.Option(40, help="Seed of the one noise tensor shared by all images and steps (authors: 40)."),
-    splits: Optional[str] = typer.Option(None, help="Comma-separated splits to extract (default: all)."),
-    augment: str = typer.Option("none", help="none, or d4: also store the 8 dihedral views of training images."),
-    max_length: Optional[int] = typer.Option(None, help="Text tokens kept (default: the longest text); authors: 10."),
-    cache_dir: Optional[str] = typer.Option(None, help="Where stores live: a folder or an fsspec URL (s3://bucket/cache, zarr only) (default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff)."),
-    batch_size: int = typer.Option(12, help="UNet samples (images x views x steps) per forward pass."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
-    autocast: bool = typer.Option(False, help="Mixed precision: bf16 on CPU, fp16 on GPU."),
-    bgr: bool = typer.Option(False, "--bgr", help="Feed BGR like the authors' OpenCV loader (default RGB)."),
-    skip_bad: bool = typer.Option(False, help="Skip items with a missing mask/text/image instead of failing (reported)."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images of each split (quick trials)."),
-    scheduler: Optional[str] = typer.Option(None, help="Run on dask.distributed: local:N (N worker processes here) or tcp://HOST:PORT (a running cluster sharing the filesystem)."),
-    store_format: str = typer.Option("zarr", help="zarr (a folder; many writers, --scheduler) or h5 (one HDF5 file; one writer)."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads per process (and per worker) (default: torch's, here; local:N workers copy it). Values are bit-identical only between equal thread counts."),
+    dataset: str = option(ExtractConfig, "dataset"),
+    data_root: Optional[Path] = option(ExtractConfig, "data_root"),
+    unet: str = option(ExtractConfig, "unet"),
+    unet_flags: Optional[Path] = option(ExtractConfig, "unet_flags"),
+    text_encoder: str = option(ExtractConfig, "text_encoder"),
+    steps: str = option(ExtractConfig, "steps"),
+    blocks: Optional[str] = option(ExtractConfig, "blocks"),
+    size: int = option(ExtractConfig, "size"),
+    seed: int = option(ExtractConfig, "seed"),
+    splits: Optional[str] = option(ExtractConfig, "splits"),
+    augment: str = option(ExtractConfig, "augment"),
+    max_length: Optional[int] = option(ExtractConfig, "max_length"),
+    cache_dir: Optional[str] = option(ExtractConfig, "cache_dir", default=None),  # None: ExtractConfig's
+    batch_size: int = option(ExtractConfig, "batch_size"),
+    device: Optional[str] = option(ExtractConfig, "device"),
+    autocast: bool = option(ExtractConfig, "autocast"),
+    bgr: bool = option(ExtractConfig, "color_order", "--bgr", default=False,
+                       help="Feed BGR like the authors' OpenCV loader (default RGB)."),
+    skip_bad: bool = option(ExtractConfig, "skip_bad"),
+    limit: Optional[int] = option(ExtractConfig, "limit"),
+    scheduler: Optional[str] = option(ExtractConfig, "scheduler"),
+    store_format: str = option(ExtractConfig, "store_format"),
+    threads: Optional[int] = option(ExtractConfig, "threads"),
 ) -> None:
     """Stage one: run the frozen UNet and text encoder once, write features to the store.
 
     Re-running computes only what the store lacks; the last line printed is the store's path.
     """
-    from cache.key import default_cache_dir
-    from extract.run import ExtractConfig, run_extract
+    from extract.run import run_extract
 
     cfg = ExtractConfig(
         dataset=dataset, data_root=data_root, unet=unet, unet_flags=unet_flags, text_encoder=text_encoder,
         steps=_ints(steps, "--steps") or (), blocks=_ints(blocks, "--blocks"), size=size, seed=seed,
         splits=tuple(s.strip() for s in splits.split(",")) if splits else None, augment=augment,
-        max_length=max_length, cache_dir=cache_dir or default_cache_dir(), batch_size=batch_size,
-        device=device, autocast=autocast, color_order="bgr" if bgr else "rgb", skip_bad=skip_bad,
-        limit=limit, scheduler=scheduler, threads=threads, store_format=store_format,
+        max_length=max_length, batch_size=batch_size, device=device, autocast=autocast,
+        color_order="bgr" if bgr else "rgb", skip_bad=skip_bad, limit=limit, scheduler=scheduler, threads=threads,
+        store_format=store_format, **({"cache_dir": cache_dir} if cache_dir else {}),
     )
     path = run_extract(cfg, console=err)
     typer.echo(str(path))
@@ -322,24 +324,23 @@ def predict(
 @app.command()
 @friendly
 def pretrain(
-    dataset: str = typer.Option(..., help="monuseg, qata, folder or synthetic: its images only, never masks."),
-    out: Path = typer.Option(..., help="Folder for model.pt, flags.json, train_log.csv, samples.png."),
-    data_root: Optional[Path] = typer.Option(None, help="The dataset's folder (not needed for synthetic)."),
-    splits: str = typer.Option("train", help="Splits whose images are used (the test split only if you ask)."),
-    size: int = typer.Option(64, help="Images are resized to size x size, as extraction does."),
-    crop: Optional[int] = typer.Option(None, help="Train on random crop x crop windows of the resized images (extract still at --size)."),
-    flags: str = typer.Option("cpu-64", help="A preset (cpu-64: minutes on a CPU; gpu-256: about an hour on a GPU) or a JSON file of create_model flags."),
-    iterations: int = typer.Option(2000, help="Training iterations."),
-    batch_size: int = typer.Option(16, help="Images per iteration."),
-    lr: float = typer.Option(1e-4, help="AdamW learning rate."),
-    ema: float = typer.Option(0.9999, help="EMA rate of the saved weights (with warm-up)."),
-    seed: int = typer.Option(0, help="Seed of the weights, batches, noise and timesteps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
+    dataset: str = option(PretrainConfig, "dataset"),
+    out: Path = option(PretrainConfig, "out"),
+    data_root: Optional[Path] = option(PretrainConfig, "data_root"),
+    splits: str = option(PretrainConfig, "splits"),
+    size: int = option(PretrainConfig, "size"),
+    crop: Optional[int] = option(PretrainConfig, "crop"),
+    flags: str = option(PretrainConfig, "flags"),
+    iterations: int = option(PretrainConfig, "iterations"),
+    batch_size: int = option(PretrainConfig, "batch_size"),
+    lr: float = option(PretrainConfig, "lr"),
+    ema: float = option(PretrainConfig, "ema"),
+    seed: int = option(PretrainConfig, "seed"),
+    resume: bool = option(PretrainConfig, "resume", "--resume"),
+    device: Optional[str] = option(PretrainConfig, "device"),
 ) -> None:
     """Train this project's ADM UNet on a dataset's unlabelled images (DDPM ε-prediction); use it with
     `pipeline extract --unet OUT`. The last line printed is the folder."""
-    from extract.pretrain import PretrainConfig
     from extract.pretrain import pretrain as run_pretrain
 
     cfg = PretrainConfig(dataset=dataset, out=out, data_root=data_root,
@@ -451,7 +452,7 @@ def cache_verify(path: str = typer.Argument(..., help="A store (.zarr folder, .h
     from cache.backends import basename
     from cache.maintenance import work_items
     from extract.command import extract_command
-    from extract.progress import stage_progress
+    from extract.shared import stage_progress
 
     progress = stage_progress(err, "verify", "rows")
     with progress:
@@ -484,7 +485,7 @@ def cache_export(path: str = typer.Argument(..., help="A store (.zarr folder, .h
     resumes when run again. Prints the new store's path."""
     from cache import FeatureStore, export_store, export_target
     from cache.backends import FORMATS, basename
-    from extract.progress import stage_progress
+    from extract.shared import stage_progress
 
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {list(FORMATS)}, got {format!r}")

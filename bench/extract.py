@@ -30,11 +30,12 @@ from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 
 from extract.checkpoints import PRESETS
-from extract.datasets import open_dataset, to_unit_range
+from extract.datasets import open_dataset
 from extract.diffusion import shared_noise
 from extract.features import FeatureExtractor
 from extract.pretrain import PRETRAIN_PRESETS
 from extract.run import ExtractConfig, run_extract
+from extract.shared import to_unit_range
 from extract.unet import load_unet
 
 STEPS = (50, 150, 250)

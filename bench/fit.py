@@ -36,11 +36,11 @@ from rich.console import Console
 import train.fit as fit_module
 from cache.store import FeatureStore
 from extract.checkpoints import PRESETS
-from extract.datasets import to_unit_range
 from extract.diffusion import shared_noise
 from extract.features import FeatureExtractor
 from extract.pretrain import PRETRAIN_PRESETS
 from extract.run import ExtractConfig, run_extract
+from extract.shared import to_unit_range
 from extract.unet import load_unet
 from train.data import SplitFeatures
 

@@ -29,8 +29,10 @@ from cache.backends import is_url
 from extract.checkpoints import UNetSource
 from extract.diffusion import shared_noise
 from extract.features import FeatureExtractor, default_device
-from extract.progress import stage_progress
-from extract.run import ExtractConfig, Prepared, Job, encode_tokens, execute, open_source, replan
+from extract.config import ExtractConfig
+from extract.execute import execute
+from extract.plan import Job, Prepared, encode_tokens, open_source, replan
+from extract.shared import stage_progress
 from extract.text import TextEncoder, load_text_encoder
 
 _LOCAL = re.compile(r"local:(\d+)")

@@ -10,7 +10,7 @@ state_dict format, with ``flags.json``: ``pipeline extract --unet DIR`` uses it.
 
 Outputs: ``model.pt``, ``flags.json``, ``train_log.csv``, ``samples.png`` (ancestral sampling from
 the EMA model), and ``state.pt`` (everything ``--resume`` needs, RNG states included, so
-a resumed run is the same run).
+a resumed run is the same run; tensors and plain values only, loaded with ``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import pickle
+import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from extract.datasets import open_dataset, to_unit_range
+from extract.config import PretrainConfig
+from extract.datasets import open_dataset
 from extract.diffusion import NUM_TIMESTEPS, q_sample, sample_grid
 from extract.features import default_device
-from extract.progress import stage_progress
-from extract.run import dihedral
+from extract.shared import dihedral, stage_progress, to_unit_range
 from extract.unet import UNetModel, create_unet, normalize_flags, read_flags
 
 #: flag presets for `--flags`: minutes on a 2-core CPU, about an hour on one GPU
@@ -48,29 +49,7 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
 }
 LOG_COLUMNS = ("iteration", "loss", "lr", "images_per_s", "seconds")
 
-
-@dataclass
-class PretrainConfig:
-    """Everything ``pipeline pretrain`` takes."""
-
-    dataset: str
-    out: Path
-    data_root: Path | None = None
-    splits: tuple[str, ...] = ("train",)
-    size: int = 64
-    crop: int | None = None         # train on random crop x crop windows of the size x size images
-    flags: str = "cpu-64"          # a preset name or a JSON file of create_model flags
-    iterations: int = 2000
-    batch_size: int = 16
-    lr: float = 1e-4
-    ema: float = 0.9999
-    seed: int = 0
-    resume: bool = False
-    device: str | None = None
-    samples: int = 16               # images in samples.png
-    sample_steps: int = 50          # respaced ancestral sampling steps for samples.png
-    checkpoint_every: int = 100
-    dataset_options: dict[str, Any] = field(default_factory=dict)
+__all__ = ["PRETRAIN_PRESETS", "PretrainConfig", "load_images", "pretrain", "resolve_flags", "write_samples"]
 
 
 def resolve_flags(spec: str) -> dict[str, Any]:
@@ -109,6 +88,23 @@ def _batch(images: np.ndarray, rng: np.random.Generator, n: int, crop: int | Non
     return torch.from_numpy(to_unit_range(np.stack(batch)))
 
 
+def load_state(path: Path) -> dict[str, Any]:
+    """The resumable state ``state.pt``: tensors and plain values only (``weights_only``: nothing in it can run
+    code), on the CPU; the model and the optimiser move it to their device as they load it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise ValueError(f"{path}: holds {'a ' + why.group(1) if why else 'an object'}, not only tensors and "
+                         f"plain values, so it is not loaded (it could run code); pretrain into a new output "
+                         f"folder") from None
+
+
+def _plain_rng_state(state: str | dict[str, Any]) -> dict[str, Any]:
+    """numpy's bit-generator state as ``state.pt`` keeps it: a JSON string (older files: the plain dict)."""
+    return json.loads(state) if isinstance(state, str) else state
+
+
 def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
     """Train (or, with ``resume``, continue) and write the folder ``cfg.out``; returns it."""
     console = console or Console(stderr=True)
@@ -132,13 +128,13 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
     start = 0
     state_path = out / "state.pt"
     if cfg.resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = load_state(state_path)
         if state["flags"] != flags or state["size"] != cfg.size or state.get("crop") != cfg.crop:
             raise ValueError(f"{state_path}: made with other flags, size or crop; pretrain into a new --out")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optim.load_state_dict(state["optim"])
-        rng.bit_generator.state = state["numpy_rng"]
+        rng.bit_generator.state = _plain_rng_state(state["numpy_rng"])
         gen.set_state(state["torch_rng"])
         start = state["iteration"]
         console.print(f"pretrain: resuming {out} at iteration {start}")
@@ -155,7 +151,8 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
 
     def checkpoint(iteration: int) -> None:
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optim": optim.state_dict(),
-                    "numpy_rng": rng.bit_generator.state, "torch_rng": gen.get_state(), "iteration": iteration,
+                    "numpy_rng": json.dumps(rng.bit_generator.state), "torch_rng": gen.get_state(),
+                    "iteration": iteration,
                     "flags": flags, "size": cfg.size, "crop": cfg.crop}, out / "state.pt.tmp")
         (out / "state.pt.tmp").replace(state_path)
         torch.save(ema.state_dict(), out / "model.pt.tmp")

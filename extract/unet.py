@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -527,13 +528,22 @@ def _check_finite(sd: Mapping[str, torch.Tensor], checkpoint: Path) -> None:
                          f"({shown}); the file is corrupt or its training diverged")
 
 
+def _zip_format(path: Path) -> bool:
+    """Whether ``path`` is in torch's zip format (memory-mappable); torch's legacy format
+    (``_use_new_zipfile_serialization=False``) cannot be mapped and is read whole."""
+    return zipfile.is_zipfile(path)
+
+
 def load_state_dict_file(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """A torch state_dict file (``weights_only``); a ``{"state_dict": ...}`` wrapper is unwrapped."""
+    """A torch state_dict file (``weights_only``); a ``{"state_dict": ...}`` wrapper is unwrapped.
+
+    A file in torch's zip format is memory-mapped (no second copy of a 2 GB checkpoint); one in the
+    legacy format is read whole."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"UNet checkpoint not found: {path}")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=_zip_format(path))
     except Exception as e:  # noqa: BLE001 - any unpickling/format error becomes one clear message
         raise ValueError(f"UNet checkpoint {path} could not be read as a torch state_dict: {e}") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

@@ -14,7 +14,8 @@ import pipeline
 from cache.maintenance import verify_store
 from extract.cluster import SchedulerError, check_scheduler, shards
 from extract.datasets import Item
-from extract.run import ExtractConfig, Job, run_extract
+from extract.plan import Job
+from extract.run import ExtractConfig, run_extract
 from tests.helpers import quiet
 
 pytest.importorskip("distributed")

@@ -22,7 +22,8 @@ from extract.checkpoints import UNetSource
 from extract.datasets import open_dataset
 from extract.diffusion import shared_noise
 from extract.features import FeatureExtractor
-from extract.run import ExtractConfig, dihedral, run_extract
+from extract.run import ExtractConfig, run_extract
+from extract.shared import dihedral
 from extract.unet import load_unet
 from tests.helpers import arrays, assert_same
 

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from cache.store import FeatureStore
-from extract.datasets import Dataset, to_unit_range
+from extract.datasets import Dataset
 from extract.diffusion import p_sample_loop, spaced_timesteps
 from extract.pretrain import PRETRAIN_PRESETS, PretrainConfig, _batch, load_images, pretrain
-from extract.run import ExtractConfig, dihedral, run_extract
+from extract.run import ExtractConfig, run_extract
+from extract.shared import dihedral, to_unit_range
 from extract.unet import create_unet, load_unet
 from helpers import quiet
 
@@ -132,3 +133,13 @@ def test_sampler_recovers_the_image_of_an_oracle_noise_predictor() -> None:
 
     out = p_sample_loop(Oracle(), (2, 3, 8, 8), 50, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, target.expand(2, -1, -1, -1), rtol=0, atol=1e-6)
+
+
+def test_resume_state_holds_only_tensors_and_plain_values(cfg: PretrainConfig, tmp_path: Path) -> None:
+    out = pretrain(replace(cfg, out=tmp_path / "p", iterations=4), console=quiet())
+    state = torch.load(out / "state.pt", weights_only=True)  # nothing in it can run code when loaded
+    assert state["iteration"] == 4 and isinstance(state["numpy_rng"], str)
+    state["numpy_rng"] = Path("not plain")  # e.g. a file written by something else
+    torch.save(state, out / "state.pt")
+    with pytest.raises(ValueError, match=r"state\.pt: holds a pathlib\.\w*Path, not only tensors"):
+        pretrain(replace(cfg, out=out, iterations=8, resume=True), console=quiet())

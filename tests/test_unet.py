@@ -155,6 +155,17 @@ def test_mismatched_checkpoint_lists_keys_and_flags(tmp_path: Path, tiny_unet: P
     assert '"num_channels": 64' in msg
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_loads_a_state_dict_in_either_torch_format(tmp_path: Path, zip_format: bool) -> None:
+    """torch's zip files are memory-mapped; its legacy format (which cannot be) is read whole."""
+    torch.manual_seed(0)
+    model = create_unet(**TINY).eval()
+    ckpt = tmp_path / "m.pt"
+    torch.save(model.state_dict(), ckpt, _use_new_zipfile_serialization=zip_format)
+    loaded = load_unet(ckpt, TINY)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def test_unreadable_checkpoint_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "junk.pt"
     bad.write_bytes(b"not a checkpoint")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from extract.datasets import to_unit_range
+from extract.shared import to_unit_range
 from train.data import GIB, SplitFeatures
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from extract.progress import stage_progress
+from extract.shared import stage_progress
 from train.data import GIB, Sample
 from train.metrics import SegMetrics
 from train.plots import overlay_png

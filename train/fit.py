@@ -27,7 +27,7 @@ from rich.console import Console
 
 from cache.key import key_hash
 from cache.store import FeatureStore
-from extract.progress import stage_progress
+from extract.shared import stage_progress
 from train.baseline import PlainUNet, SplitImages
 from train.data import GIB, PAPER_TRAIN_COUNT, Sample, SplitFeatures, choose_subset, resolve_selection
 from train.losses import segmentation_loss

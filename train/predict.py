@@ -25,9 +25,10 @@ from rich.console import Console
 
 from cache.store import FeatureStore
 from extract.checkpoints import UNetNotFoundError, resolve_unet
-from extract.datasets import read_image, to_unit_range
+from extract.datasets import read_image
 from extract.diffusion import shared_noise
 from extract.features import FeatureExtractor, default_device
+from extract.shared import to_unit_range
 from extract.text import TextEncoder, load_text_encoder, tokenizer_files, weight_files
 from train.data import Sample
 from train.fit import load_run

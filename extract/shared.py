@@ -1,10 +1,18 @@
-"""Progress for long stages: a rich bar in a terminal, a plain line every ``interval`` s in a log file."""
+"""Helpers shared by stage one, stage two and the CLI: dihedral views, value scaling, progress display.
+
+``dihedral`` gives the 8 views (rotations × flip) that extraction stores and pretraining / the baseline
+sample; ``to_unit_range`` scales uint8 pixels to the UNet's [-1, 1]; ``stage_progress`` is a rich bar in
+a terminal and a plain line every ``interval`` s in a log file; ``option_field`` gives a config dataclass
+field its option's help.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -15,6 +23,17 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+
+def dihedral(a: np.ndarray, view: int) -> np.ndarray:
+    """View ``view`` (0..7) of the dihedral group on the last two axes: rot90 × (view % 4), then flip if ≥ 4."""
+    out = np.rot90(a, k=view % 4, axes=(-2, -1))
+    return np.ascontiguousarray(out[..., ::-1] if view >= 4 else out)
+
+
+def to_unit_range(img8: np.ndarray) -> np.ndarray:
+    """uint8 → float32 in [-1, 1], the UNet's input scale."""
+    return img8.astype(np.float32) / 127.5 - 1.0
 
 
 class LogProgress:
@@ -75,3 +94,9 @@ def stage_progress(console: Console, stage: str, unit: str, description: str = "
         return LogProgress(console, stage, unit)
     return Progress(TextColumn(f"[bold]{stage}[/] {description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn(), console=console, **kwargs)
+
+
+def option_field(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field carrying its option's help (``metadata["help"]``): the config dataclasses are the one
+    source of the CLI's defaults and help texts (``pipeline.option``)."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)

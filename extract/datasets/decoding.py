@@ -1,0 +1,170 @@
+"""Decoding image and mask files into arrays, resizing them, and the preprocessing that goes into a cache key."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image
+
+from extract.datasets.core import DatasetError
+
+T = TypeVar("T")
+
+_MODE_NOTES = {"L": "grayscale, replicated to RGB", "1": "1-bit, replicated to RGB",
+               "LA": "grayscale with alpha, alpha dropped", "P": "palette colours, converted to RGB",
+               "PA": "palette colours with alpha, converted to RGB", "RGBA": "alpha dropped",
+               "RGBa": "alpha dropped", "RGBX": "padding channel dropped", "CMYK": "CMYK, converted to RGB",
+               "YCbCr": "YCbCr, converted to RGB", "LAB": "Lab, converted to RGB", "HSV": "HSV, converted to RGB"}
+
+
+def _pil_to_rgb8(im: Image.Image, path: Path) -> tuple[np.ndarray, str | None]:
+    """(H, W, 3) uint8 from any PIL mode (grey replicated, alpha dropped, 16-bit scaled to 8-bit) and a
+    note saying what was converted (None for 8-bit RGB)."""
+    if im.mode.startswith("I"):  # I;16*, I: 16-bit grey (PNG / TIFF)
+        return _array_to_rgb8(np.asarray(im), path)
+    if im.mode == "F":
+        raise DatasetError(f"{path}: floating-point images are not supported (mode F)")
+    return np.asarray(im.convert("RGB")), _MODE_NOTES.get(im.mode, None if im.mode == "RGB" else
+                                                           f"mode {im.mode}, converted to RGB")
+
+
+def _array_to_rgb8(a: np.ndarray, path: Path) -> tuple[np.ndarray, str | None]:
+    """(H, W, 3) uint8 from a (H, W[, C]) uint8/uint16/bool array (C = 1, 3 or 4), and what was converted."""
+    notes = []
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+        notes.append("1-bit")
+    elif a.dtype.kind in "ui" and a.dtype.itemsize > 1:  # 16-bit grey/RGB (PIL "I;16*", "I"; tifffile)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DatasetError(f"{path}: pixel values outside the 16-bit range")
+        a = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        notes.append("16-bit, scaled to 8 bits")
+    elif a.dtype != np.uint8:
+        raise DatasetError(f"{path}: unsupported pixel type {a.dtype}")
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise DatasetError(f"{path}: unsupported image shape {a.shape}")
+    if a.shape[2] == 1:
+        notes.append("grayscale, replicated to RGB")
+    elif a.shape[2] == 4:
+        notes.append("alpha dropped")
+    a = a[..., :3] if a.shape[2] != 1 else np.repeat(a, 3, axis=2)
+    return np.ascontiguousarray(a), "; ".join(notes) or None
+
+
+def _decode(path: Path, kind: str, convert: Callable[[Image.Image, Path], T],
+            from_array: Callable[[np.ndarray, Path], T]) -> T:
+    """Decode ``path`` fully (PIL, tifffile for TIFFs PIL cannot read); any failure names the file."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: {kind} file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return convert(im, path)
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure becomes one error naming the file
+        also = ""
+        if path.suffix.lower() in (".tif", ".tiff"):  # TIFFs PIL cannot decode (e.g. 16-bit RGB, some codecs)
+            try:
+                import tifffile
+                return from_array(np.asarray(tifffile.imread(path)), path)
+            except Exception as e2:  # noqa: BLE001
+                also = f"; tifffile: {str(e2).removeprefix(f'{path}: ')}"
+        raise DatasetError(f"{path}: cannot read {kind} (unreadable or truncated: {e}{also})") from e
+
+
+def decode_image(path: Path) -> tuple[np.ndarray, str | None]:
+    """A whole image file as (H, W, 3) uint8 RGB and a note of what was converted (None: it was 8-bit RGB)."""
+    return _decode(Path(path), "image", _pil_to_rgb8, _array_to_rgb8)
+
+
+def decode_mask(path: Path) -> np.ndarray:
+    """A whole mask file as (H, W) uint8 in {0, 1}; anything but a binary mask is a :class:`DatasetError`."""
+    return _decode(Path(path), "mask", _pil_mask, _mask_values)
+
+
+def _mask_values(a: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W) {0, 1} uint8 from a {0,255} or {0,1} mask (grey, or colour with equal channels)."""
+    if a.ndim == 3:
+        if a.shape[2] in (2, 4):  # drop alpha
+            a = a[..., :-1]
+        if a.shape[2] > 1 and not (a == a[..., :1]).all():
+            raise DatasetError(f"{path}: mask is in colour (its channels differ); expected a grey binary mask")
+        a = a[..., 0]
+    if a.ndim != 2:
+        raise DatasetError(f"{path}: unsupported mask shape {a.shape}")
+    if a.dtype == bool:
+        return a.astype(np.uint8)
+    values = np.unique(a)
+    if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
+        shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+        raise DatasetError(f"{path}: mask values {{{shown}}} are not binary (expected {{0, 255}} or {{0, 1}})")
+    return (a > 0).astype(np.uint8)
+
+
+def _pil_mask(im: Image.Image, path: Path) -> np.ndarray:
+    if im.mode not in ("1", "L", "P", "LA", "PA", "RGB", "RGBA") and not im.mode.startswith("I"):
+        raise DatasetError(f"{path}: unsupported mask mode {im.mode}")
+    return _mask_values(np.asarray(im), path)
+
+
+def resize_image(rgb8: np.ndarray, size: int, color_order: str = "rgb") -> np.ndarray:
+    """uint8 (3, size, size) from (H, W, 3) uint8: PIL bilinear, channels RGB (or BGR)."""
+    a = np.asarray(Image.fromarray(rgb8, "RGB").resize((int(size), int(size)), Image.Resampling.BILINEAR))
+    if color_order == "bgr":
+        a = a[..., ::-1]
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def read_image(path: Path, size: int, color_order: str = "rgb") -> tuple[np.ndarray, tuple[int, int]]:
+    """A single image file as extraction reads it: (uint8 (3, size, size), original (height, width))."""
+    check_prep(size, color_order)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    rgb8, _note = decode_image(path)
+    return resize_image(rgb8, size, color_order), (int(rgb8.shape[0]), int(rgb8.shape[1]))
+
+
+def resize_mask(mask01: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (size, size) from a {0, 1} mask: nearest resize."""
+    im = Image.fromarray(mask01, "L").resize((int(size), int(size)), Image.Resampling.NEAREST)
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+def check_prep(size: int, color_order: str) -> None:
+    """Refuse a size that is not a positive integer or a colour order other than rgb / bgr."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if color_order not in ("rgb", "bgr"):
+        raise ValueError(f"color_order must be 'rgb' or 'bgr', got {color_order!r}")
+
+
+def preprocessing(size: int, color_order: str = "rgb") -> dict:
+    """The preprocessing that determines the loaded arrays (goes into the cache key)."""
+    check_prep(size, color_order)
+    return {"size": int(size), "image_resize": "pil-bilinear", "mask_resize": "nearest", "range": [-1.0, 1.0],
+            "to_rgb": "grey-replicated,alpha-dropped,16bit-rounded", "color_order": color_order}
+
+
+@contextlib.contextmanager
+def quiet_decoders() -> Iterator[None]:
+    """Silence the decoders' own chatter (PIL's warnings, tifffile's log): a broken file is reported once,
+    as one error naming it, not with extra lines from the library that failed to read it."""
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)

@@ -1,0 +1,213 @@
+"""Stage one's plan: what a store lacks, as jobs, shared by the serial and the cluster executors.
+
+:func:`prepare` checks the arguments and every input (dataset files, texts, UNet weights) before
+anything is written, takes the store's writer lock, opens (or creates) the store and lists the
+:class:`Job` s it still lacks in a :class:`Prepared`; :func:`replan` drops what another process has
+written since; :func:`encode_tokens` encodes the texts of the jobs that still need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from cache.backends import FORMATS, as_location
+from cache.key import key_hash, make_key, store_path
+from cache.lock import writer_lock
+from cache.store import FeatureStore, SplitLayout, StoreError, remove_leftovers
+from extract.checkpoints import PRESETS, UNetSource, resolve_unet
+from extract.config import AUGMENTATIONS, STORE_DTYPE, ExtractConfig
+from extract.datasets import Dataset, Item, check_files, open_dataset, preprocessing
+from extract.features import autocast_dtype, default_device
+from extract.shared import stage_progress
+from extract.text import TextEncoder, choose_max_length, load_text_encoder
+from extract.unet import create_unet
+
+
+@dataclass
+class Job:
+    """One image: what it still needs."""
+
+    split: str
+    index: int
+    item: Item
+    base: bool
+    pairs: list[tuple[int, int]]
+
+
+def _provenance(cfg: ExtractConfig, unet_src: UNetSource) -> dict[str, Any]:
+    """How the store was made (not its identity): to rebuild `pipeline extract` commands and for `predict`."""
+    return {"dataset": cfg.dataset, "data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
+            "unet": cfg.unet if cfg.unet in PRESETS else str(unet_src.checkpoint),
+            "unet_flags": str(Path(cfg.unet_flags).resolve()) if cfg.unet_flags else None,
+            "text_encoder": cfg.text_encoder,
+            "size": cfg.size, "seed": cfg.seed, "max_length": cfg.max_length, "augment": cfg.augment,
+            "color_order": cfg.color_order, "dataset_options": cfg.dataset_options}
+
+
+@dataclass
+class Prepared:
+    """A store opened for writing and what it still lacks: the input of an executor (serial or cluster)."""
+
+    store: FeatureStore
+    ds: Dataset
+    jobs: list[Job]
+    views: dict[str, int]
+    batch: int
+    unet: UNetSource
+    max_length: int
+
+
+def open_source(cfg: ExtractConfig) -> Dataset:
+    """The dataset ``cfg`` names, cut to ``cfg.limit`` images per split (what every executor reads)."""
+    ds = open_dataset(cfg.dataset, cfg.data_root, skip_bad=cfg.skip_bad, **cfg.dataset_options)
+    return ds.head(cfg.limit) if cfg.limit is not None else ds
+
+
+def check_inputs(ds: Dataset, skip_bad: bool, console: Console) -> Dataset:
+    """Decode every file before anything is written (:func:`extract.datasets.check_files`); print its notes."""
+    if ds.root is None:
+        return ds
+    progress = stage_progress(console, "check", "images")
+    with progress:
+        task = progress.add_task(f"{ds.name} files", total=len(ds.items))
+        ds, notes = check_files(ds, skip_bad, on_item=lambda: progress.advance(task, 1))
+    by_what: dict[str, list[str]] = {}
+    for file, what in notes:
+        by_what.setdefault(what, []).append(file)
+    for what, files in by_what.items():
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        console.print(f"[yellow]note[/]: {len(files)} file(s): {what}: {shown}", highlight=False, soft_wrap=True)
+    return ds
+
+
+def replan(store: FeatureStore, jobs: Sequence[Job]) -> list[Job]:
+    """``jobs`` less what the store now has (another process or an earlier attempt wrote it)."""
+    base = {s: store.done(s) for s in {j.split for j in jobs}}
+    pair_done: dict[tuple[str, int, int], np.ndarray] = {}
+    out = []
+    for job in jobs:
+        missing = []
+        for p in job.pairs:
+            if (job.split, *p) not in pair_done:
+                pair_done[(job.split, *p)] = store.done(job.split, *p)
+            if not pair_done[(job.split, *p)][job.index]:
+                missing.append(p)
+        needs_base = job.base and not base[job.split][job.index]
+        if missing or needs_base:
+            out.append(Job(job.split, job.index, job.item, needs_base, missing))
+    return out
+
+
+def encode_tokens(encoder: TextEncoder, jobs: Sequence[Job], max_length: int
+                  ) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """Token embeddings and masks of the jobs that still need their base arrays, by (split, row)."""
+    base_jobs = [j for j in jobs if j.base]
+    if not base_jobs:
+        return {}
+    emb, mask = encoder.encode([j.item.text for j in base_jobs], max_length)
+    return {(j.split, j.index): (emb[n], mask[n]) for n, j in enumerate(base_jobs)}
+
+
+
+def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
+             ) -> tuple[Prepared, TextEncoder, torch.nn.Module | None]:
+    """Check the arguments and every input (dataset files, texts, UNet weights) before anything is
+    written; then take the store's writer lock (into ``held``), open (or create) the store, and list
+    what it lacks."""
+    if cfg.augment not in AUGMENTATIONS:
+        raise ValueError(f"--augment must be one of {sorted(AUGMENTATIONS)}, got {cfg.augment!r}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
+    if cfg.store_format not in FORMATS:
+        raise ValueError(f"--store-format must be one of {list(FORMATS)}, got {cfg.store_format!r}")
+    ds = check_inputs(open_source(cfg), cfg.skip_bad, console)
+    if ds.skipped:
+        console.print(f"[yellow]skipped {len(ds.skipped)} bad item(s)[/]: "
+                      + "; ".join(f"{f} ({why})" for f, why in ds.skipped[:5])
+                      + (" ..." if len(ds.skipped) > 5 else ""), soft_wrap=True, highlight=False)
+    splits = list(cfg.splits or ds.splits())
+    unknown = [s for s in splits if s not in ds.splits()]
+    if unknown:
+        raise ValueError(f"--splits {unknown} not in dataset {ds.name} (it has {ds.splits()})")
+    blocks = tuple(cfg.blocks or ds.default_blocks)
+    steps = tuple(cfg.steps)
+    if any(not 0 <= s < 1000 for s in steps):
+        raise ValueError(f"--steps must lie in [0, 999], got {list(steps)}")
+    device = torch.device(cfg.device) if cfg.device else default_device()
+
+    unet_src = resolve_unet(cfg.unet, cfg.unet_flags)
+    with torch.device("meta"):
+        shapes = create_unet(**unet_src.flags).output_block_shapes(cfg.size)
+    bad = [b for b in blocks if not 0 <= b < len(shapes)]
+    if bad:
+        raise ValueError(f"--blocks {bad} out of range: this UNet has output_blocks 0..{len(shapes) - 1}")
+
+    encoder = load_text_encoder(cfg.text_encoder, device=str(device))
+    all_texts = [it.text for it in ds.items]
+    max_length, n_trunc = choose_max_length(encoder, all_texts, cfg.max_length)
+    if n_trunc:
+        console.print(f"[yellow]note[/]: {n_trunc} of {len(all_texts)} texts are longer than "
+                      f"{max_length} tokens and are truncated (--max-length)", soft_wrap=True)
+
+    prep = preprocessing(cfg.size, cfg.color_order)
+    prep["augment"] = cfg.augment
+    key = make_key(dataset=ds.fingerprint(), preprocessing=prep, unet=unet_src.identity(),
+                   noise_seed=cfg.seed, text={**encoder.identity(), "max_length": max_length},
+                   dtype=STORE_DTYPE,
+                   compute_dtype=str(autocast_dtype(device)).removeprefix("torch.") if cfg.autocast else "float32")
+    items = {s: ds.by_split(s) for s in ds.splits()}
+    views = {s: AUGMENTATIONS[cfg.augment] if s == "train" else 1 for s in ds.splits()}
+    layouts = {s: SplitLayout(ids=[it.id for it in items[s]], texts=[it.text for it in items[s]], views=views[s])
+               for s in ds.splits()}
+    path = store_path(as_location(cfg.cache_dir), ds.name, key, cfg.store_format)
+    pairs = [(s, b) for s in steps for b in blocks]
+    all_jobs = [Job(split, i, item, True, list(pairs)) for split in splits for i, item in enumerate(items[split])]
+    nothing = (f"nothing to do: {sum(len(items[s]) for s in splits)} images × {len(pairs)} (step, block) pairs "
+               f"already in the store")
+    complete = _complete_store(path, key, pairs, all_jobs)
+    if complete is not None:  # read-only is enough: no lock, no UNet (its folder may be read-only)
+        console.print(nothing)
+        return Prepared(complete, ds, [], views, cfg.batch_size, unet_src, max_length), encoder, None
+    model = unet_src.load()  # a checkpoint for other flags, or with NaN weights, stops here: nothing written
+    note = lambda msg: console.print(f"[yellow]note[/]: {msg}", highlight=False, soft_wrap=True)  # noqa: E731
+    if held.enter_context(writer_lock(path, note)):
+        removed = remove_leftovers(path)
+        note(f"the last extract of this store was killed; {removed} half-written temporary file(s) removed, "
+             f"its committed images kept")
+    try:
+        store = FeatureStore.create(path, key, size=cfg.size, splits=layouts, token_len=max_length,
+                                    token_dim=encoder.dim, extra_attrs={"forward_batch": cfg.batch_size,
+                                                                        "extract": _provenance(cfg, unet_src)})
+        store.ensure_pairs([(s, b, shapes[b][0], shapes[b][1:]) for s, b in pairs])
+    except OSError as e:
+        raise OSError(e.errno, f"creating the arrays of {path} failed: {e.strerror or e} ({e.filename}); no image "
+                               f"was written yet: free the space (or fix the folder) and re-run") from e
+    batch = int(store.attrs.get("forward_batch", cfg.batch_size))
+    if batch != cfg.batch_size:
+        console.print(f"note: this store was made with --batch-size {batch}; using it, so that every image's "
+                      f"features are computed identically")
+    jobs = replan(store, all_jobs)
+    if not jobs:  # another process finished it while this one waited for the lock
+        console.print(nothing)
+    return Prepared(store, ds, jobs, views, batch, unet_src, max_length), encoder, model
+
+
+def _complete_store(path: Path | str, key: dict, pairs: list[tuple[int, int]],
+                    jobs: list[Job]) -> FeatureStore | None:
+    """The store at ``path``, opened read-only, if it is this key's and already has everything; else None."""
+    try:
+        store = FeatureStore.open(path)
+    except (StoreError, OSError, FileNotFoundError):
+        return None
+    if store.key_hash != key_hash(key) or not set(pairs) <= set(store.pairs()) or replan(store, jobs):
+        store.close()
+        return None
+    return store
