@@ -13,8 +13,9 @@ from PIL import Image
 from cache.store import FeatureStore
 from extract.text import load_text_encoder
 from train.data import SplitFeatures
-from train.fit import FitConfig, fit, load_run
-from train.fit import predict as head_predict
+from train.fit import FitConfig, fit
+from train.models import load_run
+from train.models import probabilities as head_predict
 from extract.datasets import read_image
 from train.predict import Predictor, WeightsMismatchError, predict
 
@@ -32,7 +33,7 @@ def tiny(adm_fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     shutil.copyfile(adm_fixtures / "adm_tiny.pt", ckpt)
     store = tiny_store(adm_fixtures, root / "cache", unet=ckpt, batch_size=4)
     run = root / "run"
-    fit(FitConfig(cache=store, out=run, epochs=2, dim=16, head_channels=(8, 4), train_count=None))
+    fit(FitConfig.flat(cache=store, out=run, epochs=2, dim=16, head_channels=(8, 4), train_count=None))
     return {"root": root, "store": store, "run": run, "ckpt": ckpt}
 
 
@@ -132,7 +133,7 @@ def test_text_encoder_with_other_tokenizer_is_refused(tiny: dict, tmp_path: Path
 
 def test_no_text_run_needs_no_text(tiny: dict, tmp_path: Path) -> None:
     run = tmp_path / "run-notext"
-    fit(FitConfig(cache=tiny["store"], out=run, epochs=1, dim=16, head_channels=(8, 4), fusion="none"))
+    fit(FitConfig.flat(cache=tiny["store"], out=run, epochs=1, dim=16, head_channels=(8, 4), fusion="none"))
     config, head, store = load_run(run)
     sample = SplitFeatures(store, "test", config["blocks"], config["steps"]).batch([1])
     png = _write_png(store, "test", 1, tmp_path / "b.png")
