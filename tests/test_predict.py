@@ -159,3 +159,42 @@ def test_cli(tiny: dict, tmp_path: Path) -> None:
     res = CliRunner().invoke(pipeline.app, ["predict", str(tiny["run"]), "--image", str(tmp_path / "gone.png"), "--text", text,
                                             "--out", str(tmp_path / "m.png")])
     assert res.exit_code == 1 and "gone.png" in res.output
+
+
+FORWARD_OPTIONS = {
+    "attend-padding": {"attend_padding": True},
+    "norm-batch": {"norm": "batch"},
+    "pos-enc": {"pos_enc": True},
+    "fusion-concat": {"fusion": "concat"},
+    "no-text": {"fusion": "none"},
+    "per-scale-blocks": {"shared_block": False},
+    "plain-unet": {"model": "plain-unet", "width": 4, "depth": 2},
+}
+
+
+@pytest.mark.parametrize("option", list(FORWARD_OPTIONS))
+def test_predict_equals_evaluate(tiny: dict, tmp_path: Path, option: str) -> None:
+    """Every fit option that changes the forward pass: a new image through predict gives the probabilities
+    evaluate computes from the cache, and the masks evaluate saved."""
+    from train.evaluate import evaluate
+    from train.models import open_split, reading_of, spec_of
+
+    from helpers import quiet
+
+    run = tmp_path / option
+    flat = dict(FORWARD_OPTIONS[option])
+    if flat.get("model") != "plain-unet":
+        flat.update(dim=16, head_channels=(8, 4))
+    fit(FitConfig.flat(cache=tiny["store"], out=run, epochs=2, **flat), console=quiet())
+    evaluate(run, overlays=False, console=quiet())
+    saved = np.load(run / "eval-test" / "predictions.npz")["pred"]
+    config, model, store = load_run(run)
+    data = open_split(spec_of(config), store, "test", reading_of(config))
+    p = Predictor.from_run(run, device="cpu")
+    for i in range(len(data)):
+        png = _write_png(store, "test", i, tmp_path / f"{data.ids[i]}.png")
+        want = head_predict(model, data.batch([i]), SIZE)[0].numpy()
+        got = p.probabilities(read_image(png, SIZE)[0], data.texts[i])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=f"{option}: {data.ids[i]}")
+        clear = np.abs(want[1] - want[0]) > 1e-3  # away from a tie, the masks agree exactly
+        np.testing.assert_array_equal((got.argmax(0) != 0)[clear], saved[i][clear])

@@ -32,9 +32,11 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_report(out: Path, pretrain_dir: Path, runs: dict[str, Path], commands: Sequence[str],
-                 store: Path, n_overlays: int = 3, split: str = "test") -> Path:
+                 store: Path, n_overlays: int = 3, split: str = "test", denoising: Path | None = None,
+                 iterations: int | None = None) -> Path:
     """``out/report.md`` with the table, the overlays of the first test images for every run side by
-    side, the fits' and the pretraining's loss curves, and the pretrained model's samples."""
+    side, the fits' and the pretraining's loss curves, and what the pretrained UNet does where the
+    features come from (``denoising``: :func:`train.demo.denoising_png`'s figure)."""
     out = Path(out)
     rows = results_table(runs, split)
     pretrain_curve_png(pretrain_dir / "train_log.csv", out / "pretrain_loss.png")
@@ -59,9 +61,16 @@ def write_report(out: Path, pretrain_dir: Path, runs: dict[str, Path], commands:
         parts += [f"### {name}", ""] + [f"![{name} {p.stem}]({rel(p)})" for p in overlays] + [""]
     parts += ["## Training", "", "Fits (train loss, validation Dice):", ""]
     parts += [f"![{name} loss]({rel(run / rundir.LOSS_PLOT)})" for name, run in runs.items()] + [""]
+    trained = f"after {iterations} iterations" if iterations else "after its pretraining"
     parts += ["Diffusion pretraining (L_simple per iteration):", "", f"![pretraining loss]({rel(out / 'pretrain_loss.png')})",
-              "", "Samples from the pretrained UNet (ancestral sampling):", "",
-              f"![samples]({rel(pretrain_dir / 'samples.png')})", "",
+              ""]
+    if denoising is not None:
+        parts += [f"What the pretrained UNet does {trained}, where the features come from: a test image noised "
+                  "to t = 50, 150, 250 (rows) with the store's noise; x_t | the UNet's estimate of the clean "
+                  "image from x_t | the image:", "", f"![denoising]({rel(denoising)})", ""]
+    parts += [f"Samples drawn from pure noise (ancestral sampling, `{rel(pretrain_dir / 'samples.png')}`) need far "
+              "more training than denoising a real image at t ≤ 250: after a few hundred iterations they are "
+              "still noise. That is expected, not a bug.", "",
               "## How this was made", "", f"Feature store: `{store}`", "", "```bash", *commands, "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(parts))
