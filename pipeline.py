@@ -324,11 +324,18 @@ def predict(
 
     The last line printed is the mask's path.
     """
-    from train.predict import mask_path
+    from extract.checkpoints import UNetNotFoundError
+    from train.predict import WeightsMismatchError, mask_path
     from train.predict import predict as predict_image
 
-    mask = predict_image(run, image, text, out, cache, original_size, unet=unet, text_encoder=text_encoder,
-                         device=device, console=err)
+    try:
+        mask = predict_image(run, image, text, out, cache, original_size, unet=unet, text_encoder=text_encoder,
+                             device=device, console=err)
+    except (ValueError, UNetNotFoundError) as e:
+        if type(e) not in (ValueError, WeightsMismatchError, UNetNotFoundError):
+            raise
+        # the library names its arguments; here they are flags
+        raise type(e)(str(e).replace("unet=PATH", "--unet PATH").replace("text_encoder=", "--text-encoder ")) from None
     err.print(f"{mask.mean():.1%} of {mask.shape[1]}x{mask.shape[0]} pixels foreground")
     typer.echo(str(mask_path(out, image)))
 

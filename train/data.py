@@ -37,7 +37,7 @@ def choose_subset(n_total: int, count: int | None, seed: int) -> np.ndarray:
     if count is None or count >= n_total:
         return np.arange(n_total)
     if count < 1:
-        raise ValueError(f"--train-count must be >= 1, got {count}")
+        raise ValueError(f"train_count must be >= 1, got {count}")
     return np.sort(np.random.default_rng(seed).choice(n_total, size=count, replace=False))
 
 

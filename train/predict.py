@@ -57,17 +57,17 @@ def _resolve_checked_unet(spec: str | None, key: dict[str, Any], where: str) -> 
     expected = key["unet"]["weights_sha256"]
     if not spec:
         raise UNetNotFoundError(f"{where} does not record which UNet checkpoint made it; pass unet=PATH "
-                                f"(--unet) to the checkpoint with sha256 {expected}")
+                                f"to the checkpoint with sha256 {expected}")
     try:
         src = resolve_unet(spec, key["unet"]["flags"])
     except UNetNotFoundError as e:
         raise UNetNotFoundError(f"{e}\n  ({where} was made with UNet {spec!r}, sha256 {expected}; if the "
-                                f"file moved, pass --unet PATH)") from None
+                                f"file moved, pass unet=PATH)") from None
     got = src.identity()["weights_sha256"]
     if got != expected:
         raise WeightsMismatchError(
             f"UNet checkpoint {src.checkpoint} has sha256 {got}, but the run's cache key records {expected}: "
-            f"{_MISMATCH}. Pass --unet PATH to the checkpoint the store was extracted with.")
+            f"{_MISMATCH}. Pass unet=PATH to the checkpoint the store was extracted with.")
     return src
 
 
@@ -76,7 +76,7 @@ def _load_checked_encoder(spec: str | None, key: dict[str, Any], where: str, dev
     text_key = key["text"]
     if not spec:
         raise ValueError(f"{where} does not record which text encoder made it; pass text_encoder=... "
-                         f"(--text-encoder), the one named {text_key.get('source_name')!r} in its key")
+                         f"the one named {text_key.get('source_name')!r} in its key")
     encoder = load_text_encoder(spec, device=device)
     ident = encoder.identity()
     source = Path(encoder.source)
@@ -87,7 +87,7 @@ def _load_checked_encoder(spec: str | None, key: dict[str, Any], where: str, dev
             raise WeightsMismatchError(
                 f"text encoder {spec!r} {what} ({names}) have sha256 {ident[field]}, but the run's cache key "
                 f"records {text_key[field]} ({text_key.get('source_name')}): {_MISMATCH}. "
-                f"Pass --text-encoder DIR holding the encoder the store was extracted with.")
+                f"Pass text_encoder=DIR holding the encoder the store was extracted with.")
     if ident["dim"] != text_key["dim"]:
         raise WeightsMismatchError(f"text encoder {spec!r} is {ident['dim']}-d, the run's key says {text_key['dim']}")
     return encoder

@@ -109,12 +109,12 @@ def _check_reusable(run: Path, cfg: FitConfig, store: FeatureStore) -> None:
     if differ:
         detail = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in differ)
         raise ValueError(f"sweep: {run} was fitted with other settings ({detail}); "
-                         f"use another --out or remove that run")
+                         f"use another out folder or remove that run")
     stored = rundir.read_json(run / rundir.CACHE_KEY)
     if key_hash(stored) != store.key_hash:
         raise rundir.CacheMismatchError(
             f"sweep: {run} was fitted on store key {key_hash(stored)[:12]}, not {store.key_hash[:12]} "
-            f"({store.path}); use another --out")
+            f"({store.path}); use another out folder")
 
 
 def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = None,
@@ -141,7 +141,7 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
         raise ValueError(f"sweep: base cannot set {bad} (the sweep sets {sorted(_OWN_FIELDS)}; "
                          f"other FitConfig fields are {sorted(known - _OWN_FIELDS)})")
     if epochs < 1:
-        raise ValueError(f"sweep: --epochs must be >= 1, got {epochs}")
+        raise ValueError(f"sweep: epochs must be >= 1, got {epochs}")
     store = FeatureStore.open(cache)
     if split not in store.splits():
         raise ValueError(f"sweep: store {store.path} has no {split!r} split to evaluate on (it has {store.splits()})")
