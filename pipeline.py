@@ -20,10 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from train.config import FitConfig
-from train.demo import DemoConfig
-from train.model import TextDiffArgs
-from train.plain_unet import PlainUNetArgs
+from train.config import DemoConfig, FitConfig, PlainUNetArgs, TextDiffArgs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TextDiff: segmentation from a frozen diffusion UNet + free text, via a feature cache.")

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import FitConfig
+from train.config import FitConfig, PlainUNetArgs, TextDiffArgs
 from train.fit import fit
-from train.model import TextDiffArgs, TextDiffHead
+from train.model import TextDiffHead
 from train.models import load_run
-from train.plain_unet import NoStoreError, PlainUNetArgs, baseline_store
+from train.plain_unet import NoStoreError, baseline_store
 
 from helpers import quiet, tiny_store
 

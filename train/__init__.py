@@ -2,10 +2,11 @@
 
 Module map::
 
-    config.py      FitConfig: the training options + the model and its own arguments
+    config.py      what the commands take (no torch): FitConfig (the training options + the model and its
+                   own arguments: TextDiffArgs, PlainUNetArgs), DemoConfig
     models.py      the model registry (textdiff, plain-unet), the one forward pass, load_run
-    model.py       the TextDiff head (TextDiffArgs, TextDiffHead)
-    plain_unet.py  the plain U-Net baseline (PlainUNetArgs, PlainUNet) and the store it trains on
+    model.py       the TextDiff head (TextDiffHead)
+    plain_unet.py  the plain U-Net baseline (PlainUNet) and the store it trains on
     data.py        a split as a model reads it: SplitFeatures / SplitImages → Sample / ImageSample
     rundir.py      the run folder: file names, atomic writes, INCOMPLETE, the cache-key check
     fit.py         fit: train a registered model, keep the best epoch
@@ -37,15 +38,15 @@ _HOME = {
     "FitConfig": "train.config",
     "Predictor": "train.predict",
     "run_demo": "train.demo",
-    "DemoConfig": "train.demo",
+    "DemoConfig": "train.config",
     "MODELS": "train.models",
     "ModelSpec": "train.models",
     "model_spec": "train.models",
     "load_run": "train.models",
     "probabilities": "train.models",
-    "TextDiffArgs": "train.model",
+    "TextDiffArgs": "train.config",
     "TextDiffHead": "train.model",
-    "PlainUNetArgs": "train.plain_unet",
+    "PlainUNetArgs": "train.config",
     "PlainUNet": "train.plain_unet",
     "CacheMismatchError": "train.rundir",
     "eval_dir": "train.rundir",

@@ -1,4 +1,6 @@
-"""What a fit takes: the training options, and the model with its own constructor arguments.
+"""What the train commands take, as dataclasses (no torch: the CLI reads their defaults and help).
+
+A fit takes the training options, and the model with its own constructor arguments.
 
 ``FitConfig(cache, out, model="textdiff", model_args=TextDiffArgs(dim=64))`` or
 ``FitConfig(cache, out, model="plain-unet", model_args=PlainUNetArgs(width=32))`` (or, flat,
@@ -16,9 +18,66 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from train.models import MODELS, model_spec
+__all__ = ["ALIASES", "DemoConfig", "FUSIONS", "FitConfig", "MODEL_ARGS", "NORMS", "PlainUNetArgs", "TextDiffArgs",
+           "model_name"]
 
-__all__ = ["FitConfig"]
+FUSIONS = ("cross-attn", "concat", "none")
+NORMS = ("image", "batch")
+
+
+@dataclass(frozen=True)
+class TextDiffArgs:
+    """The TextDiff head's arguments a fit chooses (``FitConfig.model_args`` of a ``textdiff`` fit);
+    ``in_channels`` and ``text_dim`` come from the store."""
+
+    dim: int = field(default=768, metadata={"help": "Width of the projections and the transformer block."})
+    head_channels: tuple[int, ...] = field(default=(128, 32), metadata={"help": "Hidden widths of the conv classifier."})
+    fusion: str = field(default="cross-attn", metadata={
+        "help": "cross-attn (paper) or concat (ablation ζ2)."})  # "none": no text (ablation ζ1)
+    norm: str = field(default="image", metadata={
+        "help": "image: the classifier normalises with each image's statistics, in training and evaluation; "
+                "batch: BatchNorm running statistics at evaluation (authors)."})
+    pos_enc: bool = field(default=False, metadata={"help": "Add a 2-D sinusoidal position code to the queries."})
+    shared_block: bool = field(default=True, metadata={
+        "help": "One transformer block shared by all scales (False: one per scale)."})
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {list(FUSIONS)}, got {self.fusion!r}")
+        object.__setattr__(self, "head_channels", tuple(int(c) for c in self.head_channels))
+
+
+@dataclass(frozen=True)
+class PlainUNetArgs:
+    """The plain U-Net's constructor arguments (``FitConfig.model_args`` of a ``plain-unet`` fit)."""
+
+    width: int = field(default=64, metadata={"help": "Channels of the first level (64: the classic 31.0 M-parameter U-Net)."})
+    depth: int = field(default=4, metadata={"help": "Down-sampling levels (the size must be divisible by 2^depth)."})
+
+
+#: each registered model's constructor-argument dataclass (:data:`train.models.MODELS` builds on it)
+MODEL_ARGS: dict[str, type] = {"textdiff": TextDiffArgs, "plain-unet": PlainUNetArgs}
+#: older names of models (a config.json written before the rename)
+ALIASES = {"unet": "plain-unet"}
+
+
+def model_name(name: str) -> str:
+    """The registered name of model ``name`` (or of its older alias)."""
+    name = ALIASES.get(name, name)
+    if name not in MODEL_ARGS:
+        raise ValueError(f"model must be one of {list(MODEL_ARGS)}, got {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``pipeline demo`` takes."""
+
+    out: Path = field(default=Path("runs/demo"), metadata={"help": "Where the demo writes everything (rerun to resume)."})
+    iterations: int = field(default=300, metadata={"help": "Diffusion pretraining iterations (batch 8)."})
+    epochs: int = field(default=25, metadata={"help": "Epochs of each fit."})
+
+
 
 _TUPLES = ("blocks", "steps", "head_channels")  # JSON lists read back as tuples
 
@@ -52,12 +111,12 @@ class FitConfig:
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes kept in config.json."})
 
     def __post_init__(self) -> None:
-        spec = model_spec(self.model)
-        self.model = spec.name
+        self.model = model_name(self.model)
+        args = MODEL_ARGS[self.model]
         if self.model_args is None:
-            self.model_args = spec.args()
-        elif not isinstance(self.model_args, spec.args):
-            raise ValueError(f"model {spec.name!r} takes {spec.args.__name__}, got {type(self.model_args).__name__}")
+            self.model_args = args()
+        elif not isinstance(self.model_args, args):
+            raise ValueError(f"model {self.model!r} takes {args.__name__}, got {type(self.model_args).__name__}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
 
@@ -65,15 +124,15 @@ class FitConfig:
         """The flat layout of ``config.json``'s ``fit`` entry."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model_args"}
         d["cache"], d["out"] = str(self.cache), str(self.out)
-        for spec in MODELS.values():
-            d.update(asdict(self.model_args if spec.name == self.model else spec.args()))
+        for name, args in MODEL_ARGS.items():
+            d.update(asdict(self.model_args if name == self.model else args()))
         return json.loads(json.dumps(d))
 
     @classmethod
     def flat_keys(cls, model: str = "textdiff") -> set[str]:
         """The keys of the flat layout for ``model``: the options and the model's own arguments."""
         own = {f.name for f in fields(cls) if f.name != "model_args"}
-        return own | {f.name for f in fields(model_spec(model).args)}
+        return own | {f.name for f in fields(MODEL_ARGS[model_name(model)])}
 
     @classmethod
     def flat(cls, **keys: Any) -> FitConfig:
@@ -88,8 +147,8 @@ class FitConfig:
     def from_json(cls, d: dict[str, Any]) -> FitConfig:
         """A config from the flat layout (``config.json``'s ``fit``, older ones too); other keys are ignored."""
         d = {k: tuple(v) if k in _TUPLES and isinstance(v, list) else v for k, v in d.items()}
-        spec = model_spec(d.get("model", "textdiff"))
-        args = spec.args(**{f.name: d[f.name] for f in fields(spec.args) if f.name in d})
+        name = model_name(d.get("model", "textdiff"))
+        args = MODEL_ARGS[name](**{f.name: d[f.name] for f in fields(MODEL_ARGS[name]) if f.name in d})
         own = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in ("model", "model_args")}
-        return cls(model=spec.name, model_args=args, **own)
+        return cls(model=name, model_args=args, **own)
 

@@ -10,7 +10,6 @@ shows the x0 the UNet predicts from each x_t.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from PIL import Image
 from rich.console import Console
 
 from train import rundir
-from train.config import FitConfig
+from train.config import DemoConfig, FitConfig
 from train.evaluate import evaluate
 from train.fit import fit
 from train.report import write_report
@@ -27,15 +26,6 @@ from train.report import write_report
 __all__ = ["DemoConfig", "demo_runs", "denoising_png", "run_demo"]
 
 DENOISE_STEPS = (50, 150, 250)
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """What ``pipeline demo`` takes."""
-
-    out: Path = field(default=Path("runs/demo"), metadata={"help": "Where the demo writes everything (rerun to resume)."})
-    iterations: int = field(default=300, metadata={"help": "Diffusion pretraining iterations (batch 8)."})
-    epochs: int = field(default=25, metadata={"help": "Epochs of each fit."})
 
 
 def demo_runs(out: Path) -> dict[str, Path]:

@@ -11,12 +11,11 @@ Shapes for the MoNuSeg config (blocks {6,8,12,16} × 3 steps, 256² output)::
 With the defaults this is the paper's "9.68 M" head: exactly 9,683,234 trainable parameters.
 The constructor arguments are the config (``config``); ``save``/``load`` write and read a run folder's
 layout (:mod:`train.rundir`), so ``TextDiffHead.load(run)`` loads a fitted run's head.
-:class:`TextDiffArgs` are the arguments a fit chooses (the rest come from the store).
+:class:`train.config.TextDiffArgs` are the arguments a fit chooses (the rest come from the store).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,35 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from train.config import FUSIONS, NORMS
 from train.rundir import read_model_files, write_model_files
 
-__all__ = ["TextDiffArgs", "TextDiffHead", "TextCrossBlock", "CrossAttention", "FUSIONS", "NORMS",
+__all__ = ["TextDiffHead", "TextCrossBlock", "CrossAttention", "FUSIONS", "NORMS",
            "count_parameters", "sinusoidal_2d"]
-
-FUSIONS = ("cross-attn", "concat", "none")
-NORMS = ("image", "batch")
-
-
-@dataclass(frozen=True)
-class TextDiffArgs:
-    """The TextDiff head's arguments a fit chooses (``FitConfig.model_args`` of a ``textdiff`` fit);
-    ``in_channels`` and ``text_dim`` come from the store."""
-
-    dim: int = field(default=768, metadata={"help": "Width of the projections and the transformer block."})
-    head_channels: tuple[int, ...] = field(default=(128, 32), metadata={"help": "Hidden widths of the conv classifier."})
-    fusion: str = field(default="cross-attn", metadata={
-        "help": "cross-attn (paper) or concat (ablation ζ2)."})  # "none": no text (ablation ζ1)
-    norm: str = field(default="image", metadata={
-        "help": "image: the classifier normalises with each image's statistics, in training and evaluation; "
-                "batch: BatchNorm running statistics at evaluation (authors)."})
-    pos_enc: bool = field(default=False, metadata={"help": "Add a 2-D sinusoidal position code to the queries."})
-    shared_block: bool = field(default=True, metadata={
-        "help": "One transformer block shared by all scales (False: one per scale)."})
-
-    def __post_init__(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {list(FUSIONS)}, got {self.fusion!r}")
-        object.__setattr__(self, "head_channels", tuple(int(c) for c in self.head_channels))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from cache.store import FeatureStore
+from train.config import ALIASES, MODEL_ARGS, TextDiffArgs, model_name
 from train.data import GIB, READERS, ImageSample, Reading, Sample, SplitData
-from train.model import TextDiffArgs, TextDiffHead
-from train.plain_unet import PlainUNet, PlainUNetArgs
+from train.model import TextDiffHead
+from train.plain_unet import PlainUNet
 from train.rundir import open_run, read_model_files
 
 __all__ = ["ALIASES", "MODELS", "ModelSpec", "load_run", "logits", "model_spec", "open_split", "probabilities",
@@ -62,21 +63,17 @@ def _rebuild_unet(head: dict[str, Any]) -> PlainUNet:
 
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
-    ModelSpec("textdiff", TextDiffArgs, "features", _build_head, lambda head: TextDiffHead(**head), _head_batch,
+    ModelSpec("textdiff", MODEL_ARGS["textdiff"], "features", _build_head, lambda head: TextDiffHead(**head), _head_batch,
               lambda head: head.get("fusion", "cross-attn") != "none"),
-    ModelSpec("plain-unet", PlainUNetArgs, "images", lambda args, data, store: PlainUNet(**asdict(args)),
+    ModelSpec("plain-unet", MODEL_ARGS["plain-unet"], "images", lambda args, data, store: PlainUNet(**asdict(args)),
               _rebuild_unet, lambda head, size: 4, lambda head: False),
 )}
-#: older names of registered models (a config.json written before the rename)
-ALIASES = {"unet": "plain-unet"}
+assert MODELS.keys() == MODEL_ARGS.keys()  # one registry: train.config names each model's arguments
 
 
 def model_spec(name: str) -> ModelSpec:
     """The registered model ``name`` (or its older alias)."""
-    name = ALIASES.get(name, name)
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {list(MODELS)}, got {name!r}")
-    return MODELS[name]
+    return MODELS[model_name(name)]
 
 
 def spec_of(config: dict[str, Any]) -> ModelSpec:

@@ -11,7 +11,6 @@ Width 64 and depth 4 is the classic 31.0 M-parameter U-Net the paper compares ag
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,15 +20,7 @@ from torch import nn
 if TYPE_CHECKING:
     from cache.catalogue import StoreEntry
 
-__all__ = ["NoStoreError", "PlainUNet", "PlainUNetArgs", "baseline_store", "choose_store"]
-
-
-@dataclass(frozen=True)
-class PlainUNetArgs:
-    """The plain U-Net's constructor arguments (``FitConfig.model_args`` of a ``plain-unet`` fit)."""
-
-    width: int = field(default=64, metadata={"help": "Channels of the first level (64: the classic 31.0 M-parameter U-Net)."})
-    depth: int = field(default=4, metadata={"help": "Down-sampling levels (the size must be divisible by 2^depth)."})
+__all__ = ["NoStoreError", "PlainUNet", "baseline_store", "choose_store"]
 
 
 class NoStoreError(ValueError):
