@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from train import rundir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, by a bare python3 too
+from train import rundir  # noqa: E402  (the standard library only)
 
 
 @dataclass(frozen=True)

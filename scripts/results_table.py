@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import sys
 from pathlib import Path
 
-from train import rundir
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, by a bare python3 too
+from train import rundir  # noqa: E402  (the standard library only)
 
 METHODS = {"textdiff": "TextDiff", "notext": "no text (ζ1)", "concat": "concat fusion (ζ2)", "unet": "U-Net baseline"}
 # The paper's Tables 1 and 2 (Dice / IoU %); Table 2 gives Dice only.

@@ -14,6 +14,8 @@ A run folder (``pipeline fit`` / ``pipeline baseline``) holds::
 
 This module is the only one that names these files; everything else asks it for a path. It imports
 no model: :func:`train.models.load_run` rebuilds a run's model from what :func:`open_run` reads.
+It imports only the standard library at first (the scripts read run folders with a bare python3);
+torch and the store are imported by the functions that need them.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from cache.key import key_hash
-from cache.store import FeatureStore
+    from cache.store import FeatureStore
 
 __all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "PER_IMAGE",
            "SUMMARY", "PREDICTIONS", "OVERLAYS", "CacheMismatchError", "check_cache_key", "eval_dir",
@@ -104,6 +106,8 @@ def evaluated(run: Path, split: str) -> bool:
 
 def check_cache_key(run: Path, store: FeatureStore) -> None:
     """Refuse ``store`` unless its key is the one ``run`` was trained on (:class:`CacheMismatchError`)."""
+    from cache.key import key_hash
+
     expected = read_json(Path(run) / CACHE_KEY)
     if key_hash(store.key) != key_hash(expected):
         raise CacheMismatchError(f"store {store.path} (key {key_hash(store.key)[:12]}) is not the one run {run} "
@@ -117,6 +121,8 @@ def open_run(run: Path, cache: Path | str | None = None) -> tuple[dict[str, Any]
         raise ValueError(f"run {run} is incomplete (its fit did not finish); fit it again")
     if not (run / CONFIG).is_file():
         raise FileNotFoundError(f"{run / CONFIG} not found: is {run} a fit run folder?")
+    from cache.store import FeatureStore
+
     config = read_json(run / CONFIG)
     store = FeatureStore.open(cache or config["cache"])
     check_cache_key(run, store)
@@ -132,6 +138,8 @@ def write_model_files(directory: Path, head: dict[str, Any], state: dict[str, to
 
 def save_weights(directory: Path, state: dict[str, torch.Tensor]) -> None:
     """The model's state dict as ``head.pt`` in ``directory`` (created if need be)."""
+    import torch
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state, directory / WEIGHTS)
@@ -143,6 +151,8 @@ def read_model_files(directory: Path, map_location: str | torch.device = "cpu"
 
     A ``config.json`` without a ``head`` entry is the older layout of ``TextDiffHead.save``: the
     arguments themselves."""
+    import torch
+
     directory = Path(directory)
     config = read_json(directory / CONFIG)
     head = config["head"] if isinstance(config.get("head"), dict) else config
