@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from extract.config import ExtractConfig, PretrainConfig
+from train.config import DemoConfig, FitConfig, PlainUNetArgs, TextDiffArgs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TextDiff: segmentation from a frozen diffusion UNet + free text, via a feature cache.")
@@ -169,50 +170,72 @@ def extract(
     typer.echo(str(path))
 
 
+def _training_options() -> dict[str, tuple[Any, Any]]:
+    """Options `fit`, `baseline` and `sweep` share: the few-shot subset, epochs, seed, augmentation."""
+    return {
+        "train_count": (Optional[int], option(FitConfig, "train_count")),
+        "subset_seed": (int, option(FitConfig, "subset_seed")),
+        "epochs": (int, option(FitConfig, "epochs")),
+        "seed": (Optional[int], option(FitConfig, "seed")),
+        "no_augment": (bool, option(FitConfig, "augment", "--no-augment", default=False,
+                                    help="Do not sample the cached dihedral views.")),
+    }
+
+
+def _optimiser_options() -> dict[str, tuple[Any, Any]]:
+    """Options `fit` and `baseline` share: the optimiser's."""
+    return {"batch_size": (int, option(FitConfig, "batch_size")), "lr": (float, option(FitConfig, "lr")),
+            "lr_drop_epoch": (int, option(FitConfig, "lr_drop_epoch"))}
+
+
+def _head_options() -> dict[str, tuple[Any, Any]]:
+    """Options `fit` and `sweep` share: the TextDiff head's width and the features' memory budget."""
+    return {"dim": (int, option(TextDiffArgs, "dim")), "head_channels": (str, option(TextDiffArgs, "head_channels")),
+            "memory_budget_gb": (float, option(FitConfig, "memory_budget_gb"))}
+
+
+def _flat(common: dict[str, Any]) -> dict[str, Any]:
+    """Shared options as FitConfig's flat keys (a negated flag, 0 = never, comma-separated integers)."""
+    flat = dict(common)
+    if "no_augment" in flat:
+        flat["augment"] = not flat.pop("no_augment")
+    if "lr_drop_epoch" in flat:
+        flat["lr_drop_epoch"] = flat["lr_drop_epoch"] or None
+    if "head_channels" in flat:
+        flat["head_channels"] = _ints(flat["head_channels"], "--head-channels") or ()
+    return flat
+
+
 @app.command()
 @friendly
+@shared_options(**_training_options(), **_optimiser_options(), **_head_options())
 def fit(
-    cache: str = typer.Option(..., help="A store written by `pipeline extract` (a path or an fsspec URL)."),
-    out: Path = typer.Option(..., help="The run folder to write."),
-    blocks: Optional[str] = typer.Option(None, help="Blocks to use (default: all in the store)."),
-    steps: Optional[str] = typer.Option(None, help="Steps to use (default: all in the store)."),
-    train_count: Optional[int] = typer.Option(None, help="Few-shot training images (default: 5 MoNuSeg, 150 QaTa, else all)."),
-    subset_seed: int = typer.Option(0, help="Seed of the few-shot subset (the chosen ids are recorded)."),
-    epochs: int = typer.Option(100, help="Epochs (paper: 100; authors' code: 50)."),
-    batch_size: int = typer.Option(1, help="Images per step (paper: 1)."),
-    lr: float = typer.Option(1e-4, help="Adam learning rate."),
-    lr_drop_epoch: int = typer.Option(60, help="Multiply the learning rate by 0.1 after this epoch (authors: 60; 0 = never)."),
-    norm: str = typer.Option("image", help="image: the classifier normalises with each image's statistics, in training and evaluation; batch: BatchNorm running statistics at evaluation (authors)."),
+    cache: str = option(FitConfig, "cache"),
+    out: Path = option(FitConfig, "out"),
+    blocks: Optional[str] = option(FitConfig, "blocks"),
+    steps: Optional[str] = option(FitConfig, "steps"),
+    norm: str = option(TextDiffArgs, "norm"),
     no_text: bool = typer.Option(False, "--no-text", help="Ablation ζ1: no cross-attention, text unused."),
-    fusion: str = typer.Option("cross-attn", help="cross-attn (paper) or concat (ablation ζ2)."),
-    dim: int = typer.Option(768, help="Width of the projections and the transformer block."),
-    head_channels: str = typer.Option("128,32", help="Hidden widths of the conv classifier."),
-    pos_enc: bool = typer.Option(False, "--pos-enc", help="Add a 2-D sinusoidal position code to the queries."),
-    per_scale_blocks: bool = typer.Option(False, "--per-scale-blocks", help="One transformer block per scale instead of one shared."),
-    dice_on_logits: bool = typer.Option(False, "--dice-on-logits", help="Feed raw logits to the Dice loss, as the authors' code does."),
-    attend_padding: bool = typer.Option(False, "--attend-padding", help="Let the cross-attention attend to padding tokens, as the authors' code does."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation (default: the subset seed)."),
-    memory_budget_gb: float = typer.Option(4.0, help="Hold features in memory up to this size, else stream them."),
-    no_augment: bool = typer.Option(False, "--no-augment", help="Do not sample the cached dihedral views."),
+    fusion: str = option(TextDiffArgs, "fusion"),
+    pos_enc: bool = option(TextDiffArgs, "pos_enc", "--pos-enc"),
+    per_scale_blocks: bool = option(TextDiffArgs, "shared_block", "--per-scale-blocks", default=False,
+                                    help="One transformer block per scale instead of one shared."),
+    dice_on_logits: bool = option(FitConfig, "dice_on_logits", "--dice-on-logits"),
+    attend_padding: bool = option(FitConfig, "attend_padding", "--attend-padding"),
+    common: Optional[dict] = None,
 ) -> None:
     """Stage two: train the cross-attention and pixel classifier from the cache."""
-    from train.fit import FitConfig
-
     if no_text and fusion != "cross-attn":
         raise typer.BadParameter("--no-text and --fusion are exclusive")
-    cfg = FitConfig(cache=cache, out=out, blocks=_ints(blocks, "--blocks"), steps=_ints(steps, "--steps"),
-                    train_count=train_count, subset_seed=subset_seed, epochs=epochs, batch_size=batch_size, lr=lr,
-                    lr_drop_epoch=lr_drop_epoch or None, norm=norm,
-                    fusion="none" if no_text else fusion, dim=dim,
-                    head_channels=_ints(head_channels, "--head-channels") or (), pos_enc=pos_enc,
-                    shared_block=not per_scale_blocks, dice_on_logits=dice_on_logits,
-                    attend_padding=attend_padding, seed=seed,
-                    memory_budget_gb=memory_budget_gb, augment=not no_augment)
+    cfg = FitConfig.flat(cache=cache, out=out, blocks=_ints(blocks, "--blocks"), steps=_ints(steps, "--steps"),
+                         norm=norm, fusion="none" if no_text else fusion, pos_enc=pos_enc,
+                         shared_block=not per_scale_blocks, dice_on_logits=dice_on_logits,
+                         attend_padding=attend_padding, **_flat(common or {}))
     _fit_and_report(cfg)
 
 
-def _fit_and_report(cfg: Any) -> None:
-    """Run a fit (head or baseline), say its best epoch, print its folder."""
+def _fit_and_report(cfg: FitConfig) -> None:
+    """Run a fit (any model), say its best epoch, print its folder."""
     from train.fit import fit as run_fit
 
     metrics = run_fit(cfg, console=err)
@@ -222,39 +245,33 @@ def _fit_and_report(cfg: Any) -> None:
 
 @app.command()
 @friendly
+@shared_options(**_training_options(), **_optimiser_options())
 def baseline(
-    out: Path = typer.Option(..., help="The run folder to write (`pipeline evaluate` scores it)."),
-    cache: Optional[str] = typer.Option(None, help="A store of the dataset (from `pipeline extract`): its images, masks, splits and views are used; no features needed."),
+    out: Path = option(FitConfig, "out", help="The run folder to write (`pipeline evaluate` scores it)."),
+    cache: Optional[str] = option(FitConfig, "cache", default=None, help="A store of the dataset (from `pipeline extract`): its images, masks, splits and views are used; no features needed."),
     dataset: Optional[str] = typer.Option(None, help="Instead of --cache: use the newest complete store of this dataset in --cache-dir (one with d4 views first)."),
     data_root: Optional[Path] = typer.Option(None, help="With --dataset: only a store made from this folder."),
     size: Optional[int] = typer.Option(None, help="With --dataset: only a store of this image size."),
     cache_dir: Optional[str] = typer.Option(None, help="With --dataset: where to look (default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff)."),
-    train_count: Optional[int] = typer.Option(None, help="Few-shot training images (default: 5 MoNuSeg, 150 QaTa, else all)."),
-    subset_seed: int = typer.Option(0, help="Seed of the few-shot subset: the same ids as `fit` for the same seed."),
-    width: int = typer.Option(64, help="Channels of the first level (64: the classic 31.0 M-parameter U-Net)."),
-    depth: int = typer.Option(4, help="Down-sampling levels (the size must be divisible by 2^depth)."),
-    epochs: int = typer.Option(100, help="Epochs (as `fit`)."),
-    batch_size: int = typer.Option(1, help="Images per step (as `fit`)."),
-    lr: float = typer.Option(1e-4, help="Adam learning rate (as `fit`)."),
-    lr_drop_epoch: int = typer.Option(60, help="Multiply the learning rate by 0.1 after this epoch (0 = never)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation (default: the subset seed)."),
-    no_augment: bool = typer.Option(False, "--no-augment", help="Do not sample the cached dihedral views."),
+    width: int = option(PlainUNetArgs, "width"),
+    depth: int = option(PlainUNetArgs, "depth"),
+    common: Optional[dict] = None,
 ) -> None:
     """The plain U-Net baseline: trained on the same few labelled images as `fit` (same subset, views,
     loss, optimiser, best epoch on validation), on the images alone."""
     from cache.key import default_cache_dir
-    from cache.store import find_store
-    from train.fit import FitConfig
+    from train.plain_unet import NoStoreError, baseline_store
 
     if (cache is None) == (dataset is None):
         raise typer.BadParameter("give either --cache STORE or --dataset NAME (to find its store in --cache-dir)")
     if dataset is not None:
-        cache = str(find_store(cache_dir or default_cache_dir(), dataset, data_root, size))
+        try:
+            cache = str(baseline_store(cache_dir or default_cache_dir(), dataset, data_root, size))
+        except NoStoreError as e:
+            raise NoStoreError(f"{e}, or pass --cache STORE") from None
         err.print(f"baseline: images of {cache}", highlight=False, soft_wrap=True)
-    cfg = FitConfig(cache=cache, out=out, train_count=train_count, subset_seed=subset_seed, epochs=epochs,
-                    batch_size=batch_size, lr=lr, lr_drop_epoch=lr_drop_epoch or None, seed=seed,
-                    augment=not no_augment, model="unet", width=width, depth=depth)
-    _fit_and_report(cfg)
+    _fit_and_report(FitConfig.flat(cache=cache, out=out, model="plain-unet", width=width, depth=depth,
+                                   **_flat(common or {})))
 
 
 @app.command()
@@ -273,25 +290,18 @@ def evaluate(
 
 @app.command()
 @friendly
+@shared_options(**_training_options(), **_head_options())
 def sweep(
-    cache: str = typer.Option(..., help="A store written by `pipeline extract`; every block and step in it is swept."),
-    out: Path = typer.Option(..., help="The sweep folder (runs/<name>, sweep.csv, sweep.png); run again to resume."),
-    epochs: int = typer.Option(100, help="Epochs per fit."),
-    train_count: Optional[int] = typer.Option(None, help="Few-shot training images (default: 5 MoNuSeg, 150 QaTa, else all)."),
-    subset_seed: int = typer.Option(0, help="Seed of the few-shot subset."),
-    dim: int = typer.Option(768, help="Width of the projections and the transformer block."),
-    head_channels: str = typer.Option("128,32", help="Hidden widths of the conv classifier."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the weights, order and augmentation (default: the subset seed)."),
-    memory_budget_gb: float = typer.Option(4.0, help="Hold features in memory up to this size, else stream them."),
-    no_augment: bool = typer.Option(False, "--no-augment", help="Do not sample the cached dihedral views."),
+    cache: str = option(FitConfig, "cache", help="A store written by `pipeline extract`; every block and step in it is swept."),
+    out: Path = option(FitConfig, "out", help="The sweep folder (runs/<name>, sweep.csv, sweep.png); run again to resume."),
     grid: bool = typer.Option(False, "--grid", help="Also one fit per (block, step) pair: the block × step heat-map grid.png."),
+    common: Optional[dict] = None,
 ) -> None:
     """Fig. 3: one fit per single block and per single step, with and without text, each scored on test."""
     from train.sweep import sweep_cli
 
-    base = dict(train_count=train_count, subset_seed=subset_seed, dim=dim,
-                head_channels=_ints(head_channels, "--head-channels") or (), seed=seed,
-                memory_budget_gb=memory_budget_gb, augment=not no_augment)
+    base = _flat(common or {})
+    epochs = base.pop("epochs")
     sweep_cli(cache, out, epochs, base, console=err, grid=grid)
 
 
@@ -312,11 +322,18 @@ def predict(
 
     The last line printed is the mask's path.
     """
-    from train.predict import mask_path
+    from extract.checkpoints import UNetNotFoundError
+    from train.predict import WeightsMismatchError, mask_path
     from train.predict import predict as predict_image
 
-    mask = predict_image(run, image, text, out, cache, original_size, unet=unet, text_encoder=text_encoder,
-                         device=device, console=err)
+    try:
+        mask = predict_image(run, image, text, out, cache, original_size, unet=unet, text_encoder=text_encoder,
+                             device=device, console=err)
+    except (ValueError, UNetNotFoundError) as e:
+        if type(e) not in (ValueError, WeightsMismatchError, UNetNotFoundError):
+            raise
+        # the library names its arguments; here they are flags
+        raise type(e)(str(e).replace("unet=PATH", "--unet PATH").replace("text_encoder=", "--text-encoder ")) from None
     err.print(f"{mask.mean():.1%} of {mask.shape[1]}x{mask.shape[0]} pixels foreground")
     typer.echo(str(mask_path(out, image)))
 
@@ -353,45 +370,20 @@ def pretrain(
 @app.command()
 @friendly
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything (rerun to resume)."),
-    iterations: int = typer.Option(300, help="Diffusion pretraining iterations (batch 8)."),
-    epochs: int = typer.Option(25, help="Epochs of each fit."),
+    out: Path = option(DemoConfig, "out"),
+    iterations: int = option(DemoConfig, "iterations"),
+    epochs: int = option(DemoConfig, "epochs"),
 ) -> None:
     """The main job on the embedded default, offline: synthetic data → pretrain a diffusion UNet →
     extract (MiniLM text) → fit with and without text → evaluate → runs/demo/report.md."""
     from rich.table import Table
 
-    from extract.pretrain import PretrainConfig
-    from extract.pretrain import pretrain as run_pretrain
-    from extract.run import ExtractConfig, run_extract
-    from train.evaluate import eval_dir, evaluate
-    from train.fit import FitConfig, fit_finished
-    from train.fit import fit as run_fit
-    from train.report import results_table, write_report
+    from train.demo import demo_runs, run_demo
+    from train.report import results_table
 
-    out.mkdir(parents=True, exist_ok=True)
-    pre = out / "pretrain"
-    if not (pre / "model.pt").is_file() or not (pre / "samples.png").is_file():
-        run_pretrain(PretrainConfig(dataset="synthetic", out=pre, size=64, iterations=iterations, batch_size=8,
-                                    resume=True), console=err)
-    store = run_extract(ExtractConfig(dataset="synthetic", unet=str(pre), text_encoder="minilm", size=64,
-                                      cache_dir=out / "cache"), console=err)
-    runs = {"with text": out / "text", "no text": out / "no-text"}
-    for name, run in runs.items():
-        if not fit_finished(run):
-            err.print(f"[bold]demo[/]: fit {name}")
-            run_fit(FitConfig(cache=store, out=run, epochs=epochs, dim=64,
-                              fusion="cross-attn" if name == "with text" else "none"), console=err)
-        if not (eval_dir(run, "test") / "summary.json").is_file():
-            evaluate(run, console=err)
-    commands = [f"pipeline pretrain --dataset synthetic --size 64 --iterations {iterations} --batch-size 8 --out {pre}",
-                f"pipeline extract --dataset synthetic --unet {pre} --text-encoder minilm --size 64 --cache-dir {out / 'cache'}",
-                f"pipeline fit --cache {store} --out {runs['with text']} --epochs {epochs} --dim 64",
-                f"pipeline fit --cache {store} --out {runs['no text']} --epochs {epochs} --dim 64 --no-text",
-                *(f"pipeline evaluate {run}" for run in runs.values())]
-    report = write_report(out, pre, runs, commands, store)
+    report = run_demo(out, iterations=iterations, epochs=epochs, console=err)
     table = Table("run", "test Dice %", "IoU %", "global Dice %", title="textdiff demo (synthetic, test split)")
-    for r in results_table(runs):
+    for r in results_table(demo_runs(out)):
         table.add_row(r["run"], f"{100 * r['dice']:.2f} ± {100 * r['dice_std']:.2f}", f"{100 * r['iou']:.2f}",
                       f"{100 * r['global_dice']:.2f}")
     Console().print(table)

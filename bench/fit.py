@@ -90,7 +90,7 @@ def main() -> None:
                         size=size, steps=STEPS, blocks=BLOCKS, splits=("train", "val"), limit=n,
                         cache_dir=work / "cache", device="cpu")
     warm = run_extract(replace(cfg, limit=1, cache_dir=work / "warm-up"), console=quiet)  # imports, file cache
-    fit_module.fit(fit_module.FitConfig(cache=warm, out=work / "warm-up-fit", epochs=1, dim=args.dim), console=quiet)
+    fit_module.fit(fit_module.FitConfig.flat(cache=warm, out=work / "warm-up-fit", epochs=1, dim=args.dim), console=quiet)
     t0 = time.perf_counter()
     store = run_extract(cfg, console=quiet)
     t_extract = time.perf_counter() - t0
@@ -98,7 +98,7 @@ def main() -> None:
                                  device="cpu")
 
     def one_fit(name: str, how: str) -> tuple[float, float]:
-        cfg = fit_module.FitConfig(cache=store, out=work / f"{how}-{name}", epochs=epochs, dim=args.dim,
+        cfg = fit_module.FitConfig.flat(cache=store, out=work / f"{how}-{name}", epochs=epochs, dim=args.dim,
                                    **CONFIGS[name])
         patch = (mock.patch.object(fit_module, "SplitFeatures", recomputing_split(extractor)) if how == "authors"
                  else contextlib.nullcontext())

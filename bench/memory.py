@@ -50,7 +50,7 @@ def child(store: str, count: int, budget_gb: float, out: str) -> None:
 
     fit_module.SplitFeatures = Recorded
     before = peak_rss_mb()
-    fit_module.fit(fit_module.FitConfig(cache=Path(store), out=Path(out), epochs=1, dim=64, train_count=count,
+    fit_module.fit(fit_module.FitConfig.flat(cache=Path(store), out=Path(out), epochs=1, dim=64, train_count=count,
                                         memory_budget_gb=budget_gb), console=Console(stderr=True, quiet=True))
     peak = peak_rss_mb()
     print(json.dumps({"peak_mb": peak, "after_imports_mb": before, "train_in_memory": seen["train"][0],

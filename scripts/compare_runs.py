@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, by a bare python3 too
+from train import rundir  # noqa: E402  (the standard library only)
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,11 @@ class Comparison:
 
 def read_run(run: Path, split: str) -> tuple[int, dict[str, float]]:
     """(subset seed, {image id: Dice}) of one evaluated run folder."""
-    config, per_image = run / "config.json", run / f"eval-{split}" / "per_image.csv"
+    config, per_image = run / rundir.CONFIG, rundir.eval_dir(run, split) / rundir.PER_IMAGE
     for path in (config, per_image):
         if not path.is_file():
             raise SystemExit(f"{path}: missing (is {run} a fit run evaluated on {split}?)")
-    seed = json.loads(config.read_text())["fit"]["subset_seed"]
+    seed = rundir.read_json(config)["fit"]["subset_seed"]
     with per_image.open(newline="") as f:
         return int(seed), {row["id"]: float(row["dice"]) for row in csv.DictReader(f)}
 

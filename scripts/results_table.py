@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, by a bare python3 too
+from train import rundir  # noqa: E402  (the standard library only)
 
 METHODS = {"textdiff": "TextDiff", "notext": "no text (ζ1)", "concat": "concat fusion (ζ2)", "unet": "U-Net baseline"}
 # The paper's Tables 1 and 2 (Dice / IoU %); Table 2 gives Dice only.
@@ -33,16 +36,17 @@ def table(out: Path, dataset: str) -> str:
     rows = ["| method | Dice % (ours) | IoU % (ours) | subsets | Dice % (paper) | IoU % (paper) |",
             "|---|---|---|---|---|---|"]
     for key, name in METHODS.items():
-        runs = sorted(out.glob(f"{key}-*/eval-test/summary.json"))
-        dice = [json.loads(p.read_text())["dice"] for p in runs]
-        iou = [json.loads(p.read_text())["iou"] for p in runs]
-        seeds = ",".join(p.parts[-3].rsplit("-", 1)[1] for p in runs)
+        runs = [r for r in sorted(out.glob(f"{key}-*")) if (rundir.eval_dir(r, "test") / rundir.SUMMARY).is_file()]
+        summaries = [rundir.read_json(rundir.eval_dir(r, "test") / rundir.SUMMARY) for r in runs]
+        dice = [s["dice"] for s in summaries]
+        iou = [s["iou"] for s in summaries]
+        seeds = ",".join(r.name.rsplit("-", 1)[1] for r in runs)
         paper_dice, paper_iou = PAPER[dataset][key]
         rows.append(f"| {name} | {mean_std(dice)} | {mean_std(iou)} | {seeds or '—'} | {paper_dice:.2f} | "
                     f"{'—' if paper_iou is None else f'{paper_iou:.2f}'} |")
-    example = next(iter(sorted(out.glob("textdiff-*/config.json"))), None)
+    example = next(iter(sorted(out.glob(f"textdiff-*/{rundir.CONFIG}"))), None)
     if example:
-        cfg = json.loads(example.read_text())
+        cfg = rundir.read_json(example)
         fit = cfg["fit"]
         rows += ["", f"Image size {cfg['size']} px; blocks {cfg['blocks']} × steps {cfg['steps']}; "
                      f"{len(cfg['train_ids'])} training images; {fit['epochs']} epochs; head width {fit['dim']}; "

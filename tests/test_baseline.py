@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import pipeline
 from tests.helpers import tiny_store
-from train.baseline import PlainUNet
+from train.plain_unet import PlainUNet
 
 runner = CliRunner()
 
@@ -35,9 +35,9 @@ def test_default_is_the_classic_31m_unet() -> None:
     # 64-128-256-512-1024 channels, transposed-conv up-sampling: 31,037,698 parameters (Ronneberger et al.)
     assert sum(p.numel() for p in net.parameters()) == 31_037_698
     small = PlainUNet(width=8, depth=3)
-    assert small([torch.zeros(2, 3, 32, 32)]).shape == (2, 2, 32, 32)
+    assert small(torch.zeros(2, 3, 32, 32)).shape == (2, 2, 32, 32)
     with pytest.raises(ValueError, match="divisible by 8"):
-        small([torch.zeros(1, 3, 36, 36)])
+        small(torch.zeros(1, 3, 36, 36))
 
 
 def test_baseline_trains_on_fits_subset_and_evaluates_alike(store: Path, tmp_path: Path) -> None:

@@ -13,7 +13,10 @@ from cache.store import FeatureStore
 from extract.run import ExtractConfig, run_extract
 from train.data import SplitFeatures
 from train.evaluate import PER_IMAGE_COLUMNS, SUMMARY_KEYS, evaluate
-from train.fit import CacheMismatchError, FitConfig, fit, load_run, predict
+from train.fit import FitConfig, fit
+from train.models import load_run
+from train.models import probabilities as predict
+from train.rundir import CacheMismatchError
 from train.metrics import dice_iou
 from train.plots import GT_COLOR, PRED_COLOR, heatmap_png, loss_curve_png, overlay_dims, overlay_image, panel_size
 
@@ -36,7 +39,7 @@ def store_path(tiny_unet, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run(store_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    fit(FitConfig(cache=store_path, out=out, epochs=2, dim=16, head_channels=(8, 4)), console=quiet())
+    fit(FitConfig.flat(cache=store_path, out=out, epochs=2, dim=16, head_channels=(8, 4)), console=quiet())
     return out
 
 
@@ -114,10 +117,10 @@ def test_metrics_recomputed_from_saved_predictions(run, evaluated, store_path):
 
 def test_features_are_read_as_the_head_was_trained(store_path, tmp_path, monkeypatch):
     """A run fitted with the authors' padding attention is evaluated with it too."""
-    import train.fit
+    import train.data
 
     run = tmp_path / "padding"
-    fit(FitConfig(cache=store_path, out=run, epochs=1, dim=16, head_channels=(8, 4), attend_padding=True),
+    fit(FitConfig.flat(cache=store_path, out=run, epochs=1, dim=16, head_channels=(8, 4), attend_padding=True),
         console=quiet())
     seen = []
 
@@ -126,7 +129,7 @@ def test_features_are_read_as_the_head_was_trained(store_path, tmp_path, monkeyp
             super().__init__(store, split, blocks, steps, indices, memory_budget, attend_padding)
             seen.append(attend_padding)
 
-    monkeypatch.setattr(train.fit, "SplitFeatures", Spy)  # evaluate builds its data through train.fit.split_data
+    monkeypatch.setitem(train.data.READERS, "features", Spy)  # evaluate builds its data through train.data.READERS
     evaluate(run, overlays=False, console=quiet())
     assert seen == [True]
     config, head, store = load_run(run)
@@ -234,7 +237,7 @@ def test_monuseg_fit_evaluate_is_sane_and_repeatable(tiny_unet: Path, monuseg_ro
     summaries = []
     for name in ("a", "b"):
         run = tmp_path / name
-        metrics = fit(FitConfig(cache=store, out=run, epochs=3, dim=16, head_channels=(8, 4)), console=quiet())
+        metrics = fit(FitConfig.flat(cache=store, out=run, epochs=3, dim=16, head_channels=(8, 4)), console=quiet())
         assert metrics["n_train"] == 3 and metrics["val_split"] == "val"  # the paper's 5 > the 3 available
         evaluate(run, console=quiet())
         summaries.append((run / "eval-test" / "summary.json").read_bytes())

@@ -14,7 +14,9 @@ import torch
 
 from cache.store import FeatureStore
 from train.data import MissingFeaturesError, SplitFeatures, choose_subset
-from train.fit import INCOMPLETE, CacheMismatchError, FitConfig, fit, load_run
+from train.fit import FitConfig, fit
+from train.models import load_run
+from train.rundir import INCOMPLETE, CacheMismatchError
 
 from helpers import tiny_store
 
@@ -27,7 +29,7 @@ def store_path(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def tiny_fit(store: Path, out: Path, **kw) -> FitConfig:
-    return FitConfig(cache=store, out=out, epochs=2, dim=16, head_channels=(8, 4), **kw)
+    return FitConfig.flat(cache=store, out=out, epochs=2, dim=16, head_channels=(8, 4), **kw)
 
 
 def test_fit_writes_a_complete_run(store_path: Path, tmp_path: Path) -> None:
@@ -145,7 +147,7 @@ def test_fit_never_loads_the_unet_or_a_text_encoder(store_path: Path, tmp_path: 
 import sys
 from pathlib import Path
 from train.fit import FitConfig, fit
-fit(FitConfig(cache=Path({str(store_path)!r}), out=Path({str(tmp_path / 'r')!r}), epochs=1, dim=16,
+fit(FitConfig.flat(cache=Path({str(store_path)!r}), out=Path({str(tmp_path / 'r')!r}), epochs=1, dim=16,
               head_channels=(8, 4)))
 loaded = [m for m in ("extract.unet", "extract.features", "extract.text", "transformers") if m in sys.modules]
 assert not loaded, loaded

@@ -13,8 +13,9 @@ from PIL import Image
 from cache.store import FeatureStore
 from extract.text import load_text_encoder
 from train.data import SplitFeatures
-from train.fit import FitConfig, fit, load_run
-from train.fit import predict as head_predict
+from train.fit import FitConfig, fit
+from train.models import load_run
+from train.models import probabilities as head_predict
 from extract.datasets import read_image
 from train.predict import Predictor, WeightsMismatchError, predict
 
@@ -32,7 +33,7 @@ def tiny(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     shutil.copyfile(tiny_unet / "adm_tiny.pt", ckpt)
     store = tiny_store(tiny_unet, root / "cache", unet=ckpt, batch_size=4)
     run = root / "run"
-    fit(FitConfig(cache=store, out=run, epochs=2, dim=16, head_channels=(8, 4), train_count=None))
+    fit(FitConfig.flat(cache=store, out=run, epochs=2, dim=16, head_channels=(8, 4), train_count=None))
     return {"root": root, "store": store, "run": run, "ckpt": ckpt}
 
 
@@ -132,7 +133,7 @@ def test_text_encoder_with_other_tokenizer_is_refused(tiny: dict, tmp_path: Path
 
 def test_no_text_run_needs_no_text(tiny: dict, tmp_path: Path) -> None:
     run = tmp_path / "run-notext"
-    fit(FitConfig(cache=tiny["store"], out=run, epochs=1, dim=16, head_channels=(8, 4), fusion="none"))
+    fit(FitConfig.flat(cache=tiny["store"], out=run, epochs=1, dim=16, head_channels=(8, 4), fusion="none"))
     config, head, store = load_run(run)
     sample = SplitFeatures(store, "test", config["blocks"], config["steps"]).batch([1])
     png = _write_png(store, "test", 1, tmp_path / "b.png")
@@ -158,3 +159,42 @@ def test_cli(tiny: dict, tmp_path: Path) -> None:
     res = CliRunner().invoke(pipeline.app, ["predict", str(tiny["run"]), "--image", str(tmp_path / "gone.png"), "--text", text,
                                             "--out", str(tmp_path / "m.png")])
     assert res.exit_code == 1 and "gone.png" in res.output
+
+
+FORWARD_OPTIONS = {
+    "attend-padding": {"attend_padding": True},
+    "norm-batch": {"norm": "batch"},
+    "pos-enc": {"pos_enc": True},
+    "fusion-concat": {"fusion": "concat"},
+    "no-text": {"fusion": "none"},
+    "per-scale-blocks": {"shared_block": False},
+    "plain-unet": {"model": "plain-unet", "width": 4, "depth": 2},
+}
+
+
+@pytest.mark.parametrize("option", list(FORWARD_OPTIONS))
+def test_predict_equals_evaluate(tiny: dict, tmp_path: Path, option: str) -> None:
+    """Every fit option that changes the forward pass: a new image through predict gives the probabilities
+    evaluate computes from the cache, and the masks evaluate saved."""
+    from train.evaluate import evaluate
+    from train.models import open_split, reading_of, spec_of
+
+    from helpers import quiet
+
+    run = tmp_path / option
+    flat = dict(FORWARD_OPTIONS[option])
+    if flat.get("model") != "plain-unet":
+        flat.update(dim=16, head_channels=(8, 4))
+    fit(FitConfig.flat(cache=tiny["store"], out=run, epochs=2, **flat), console=quiet())
+    evaluate(run, overlays=False, console=quiet())
+    saved = np.load(run / "eval-test" / "predictions.npz")["pred"]
+    config, model, store = load_run(run)
+    data = open_split(spec_of(config), store, "test", reading_of(config))
+    p = Predictor.from_run(run, device="cpu")
+    for i in range(len(data)):
+        png = _write_png(store, "test", i, tmp_path / f"{data.ids[i]}.png")
+        want = head_predict(model, data.batch([i]), SIZE)[0].numpy()
+        got = p.probabilities(read_image(png, SIZE)[0], data.texts[i])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=f"{option}: {data.ids[i]}")
+        clear = np.abs(want[1] - want[0]) > 1e-3  # away from a tie, the masks agree exactly
+        np.testing.assert_array_equal((got.argmax(0) != 0)[clear], saved[i][clear])

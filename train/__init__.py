@@ -1,0 +1,69 @@
+"""Stage two: models trained from the feature store, their run folders, and the loops.
+
+Module map::
+
+    config.py      what the commands take (no torch): FitConfig (the training options + the model and its
+                   own arguments: TextDiffArgs, PlainUNetArgs), DemoConfig
+    models.py      the model registry (textdiff, plain-unet), the one forward pass, load_run
+    model.py       the TextDiff head (TextDiffHead)
+    plain_unet.py  the plain U-Net baseline (PlainUNet) and the store it trains on
+    data.py        a split as a model reads it: SplitFeatures / SplitImages → Sample / ImageSample
+    rundir.py      the run folder: file names, atomic writes, INCOMPLETE, the cache-key check
+    fit.py         fit: train a registered model, keep the best epoch
+    evaluate.py    evaluate: score a run on a split (per_image.csv, summary.json, overlays)
+    predict.py     Predictor / predict: segment a new image with a run
+    sweep.py       sweep: the paper's Fig. 3 (one fit per block / step, with and without text)
+    demo.py        run_demo: synthetic data → pretrain → extract → fit → evaluate → report
+    report.py, plots.py, losses.py, metrics.py   the demo's report, figures, loss, metrics
+
+Names are imported on first use, so ``import train`` stays light (``predict`` loads the UNet's code).
+The loops are modules named as their function: ``train.fit.fit(cfg)``, ``train.evaluate.evaluate(run)``,
+``train.predict.predict(...)``, ``train.sweep.sweep(...)`` (a package attribute cannot be both the
+module and its function: ``import train.fit`` binds the module)::
+
+    import train
+    cfg = train.FitConfig(cache=store, out=run, model_args=train.TextDiffArgs(dim=64))
+    train.fit.fit(cfg)
+    train.evaluate.evaluate(run)
+    mask = train.Predictor.from_run(run)(image, text, out="mask.png")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULES = ("fit", "evaluate", "predict", "sweep")
+_HOME = {
+    "FitConfig": "train.config",
+    "Predictor": "train.predict",
+    "run_demo": "train.demo",
+    "DemoConfig": "train.config",
+    "MODELS": "train.models",
+    "ModelSpec": "train.models",
+    "model_spec": "train.models",
+    "load_run": "train.models",
+    "probabilities": "train.models",
+    "TextDiffArgs": "train.config",
+    "TextDiffHead": "train.model",
+    "PlainUNetArgs": "train.config",
+    "PlainUNet": "train.plain_unet",
+    "CacheMismatchError": "train.rundir",
+    "eval_dir": "train.rundir",
+    "evaluated": "train.rundir",
+    "fit_finished": "train.rundir",
+}
+
+__all__ = sorted([*_HOME, *_MODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f"train.{name}")
+    if name not in _HOME:
+        raise AttributeError(f"module 'train' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOME[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,6 +1,9 @@
 """Stage two's view of the cache: which features, which images, in memory or streamed.
 
 Nothing here loads the UNet or a text encoder: everything comes from a :class:`cache.store.FeatureStore`.
+A model reads a split through one of two readers with one interface (:class:`SplitData`: rows → a
+sample): :class:`SplitFeatures` (cached features + text tokens, a :class:`Sample`) or
+:class:`SplitImages` (the store's images, an :class:`ImageSample`); :data:`READERS` names them.
 Per scale (one block), the chosen steps are concatenated on channels in ascending order, so a
 block with C channels gives a (len(steps)·C, h, w) map, as in the authors' code.
 """
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -17,6 +20,7 @@ import torch
 from cache.integrity import DamagedDataError, base_arrays, first_damaged, pair_array
 from cache.store import FeatureStore
 from extract.command import extract_command
+from extract.shared import to_unit_range
 
 #: few-shot protocol of the paper: training images per dataset (others: all)
 PAPER_TRAIN_COUNT = {"monuseg": 5, "qata": 150}
@@ -35,7 +39,7 @@ def choose_subset(n_total: int, count: int | None, seed: int) -> np.ndarray:
     if count is None or count >= n_total:
         return np.arange(n_total)
     if count < 1:
-        raise ValueError(f"--train-count must be >= 1, got {count}")
+        raise ValueError(f"train_count must be >= 1, got {count}")
     return np.sort(np.random.default_rng(seed).choice(n_total, size=count, replace=False))
 
 
@@ -55,14 +59,71 @@ def resolve_selection(store: FeatureStore, blocks: Sequence[int] | None, steps: 
     return blocks, steps
 
 
+def visible_tokens(token_mask: np.ndarray, attend_padding: bool) -> np.ndarray:
+    """The token mask a model attends with: every token with ``attend_padding`` (the authors' code),
+    else the real ones. Applied wherever tokens are read (the store's, a new image's)."""
+    return np.ones_like(token_mask) if attend_padding else token_mask
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a run reads from a store: its blocks × steps, padding attention, and the memory budget."""
+
+    blocks: tuple[int, ...] = ()
+    steps: tuple[int, ...] = ()
+    attend_padding: bool = False
+    memory_budget: float = 4 * GIB
+
+
 @dataclass
 class Sample:
-    """One image (one view) as the head takes it, batch dimension included."""
+    """One image (one view) as the TextDiff head takes it, batch dimension included."""
 
     feats: list[torch.Tensor]    # per block (B, len(steps)·C, h, w) float32
     tokens: torch.Tensor         # (B, L, D) float32
     token_mask: torch.Tensor     # (B, L) bool
     target: torch.Tensor         # (B, S, S) int64 in {0, 1}
+
+    def inputs(self) -> dict[str, Any]:
+        """The model's keyword arguments."""
+        return {"feats": self.feats, "tokens": self.tokens, "token_mask": self.token_mask}
+
+    def to(self, device: torch.device) -> Sample:
+        """The inputs on ``device`` (the target stays where it is)."""
+        return Sample([f.to(device) for f in self.feats], self.tokens.to(device), self.token_mask.to(device),
+                      self.target)
+
+
+@dataclass
+class ImageSample:
+    """One image (one view) as a model on the images takes it, batch dimension included."""
+
+    image: torch.Tensor          # (B, 3, S, S) float32 in [-1, 1]
+    target: torch.Tensor         # (B, S, S) int64 in {0, 1}
+
+    def inputs(self) -> dict[str, Any]:
+        """The model's keyword arguments."""
+        return {"image": self.image}
+
+    def to(self, device: torch.device) -> ImageSample:
+        """The inputs on ``device`` (the target stays where it is)."""
+        return ImageSample(self.image.to(device), self.target)
+
+
+class SplitData(Protocol):
+    """The selected rows of one split, as a model reads them."""
+
+    ids: list[str]
+    texts: list[str]
+    indices: np.ndarray
+    views: int
+    in_memory: bool
+
+    def __len__(self) -> int: ...
+
+    def batch(self, rows: Sequence[int], views: Sequence[int] | None = None) -> Sample | ImageSample: ...
+
+    def describe(self) -> str: ...
 
 
 class SplitFeatures:
@@ -103,8 +164,24 @@ class SplitFeatures:
                 self._check_rows()
                 raise
         self._check_rows()
-        if attend_padding:  # the authors' behaviour: padding tokens take part in the attention
-            self._token_mask = np.ones_like(self._token_mask)
+        self._token_mask = visible_tokens(self._token_mask, attend_padding)
+
+    @classmethod
+    def open(cls, store: FeatureStore, split: str, reading: Reading, indices: Sequence[int] | None = None
+             ) -> SplitFeatures:
+        """The rows ``indices`` of ``split`` (default all) as ``reading`` reads them."""
+        return cls(store, split, reading.blocks, reading.steps, indices, reading.memory_budget,
+                   reading.attend_padding)
+
+    @staticmethod
+    def select(store: FeatureStore, blocks: Sequence[int] | None, steps: Sequence[int] | None
+               ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The blocks and steps a fit reads (:func:`resolve_selection`)."""
+        return resolve_selection(store, blocks, steps)
+
+    def describe(self) -> str:
+        """What is read, for a fit's first line."""
+        return f"blocks {list(self.blocks)} × steps {list(self.steps)}"
 
     def _check_rows(self, base: dict[str, Any] | None = None) -> None:
         """Every selected row reads back as written (finite, its recorded CRC-32), or a
@@ -141,8 +218,11 @@ class SplitFeatures:
         feats = self.features(rows, views)
         tokens = torch.from_numpy(np.stack([self._row(self._tokens, k) for k in rows])).float()
         token_mask = torch.from_numpy(self._token_mask[list(rows)])
-        target = torch.from_numpy(np.stack([self._row(self._mask, k, v) for k, v in zip(rows, views)])).long()
-        return Sample(feats, tokens, token_mask, target)
+        return Sample(feats, tokens, token_mask, self.targets(rows, views))
+
+    def targets(self, rows: Sequence[int], views: Sequence[int]) -> torch.Tensor:
+        """(B, S, S) int64 masks of ``rows`` at ``views``."""
+        return torch.from_numpy(np.stack([self._row(self._mask, k, v) for k, v in zip(rows, views)])).long()
 
     def features(self, rows: Sequence[int], views: Sequence[int]) -> list[torch.Tensor]:
         """Per block, (B, len(steps)·C, h, w) float32: the steps concatenated on channels."""
@@ -156,3 +236,46 @@ class SplitFeatures:
     def channels(self) -> list[int]:
         """Input channels per scale: len(steps) × the block's channels."""
         return [len(self.steps) * int(self._feat[(self.steps[0], b)].shape[2]) for b in self.blocks]
+
+
+class SplitImages:
+    """The selected rows of a split as a model on the images reads them: the store's images (every
+    cached view, held in memory: images are small beside features) and masks. Masks, ids, texts and
+    the row checks come from the split's rows without features (a :class:`SplitFeatures` of no block)."""
+
+    def __init__(self, store: FeatureStore, split: str, indices: Sequence[int] | None = None,
+                 memory_budget: float = 4 * GIB):
+        self.rows = SplitFeatures(store, split, (), (), indices, memory_budget)
+        self.ids, self.texts, self.indices = self.rows.ids, self.rows.texts, self.rows.indices
+        self.views, self.in_memory = self.rows.views, self.rows.in_memory
+        self._images = store.images(split)[self.indices].compute()
+        self.rows._check_rows({"image": self._images})
+
+    @classmethod
+    def open(cls, store: FeatureStore, split: str, reading: Reading, indices: Sequence[int] | None = None
+             ) -> SplitImages:
+        """The rows ``indices`` of ``split`` (default all); of ``reading`` only the memory budget counts."""
+        return cls(store, split, indices, reading.memory_budget)
+
+    @staticmethod
+    def select(store: FeatureStore, blocks: Sequence[int] | None, steps: Sequence[int] | None
+               ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """No blocks or steps: the images are read."""
+        return (), ()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def describe(self) -> str:
+        """What is read, for a fit's first line."""
+        return "images"
+
+    def batch(self, rows: Sequence[int], views: Sequence[int] | None = None) -> ImageSample:
+        """Rows ``rows`` (positions in this selection), each at its view (default 0), in [-1, 1]."""
+        views = list(views) if views is not None else [0] * len(rows)
+        image = to_unit_range(np.stack([self._images[k, v] for k, v in zip(rows, views)]))
+        return ImageSample(torch.from_numpy(image), self.rows.targets(rows, views))
+
+
+#: the store readers, by what a model reads (:attr:`train.models.ModelSpec.reads`)
+READERS: dict[str, type[SplitFeatures] | type[SplitImages]] = {"features": SplitFeatures, "images": SplitImages}

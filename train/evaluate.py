@@ -13,7 +13,6 @@ folder holds the latest evaluation only (earlier overlays are removed, also with
 """
 from __future__ import annotations
 
-import csv
 import json
 import re
 import time
@@ -21,44 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from rich.console import Console
 
 from extract.shared import stage_progress
-from train.data import GIB, Sample
+from train import rundir
 from train.metrics import SegMetrics
+from train.models import load_run, open_split, probabilities, reading_of, spec_of
 from train.plots import overlay_png
+from train.rundir import eval_dir, write_json
 
 __all__ = ["PER_IMAGE_COLUMNS", "SUMMARY_KEYS", "eval_dir", "evaluate", "evaluate_cli"]
 
 SUMMARY_KEYS = ("dice", "iou", "dice_std", "iou_std", "global_dice", "n_images", "split", "cache_key_hash")
 PER_IMAGE_COLUMNS = ("id", "dice", "iou", "intersection", "pred_area", "target_area", "text")
 PROGRESS_AFTER_S = 2.0          # the bar appears only once an evaluation has run this long
-_ACTIVATION_BUDGET = 1 * GIB    # per forward batch, for the upsampled, concatenated maps
-
-
-def eval_dir(run: Path, split: str) -> Path:
-    """Where :func:`evaluate` writes the results of ``run`` on ``split``."""
-    return Path(run) / f"eval-{split}"
 
 
 def _safe_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
-
-
-def _auto_batch(head_config: dict[str, Any], size: int) -> int:
-    """Images per forward pass: as many as fit _ACTIVATION_BUDGET (the concat of upsampled maps dominates), 1..8."""
-    maps = len(head_config["in_channels"]) + (head_config.get("fusion") == "concat")
-    per_image = 2 * maps * head_config["dim"] * size * size * 4  # upsampled maps + their concat, float32
-    return int(min(8, max(1, _ACTIVATION_BUDGET // per_image)))
-
-
-def _to(sample: Sample, device: torch.device) -> Sample:
-    """The sample's inputs on the head's device (the target stays where it is)."""
-    if device.type == "cpu":
-        return sample
-    return Sample([f.to(device) for f in sample.feats], sample.tokens.to(device), sample.token_mask.to(device),
-                  sample.target)
 
 
 def evaluate(run: Path, split: str = "test", cache: Path | None = None, overlays: bool = True,
@@ -69,32 +48,27 @@ def evaluate(run: Path, split: str = "test", cache: Path | None = None, overlays
         run: a finished ``fit`` run folder.
         split: the store split to score. Default "test".
         cache: the store to read; default the run's own (``config.json``). A store whose key differs
-            from the run's ``cache_key.json`` is refused (:class:`train.fit.CacheMismatchError`).
+            from the run's ``cache_key.json`` is refused (:class:`train.rundir.CacheMismatchError`).
         overlays: also write ``overlays/<id>.png`` per image. Default True.
         console: where progress and the result line go; default stderr.
-        batch_size: images per forward pass; default from the head's size (1..8).
+        batch_size: images per forward pass; default the model's rule (:class:`train.models.ModelSpec`).
 
     Returns the summary (also written to ``summary.json``).
     """
-    from train.fit import load_run, predict, split_data, write_json  # train.fit is heavier; import on use
-
     console = console or Console(stderr=True)
     run = Path(run)
-    config, head, store = load_run(run, cache)
-    fit_cfg = config.get("fit", {})
-    plain = config["head"].get("kind") == "plain-unet"
-    data = split_data(plain, store, split, tuple(config["blocks"]), tuple(config["steps"]), None,
-                      float(fit_cfg.get("memory_budget_gb", 4.0)) * GIB,
-                      bool(fit_cfg.get("attend_padding", False)))  # as the head was trained
+    config, model, store = load_run(run, cache)
+    spec = spec_of(config)
+    data = open_split(spec, store, split, reading_of(config))  # as the model was trained
     size = store.size
-    batch = batch_size or (4 if plain else _auto_batch(config["head"], size))
+    batch = batch_size or spec.batch_size(config["head"], size)
     images = store.images(split) if overlays else None
-    device = next(head.parameters()).device
+    device = next(model.parameters()).device
 
     out = eval_dir(run, split)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)
-    overlay_dir = out / "overlays"
+    (out / rundir.SUMMARY).unlink(missing_ok=True)
+    overlay_dir = out / rundir.OVERLAYS
     for stale in overlay_dir.glob("*.png"):  # the folder holds this evaluation only
         stale.unlink()
     if overlays:
@@ -111,8 +85,8 @@ def evaluate(run: Path, split: str = "test", cache: Path | None = None, overlays
     try:
         for start in range(0, len(data), batch):
             rows = list(range(start, min(start + batch, len(data))))
-            sample = _to(data.batch(rows), device)
-            pred = predict(head, sample, size).argmax(1).cpu()
+            sample = data.batch(rows).to(device)
+            pred = probabilities(model, sample, size).argmax(1).cpu()
             target = sample.target.cpu()
             metrics.update(pred, target)
             preds[rows] = pred.numpy() != 0
@@ -132,16 +106,13 @@ def evaluate(run: Path, split: str = "test", cache: Path | None = None, overlays
         if shown:
             progress.stop()
 
-    per_image = metrics.per_image()
-    with (out / "per_image.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(PER_IMAGE_COLUMNS))
-        writer.writeheader()
-        for image_id, text, scores in zip(data.ids, data.texts, per_image):
-            writer.writerow({"id": image_id, **scores, "text": text})
-    np.savez_compressed(out / "predictions.npz", ids=np.array(data.ids), pred=preds)
+    per_image = [{"id": image_id, **scores, "text": text}
+                 for image_id, text, scores in zip(data.ids, data.texts, metrics.per_image())]
+    rundir.write_csv(out / rundir.PER_IMAGE, per_image, PER_IMAGE_COLUMNS)
+    np.savez_compressed(out / rundir.PREDICTIONS, ids=np.array(data.ids), pred=preds)
     # no paths: the same fit evaluated in two folders gives the same bytes
     summary = {**metrics.aggregate(), "split": split, "cache_key_hash": store.key_hash}
-    write_json(out / "summary.json", summary)
+    write_json(out / rundir.SUMMARY, summary)
     pct = {k: 100 * summary[k] for k in ("dice", "dice_std", "iou", "iou_std", "global_dice")}
     console.print(f"evaluate {split}: {summary['n_images']} images, Dice {pct['dice']:.2f} ± {pct['dice_std']:.2f} %, "
                   f"IoU {pct['iou']:.2f} ± {pct['iou_std']:.2f} %, global Dice {pct['global_dice']:.2f} % → {out}",

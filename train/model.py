@@ -9,7 +9,9 @@ Shapes for the MoNuSeg config (blocks {6,8,12,16} × 3 steps, 256² output)::
     logits  (B,num_classes,256,256)
 
 With the defaults this is the paper's "9.68 M" head: exactly 9,683,234 trainable parameters.
-The constructor arguments are the config (``config``, ``save``/``load`` write and read them as JSON).
+The constructor arguments are the config (``config``); ``save``/``load`` write and read a run folder's
+layout (:mod:`train.rundir`), so ``TextDiffHead.load(run)`` loads a fitted run's head.
+:class:`train.config.TextDiffArgs` are the arguments a fit chooses (the rest come from the store).
 """
 from __future__ import annotations
 
@@ -21,12 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TextDiffHead", "TextCrossBlock", "CrossAttention", "FUSIONS", "count_parameters",
-           "sinusoidal_2d", "CONFIG_NAME", "WEIGHTS_NAME"]
+from train.config import FUSIONS, NORMS
+from train.rundir import read_model_files, write_model_files
 
-FUSIONS = ("cross-attn", "concat", "none")
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "head.pt"
+__all__ = ["TextDiffHead", "TextCrossBlock", "CrossAttention", "FUSIONS", "NORMS",
+           "count_parameters", "sinusoidal_2d"]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -134,9 +135,6 @@ class TextCrossBlock(nn.Module):
         x = x + self.attn1(self.norm1(x), context, mask)
         x = x + self.attn2(self.norm2(x), context, mask)
         return x + self.ff(self.norm3(x))
-
-
-NORMS = ("image", "batch")
 
 
 class ImageNorm(nn.BatchNorm2d):
@@ -284,18 +282,16 @@ class TextDiffHead(nn.Module):
         return self.classifier(torch.cat(maps, dim=1))
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``head.pt`` (the state dict) into ``directory``; returns it."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
-        torch.save(self.state_dict(), directory / WEIGHTS_NAME)
-        return directory
+        """Write the head in a run folder's layout (``config.json``'s ``head``, ``head.pt``); returns it."""
+        write_model_files(Path(directory), self.config, self.state_dict())
+        return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> TextDiffHead:
-        """Rebuild a head saved with :meth:`save` (strict state-dict load)."""
-        directory = Path(directory)
-        model = cls(**json.loads((directory / CONFIG_NAME).read_text()))
-        state = torch.load(directory / WEIGHTS_NAME, map_location=map_location, weights_only=True)
+        """Rebuild a head from a fitted run folder or :meth:`save`'s (strict state-dict load)."""
+        config, state = read_model_files(Path(directory), map_location)
+        if "kind" in config:
+            raise ValueError(f"{directory} holds a {config['kind']} model, not a TextDiff head")
+        model = cls(**config)
         model.load_state_dict(state)
         return model

@@ -7,13 +7,17 @@ content), the key's UNet flags, noise seed, size, colour order, text length and 
 the store's fixed UNet batch shape (``forward_batch``, zero padding included: each sample's
 activations are then computed exactly as during extraction). Features and tokens are rounded to
 float16 and back, as the store keeps them. Per block the steps are concatenated on channels in the
-run's order, as in :class:`train.data.SplitFeatures`.
+run's order, as in :class:`train.data.SplitFeatures`, and the token mask is the run's
+(:func:`train.data.visible_tokens`). A model that reads images gets the image alone. What a model
+reads comes from the registry (:attr:`train.models.ModelSpec.reads`); the probabilities from
+:func:`train.models.probabilities`, the forward pass evaluate uses.
 
 ``Predictor.from_run`` loads the models once; :func:`predict` is the one-shot wrapper.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +34,10 @@ from extract.diffusion import shared_noise
 from extract.features import FeatureExtractor, default_device
 from extract.shared import to_unit_range
 from extract.text import TextEncoder, load_text_encoder, tokenizer_files, weight_files
-from train.data import Sample
-from train.fit import load_run
-from train.fit import predict as head_predict
-from train.model import TextDiffHead
+from train.data import ImageSample, Sample, visible_tokens
+from train.models import load_run, probabilities, spec_of
 
-__all__ = ["Predictor", "WeightsMismatchError", "mask_path", "predict"]
+__all__ = ["FeatureInputs", "ImageInputs", "Predictor", "WeightsMismatchError", "mask_path", "predict"]
 
 _MISMATCH = "features computed with it would not match the ones the head was trained on"
 
@@ -56,17 +58,17 @@ def _resolve_checked_unet(spec: str | None, key: dict[str, Any], where: str) -> 
     expected = key["unet"]["weights_sha256"]
     if not spec:
         raise UNetNotFoundError(f"{where} does not record which UNet checkpoint made it; pass unet=PATH "
-                                f"(--unet) to the checkpoint with sha256 {expected}")
+                                f"to the checkpoint with sha256 {expected}")
     try:
         src = resolve_unet(spec, key["unet"]["flags"])
     except UNetNotFoundError as e:
         raise UNetNotFoundError(f"{e}\n  ({where} was made with UNet {spec!r}, sha256 {expected}; if the "
-                                f"file moved, pass --unet PATH)") from None
+                                f"file moved, pass unet=PATH)") from None
     got = src.identity()["weights_sha256"]
     if got != expected:
         raise WeightsMismatchError(
             f"UNet checkpoint {src.checkpoint} has sha256 {got}, but the run's cache key records {expected}: "
-            f"{_MISMATCH}. Pass --unet PATH to the checkpoint the store was extracted with.")
+            f"{_MISMATCH}. Pass unet=PATH to the checkpoint the store was extracted with.")
     return src
 
 
@@ -75,7 +77,7 @@ def _load_checked_encoder(spec: str | None, key: dict[str, Any], where: str, dev
     text_key = key["text"]
     if not spec:
         raise ValueError(f"{where} does not record which text encoder made it; pass text_encoder=... "
-                         f"(--text-encoder), the one named {text_key.get('source_name')!r} in its key")
+                         f"the one named {text_key.get('source_name')!r} in its key")
     encoder = load_text_encoder(spec, device=device)
     ident = encoder.identity()
     source = Path(encoder.source)
@@ -86,68 +88,54 @@ def _load_checked_encoder(spec: str | None, key: dict[str, Any], where: str, dev
             raise WeightsMismatchError(
                 f"text encoder {spec!r} {what} ({names}) have sha256 {ident[field]}, but the run's cache key "
                 f"records {text_key[field]} ({text_key.get('source_name')}): {_MISMATCH}. "
-                f"Pass --text-encoder DIR holding the encoder the store was extracted with.")
+                f"Pass text_encoder=DIR holding the encoder the store was extracted with.")
     if ident["dim"] != text_key["dim"]:
         raise WeightsMismatchError(f"text encoder {spec!r} is {ident['dim']}-d, the run's key says {text_key['dim']}")
     return encoder
 
 
-@dataclass
-class Predictor:
-    """A run's head with the UNet and text encoder that made its store, ready for new images."""
+def _target(size: int) -> torch.Tensor:
+    return torch.zeros(1, size, size, dtype=torch.long)  # no ground truth for a new image
 
-    config: dict[str, Any]
-    head: TextDiffHead
-    store: FeatureStore
-    extractor: FeatureExtractor | None  # None for the plain U-Net baseline (it takes the image itself)
-    encoder: TextEncoder | None  # None when the head takes no text (fusion "none", the plain U-Net)
+
+@dataclass
+class FeatureInputs:
+    """A new image as a features-reading model takes it: its features from the store's UNet, its
+    text through the store's encoder (None when the model takes no text), the run's token mask."""
+
+    extractor: FeatureExtractor
+    encoder: TextEncoder | None
     blocks: tuple[int, ...]
     steps: tuple[int, ...]
-    size: int
-    color_order: str
     max_length: int
+    token_dim: int
     pad_to: int | None
+    attend_padding: bool
 
     @classmethod
-    def from_run(cls, run: Path, cache: Path | None = None, *, unet: str | None = None,
-                 text_encoder: str | None = None, device: str | None = None) -> Predictor:
-        """Load run ``run`` (its store: ``cache`` or the one it recorded) and verify + load its models.
-
-        ``unet`` / ``text_encoder`` override where the store says its models are (if they moved);
-        their content is checked against the key either way.
-        """
-        config, head, store = load_run(Path(run), cache)
+    def for_run(cls, config: dict[str, Any], store: FeatureStore, unet: str | None, text_encoder: str | None,
+                device: torch.device) -> FeatureInputs:
+        """The run's UNet and text encoder, verified against its store's key."""
         key, made = store.key, dict(store.attrs.get("extract") or {})
         where = f"store {store.path}"
-        prep = key["preprocessing"]
-        if prep.get("image_resize") != "pil-bilinear":
-            raise ValueError(f"{where}: unsupported image_resize {prep.get('image_resize')!r}")
-        dev = torch.device(device) if device else default_device()
-        plain = config["head"].get("kind") == "plain-unet"
-        needs_text = not plain and config["head"].get("fusion", "cross-attn") != "none"
-        encoder = (_load_checked_encoder(text_encoder or made.get("text_encoder"), key, where, str(dev))
-                   if needs_text else None)
-        size = int(prep["size"])
-        extractor = None
-        if not plain:
-            src = _resolve_checked_unet(unet or made.get("unet"), key, where)
-            compute = key.get("compute_dtype", "float32")
-            extractor = FeatureExtractor(src.load(), shared_noise(size, int(key["noise_seed"])), device=dev,
-                                         autocast=compute != "float32")
-            if compute != "float32":
-                extractor.compute_dtype = getattr(torch, compute)  # the store's, whatever this device's default
+        encoder = (_load_checked_encoder(text_encoder or made.get("text_encoder"), key, where, str(device))
+                   if spec_of(config).needs_text(config["head"]) else None)
+        size = int(key["preprocessing"]["size"])
+        src = _resolve_checked_unet(unet or made.get("unet"), key, where)
+        compute = key.get("compute_dtype", "float32")
+        extractor = FeatureExtractor(src.load(), shared_noise(size, int(key["noise_seed"])), device=device,
+                                     autocast=compute != "float32")
+        if compute != "float32":
+            extractor.compute_dtype = getattr(torch, compute)  # the store's, whatever this device's default
         pad_to = store.attrs.get("forward_batch")
-        return cls(config=config, head=head, store=store, extractor=extractor, encoder=encoder,
-                   blocks=tuple(int(b) for b in config["blocks"]), steps=tuple(int(s) for s in config["steps"]),
-                   size=size, color_order=prep.get("color_order", "rgb"),
-                   max_length=int(key["text"]["max_length"]), pad_to=int(pad_to) if pad_to else None)
+        return cls(extractor=extractor, encoder=encoder, blocks=tuple(int(b) for b in config["blocks"]),
+                   steps=tuple(int(s) for s in config["steps"]), max_length=int(key["text"]["max_length"]),
+                   token_dim=int(store.attrs["token_dim"]), pad_to=int(pad_to) if pad_to else None,
+                   attend_padding=bool(config.get("fit", {}).get("attend_padding", False)))
 
     def features(self, image: np.ndarray) -> list[torch.Tensor]:
-        """Per block (1, len(steps)·C, h, w) float32 for one uint8 (3, S, S) image, as the store holds them
-        (the plain U-Net: the image itself in [-1, 1])."""
+        """Per block (1, len(steps)·C, h, w) float32 for one uint8 (3, S, S) image, as the store holds them."""
         x0 = torch.from_numpy(to_unit_range(image[None]))
-        if self.extractor is None:
-            return [x0]
         n = len(self.steps)
         x0, t = x0.repeat(n, 1, 1, 1), torch.tensor(self.steps)
         chunk = self.pad_to or n
@@ -167,25 +155,100 @@ class Predictor:
         return feats
 
     def tokens(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, L, D) float32 tokens rounded through float16, and the (1, L) bool mask."""
+        """(1, L, D) float32 tokens rounded through float16, and the (1, L) bool mask the model attends with."""
         if self.encoder is None:
-            d, length = int(self.store.attrs["token_dim"]), self.max_length
-            return torch.zeros(1, length, d), torch.zeros(1, length, dtype=torch.bool)
-        if not text.strip():
+            emb = np.zeros((1, self.max_length, self.token_dim), dtype=np.float16)
+            mask = np.zeros((1, self.max_length), dtype=bool)
+        elif not text.strip():
             raise ValueError("the text is empty, but this run's head attends to the text")
-        emb, mask = self.encoder.encode([text], self.max_length)
-        return torch.from_numpy(emb.astype(np.float16)).float(), torch.from_numpy(mask)
+        else:
+            emb, mask = self.encoder.encode([text], self.max_length)
+        return (torch.from_numpy(emb.astype(np.float16)).float(),
+                torch.from_numpy(visible_tokens(np.asarray(mask, dtype=bool), self.attend_padding)))
 
     def truncated(self, text: str) -> bool:
         """True when ``text`` has more tokens than the run's max_length (the rest is cut, as in extraction)."""
         return self.encoder is not None and self.encoder.token_counts([text])[0] > self.max_length
 
+    def sample(self, image: np.ndarray, text: str) -> Sample:
+        """The model's input for one uint8 (3, S, S) image and its text."""
+        return Sample(self.features(image), *self.tokens(text), _target(image.shape[-1]))
+
+
+@dataclass
+class ImageInputs:
+    """A new image as an images-reading model takes it: the image alone, in [-1, 1]."""
+
+    encoder: None = None
+
+    @classmethod
+    def for_run(cls, config: dict[str, Any], store: FeatureStore, unet: str | None, text_encoder: str | None,
+                device: torch.device) -> ImageInputs:
+        """Nothing to load."""
+        return cls()
+
+    def truncated(self, text: str) -> bool:
+        """The text is not read."""
+        return False
+
+    def sample(self, image: np.ndarray, text: str) -> ImageSample:
+        """The model's input for one uint8 (3, S, S) image (the text is not read)."""
+        return ImageSample(torch.from_numpy(to_unit_range(image[None])), _target(image.shape[-1]))
+
+
+#: how a new image is read, by what a model reads (:attr:`train.models.ModelSpec.reads`)
+INPUTS: dict[str, Callable[..., FeatureInputs | ImageInputs]] = {"features": FeatureInputs.for_run,
+                                                                  "images": ImageInputs.for_run}
+
+
+@dataclass
+class Predictor:
+    """A run's model with what reads a new image as its store did (:data:`INPUTS`)."""
+
+    config: dict[str, Any]
+    model: torch.nn.Module
+    store: FeatureStore
+    inputs: FeatureInputs | ImageInputs
+    size: int
+    color_order: str
+
+    @classmethod
+    def from_run(cls, run: Path, cache: Path | None = None, *, unet: str | None = None,
+                 text_encoder: str | None = None, device: str | None = None) -> Predictor:
+        """Load run ``run`` (its store: ``cache`` or the one it recorded) and verify + load its models.
+
+        ``unet`` / ``text_encoder`` override where the store says its models are (if they moved);
+        their content is checked against the key either way.
+        """
+        config, model, store = load_run(Path(run), cache)
+        prep = store.key["preprocessing"]
+        if prep.get("image_resize") != "pil-bilinear":
+            raise ValueError(f"store {store.path}: unsupported image_resize {prep.get('image_resize')!r}")
+        dev = torch.device(device) if device else default_device()
+        inputs = INPUTS[spec_of(config).reads](config, store, unet, text_encoder, dev)
+        return cls(config=config, model=model, store=store, inputs=inputs, size=int(prep["size"]),
+                   color_order=prep.get("color_order", "rgb"))
+
+    @property
+    def encoder(self) -> TextEncoder | None:
+        """The run's text encoder (None when its model takes no text)."""
+        return self.inputs.encoder
+
+    def features(self, image: np.ndarray) -> list[torch.Tensor]:
+        """The image's features, as the store holds them (a features-reading run)."""
+        return self.inputs.features(image)
+
+    def tokens(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text's tokens and the mask the model attends with (a features-reading run)."""
+        return self.inputs.tokens(text)
+
+    def truncated(self, text: str) -> bool:
+        """True when ``text`` has more tokens than the run's max_length (the rest is cut, as in extraction)."""
+        return self.inputs.truncated(text)
+
     def probabilities(self, image: np.ndarray, text: str) -> np.ndarray:
         """float32 (num_classes, S, S) class probabilities for a uint8 (3, S, S) image and its text."""
-        tokens, token_mask = self.tokens(text)
-        sample = Sample(self.features(image), tokens, token_mask, torch.zeros(1, self.size, self.size,
-                                                                             dtype=torch.long))
-        return head_predict(self.head, sample, self.size)[0].numpy()
+        return probabilities(self.model, self.inputs.sample(image, text), self.size)[0].numpy()
 
     def __call__(self, image: Path, text: str, out: Path, original_size: bool = False,
                  console: Console | None = None) -> np.ndarray:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from train.evaluate import eval_dir
+from train import rundir
 from train.plots import pretrain_curve_png
 
 
@@ -15,8 +14,8 @@ def results_table(runs: dict[str, Path], split: str = "test") -> list[dict[str, 
     """One row per run: its evaluation summary on ``split`` and its fit metrics."""
     rows = []
     for name, run in runs.items():
-        summary = json.loads((eval_dir(run, split) / "summary.json").read_text())
-        metrics = json.loads((run / "metrics.json").read_text())
+        summary = rundir.read_json(rundir.eval_dir(run, split) / rundir.SUMMARY)
+        metrics = rundir.read_json(Path(run) / rundir.METRICS)
         rows.append({"run": name, "dice": summary["dice"], "dice_std": summary["dice_std"], "iou": summary["iou"],
                      "global_dice": summary["global_dice"], "n_images": summary["n_images"],
                      "best_epoch": metrics["best_epoch"], "fit_seconds": metrics["seconds"]})
@@ -33,9 +32,11 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_report(out: Path, pretrain_dir: Path, runs: dict[str, Path], commands: Sequence[str],
-                 store: Path, n_overlays: int = 3, split: str = "test") -> Path:
+                 store: Path, n_overlays: int = 3, split: str = "test", denoising: Path | None = None,
+                 iterations: int | None = None) -> Path:
     """``out/report.md`` with the table, the overlays of the first test images for every run side by
-    side, the fits' and the pretraining's loss curves, and the pretrained model's samples."""
+    side, the fits' and the pretraining's loss curves, and what the pretrained UNet does where the
+    features come from (``denoising``: :func:`train.demo.denoising_png`'s figure)."""
     out = Path(out)
     rows = results_table(runs, split)
     pretrain_curve_png(pretrain_dir / "train_log.csv", out / "pretrain_loss.png")
@@ -56,13 +57,20 @@ def write_report(out: Path, pretrain_dir: Path, runs: dict[str, Path], commands:
         parts += [f"**{first['run']} − {second['run']}: {gap:+.2f} Dice points.**", ""]
     parts += ["## Predictions", "", "Image | ground truth (green) | prediction (red), for the first test images:", ""]
     for name, run in runs.items():
-        overlays = sorted((eval_dir(run, split) / "overlays").glob("*.png"))[:n_overlays]
+        overlays = sorted((rundir.eval_dir(run, split) / rundir.OVERLAYS).glob("*.png"))[:n_overlays]
         parts += [f"### {name}", ""] + [f"![{name} {p.stem}]({rel(p)})" for p in overlays] + [""]
     parts += ["## Training", "", "Fits (train loss, validation Dice):", ""]
-    parts += [f"![{name} loss]({rel(run / 'loss.png')})" for name, run in runs.items()] + [""]
+    parts += [f"![{name} loss]({rel(run / rundir.LOSS_PLOT)})" for name, run in runs.items()] + [""]
+    trained = f"after {iterations} iterations" if iterations else "after its pretraining"
     parts += ["Diffusion pretraining (L_simple per iteration):", "", f"![pretraining loss]({rel(out / 'pretrain_loss.png')})",
-              "", "Samples from the pretrained UNet (ancestral sampling):", "",
-              f"![samples]({rel(pretrain_dir / 'samples.png')})", "",
+              ""]
+    if denoising is not None:
+        parts += [f"What the pretrained UNet does {trained}, where the features come from: a test image noised "
+                  "to t = 50, 150, 250 (rows) with the store's noise; x_t | the UNet's estimate of the clean "
+                  "image from x_t | the image:", "", f"![denoising]({rel(denoising)})", ""]
+    parts += [f"Samples drawn from pure noise (ancestral sampling, `{rel(pretrain_dir / 'samples.png')}`) need far "
+              "more training than denoising a real image at t ≤ 250: after a few hundred iterations they are "
+              "still noise. That is expected, not a bug.", "",
               "## How this was made", "", f"Feature store: `{store}`", "", "```bash", *commands, "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(parts))

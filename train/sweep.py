@@ -20,8 +20,7 @@ evaluation is only evaluated.
 from __future__ import annotations
 
 import csv
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,8 @@ import train.evaluate as evaluate_mod
 import train.fit as fit_mod
 from cache.key import key_hash
 from cache.store import FeatureStore
+from train import rundir
+from train.config import FitConfig
 from train.data import resolve_selection
 from train.plots import heatmap_png
 
@@ -39,8 +40,8 @@ __all__ = ["CSV_COLUMNS", "SweepRun", "cell_label", "sweep", "sweep_cli", "sweep
 CSV_COLUMNS = ("kind", "block", "step", "text", "test_dice", "test_iou", "val_dice", "run")
 FUSION = {"yes": "cross-attn", "no": "none"}
 TEXTS = tuple(FUSION)  # with text, then without: the order of the plan and of the figures' columns
-# FitConfig fields a sweep sets itself; ``base`` may set any other
-_OWN_FIELDS = {"cache", "out", "blocks", "steps", "fusion", "epochs"}
+# FitConfig keys (its flat layout) a sweep sets itself; ``base`` may set any other but the model
+_OWN_FIELDS = {"cache", "out", "blocks", "steps", "fusion", "epochs", "model", "model_args"}
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,10 @@ def sweep_plan(blocks: tuple[int, ...], steps: tuple[int, ...], grid: bool = Fal
     return plan
 
 
-def _fit_config(item: SweepRun, cache: Path, out: Path, epochs: int, base: dict[str, Any]) -> fit_mod.FitConfig:
-    return fit_mod.FitConfig(cache=cache, out=out / "runs" / item.name, blocks=item.blocks, steps=item.steps,
-                             fusion=FUSION[item.text], epochs=epochs, **base)
+def _fit_config(item: SweepRun, cache: Path, out: Path, epochs: int, base: dict[str, Any]) -> FitConfig:
+    """The TextDiff fit of one cell (``base``: flat FitConfig keys, as in ``config.json``)."""
+    return FitConfig.flat(**{**base, "cache": cache, "out": out / "runs" / item.name, "blocks": item.blocks,
+                                "steps": item.steps, "fusion": FUSION[item.text], "epochs": epochs})
 
 
 def _settings(fit_json: dict[str, Any]) -> dict[str, Any]:
@@ -97,35 +99,22 @@ def _settings(fit_json: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fit_json.items() if k not in ("cache", "out", "memory_budget_gb")}
 
 
-def _finished(run: Path, split: str) -> tuple[bool, bool]:
-    """(fit finished, evaluation finished)."""
-    fitted = fit_mod.fit_finished(run)
-    return fitted, fitted and (evaluate_mod.eval_dir(run, split) / "summary.json").is_file()
-
-
-def _check_reusable(run: Path, cfg: fit_mod.FitConfig, store: FeatureStore) -> None:
-    """Refuse to reuse a finished run made with other settings or from another store."""
-    config = json.loads((run / "config.json").read_text())
-    want, have = _settings(cfg.to_json()), _settings(config.get("fit", {}))
+def _check_reusable(run: Path, cfg: FitConfig, store: FeatureStore) -> None:
+    """Refuse to reuse a finished run made with other settings or from another store (an older run's
+    settings are read as today's config reads them: options added since count at their defaults)."""
+    config = rundir.read_json(run / rundir.CONFIG)
+    want = _settings(cfg.to_json())
+    have = _settings(FitConfig.from_json({**config.get("fit", {}), "cache": cfg.cache, "out": cfg.out}).to_json())
     differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if differ:
         detail = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in differ)
         raise ValueError(f"sweep: {run} was fitted with other settings ({detail}); "
-                         f"use another --out or remove that run")
-    stored = json.loads((run / "cache_key.json").read_text())
+                         f"use another out folder or remove that run")
+    stored = rundir.read_json(run / rundir.CACHE_KEY)
     if key_hash(stored) != store.key_hash:
-        raise fit_mod.CacheMismatchError(
+        raise rundir.CacheMismatchError(
             f"sweep: {run} was fitted on store key {key_hash(stored)[:12]}, not {store.key_hash[:12]} "
-            f"({store.path}); use another --out")
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+            f"({store.path}); use another out folder")
 
 
 def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = None,
@@ -137,21 +126,22 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
         cache: the feature store; the sweep covers every block and step it holds.
         out: the sweep folder (``runs/<name>`` per fit, ``sweep.csv``, ``sweep.png``).
         epochs: epochs per fit.
-        base: any other :class:`train.fit.FitConfig` fields, the same for every fit (e.g. dim,
-            head_channels, train_count, subset_seed, seed); not cache, out, blocks, steps, fusion, epochs.
+        base: any other :class:`train.config.FitConfig` keys of its flat layout (``config.json``'s), the
+            same for every fit (e.g. dim, head_channels, train_count, subset_seed, seed); not cache, out,
+            blocks, steps, fusion, epochs, model.
         console: progress and messages; default stderr.
         split: the split each run is evaluated on. Default "test".
         grid: also fit every (block, step) pair alone (the block × step heat-map).
     """
     console = console or Console(stderr=True)
     base = dict(base or {})
-    known = {f.name for f in fields(fit_mod.FitConfig)}
+    known = FitConfig.flat_keys("textdiff")
     bad = sorted(set(base) - (known - _OWN_FIELDS))
     if bad:
         raise ValueError(f"sweep: base cannot set {bad} (the sweep sets {sorted(_OWN_FIELDS)}; "
                          f"other FitConfig fields are {sorted(known - _OWN_FIELDS)})")
     if epochs < 1:
-        raise ValueError(f"sweep: --epochs must be >= 1, got {epochs}")
+        raise ValueError(f"sweep: epochs must be >= 1, got {epochs}")
     store = FeatureStore.open(cache)
     if split not in store.splits():
         raise ValueError(f"sweep: store {store.path} has no {split!r} split to evaluate on (it has {store.splits()})")
@@ -168,7 +158,7 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
         cfg = _fit_config(item, cache, out, epochs, base)
         run = Path(cfg.out)
         label = f"[{i}/{len(plan)}] {item.name}"
-        fitted, evaluated = _finished(run, split)
+        fitted, evaluated = rundir.fit_finished(run), rundir.evaluated(run, split)
         if fitted:
             _check_reusable(run, cfg, store)
         if evaluated:
@@ -181,14 +171,14 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
             else:
                 console.print(f"{label}: reusing the fit, evaluating on {split}", highlight=False)
             evaluate_mod.evaluate(run, split=split, cache=cache, overlays=False, console=console)
-        metrics = json.loads((run / "metrics.json").read_text())
-        summary = json.loads((evaluate_mod.eval_dir(run, split) / "summary.json").read_text())
+        metrics = rundir.read_json(run / rundir.METRICS)
+        summary = rundir.read_json(rundir.eval_dir(run, split) / rundir.SUMMARY)
         rows.append({"kind": item.kind, "block": "" if item.block is None else item.block,
                      "step": "" if item.step is None else item.step, "text": item.text,
                      "test_dice": round(float(summary["dice"]), 6), "test_iou": round(float(summary["iou"]), 6),
                      "val_dice": round(float(metrics["best_val_dice"]), 6),
                      "run": run.relative_to(out).as_posix()})
-        _write_csv(out / "sweep.csv", rows)  # after every run: a partial sweep is readable
+        rundir.write_csv(out / "sweep.csv", rows, CSV_COLUMNS)  # after every run: a partial sweep is readable
 
     dice = {(item.row_label, item.text): 100 * row["test_dice"] for item, row in zip(plan, rows)}
     dataset = store.key["dataset"].get("name", "") if isinstance(store.key.get("dataset"), dict) else ""

@@ -19,7 +19,7 @@ import zarr.storage._local as zarr_local
 
 from cache.lock import lock_path
 from cache.maintenance import verify_store
-from train.fit import INCOMPLETE, fit_finished
+from train.rundir import INCOMPLETE, fit_finished
 from tests.reliability.conftest import (cli, child, digest, done_rows, extract_args, finish, mini_monuseg, stores,
                                         wait_for)
 

@@ -1,24 +1,52 @@
-"""The plain UNet baseline (``pipeline baseline``): the paper's comparison without diffusion features.
+"""The plain U-Net baseline (``plain-unet``): the paper's comparison without diffusion features.
 
 A U-Net (Ronneberger et al.; two 3×3 conv + BatchNorm + ReLU per level, max-pool down, transposed
 conv up, skip concatenation) on the image alone, trained exactly as ``fit`` trains the TextDiff head:
 the same store (so the same preprocessed images, the same splits and the same few-shot subset for a
 seed), the same cached dihedral views as augmentation, the same loss (CE + 1.5 Dice), optimiser,
-schedule and best-epoch choice on validation. ``pipeline evaluate`` scores it like any run.
+schedule and best-epoch choice on validation. ``evaluate`` scores it like any run.
 Width 64 and depth 4 is the classic 31.0 M-parameter U-Net the paper compares against.
+:func:`baseline_store` picks a dataset's store for it (any UNet's store will do: it reads images).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from extract.shared import to_unit_range
-from train.data import GIB, SplitFeatures
+if TYPE_CHECKING:
+    from cache.catalogue import StoreEntry
+
+__all__ = ["NoStoreError", "PlainUNet", "baseline_store", "choose_store"]
+
+
+class NoStoreError(ValueError):
+    """No store in the cache folder can give the baseline its images."""
+
+
+def choose_store(entries: list[StoreEntry]) -> StoreEntry | None:
+    """The complete store to train on: one with cached dihedral views first, then the newest."""
+    complete = [e for e in entries if e.complete]
+    return max(complete, key=lambda e: (e.views > 1, e.modified, str(e.path)), default=None)
+
+
+def baseline_store(cache_dir: Path | str, dataset: str, data_root: Path | str | None = None,
+                   size: int | None = None) -> Path:
+    """The store in ``cache_dir`` of ``dataset`` (from ``data_root`` at ``size`` px, where given) whose
+    images are all written (:func:`choose_store`). Any UNet's store will do: the baseline reads images."""
+    from cache.catalogue import matching_stores  # opens stores: only when asked to choose one
+
+    chosen = choose_store(matching_stores(cache_dir, dataset, data_root=data_root, size=size))
+    if chosen is None:
+        root = str(Path(data_root).expanduser().resolve()) if data_root is not None else None
+        where = "".join([f" from {root}" if root else "", f" at {size} px" if size else ""])
+        raise NoStoreError(f"no complete store of {dataset}{where} in {cache_dir}: the baseline trains on a store's "
+                           f"images, so that it sees exactly what `fit` sees; make one with `pipeline extract "
+                           f"--dataset {dataset} ... --augment d4 --cache-dir {cache_dir}` (any UNet)")
+    return chosen.path
 
 
 def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
@@ -27,13 +55,13 @@ def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class PlainUNet(nn.Module):
-    """U-Net on RGB in [-1, 1] → class logits at the input size. Called like the TextDiff head
-    (``model(feats, tokens, token_mask, out_size)``) with ``feats = [image]``; the text is ignored."""
+    """U-Net on RGB in [-1, 1] → class logits: ``model(image, out_size=None)``. ``config`` holds its
+    constructor arguments (and ``kind``: "plain-unet", how a run's ``config.json`` tells it apart)."""
 
     def __init__(self, width: int = 64, depth: int = 4, in_channels: int = 3, num_classes: int = 2):
         super().__init__()
         if width < 1 or depth < 1:
-            raise ValueError(f"--width and --depth must be >= 1, got {width}, {depth}")
+            raise ValueError(f"width and depth must be >= 1, got {width}, {depth}")
         self.config: dict[str, Any] = {"kind": "plain-unet", "width": width, "depth": depth,
                                        "in_channels": in_channels, "num_classes": num_classes}
         chans = [width * 2 ** i for i in range(depth + 1)]
@@ -47,9 +75,9 @@ class PlainUNet(nn.Module):
     def init_weights(self) -> None:
         """PyTorch's default initialisation (what the classic U-Net implementations use)."""
 
-    def forward(self, feats: Sequence[torch.Tensor], tokens: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None, out_size: int | None = None) -> torch.Tensor:
-        x = feats[0]
+    def forward(self, image: torch.Tensor, out_size: int | None = None) -> torch.Tensor:
+        """Logits (B, num_classes, S, S) for images (B, in_channels, S, S); ``out_size`` resizes them."""
+        x = image
         size = x.shape[-1]
         if size % 2 ** len(self.down):
             raise ValueError(f"the plain U-Net needs a size divisible by {2 ** len(self.down)}, got {size}")
@@ -64,20 +92,3 @@ class PlainUNet(nn.Module):
             logits = nn.functional.interpolate(logits, size=(out_size, out_size), mode="bilinear", align_corners=False)
         return logits
 
-
-class SplitImages(SplitFeatures):
-    """The selected rows of a split as the plain U-Net takes them: the store's images (all cached views),
-    masks and ids, no features. Held in memory (images are small beside features)."""
-
-    def __init__(self, store, split: str, indices: Sequence[int] | None = None, memory_budget: float = 4 * GIB,
-                 attend_padding: bool = False):
-        super().__init__(store, split, (), (), indices, memory_budget, attend_padding)
-        self._images = store.images(split)[self.indices].compute()
-        self._check_rows({"image": self._images})
-
-    def features(self, rows: Sequence[int], views: Sequence[int]) -> list[torch.Tensor]:
-        """[(B, 3, S, S) float32 in [-1, 1]]: the images at their views."""
-        return [torch.from_numpy(to_unit_range(np.stack([self._images[k, v] for k, v in zip(rows, views)])))]
-
-    def channels(self) -> list[int]:
-        return [3]

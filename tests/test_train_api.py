@@ -1,0 +1,135 @@
+"""train's library surface: a run folder loads as a head, FitConfig's flat layout (old runs too), the
+baseline's store choice, the demo as a function, the public names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.config import FitConfig, PlainUNetArgs, TextDiffArgs
+from train.fit import fit
+from train.model import TextDiffHead
+from train.models import load_run
+from train.plain_unet import NoStoreError, baseline_store
+
+from helpers import quiet, tiny_store
+
+# config.json's "fit" keys before the registry (commit e7cf02c): the flat layout stays
+OLD_FIT_KEYS = {"cache", "out", "blocks", "steps", "train_count", "subset_seed", "epochs", "batch_size", "lr",
+                "lr_drop_epoch", "norm", "fusion", "dim", "head_channels", "pos_enc", "shared_block",
+                "dice_on_logits", "attend_padding", "seed", "val_fraction", "memory_budget_gb", "augment",
+                "model", "width", "depth", "extra"}
+
+
+@pytest.fixture(scope="module")
+def store_path(adm_fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_store(adm_fixtures, tmp_path_factory.mktemp("cache"))
+
+
+def test_a_run_folder_loads_as_a_head(store_path: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    fit(FitConfig(cache=store_path, out=run, epochs=1, model_args=TextDiffArgs(dim=16, head_channels=(8, 4))),
+        console=quiet())
+    _, model, _ = load_run(run)
+    head = TextDiffHead.load(run)
+    assert head.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), model.state_dict().values()))
+    saved = head.save(tmp_path / "saved")  # and what save writes is a run folder's layout
+    assert json.loads((saved / "config.json").read_text())["head"] == head.config
+    assert TextDiffHead.load(saved).config == head.config
+
+
+def test_fit_config_keeps_its_flat_layout_and_reads_old_ones(tmp_path: Path) -> None:
+    cfg = FitConfig(cache=tmp_path, out=tmp_path / "r", model_args=TextDiffArgs(dim=32, fusion="none"))
+    flat = cfg.to_json()
+    assert set(flat) == OLD_FIT_KEYS and flat["dim"] == 32 and flat["fusion"] == "none" and flat["model"] == "textdiff"
+    assert FitConfig.from_json(flat) == dataclasses.replace(cfg, cache=str(tmp_path), out=str(tmp_path / "r"))
+    assert FitConfig.flat(cache=tmp_path, out=tmp_path, dim=32, fusion="none").model_args == cfg.model_args
+    old = {**flat, "model": "unet", "width": 8, "depth": 3}  # a baseline run written before the rename
+    del old["attend_padding"]                                  # and before an option existed
+    back = FitConfig.from_json(old)
+    assert back.model == "plain-unet" and back.model_args == PlainUNetArgs(width=8, depth=3)
+    assert not back.attend_padding and back.to_json()["model"] == "plain-unet"
+    with pytest.raises(ValueError, match="dim"):
+        FitConfig.flat(cache=tmp_path, out=tmp_path, model="plain-unet", dim=16)
+    with pytest.raises(ValueError, match="PlainUNetArgs"):
+        FitConfig(cache=tmp_path, out=tmp_path, model="plain-unet", model_args=TextDiffArgs())
+    with pytest.raises(ValueError, match="fusion"):
+        TextDiffArgs(fusion="sum")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:  # cache.catalogue.StoreEntry's fields
+    path: Path
+    dataset: str
+    size: int
+    views: int
+    complete: bool
+    modified: float
+    data_root: str | None = None
+
+
+def test_baseline_store_prefers_complete_d4_then_newest(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    entries: list[Entry] = []
+    asked = []
+
+    def matching_stores(cache_dir, dataset, data_root=None, size=None):
+        asked.append((cache_dir, dataset, data_root, size))
+        return entries
+
+    monkeypatch.setitem(sys.modules, "cache.catalogue", types.SimpleNamespace(matching_stores=matching_stores))
+    entries[:] = [Entry(Path("old-d4"), "qata", 64, 8, True, 1.0), Entry(Path("new"), "qata", 64, 1, True, 3.0),
+                  Entry(Path("newest-d4-partial"), "qata", 64, 8, False, 9.0)]
+    assert baseline_store(tmp_path, "qata", None, 64) == Path("old-d4")  # views first, complete only
+    assert asked[-1] == (tmp_path, "qata", None, 64)
+    entries[:] = [Entry(Path("a"), "qata", 64, 1, True, 1.0), Entry(Path("b"), "qata", 64, 1, True, 2.0)]
+    assert baseline_store(tmp_path, "qata") == Path("b")  # then the newest
+    entries[:] = [Entry(Path("partial"), "qata", 64, 8, False, 1.0)]
+    with pytest.raises(NoStoreError) as info:
+        baseline_store(tmp_path, "qata", size=64)
+    msg = str(info.value)
+    assert "no complete store of qata at 64 px" in msg and "pipeline extract --dataset qata" in msg
+    assert "--cache" not in msg.replace("--cache-dir", "")  # the CLI adds its own flag
+
+
+def test_demo_runs_end_to_end_at_a_tiny_size(adm_fixtures: Path, store_path: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_demo with its two expensive stages stood in for: pretraining (the fixture UNet) and extraction
+    (the tiny store); the fits, evaluations, denoising figure and report are the real ones."""
+    import extract.pretrain
+    import extract.run
+    from train.demo import run_demo
+
+    def pretrain(cfg, console=None):
+        cfg.out.mkdir(parents=True)
+        shutil.copyfile(adm_fixtures / "adm_tiny.pt", cfg.out / "model.pt")
+        shutil.copyfile(adm_fixtures / "adm_tiny_flags.json", cfg.out / "flags.json")
+        (cfg.out / "train_log.csv").write_text("iteration,loss\n1,1.0\n2,0.9\n")
+        (cfg.out / "samples.png").write_bytes(b"")
+        return cfg.out
+
+    monkeypatch.setattr(extract.pretrain, "pretrain", pretrain)
+    monkeypatch.setattr(extract.run, "run_extract", lambda cfg, console=None: store_path)
+    report = run_demo(tmp_path / "demo", iterations=2, epochs=1, console=quiet())
+    text = report.read_text()
+    assert "| with text |" in text and "| no text |" in text and "denoising.png" in text
+    assert "--iterations 2" in text and "expected, not a bug" in text
+    for link in ("text/loss.png", "no-text/eval-test/overlays", "pretrain_loss.png", "denoising.png"):
+        assert link in text
+    from PIL import Image
+    assert Image.open(tmp_path / "demo" / "denoising.png").size == (3 * 32, 3 * 32)  # 3 steps × (x_t | x̂0 | x0)
+
+
+def test_public_names() -> None:
+    import train
+
+    for name in train.__all__:
+        assert getattr(train, name) is not None, name
+    assert callable(train.fit.fit) and callable(train.run_demo) and train.MODELS.keys() == {"textdiff", "plain-unet"}

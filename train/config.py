@@ -1,0 +1,154 @@
+"""What the train commands take, as dataclasses (no torch: the CLI reads their defaults and help).
+
+A fit takes the training options, and the model with its own constructor arguments.
+
+``FitConfig(cache, out, model="textdiff", model_args=TextDiffArgs(dim=64))`` or
+``FitConfig(cache, out, model="plain-unet", model_args=PlainUNetArgs(width=32))`` (or, flat,
+``FitConfig.flat(cache=..., out=..., model="plain-unet", width=32)``); the field
+``metadata["help"]`` is what the CLI shows. In a run's ``config.json`` the config is flat, as it
+always was (:meth:`FitConfig.to_json`: the training options, ``model``, and every registered model's
+arguments, the chosen one's values, the others at their defaults); :meth:`FitConfig.from_json`
+reads that layout, older ones included (``"model": "unet"``, missing newer options).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ALIASES", "DemoConfig", "FUSIONS", "FitConfig", "MODEL_ARGS", "NORMS", "PlainUNetArgs", "TextDiffArgs",
+           "model_name"]
+
+FUSIONS = ("cross-attn", "concat", "none")
+NORMS = ("image", "batch")
+
+
+@dataclass(frozen=True)
+class TextDiffArgs:
+    """The TextDiff head's arguments a fit chooses (``FitConfig.model_args`` of a ``textdiff`` fit);
+    ``in_channels`` and ``text_dim`` come from the store."""
+
+    dim: int = field(default=768, metadata={"help": "Width of the projections and the transformer block."})
+    head_channels: tuple[int, ...] = field(default=(128, 32), metadata={"help": "Hidden widths of the conv classifier."})
+    fusion: str = field(default="cross-attn", metadata={
+        "help": "cross-attn (paper) or concat (ablation ζ2)."})  # "none": no text (ablation ζ1)
+    norm: str = field(default="image", metadata={
+        "help": "image: the classifier normalises with each image's statistics, in training and evaluation; "
+                "batch: BatchNorm running statistics at evaluation (authors)."})
+    pos_enc: bool = field(default=False, metadata={"help": "Add a 2-D sinusoidal position code to the queries."})
+    shared_block: bool = field(default=True, metadata={
+        "help": "One transformer block shared by all scales (False: one per scale)."})
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {list(FUSIONS)}, got {self.fusion!r}")
+        object.__setattr__(self, "head_channels", tuple(int(c) for c in self.head_channels))
+
+
+@dataclass(frozen=True)
+class PlainUNetArgs:
+    """The plain U-Net's constructor arguments (``FitConfig.model_args`` of a ``plain-unet`` fit)."""
+
+    width: int = field(default=64, metadata={"help": "Channels of the first level (64: the classic 31.0 M-parameter U-Net)."})
+    depth: int = field(default=4, metadata={"help": "Down-sampling levels (the size must be divisible by 2^depth)."})
+
+
+#: each registered model's constructor-argument dataclass (:data:`train.models.MODELS` builds on it)
+MODEL_ARGS: dict[str, type] = {"textdiff": TextDiffArgs, "plain-unet": PlainUNetArgs}
+#: older names of models (a config.json written before the rename)
+ALIASES = {"unet": "plain-unet"}
+
+
+def model_name(name: str) -> str:
+    """The registered name of model ``name`` (or of its older alias)."""
+    name = ALIASES.get(name, name)
+    if name not in MODEL_ARGS:
+        raise ValueError(f"model must be one of {list(MODEL_ARGS)}, got {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``pipeline demo`` takes."""
+
+    out: Path = field(default=Path("runs/demo"), metadata={"help": "Where the demo writes everything (rerun to resume)."})
+    iterations: int = field(default=300, metadata={"help": "Diffusion pretraining iterations (batch 8)."})
+    epochs: int = field(default=25, metadata={"help": "Epochs of each fit."})
+
+
+
+_TUPLES = ("blocks", "steps", "head_channels")  # JSON lists read back as tuples
+
+
+def _help(text: str, default: Any = None, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class FitConfig:
+    """Everything a fit takes (defaults: the paper's)."""
+
+    cache: Path = field(metadata={"help": "A store written by `pipeline extract` (a path or an fsspec URL)."})
+    out: Path = field(metadata={"help": "The run folder to write."})
+    model: str = _help("The model: textdiff (the TextDiff head) or plain-unet (the baseline).", "textdiff")
+    model_args: Any = _help("The model's own arguments (TextDiffArgs, PlainUNetArgs); None: its defaults.")
+    blocks: tuple[int, ...] | None = _help("Blocks to use (default: all in the store).")
+    steps: tuple[int, ...] | None = _help("Steps to use (default: all in the store).")
+    train_count: int | None = _help("Few-shot training images (default: 5 MoNuSeg, 150 QaTa, else all).")
+    subset_seed: int = _help("Seed of the few-shot subset (the chosen ids are recorded; the same for every model).", 0)
+    epochs: int = _help("Epochs (paper: 100; authors' code: 50).", 100)
+    batch_size: int = _help("Images per step (paper: 1).", 1)
+    lr: float = _help("Adam learning rate.", 1e-4)
+    lr_drop_epoch: int | None = _help("Multiply the learning rate by 0.1 after this epoch (authors: 60; 0 = never).", 60)
+    dice_on_logits: bool = _help("Feed raw logits to the Dice loss, as the authors' code does.", False)
+    attend_padding: bool = _help("Let the cross-attention attend to padding tokens, as the authors' code does.", False)
+    seed: int | None = _help("Seed of the weights, order and augmentation (default: the subset seed).")
+    val_fraction: float = _help("Hold-out of train for validation when the store has no val split.", 0.2)
+    memory_budget_gb: float = _help("Hold features in memory up to this size, else stream them.", 4.0)
+    augment: bool = _help("Sample the cached dihedral views (p = 0.5 the original, else one of 8).", True)
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes kept in config.json."})
+
+    def __post_init__(self) -> None:
+        self.model = model_name(self.model)
+        args = MODEL_ARGS[self.model]
+        if self.model_args is None:
+            self.model_args = args()
+        elif not isinstance(self.model_args, args):
+            raise ValueError(f"model {self.model!r} takes {args.__name__}, got {type(self.model_args).__name__}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The flat layout of ``config.json``'s ``fit`` entry."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model_args"}
+        d["cache"], d["out"] = str(self.cache), str(self.out)
+        for name, args in MODEL_ARGS.items():
+            d.update(asdict(self.model_args if name == self.model else args()))
+        return json.loads(json.dumps(d))
+
+    @classmethod
+    def flat_keys(cls, model: str = "textdiff") -> set[str]:
+        """The keys of the flat layout for ``model``: the options and the model's own arguments."""
+        own = {f.name for f in fields(cls) if f.name != "model_args"}
+        return own | {f.name for f in fields(MODEL_ARGS[model_name(model)])}
+
+    @classmethod
+    def flat(cls, **keys: Any) -> FitConfig:
+        """A config from flat keys, as the CLI and ``config.json`` name them:
+        ``FitConfig.flat(cache=..., out=..., dim=64, fusion="none")``; a key the model lacks is refused."""
+        unknown = sorted(set(keys) - cls.flat_keys(keys.get("model", "textdiff")))
+        if unknown:
+            raise ValueError(f"FitConfig of model {keys.get('model', 'textdiff')!r} has no {unknown}")
+        return cls.from_json(keys)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FitConfig:
+        """A config from the flat layout (``config.json``'s ``fit``, older ones too); other keys are ignored."""
+        d = {k: tuple(v) if k in _TUPLES and isinstance(v, list) else v for k, v in d.items()}
+        name = model_name(d.get("model", "textdiff"))
+        args = MODEL_ARGS[name](**{f.name: d[f.name] for f in fields(MODEL_ARGS[name]) if f.name in d})
+        own = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in ("model", "model_args")}
+        return cls(model=name, model_args=args, **own)
+

@@ -1,0 +1,116 @@
+"""The model registry: every model a run can train, and the one forward pass of a run.
+
+Each :class:`ModelSpec` declares how its model is built (from its constructor-argument dataclass and
+the training data, or from a run's ``config.json``), what it reads from a store (``"features"``:
+cached features + text tokens; ``"images"``: the store's images; see :data:`train.data.READERS`),
+its evaluation batch-size rule and whether it needs text. fit, evaluate and predict ask the registry
+and never name a model. :func:`logits` / :func:`probabilities` are the forward pass (training,
+validation, evaluation and prediction alike); :func:`load_run` loads a finished run.
+
+    textdiff     the TextDiff head (train/model.py) on cached diffusion features and text
+    plain-unet   the plain U-Net baseline (train/plain_unet.py) on the images ("unet" in older configs)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cache.store import FeatureStore
+from train.config import ALIASES, MODEL_ARGS, TextDiffArgs, model_name
+from train.data import GIB, READERS, ImageSample, Reading, Sample, SplitData
+from train.model import TextDiffHead
+from train.plain_unet import PlainUNet
+from train.rundir import open_run, read_model_files
+
+__all__ = ["ALIASES", "MODELS", "ModelSpec", "load_run", "logits", "model_spec", "open_split", "probabilities",
+           "reading_of", "spec_of"]
+
+_ACTIVATION_BUDGET = 1 * GIB    # per forward batch, for the upsampled, concatenated maps
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of the registry."""
+
+    name: str
+    args: type                                              # its constructor-argument dataclass
+    reads: str                                              # a key of train.data.READERS
+    build: Callable[[Any, SplitData, FeatureStore], nn.Module]   # untrained, from args + training data
+    rebuild: Callable[[dict[str, Any]], nn.Module]         # untrained, from a run config's "head"
+    batch_size: Callable[[dict[str, Any], int], int]        # evaluation images per forward (head, size)
+    needs_text: Callable[[dict[str, Any]], bool]            # whether a new image needs its text (head)
+
+
+def _head_batch(head: dict[str, Any], size: int) -> int:
+    """Images per forward pass: as many as fit _ACTIVATION_BUDGET (the concat of upsampled maps dominates), 1..8."""
+    maps = len(head["in_channels"]) + (head.get("fusion") == "concat")
+    per_image = 2 * maps * head["dim"] * size * size * 4  # upsampled maps + their concat, float32
+    return int(min(8, max(1, _ACTIVATION_BUDGET // per_image)))
+
+
+def _build_head(args: TextDiffArgs, data: Any, store: FeatureStore) -> TextDiffHead:
+    return TextDiffHead(in_channels=data.channels(), text_dim=int(store.attrs["token_dim"]), **asdict(args))
+
+
+def _rebuild_unet(head: dict[str, Any]) -> PlainUNet:
+    return PlainUNet(**{k: v for k, v in head.items() if k != "kind"})
+
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    ModelSpec("textdiff", MODEL_ARGS["textdiff"], "features", _build_head, lambda head: TextDiffHead(**head), _head_batch,
+              lambda head: head.get("fusion", "cross-attn") != "none"),
+    ModelSpec("plain-unet", MODEL_ARGS["plain-unet"], "images", lambda args, data, store: PlainUNet(**asdict(args)),
+              _rebuild_unet, lambda head, size: 4, lambda head: False),
+)}
+assert MODELS.keys() == MODEL_ARGS.keys()  # one registry: train.config names each model's arguments
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registered model ``name`` (or its older alias)."""
+    return MODELS[model_name(name)]
+
+
+def spec_of(config: dict[str, Any]) -> ModelSpec:
+    """The model of a run's ``config.json`` (its ``head`` entry names it; none: the TextDiff head)."""
+    return model_spec(config["head"].get("kind", "textdiff"))
+
+
+def reading_of(config: dict[str, Any]) -> Reading:
+    """What a run reads, as it was trained: its blocks, steps, padding attention and memory budget."""
+    fit = config.get("fit", {})
+    return Reading(tuple(config["blocks"]), tuple(config["steps"]), bool(fit.get("attend_padding", False)),
+                   float(fit.get("memory_budget_gb", 4.0)) * GIB)
+
+
+def open_split(spec: ModelSpec, store: FeatureStore, split: str, reading: Reading,
+               indices: Any = None) -> SplitData:
+    """Rows ``indices`` (default all) of ``split`` as model ``spec`` reads them."""
+    return READERS[spec.reads].open(store, split, reading, indices)
+
+
+def logits(model: nn.Module, sample: Sample | ImageSample, size: int) -> torch.Tensor:
+    """The model's class logits (B, K, size, size) for a sample (the model's mode is left as it is)."""
+    return model(**sample.inputs(), out_size=size)
+
+
+@torch.no_grad()
+def probabilities(model: nn.Module, sample: Sample | ImageSample, size: int) -> torch.Tensor:
+    """Class probabilities (B, K, size, size), in evaluation mode: what evaluate and predict score."""
+    model.eval()
+    return torch.softmax(logits(model, sample, size), dim=1)
+
+
+def load_run(run: Path, cache: Path | str | None = None) -> tuple[dict[str, Any], nn.Module, FeatureStore]:
+    """A finished run's config, its model (best weights, eval mode) and the store it was trained on
+    (``cache``, or the one it recorded; a store with another key is refused)."""
+    config, store = open_run(Path(run), cache)
+    head, state = read_model_files(Path(run))
+    model = spec_of(config).rebuild(head)
+    model.load_state_dict(state)
+    return config, model.eval(), store

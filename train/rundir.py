@@ -1,0 +1,159 @@
+"""The run folder: its file names, atomic writes, the INCOMPLETE mark, the cache-key check, and reading it.
+
+A run folder (``pipeline fit`` / ``pipeline baseline``) holds::
+
+    config.json      {"fit": the FitConfig (flat), "head": the model's constructor arguments, "cache",
+                      "dataset", "size", "blocks", "steps", "train_split", "train_ids", "val"}
+    cache_key.json   the key of the store it was trained on
+    head.pt          the model's state dict (best epoch)
+    history.csv      one row per epoch
+    loss.png         the loss curve
+    metrics.json     the fit's result (written last)
+    INCOMPLETE       present while a fit runs
+    eval-<split>/    per_image.csv, summary.json (written last), predictions.npz, overlays/<id>.png
+
+This module is the only one that names these files; everything else asks it for a path. It imports
+no model: :func:`train.models.load_run` rebuilds a run's model from what :func:`open_run` reads.
+It imports only the standard library at first (the scripts read run folders with a bare python3);
+torch and the store are imported by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from cache.store import FeatureStore
+
+__all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "PER_IMAGE",
+           "SUMMARY", "PREDICTIONS", "OVERLAYS", "CacheMismatchError", "check_cache_key", "eval_dir",
+           "evaluated", "fit_finished", "mark_complete", "mark_incomplete", "open_run", "read_json",
+           "read_model_files", "save_weights", "write_csv", "write_json", "write_model_files"]
+
+CONFIG = "config.json"
+CACHE_KEY = "cache_key.json"
+WEIGHTS = "head.pt"
+HISTORY = "history.csv"
+LOSS_PLOT = "loss.png"
+METRICS = "metrics.json"
+INCOMPLETE = "INCOMPLETE"
+PER_IMAGE = "per_image.csv"
+SUMMARY = "summary.json"
+PREDICTIONS = "predictions.npz"
+OVERLAYS = "overlays"
+
+
+class CacheMismatchError(ValueError):
+    """A run evaluated or continued against a store other than the one it was trained on."""
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file, then rename): a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Write a CSV (a header, then ``rows``) atomically, as :func:`write_json`."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content."""
+    return json.loads(Path(path).read_text())
+
+
+def eval_dir(run: Path, split: str) -> Path:
+    """Where :func:`train.evaluate.evaluate` writes the results of ``run`` on ``split``."""
+    return Path(run) / f"eval-{split}"
+
+
+def mark_incomplete(run: Path) -> None:
+    """Create the folder and mark it: its files are not to be trusted until :func:`mark_complete`."""
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / INCOMPLETE).write_text("this fit has not finished; its files are not to be trusted\n")
+
+
+def mark_complete(run: Path) -> None:
+    """Remove the INCOMPLETE mark (after every file is written)."""
+    (Path(run) / INCOMPLETE).unlink()
+
+
+def fit_finished(run: Path) -> bool:
+    """A fit wrote every file (``metrics.json`` last) and its ``INCOMPLETE`` mark is gone."""
+    return (Path(run) / METRICS).is_file() and not (Path(run) / INCOMPLETE).exists()
+
+
+def evaluated(run: Path, split: str) -> bool:
+    """A finished fit whose evaluation on ``split`` completed (its ``summary.json`` is written last)."""
+    return fit_finished(run) and (eval_dir(run, split) / SUMMARY).is_file()
+
+
+def check_cache_key(run: Path, store: FeatureStore) -> None:
+    """Refuse ``store`` unless its key is the one ``run`` was trained on (:class:`CacheMismatchError`)."""
+    from cache.key import key_hash
+
+    expected = read_json(Path(run) / CACHE_KEY)
+    if key_hash(store.key) != key_hash(expected):
+        raise CacheMismatchError(f"store {store.path} (key {key_hash(store.key)[:12]}) is not the one run {run} "
+                                 f"was trained on (key {key_hash(expected)[:12]}); its features would not match")
+
+
+def open_run(run: Path, cache: Path | str | None = None) -> tuple[dict[str, Any], FeatureStore]:
+    """A finished run's ``config.json`` and its store (``cache`` or the one it recorded), key checked."""
+    run = Path(run)
+    if (run / INCOMPLETE).exists():
+        raise ValueError(f"run {run} is incomplete (its fit did not finish); fit it again")
+    if not (run / CONFIG).is_file():
+        raise FileNotFoundError(f"{run / CONFIG} not found: is {run} a fit run folder?")
+    from cache.store import FeatureStore
+
+    config = read_json(run / CONFIG)
+    store = FeatureStore.open(cache or config["cache"])
+    check_cache_key(run, store)
+    return config, store
+
+
+def write_model_files(directory: Path, head: dict[str, Any], state: dict[str, torch.Tensor],
+                      config: dict[str, Any] | None = None) -> None:
+    """``head.pt`` and ``config.json`` (``config`` with ``head`` set, as in a run) into ``directory``."""
+    save_weights(directory, state)
+    write_json(Path(directory) / CONFIG, {**(config or {}), "head": head})
+
+
+def save_weights(directory: Path, state: dict[str, torch.Tensor]) -> None:
+    """The model's state dict as ``head.pt`` in ``directory`` (created if need be)."""
+    import torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / WEIGHTS)
+
+
+def read_model_files(directory: Path, map_location: str | torch.device = "cpu"
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(the model's constructor arguments, its state dict) from a run folder or a saved model.
+
+    A ``config.json`` without a ``head`` entry is the older layout of ``TextDiffHead.save``: the
+    arguments themselves."""
+    import torch
+
+    directory = Path(directory)
+    config = read_json(directory / CONFIG)
+    head = config["head"] if isinstance(config.get("head"), dict) else config
+    return head, torch.load(directory / WEIGHTS, map_location=map_location, weights_only=True)
