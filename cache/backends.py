@@ -220,7 +220,10 @@ class ZarrBackend(Backend):
 
 
 class H5Backend(Backend):
-    """One HDF5 file (h5py): chunked datasets, byte shuffle + LZF where zarr uses blosc."""
+    """One HDF5 file (h5py): chunked datasets, byte shuffle + deflate (level 1) where zarr uses blosc.
+
+Not LZF: HDF5's LZF filter hashes through an uninitialised table, so the same chunk can compress to
+different bytes in two runs (still decoding to the same values), which breaks "same inputs → same file"."""
 
     format, suffix = "h5", ".h5"
 
@@ -273,7 +276,8 @@ class H5Backend(Backend):
         compress = spec.shuffle is not None
         ds = self._file.create_dataset(rel, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
                                        fillvalue=np.array(spec.fill, dtype=spec.dtype),
-                                       compression="lzf" if compress else None, shuffle=compress,
+                                       compression="gzip" if compress else None,
+                                       compression_opts=1 if compress else None, shuffle=compress,
                                        track_times=False)  # same inputs → same file bytes
         ds.attrs["dimension_names"] = list(spec.dims)
 
