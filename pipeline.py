@@ -6,19 +6,16 @@ shows the traceback instead.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import inspect
 import json
 import time
-import typing
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from cli_support import err, friendly, ints, option, run_app, shared_options, state
 
 from extract.config import ExtractConfig, PretrainConfig
 from train.config import DemoConfig, FitConfig, PlainUNetArgs, TextDiffArgs
@@ -28,101 +25,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and clean up feature stores.")
 app.add_typer(cache_app, name="cache")
 
-err = Console(stderr=True)
-_state = {"debug": False}
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")) -> None:
-    _state["debug"] = debug
-
-
-def friendly(fn: F) -> F:
-    """Turn expected failures (bad input, missing weights, ...) into a one-line error and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            err.print("[red]interrupted[/]: everything committed so far is kept; run the same command to resume",
-                      soft_wrap=True)
-            raise typer.Exit(130) from None
-        except typer.Exit:  # a command's own exit code (typer.Exit is a RuntimeError: let it through first)
-            raise
-        except (ValueError, RuntimeError, OSError, KeyError) as e:
-            if _state["debug"]:
-                raise
-            err.print(f"[red]error[/]: {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-_UNSET: Any = object()
-
-
-def _field(config: type, name: str) -> dataclasses.Field:
-    for f in dataclasses.fields(config):
-        if f.name == name:
-            return f
-    raise KeyError(f"{config.__name__} has no field {name!r}")
-
-
-def option(config: type, name: str, *decls: str, default: Any = _UNSET, help: Optional[str] = None,
-           **kw: Any) -> Any:
-    """A typer option whose default and help come from field ``name`` of dataclass ``config`` (its
-    ``metadata["help"]``), the one source of truth; a tuple default is shown comma-separated, as typed.
-    ``default`` / ``help`` override where the CLI's differ (a flag that negates a field, say)."""
-    f = _field(config, name)
-    if default is _UNSET:
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = ...
-    if isinstance(default, tuple):
-        default = ",".join(str(v) for v in default)
-    return typer.Option(default, *decls, help=f.metadata.get("help", "") if help is None else help, **kw)
-
-
-def shared_options(**params: tuple[Any, Any]) -> Callable[[F], F]:
-    """Give a command the options ``params`` (name → (type, typer.Option)) besides its own; the command
-    receives them as one dict, its keyword ``common``. Commands that share options declare them once."""
-
-    def decorate(fn: F) -> F:
-        own = [p for name, p in inspect.signature(fn).parameters.items() if name != "common"]
-        hints = {k: v for k, v in typing.get_type_hints(fn).items() if k not in ("common", "return")}
-        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
-                 for name, (kind, opt) in params.items()]
-
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            common = {name: kwargs.pop(name) for name in params if name in kwargs}
-            return fn(*args, common=common, **kwargs)
-
-        wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-            [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
-             for p in own] + extra)
-        wrapper.__annotations__ = {**hints, **{name: kind for name, (kind, _) in params.items()}, "return": None}
-        del wrapper.__wrapped__  # typer must read the new signature, not the function's own
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
-
-def _ints(value: Optional[str], name: str) -> Optional[tuple[int, ...]]:
-    if value is None:
-        return None
-    try:
-        out = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{name} takes comma-separated integers, e.g. 50,150,250 (got {value!r})")
-    if not out:
-        raise typer.BadParameter(f"{name} is empty")
-    return out
+    state["debug"] = debug
 
 
 @app.command()
@@ -160,7 +67,7 @@ def extract(
 
     cfg = ExtractConfig(
         dataset=dataset, data_root=data_root, unet=unet, unet_flags=unet_flags, text_encoder=text_encoder,
-        steps=_ints(steps, "--steps") or (), blocks=_ints(blocks, "--blocks"), size=size, seed=seed,
+        steps=ints(steps, "--steps") or (), blocks=ints(blocks, "--blocks"), size=size, seed=seed,
         splits=tuple(s.strip() for s in splits.split(",")) if splits else None, augment=augment,
         max_length=max_length, batch_size=batch_size, device=device, autocast=autocast,
         color_order="bgr" if bgr else "rgb", skip_bad=skip_bad, limit=limit, scheduler=scheduler, threads=threads,
@@ -202,7 +109,7 @@ def _flat(common: dict[str, Any]) -> dict[str, Any]:
     if "lr_drop_epoch" in flat:
         flat["lr_drop_epoch"] = flat["lr_drop_epoch"] or None
     if "head_channels" in flat:
-        flat["head_channels"] = _ints(flat["head_channels"], "--head-channels") or ()
+        flat["head_channels"] = ints(flat["head_channels"], "--head-channels") or ()
     return flat
 
 
@@ -227,7 +134,7 @@ def fit(
     """Stage two: train the cross-attention and pixel classifier from the cache."""
     if no_text and fusion != "cross-attn":
         raise typer.BadParameter("--no-text and --fusion are exclusive")
-    cfg = FitConfig.flat(cache=cache, out=out, blocks=_ints(blocks, "--blocks"), steps=_ints(steps, "--steps"),
+    cfg = FitConfig.flat(cache=cache, out=out, blocks=ints(blocks, "--blocks"), steps=ints(steps, "--steps"),
                          norm=norm, fusion="none" if no_text else fusion, pos_enc=pos_enc,
                          shared_block=not per_scale_blocks, dice_on_logits=dice_on_logits,
                          attend_padding=attend_padding, **_flat(common or {}))
@@ -522,26 +429,8 @@ def cache_gc(cache_dir: Optional[str] = typer.Option(None, help="(default: $TEXT
 
 
 def main() -> None:
-    """The ``pipeline`` command: ``app``, with a bad option or argument reported on one line (exit code 2)."""
-    try:
-        from typer._click import exceptions as cx  # typer >= 0.20 carries its own click
-    except ImportError:  # pragma: no cover - older typer on click
-        from click import exceptions as cx
-
-    try:
-        code = app(standalone_mode=False)
-    except cx.NoArgsIsHelpError as e:
-        e.show()
-        code = e.exit_code
-    except cx.ClickException as e:
-        ctx = getattr(e, "ctx", None)
-        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        err.print(f"[red]error[/]: {escape(e.format_message())}{hint}", highlight=False, soft_wrap=True)
-        code = e.exit_code
-    except typer.Abort:
-        err.print("[red]aborted[/]")
-        code = 1
-    raise SystemExit(code if isinstance(code, int) else 0)
+    """The ``pipeline`` command (its bad options and arguments reported on one line, exit code 2)."""
+    run_app(app)
 
 
 if __name__ == "__main__":

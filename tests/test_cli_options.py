@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from typer.testing import CliRunner
 
-from pipeline import friendly, option, shared_options
+from cli_support import friendly, option, shared_options
 
 
 @dataclasses.dataclass

@@ -17,15 +17,14 @@ Module map::
     report.py, plots.py, losses.py, metrics.py   the demo's report, figures, loss, metrics
 
 Names are imported on first use, so ``import train`` stays light (``predict`` loads the UNet's code).
-The loops are modules named as their function: ``train.fit.fit(cfg)``, ``train.evaluate.evaluate(run)``,
-``train.predict.predict(...)``, ``train.sweep.sweep(...)`` (a package attribute cannot be both the
-module and its function: ``import train.fit`` binds the module)::
+The loops are exported as ``run_<loop>`` (as ``extract.run_extract``): ``train.fit`` and its siblings
+are the modules, and ``import train.fit`` would rebind a package attribute of that name::
 
     import train
     cfg = train.FitConfig(cache=store, out=run, model_args=train.TextDiffArgs(dim=64))
-    train.fit.fit(cfg)
-    train.evaluate.evaluate(run)
-    mask = train.Predictor.from_run(run)(image, text, out="mask.png")
+    train.run_fit(cfg)
+    train.run_evaluate(run)
+    mask = train.run_predict(run, image, text, out="mask.png")   # or train.Predictor.from_run(run)
 """
 
 from __future__ import annotations
@@ -34,6 +33,8 @@ import importlib
 from typing import Any
 
 _MODULES = ("fit", "evaluate", "predict", "sweep")
+_LOOPS = {"run_fit": ("train.fit", "fit"), "run_evaluate": ("train.evaluate", "evaluate"),
+          "run_predict": ("train.predict", "predict"), "run_sweep": ("train.sweep", "sweep")}
 _HOME = {
     "FitConfig": "train.config",
     "Predictor": "train.predict",
@@ -54,12 +55,15 @@ _HOME = {
     "fit_finished": "train.rundir",
 }
 
-__all__ = sorted([*_HOME, *_MODULES])
+__all__ = sorted([*_HOME, *_LOOPS, *_MODULES])
 
 
 def __getattr__(name: str) -> Any:
     if name in _MODULES:
         return importlib.import_module(f"train.{name}")
+    if name in _LOOPS:
+        module, function = _LOOPS[name]
+        return getattr(importlib.import_module(module), function)
     if name not in _HOME:
         raise AttributeError(f"module 'train' has no attribute {name!r}")
     return getattr(importlib.import_module(_HOME[name]), name)

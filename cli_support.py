@@ -1,0 +1,130 @@
+"""The CLI's machinery (``pipeline.py`` holds the commands): one-line errors, options whose defaults and
+help come from the config dataclasses, options shared between commands, comma-separated integers."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+err = Console(stderr=True)
+state = {"debug": False}  # pipeline --debug: tracebacks instead of one-line errors
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(fn: F) -> F:
+    """Turn expected failures (bad input, missing weights, ...) into a one-line error and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/]: everything committed so far is kept; run the same command to resume",
+                      soft_wrap=True)
+            raise typer.Exit(130) from None
+        except typer.Exit:  # a command's own exit code (typer.Exit is a RuntimeError: let it through first)
+            raise
+        except (ValueError, RuntimeError, OSError, KeyError) as e:
+            if state["debug"]:
+                raise
+            err.print(f"[red]error[/]: {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+_UNSET: Any = object()
+
+
+def _field(config: type, name: str) -> dataclasses.Field:
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            return f
+    raise KeyError(f"{config.__name__} has no field {name!r}")
+
+
+def option(config: type, name: str, *decls: str, default: Any = _UNSET, help: Optional[str] = None,
+           **kw: Any) -> Any:
+    """A typer option whose default and help come from field ``name`` of dataclass ``config`` (its
+    ``metadata["help"]``), the one source of truth; a tuple default is shown comma-separated, as typed.
+    ``default`` / ``help`` override where the CLI's differ (a flag that negates a field, say)."""
+    f = _field(config, name)
+    if default is _UNSET:
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...
+    if isinstance(default, tuple):
+        default = ",".join(str(v) for v in default)
+    return typer.Option(default, *decls, help=f.metadata.get("help", "") if help is None else help, **kw)
+
+
+def shared_options(**params: tuple[Any, Any]) -> Callable[[F], F]:
+    """Give a command the options ``params`` (name → (type, typer.Option)) besides its own; the command
+    receives them as one dict, its keyword ``common``. Commands that share options declare them once."""
+
+    def decorate(fn: F) -> F:
+        own = [p for name, p in inspect.signature(fn).parameters.items() if name != "common"]
+        hints = {k: v for k, v in typing.get_type_hints(fn).items() if k not in ("common", "return")}
+        extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind)
+                 for name, (kind, opt) in params.items()]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            common = {name: kwargs.pop(name) for name in params if name in kwargs}
+            return fn(*args, common=common, **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+             for p in own] + extra)
+        wrapper.__annotations__ = {**hints, **{name: kind for name, (kind, _) in params.items()}, "return": None}
+        del wrapper.__wrapped__  # typer must read the new signature, not the function's own
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def ints(value: Optional[str], name: str) -> Optional[tuple[int, ...]]:
+    """Comma-separated integers (``name``: the option, for the error), or None."""
+    if value is None:
+        return None
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{name} takes comma-separated integers, e.g. 50,150,250 (got {value!r})")
+    if not out:
+        raise typer.BadParameter(f"{name} is empty")
+    return out
+
+
+def run_app(app: typer.Typer) -> None:
+    """Run ``app`` as a command: a bad option or argument is reported on one line (exit code 2)."""
+    try:
+        from typer._click import exceptions as cx  # typer >= 0.20 carries its own click
+    except ImportError:  # pragma: no cover - older typer on click
+        from click import exceptions as cx
+
+    try:
+        code = app(standalone_mode=False)
+    except cx.NoArgsIsHelpError as e:
+        e.show()
+        code = e.exit_code
+    except cx.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        err.print(f"[red]error[/]: {escape(e.format_message())}{hint}", highlight=False, soft_wrap=True)
+        code = e.exit_code
+    except typer.Abort:
+        err.print("[red]aborted[/]")
+        code = 1
+    raise SystemExit(code if isinstance(code, int) else 0)
