@@ -18,7 +18,7 @@ from rich.markup import escape
 from cli_support import err, friendly, ints, option, run_app, shared_options, state
 
 from extract.config import ExtractConfig, PretrainConfig
-from train.config import DemoConfig, FitConfig, PlainUNetArgs, TextDiffArgs
+from train.config import DemoConfig, EvaluateConfig, FitConfig, PlainUNetArgs, PredictConfig, TextDiffArgs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TextDiff: segmentation from a frozen diffusion UNet + free text, via a feature cache.")
@@ -185,9 +185,9 @@ def baseline(
 @friendly
 def evaluate(
     run: Path = typer.Argument(..., help="A `pipeline fit` run folder."),
-    split: str = typer.Option("test", help="The store split to score."),
-    cache: Optional[str] = typer.Option(None, help="The run's store, if it moved (default: the one the run recorded); a store with another key is refused."),
-    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Also write eval-<split>/overlays/<id>.png (image | ground truth | prediction)."),
+    split: str = option(EvaluateConfig, "split"),
+    cache: Optional[str] = option(EvaluateConfig, "cache"),
+    overlays: bool = option(EvaluateConfig, "overlays", "--overlays/--no-overlays"),
 ) -> None:
     """Score a run on one split: per_image.csv, summary.json, predictions.npz and overlays in RUN/eval-<split>/."""
     from train.evaluate import evaluate_cli
@@ -216,14 +216,14 @@ def sweep(
 @friendly
 def predict(
     run: Path = typer.Argument(..., help="A `pipeline fit` run folder."),
-    image: Path = typer.Option(..., "--image", help="The image to segment (PNG, JPEG, TIFF, BMP; grey, RGB, 16-bit)."),
-    text: str = typer.Option("", "--text", help="The image's description (what the head attends to; not needed by --no-text runs and the plain U-Net baseline)."),
-    out: Path = typer.Option(..., "--out", help="Mask PNG to write ({0,255}); a folder → <image stem>_mask.png."),
-    cache: Optional[str] = typer.Option(None, help="The run's store, if it moved (default: the one the run recorded)."),
-    original_size: bool = typer.Option(False, "--original-size", help="Resize the mask (nearest) back to the image's size."),
-    unet: Optional[str] = typer.Option(None, help="The run's UNet checkpoint, if it moved (its sha256 is checked)."),
-    text_encoder: Optional[str] = typer.Option(None, help="The run's text encoder, if it moved (its hashes are checked)."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
+    image: Path = option(PredictConfig, "image", "--image"),
+    text: str = option(PredictConfig, "text", "--text"),
+    out: Path = option(PredictConfig, "out", "--out"),
+    cache: Optional[str] = option(PredictConfig, "cache"),
+    original_size: bool = option(PredictConfig, "original_size", "--original-size"),
+    unet: Optional[str] = option(PredictConfig, "unet"),
+    text_encoder: Optional[str] = option(PredictConfig, "text_encoder"),
+    device: Optional[str] = option(PredictConfig, "device"),
 ) -> None:
     """Segment a new image: stage one for it with the run's own UNet and text encoder, then the head.
 
