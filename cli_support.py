@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from typing import Any, Optional, TypeVar
@@ -67,6 +68,52 @@ def option(config: type, name: str, *decls: str, default: Any = _UNSET, help: Op
     if isinstance(default, tuple):
         default = ",".join(str(v) for v in default)
     return typer.Option(default, *decls, help=f.metadata.get("help", "") if help is None else help, **kw)
+
+
+def _cli_type(hint: Any) -> Any:
+    """What typer parses for a field of type ``hint``: a tuple as comma-separated text, ``Path | str`` as text."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        inner = _cli_type(rest[0]) if len(rest) == 1 else str
+        return Optional[inner] if len(rest) < len(args) else inner
+    return str if typing.get_origin(hint) is tuple else hint
+
+
+def config_options(config: type, *, skip: tuple[str, ...] = (), flags: Optional[dict[str, Any]] = None,
+                   **own: tuple[Any, Any]) -> dict[str, tuple[Any, Any]]:
+    """:func:`shared_options` entries for every field of dataclass ``config`` but ``skip``, in field order: the
+    type, default and help from the field. ``flags`` gives fields their own option names (``resume=("--resume",)``);
+    a keyword in ``own`` replaces a field's entry by a parameter of the CLI's own (``color_order=("bgr", (bool,
+    typer.Option(...)))``), which :func:`config_values` leaves to the command."""
+    hints, flags, out = typing.get_type_hints(config), flags or {}, {}
+    for f in dataclasses.fields(config):
+        if f.name in skip:
+            continue
+        if f.name in own:
+            name, entry = own[f.name]
+            out[name] = entry
+        else:
+            out[f.name] = (_cli_type(hints[f.name]), option(config, f.name, *flags.get(f.name, ())))
+    return out
+
+
+def config_values(config: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (options parsed by :func:`config_options`) as ``config``'s field values: comma-separated text
+    back to tuples (integers where the field holds integers); names that are not fields are left out."""
+    hints, out = typing.get_type_hints(config), {}
+    for f in dataclasses.fields(config):
+        if f.name not in values:
+            continue
+        value, hint = values[f.name], hints[f.name]
+        tuple_type = next((t for t in (hint, *typing.get_args(hint)) if typing.get_origin(t) is tuple), None)
+        if tuple_type is not None and isinstance(value, str):
+            if typing.get_args(tuple_type)[0] is int:
+                value = ints(value, "--" + f.name.replace("_", "-")) or ()
+            else:
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+        out[f.name] = value
+    return out
 
 
 def shared_options(**params: tuple[Any, Any]) -> Callable[[F], F]:

@@ -15,10 +15,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cli_support import err, friendly, ints, option, run_app, shared_options, state
+from cli_support import (config_options, config_values, err, friendly, ints, option, run_app, shared_options,
+                         state)
 
 from extract.config import ExtractConfig, PretrainConfig
-from train.config import DemoConfig, FitConfig, PlainUNetArgs, TextDiffArgs
+from train.config import DemoConfig, EvaluateConfig, FitConfig, PlainUNetArgs, PredictConfig, TextDiffArgs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TextDiff: segmentation from a frozen diffusion UNet + free text, via a feature cache.")
@@ -34,45 +35,22 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
 
 @app.command()
 @friendly
-def extract(
-    dataset: str = option(ExtractConfig, "dataset"),
-    data_root: Optional[Path] = option(ExtractConfig, "data_root"),
-    unet: str = option(ExtractConfig, "unet"),
-    unet_flags: Optional[Path] = option(ExtractConfig, "unet_flags"),
-    text_encoder: str = option(ExtractConfig, "text_encoder"),
-    steps: str = option(ExtractConfig, "steps"),
-    blocks: Optional[str] = option(ExtractConfig, "blocks"),
-    size: int = option(ExtractConfig, "size"),
-    seed: int = option(ExtractConfig, "seed"),
-    splits: Optional[str] = option(ExtractConfig, "splits"),
-    augment: str = option(ExtractConfig, "augment"),
-    max_length: Optional[int] = option(ExtractConfig, "max_length"),
-    cache_dir: Optional[str] = option(ExtractConfig, "cache_dir", default=None),  # None: ExtractConfig's
-    batch_size: int = option(ExtractConfig, "batch_size"),
-    device: Optional[str] = option(ExtractConfig, "device"),
-    autocast: bool = option(ExtractConfig, "autocast"),
-    bgr: bool = option(ExtractConfig, "color_order", "--bgr", default=False,
-                       help="Feed BGR like the authors' OpenCV loader (default RGB)."),
-    skip_bad: bool = option(ExtractConfig, "skip_bad"),
-    limit: Optional[int] = option(ExtractConfig, "limit"),
-    scheduler: Optional[str] = option(ExtractConfig, "scheduler"),
-    store_format: str = option(ExtractConfig, "store_format"),
-    threads: Optional[int] = option(ExtractConfig, "threads"),
-) -> None:
+@shared_options(**config_options(
+    ExtractConfig, skip=("dataset_options",),
+    cache_dir=("cache_dir", (Optional[str], option(ExtractConfig, "cache_dir", default=None))),  # None: the config's
+    color_order=("bgr", (bool, option(ExtractConfig, "color_order", "--bgr", default=False,
+                                      help="Feed BGR like the authors' OpenCV loader (default RGB).")))))
+def extract(common: Optional[dict] = None) -> None:
     """Stage one: run the frozen UNet and text encoder once, write features to the store.
 
     Re-running computes only what the store lacks; the last line printed is the store's path.
     """
     from extract.run import run_extract
 
-    cfg = ExtractConfig(
-        dataset=dataset, data_root=data_root, unet=unet, unet_flags=unet_flags, text_encoder=text_encoder,
-        steps=ints(steps, "--steps") or (), blocks=ints(blocks, "--blocks"), size=size, seed=seed,
-        splits=tuple(s.strip() for s in splits.split(",")) if splits else None, augment=augment,
-        max_length=max_length, batch_size=batch_size, device=device, autocast=autocast,
-        color_order="bgr" if bgr else "rgb", skip_bad=skip_bad, limit=limit, scheduler=scheduler, threads=threads,
-        store_format=store_format, **({"cache_dir": cache_dir} if cache_dir else {}),
-    )
+    values, cache_dir = config_values(ExtractConfig, common or {}), (common or {}).get("cache_dir")
+    values.pop("cache_dir", None)
+    cfg = ExtractConfig(**values, color_order="bgr" if (common or {}).get("bgr") else "rgb",
+                        **({"cache_dir": cache_dir} if cache_dir else {}))
     path = run_extract(cfg, console=err)
     typer.echo(str(path))
 
@@ -185,9 +163,9 @@ def baseline(
 @friendly
 def evaluate(
     run: Path = typer.Argument(..., help="A `pipeline fit` run folder."),
-    split: str = typer.Option("test", help="The store split to score."),
-    cache: Optional[str] = typer.Option(None, help="The run's store, if it moved (default: the one the run recorded); a store with another key is refused."),
-    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Also write eval-<split>/overlays/<id>.png (image | ground truth | prediction)."),
+    split: str = option(EvaluateConfig, "split"),
+    cache: Optional[str] = option(EvaluateConfig, "cache"),
+    overlays: bool = option(EvaluateConfig, "overlays", "--overlays/--no-overlays"),
 ) -> None:
     """Score a run on one split: per_image.csv, summary.json, predictions.npz and overlays in RUN/eval-<split>/."""
     from train.evaluate import evaluate_cli
@@ -216,14 +194,14 @@ def sweep(
 @friendly
 def predict(
     run: Path = typer.Argument(..., help="A `pipeline fit` run folder."),
-    image: Path = typer.Option(..., "--image", help="The image to segment (PNG, JPEG, TIFF, BMP; grey, RGB, 16-bit)."),
-    text: str = typer.Option("", "--text", help="The image's description (what the head attends to; not needed by --no-text runs and the plain U-Net baseline)."),
-    out: Path = typer.Option(..., "--out", help="Mask PNG to write ({0,255}); a folder → <image stem>_mask.png."),
-    cache: Optional[str] = typer.Option(None, help="The run's store, if it moved (default: the one the run recorded)."),
-    original_size: bool = typer.Option(False, "--original-size", help="Resize the mask (nearest) back to the image's size."),
-    unet: Optional[str] = typer.Option(None, help="The run's UNet checkpoint, if it moved (its sha256 is checked)."),
-    text_encoder: Optional[str] = typer.Option(None, help="The run's text encoder, if it moved (its hashes are checked)."),
-    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
+    image: Path = option(PredictConfig, "image", "--image"),
+    text: str = option(PredictConfig, "text", "--text"),
+    out: Path = option(PredictConfig, "out", "--out"),
+    cache: Optional[str] = option(PredictConfig, "cache"),
+    original_size: bool = option(PredictConfig, "original_size", "--original-size"),
+    unet: Optional[str] = option(PredictConfig, "unet"),
+    text_encoder: Optional[str] = option(PredictConfig, "text_encoder"),
+    device: Optional[str] = option(PredictConfig, "device"),
 ) -> None:
     """Segment a new image: stage one for it with the run's own UNet and text encoder, then the head.
 
@@ -247,30 +225,14 @@ def predict(
 
 @app.command()
 @friendly
-def pretrain(
-    dataset: str = option(PretrainConfig, "dataset"),
-    out: Path = option(PretrainConfig, "out"),
-    data_root: Optional[Path] = option(PretrainConfig, "data_root"),
-    splits: str = option(PretrainConfig, "splits"),
-    size: int = option(PretrainConfig, "size"),
-    crop: Optional[int] = option(PretrainConfig, "crop"),
-    flags: str = option(PretrainConfig, "flags"),
-    iterations: int = option(PretrainConfig, "iterations"),
-    batch_size: int = option(PretrainConfig, "batch_size"),
-    lr: float = option(PretrainConfig, "lr"),
-    ema: float = option(PretrainConfig, "ema"),
-    seed: int = option(PretrainConfig, "seed"),
-    resume: bool = option(PretrainConfig, "resume", "--resume"),
-    device: Optional[str] = option(PretrainConfig, "device"),
-) -> None:
+@shared_options(**config_options(PretrainConfig, skip=("samples", "sample_steps", "checkpoint_every", "dataset_options"),
+                                 flags={"resume": ("--resume",)}))
+def pretrain(common: Optional[dict] = None) -> None:
     """Train this project's ADM UNet on a dataset's unlabelled images (DDPM ε-prediction); use it with
     `pipeline extract --unet OUT`. The last line printed is the folder."""
     from extract.pretrain import pretrain as run_pretrain
 
-    cfg = PretrainConfig(dataset=dataset, out=out, data_root=data_root,
-                         splits=tuple(s.strip() for s in splits.split(",")), size=size, crop=crop, flags=flags,
-                         iterations=iterations, batch_size=batch_size, lr=lr, ema=ema, seed=seed, resume=resume,
-                         device=device)
+    cfg = PretrainConfig(**config_values(PretrainConfig, common or {}))
     typer.echo(str(run_pretrain(cfg, console=err)))
 
 

@@ -44,3 +44,31 @@ def test_shared_options_reach_the_command_as_one_dict() -> None:
     result = CliRunner().invoke(app, ["--a", "5", "--c", "x", "--b", "7"])
     assert result.exit_code == 0, result.output
     assert seen == [(5, {"b": "7", "c": "x"})]
+
+
+@dataclasses.dataclass
+class Typed:
+    steps: tuple[int, ...] = dataclasses.field(default=(50, 150), metadata={"help": "Steps."})
+    splits: Optional[tuple[str, ...]] = None
+    size: int = 8
+    colour: str = "rgb"
+
+
+def test_config_options_take_every_field_with_its_type_and_give_the_values_back() -> None:
+    from cli_support import config_options, config_values
+
+    app, seen = typer.Typer(), []
+
+    @app.command()
+    @shared_options(**config_options(Typed, colour=("bgr", (bool, typer.Option(False, "--bgr")))))
+    def cmd(common: Optional[dict] = None) -> None:
+        seen.append(config_values(Typed, common or {}))
+
+    assert CliRunner().invoke(app, []).exit_code == 0
+    assert seen[-1] == {"steps": (50, 150), "splits": None, "size": 8}  # the replaced field is the command's
+    result = CliRunner().invoke(app, ["--steps", "7,9", "--splits", "train, test", "--size", "4", "--bgr"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == {"steps": (7, 9), "splits": ("train", "test"), "size": 4}
+    assert CliRunner().invoke(app, ["--size", "x"]).exit_code == 2  # typed: an int option refuses text
+    bad = CliRunner().invoke(app, ["--steps", "a"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 2 and "--steps takes comma-separated integers" in bad.output

@@ -18,7 +18,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ALIASES", "DemoConfig", "FUSIONS", "FitConfig", "MODEL_ARGS", "NORMS", "PlainUNetArgs", "TextDiffArgs",
+from extract.shared import option_field
+
+__all__ = ["ALIASES", "DemoConfig", "EvaluateConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS", "NORMS", "PlainUNetArgs", "TextDiffArgs",
            "model_name"]
 
 FUSIONS = ("cross-attn", "concat", "none")
@@ -79,11 +81,33 @@ class DemoConfig:
 
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What ``pipeline evaluate`` takes besides the run (:func:`train.evaluate.evaluate`'s defaults)."""
+
+    split: str = option_field("test", "The store split to score.")
+    cache: str | None = option_field(None, "The run's store, if it moved (default: the one the run recorded); "
+                                           "a store with another key is refused.")
+    overlays: bool = option_field(True, "Also write eval-<split>/overlays/<id>.png (image | ground truth | "
+                                        "prediction).")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """What ``pipeline predict`` takes besides the run (:func:`train.predict.predict`'s defaults)."""
+
+    image: Path = option_field(help="The image to segment (PNG, JPEG, TIFF, BMP; grey, RGB, 16-bit).")
+    out: Path = option_field(help="Mask PNG to write ({0,255}); a folder → <image stem>_mask.png.")
+    text: str = option_field("", "The image's description (what the head attends to; not needed by --no-text "
+                                 "runs and the plain U-Net baseline).")
+    cache: str | None = option_field(None, "The run's store, if it moved (default: the one the run recorded).")
+    original_size: bool = option_field(False, "Resize the mask (nearest) back to the image's size.")
+    unet: str | None = option_field(None, "The run's UNet checkpoint, if it moved (its sha256 is checked).")
+    text_encoder: str | None = option_field(None, "The run's text encoder, if it moved (its hashes are checked).")
+    device: str | None = option_field(None, "cpu or cuda (default: cuda when present).")
+
+
 _TUPLES = ("blocks", "steps", "head_channels")  # JSON lists read back as tuples
-
-
-def _help(text: str, default: Any = None, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": text}, **kw)
 
 
 @dataclass
@@ -92,22 +116,22 @@ class FitConfig:
 
     cache: Path = field(metadata={"help": "A store written by `pipeline extract` (a path or an fsspec URL)."})
     out: Path = field(metadata={"help": "The run folder to write."})
-    model: str = _help("The model: textdiff (the TextDiff head) or plain-unet (the baseline).", "textdiff")
-    model_args: Any = _help("The model's own arguments (TextDiffArgs, PlainUNetArgs); None: its defaults.")
-    blocks: tuple[int, ...] | None = _help("Blocks to use (default: all in the store).")
-    steps: tuple[int, ...] | None = _help("Steps to use (default: all in the store).")
-    train_count: int | None = _help("Few-shot training images (default: 5 MoNuSeg, 150 QaTa, else all).")
-    subset_seed: int = _help("Seed of the few-shot subset (the chosen ids are recorded; the same for every model).", 0)
-    epochs: int = _help("Epochs (paper: 100; authors' code: 50).", 100)
-    batch_size: int = _help("Images per step (paper: 1).", 1)
-    lr: float = _help("Adam learning rate.", 1e-4)
-    lr_drop_epoch: int | None = _help("Multiply the learning rate by 0.1 after this epoch (authors: 60; 0 = never).", 60)
-    dice_on_logits: bool = _help("Feed raw logits to the Dice loss, as the authors' code does.", False)
-    attend_padding: bool = _help("Let the cross-attention attend to padding tokens, as the authors' code does.", False)
-    seed: int | None = _help("Seed of the weights, order and augmentation (default: the subset seed).")
-    val_fraction: float = _help("Hold-out of train for validation when the store has no val split.", 0.2)
-    memory_budget_gb: float = _help("Hold features in memory up to this size, else stream them.", 4.0)
-    augment: bool = _help("Sample the cached dihedral views (p = 0.5 the original, else one of 8).", True)
+    model: str = option_field("textdiff", "The model: textdiff (the TextDiff head) or plain-unet (the baseline).")
+    model_args: Any = option_field(None, "The model's own arguments (TextDiffArgs, PlainUNetArgs); None: its defaults.")
+    blocks: tuple[int, ...] | None = option_field(None, "Blocks to use (default: all in the store).")
+    steps: tuple[int, ...] | None = option_field(None, "Steps to use (default: all in the store).")
+    train_count: int | None = option_field(None, "Few-shot training images (default: 5 MoNuSeg, 150 QaTa, else all).")
+    subset_seed: int = option_field(0, "Seed of the few-shot subset (the chosen ids are recorded; the same for every model).")
+    epochs: int = option_field(100, "Epochs (paper: 100; authors' code: 50).")
+    batch_size: int = option_field(1, "Images per step (paper: 1).")
+    lr: float = option_field(1e-4, "Adam learning rate.")
+    lr_drop_epoch: int | None = option_field(60, "Multiply the learning rate by 0.1 after this epoch (authors: 60; 0 = never).")
+    dice_on_logits: bool = option_field(False, "Feed raw logits to the Dice loss, as the authors' code does.")
+    attend_padding: bool = option_field(False, "Let the cross-attention attend to padding tokens, as the authors' code does.")
+    seed: int | None = option_field(None, "Seed of the weights, order and augmentation (default: the subset seed).")
+    val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
+    memory_budget_gb: float = option_field(4.0, "Hold features in memory up to this size, else stream them.")
+    augment: bool = option_field(True, "Sample the cached dihedral views (p = 0.5 the original, else one of 8).")
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes kept in config.json."})
 
     def __post_init__(self) -> None:

@@ -126,21 +126,20 @@ class SplitData(Protocol):
     def describe(self) -> str: ...
 
 
-class SplitFeatures:
-    """The selected rows of one split, held in memory when they fit ``memory_budget`` bytes, else
-    read from the store on demand (one chunk per image × block × step). ``attend_padding`` marks
-    every token valid, as the authors' code does."""
+class SplitRows:
+    """The selected rows of one split, what every reader shares: ids, texts, masks, tokens, the in-memory
+    choice and the row checks. The rows are held in memory when they fit ``memory_budget`` bytes (with what
+    the subclass reads, :meth:`_arrays`), else read from the store on demand (one chunk per row and array).
+    ``attend_padding`` marks every token valid, as the authors' code does."""
 
-    def __init__(self, store: FeatureStore, split: str, blocks: Sequence[int], steps: Sequence[int],
-                 indices: Sequence[int] | None = None, memory_budget: float = 4 * GIB,
-                 attend_padding: bool = False):
+    def __init__(self, store: FeatureStore, split: str, indices: Sequence[int] | None = None,
+                 memory_budget: float = 4 * GIB, attend_padding: bool = False):
         if split not in store.splits():
             raise ValueError(f"store {store.path} has no split {split!r} (it has {store.splits()})")
         self.store, self.split = store, split
-        self.blocks, self.steps = tuple(blocks), tuple(steps)
         n = len(store.ids(split))
         self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=int)
-        complete = set(store.complete_indices(split, [(s, b) for s in self.steps for b in self.blocks]).tolist())
+        complete = set(store.complete_indices(split, self._pairs()).tolist())
         absent = [store.ids(split)[i] for i in self.indices if i not in complete]
         if absent:
             raise MissingFeaturesError(f"store {store.path}: {len(absent)} {split} image(s) not extracted yet "
@@ -148,23 +147,77 @@ class SplitFeatures:
         self.ids = [store.ids(split)[i] for i in self.indices]
         self.texts = [store.texts(split)[i] for i in self.indices]
         self.views = store.layout(split).views
-        self._feat = {(s, b): store.features(split, s, b) for s in self.steps for b in self.blocks}
-        self._tokens, self._mask = store.tokens(split), store.masks(split)
+        self._data = {**self._arrays(), "tokens": store.tokens(split), "mask": store.masks(split)}
         self._token_mask = store.token_mask(split)[self.indices]
         self.nbytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize * len(self.indices)
-                          for a in [*self._feat.values(), self._tokens, self._mask])
+                          for a in self._data.values())
         self.in_memory = self.nbytes <= memory_budget
         if self.in_memory:
-            idx = self.indices
             try:
-                self._feat = {k: a[idx].compute() for k, a in self._feat.items()}
-                self._tokens, self._mask = self._tokens[idx].compute(), self._mask[idx].compute()
+                self._data = {k: a[self.indices].compute() for k, a in self._data.items()}
             except Exception:  # noqa: BLE001 - a chunk that does not decode: name its row (below) instead
                 self.in_memory = False
                 self._check_rows()
                 raise
         self._check_rows()
         self._token_mask = visible_tokens(self._token_mask, attend_padding)
+
+    def _pairs(self) -> list[tuple[int, int]]:
+        """The (step, block) feature pairs every selected row must have."""
+        return []
+
+    def _arrays(self) -> dict[Any, Any]:
+        """What this reader reads besides masks and tokens, by name: (N, views, ...) arrays of the split."""
+        return {}
+
+    def _check_rows(self) -> None:
+        """Every selected row reads back as written (finite, its recorded CRC-32), or a
+        :class:`DamagedDataError` names it and the repair: a store damaged after it was written is refused,
+        never learned from. Rows held in memory (numpy) are checked as loaded; streamed ones are read once."""
+        store, split = self.store, self.split
+        loaded = {k: v for k, v in self._data.items() if isinstance(v, np.ndarray)}
+        names = ["mask", "tokens", "token_mask", *(["image"] if "image" in self._data else [])]
+        arrays = base_arrays(store, split, names, {**loaded, "token_mask": self._token_mask})
+        arrays += [pair_array(store, split, s, b, loaded.get((s, b))) for s, b in self._pairs()]
+        damaged = first_damaged(store, split, arrays, self.indices)
+        if damaged:
+            raise DamagedDataError(
+                f"{store.path}: {damaged.where}: {damaged.problem}; the store was damaged after it was written: "
+                f"`pipeline cache verify --repair {store.path}` marks every damaged row, then the store's "
+                f"`pipeline extract` rewrites them", damaged.problem)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _row(self, name: Any, k: int, view: int | None = None) -> np.ndarray:
+        arr = self._data[name]
+        if self.in_memory:
+            out = arr[k] if view is None else arr[k, view]
+        else:
+            i = int(self.indices[k])
+            out = (arr[i] if view is None else arr[i, view]).compute()
+        return np.asarray(out)
+
+    def targets(self, rows: Sequence[int], views: Sequence[int]) -> torch.Tensor:
+        """(B, S, S) int64 masks of ``rows`` at ``views``."""
+        return torch.from_numpy(np.stack([self._row("mask", k, v) for k, v in zip(rows, views)])).long()
+
+
+class SplitFeatures(SplitRows):
+    """The selected rows of one split as the TextDiff head reads them: the cached features of ``blocks`` ×
+    ``steps`` and the text tokens (:class:`SplitRows` for memory, streaming and the row checks)."""
+
+    def __init__(self, store: FeatureStore, split: str, blocks: Sequence[int], steps: Sequence[int],
+                 indices: Sequence[int] | None = None, memory_budget: float = 4 * GIB,
+                 attend_padding: bool = False):
+        self.blocks, self.steps = tuple(blocks), tuple(steps)
+        super().__init__(store, split, indices, memory_budget, attend_padding)
+
+    def _pairs(self) -> list[tuple[int, int]]:
+        return [(s, b) for s in self.steps for b in self.blocks]
+
+    def _arrays(self) -> dict[Any, Any]:
+        return {(s, b): self.store.features(self.split, s, b) for s, b in self._pairs()}
 
     @classmethod
     def open(cls, store: FeatureStore, split: str, reading: Reading, indices: Sequence[int] | None = None
@@ -183,73 +236,37 @@ class SplitFeatures:
         """What is read, for a fit's first line."""
         return f"blocks {list(self.blocks)} × steps {list(self.steps)}"
 
-    def _check_rows(self, base: dict[str, Any] | None = None) -> None:
-        """Every selected row reads back as written (finite, its recorded CRC-32), or a
-        :class:`DamagedDataError` names it and the repair: a store damaged after it was written is refused,
-        never learned from. ``base``: base arrays by name (default: mask, tokens, token_mask), then every
-        feature array. Rows held in memory (numpy) are checked as loaded; streamed ones (dask) are read once."""
-        store, split = self.store, self.split
-        base = base or {"mask": self._mask, "tokens": self._tokens, "token_mask": self._token_mask}
-        in_memory = {name: values for name, values in base.items() if isinstance(values, np.ndarray)}
-        arrays = base_arrays(store, split, list(base), in_memory)
-        arrays += [pair_array(store, split, s, b, a if isinstance(a, np.ndarray) else None)
-                   for (s, b), a in self._feat.items()]
-        damaged = first_damaged(store, split, arrays, self.indices)
-        if damaged:
-            raise DamagedDataError(
-                f"{store.path}: {damaged.where}: {damaged.problem}; the store was damaged after it was written: "
-                f"`pipeline cache verify --repair {store.path}` marks every damaged row, then the store's "
-                f"`pipeline extract` rewrites them", damaged.problem)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def _row(self, arr, k: int, view: int | None = None) -> np.ndarray:
-        if self.in_memory:
-            out = arr[k] if view is None else arr[k, view]
-        else:
-            i = int(self.indices[k])
-            out = (arr[i] if view is None else arr[i, view]).compute()
-        return np.asarray(out)
-
     def batch(self, rows: Sequence[int], views: Sequence[int] | None = None) -> Sample:
         """Rows ``rows`` (positions in this selection), each at its view (default 0)."""
         views = list(views) if views is not None else [0] * len(rows)
-        feats = self.features(rows, views)
-        tokens = torch.from_numpy(np.stack([self._row(self._tokens, k) for k in rows])).float()
+        tokens = torch.from_numpy(np.stack([self._row("tokens", k) for k in rows])).float()
         token_mask = torch.from_numpy(self._token_mask[list(rows)])
-        return Sample(feats, tokens, token_mask, self.targets(rows, views))
-
-    def targets(self, rows: Sequence[int], views: Sequence[int]) -> torch.Tensor:
-        """(B, S, S) int64 masks of ``rows`` at ``views``."""
-        return torch.from_numpy(np.stack([self._row(self._mask, k, v) for k, v in zip(rows, views)])).long()
+        return Sample(self.features(rows, views), tokens, token_mask, self.targets(rows, views))
 
     def features(self, rows: Sequence[int], views: Sequence[int]) -> list[torch.Tensor]:
         """Per block, (B, len(steps)·C, h, w) float32: the steps concatenated on channels."""
         feats = []
         for b in self.blocks:
-            per_row = [np.concatenate([self._row(self._feat[(s, b)], k, v) for s in self.steps], axis=0)
+            per_row = [np.concatenate([self._row((s, b), k, v) for s in self.steps], axis=0)
                        for k, v in zip(rows, views)]
             feats.append(torch.from_numpy(np.stack(per_row)).float())
         return feats
 
     def channels(self) -> list[int]:
         """Input channels per scale: len(steps) × the block's channels."""
-        return [len(self.steps) * int(self._feat[(self.steps[0], b)].shape[2]) for b in self.blocks]
+        return [len(self.steps) * int(self._data[(self.steps[0], b)].shape[2]) for b in self.blocks]
 
 
-class SplitImages:
-    """The selected rows of a split as a model on the images reads them: the store's images (every
-    cached view, held in memory: images are small beside features) and masks. Masks, ids, texts and
-    the row checks come from the split's rows without features (a :class:`SplitFeatures` of no block)."""
+class SplitImages(SplitRows):
+    """The selected rows of a split as a model on the images reads them: the store's images (every cached
+    view) and masks (:class:`SplitRows` for memory, streaming and the row checks)."""
 
     def __init__(self, store: FeatureStore, split: str, indices: Sequence[int] | None = None,
                  memory_budget: float = 4 * GIB):
-        self.rows = SplitFeatures(store, split, (), (), indices, memory_budget)
-        self.ids, self.texts, self.indices = self.rows.ids, self.rows.texts, self.rows.indices
-        self.views, self.in_memory = self.rows.views, self.rows.in_memory
-        self._images = store.images(split)[self.indices].compute()
-        self.rows._check_rows({"image": self._images})
+        super().__init__(store, split, indices, memory_budget)
+
+    def _arrays(self) -> dict[Any, Any]:
+        return {"image": self.store.images(self.split)}
 
     @classmethod
     def open(cls, store: FeatureStore, split: str, reading: Reading, indices: Sequence[int] | None = None
@@ -263,9 +280,6 @@ class SplitImages:
         """No blocks or steps: the images are read."""
         return (), ()
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
     def describe(self) -> str:
         """What is read, for a fit's first line."""
         return "images"
@@ -273,8 +287,8 @@ class SplitImages:
     def batch(self, rows: Sequence[int], views: Sequence[int] | None = None) -> ImageSample:
         """Rows ``rows`` (positions in this selection), each at its view (default 0), in [-1, 1]."""
         views = list(views) if views is not None else [0] * len(rows)
-        image = to_unit_range(np.stack([self._images[k, v] for k, v in zip(rows, views)]))
-        return ImageSample(torch.from_numpy(image), self.rows.targets(rows, views))
+        image = to_unit_range(np.stack([self._row("image", k, v) for k, v in zip(rows, views)]))
+        return ImageSample(torch.from_numpy(image), self.targets(rows, views))
 
 
 #: the store readers, by what a model reads (:attr:`train.models.ModelSpec.reads`)

@@ -24,10 +24,12 @@ from rich.console import Console
 
 from extract.shared import stage_progress
 from train import rundir
+from train.config import EvaluateConfig
 from train.metrics import SegMetrics
 from train.models import load_run, open_split, probabilities, reading_of, spec_of
 from train.plots import overlay_png
 from train.rundir import eval_dir, write_json
+
 
 __all__ = ["PER_IMAGE_COLUMNS", "SUMMARY_KEYS", "eval_dir", "evaluate", "evaluate_cli"]
 
@@ -40,7 +42,8 @@ def _safe_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
 
 
-def evaluate(run: Path, split: str = "test", cache: Path | None = None, overlays: bool = True,
+def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = None,
+             overlays: bool = EvaluateConfig.overlays,
              console: Console | None = None, batch_size: int | None = None) -> dict[str, Any]:
     """Evaluate the run's best head on every image of ``split`` (view 0); write ``RUN/eval-<split>/``.
 
@@ -120,7 +123,8 @@ def evaluate(run: Path, split: str = "test", cache: Path | None = None, overlays
     return summary
 
 
-def evaluate_cli(run: Path, split: str = "test", cache: Path | None = None, overlays: bool = True,
+def evaluate_cli(run: Path, split: str = EvaluateConfig.split, cache: Path | None = None,
+                 overlays: bool = EvaluateConfig.overlays,
                  console: Console | None = None) -> dict[str, Any]:
     """The body of ``pipeline evaluate``: evaluate, then print the summary as JSON on stdout."""
     summary = evaluate(run, split=split, cache=cache, overlays=overlays, console=console or Console(stderr=True))

@@ -34,8 +34,10 @@ from extract.diffusion import shared_noise
 from extract.features import FeatureExtractor, default_device
 from extract.shared import to_unit_range
 from extract.text import TextEncoder, load_text_encoder, tokenizer_files, weight_files
+from train.config import PredictConfig
 from train.data import ImageSample, Sample, visible_tokens
 from train.models import load_run, probabilities, spec_of
+
 
 __all__ = ["FeatureInputs", "ImageInputs", "Predictor", "WeightsMismatchError", "mask_path", "predict"]
 
@@ -266,7 +268,8 @@ class Predictor:
         return mask
 
 
-def predict(run: Path, image: Path, text: str, out: Path, cache: Path | None = None, original_size: bool = False,
+def predict(run: Path, image: Path, text: str, out: Path, cache: Path | None = None,
+            original_size: bool = PredictConfig.original_size,
             *, unet: str | None = None, text_encoder: str | None = None, device: str | None = None,
             console: Console | None = None) -> np.ndarray:
     """Segment one new image with run ``run``; write the mask PNG ({0, 255}) to ``out`` (a file, or a
