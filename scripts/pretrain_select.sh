@@ -17,6 +17,7 @@ RND=${2:?usage: scripts/pretrain_select.sh PRETRAINED_DIR RANDOM_DIR [OUT]}
 OUT=${3:-runs/pvr-select}
 DATA=${DATA:-../shared/data/MoNuSeg}
 P=${PIPELINE:-pipeline}
+RUNDIR="$(dirname "$0")/../train/rundir.py"  # asks the run folder's owner what is done
 SIZE=${SIZE:-128}; SEEDS=${SEEDS:-0 1 2}
 BLOCKS=${BLOCKS:-0,1,2,3,4,5,6,7,8,9,10,11}
 export HF_HUB_OFFLINE=1
@@ -30,10 +31,9 @@ for unet in pretrained random; do
   echo "block,val_dice" > "$OUT/select-$unet.csv"
   for block in ${BLOCKS//,/ }; do
     run="$OUT/select-$unet/b$block"
-    [ -f "$run/metrics.json" ] && [ ! -e "$run/INCOMPLETE" ] || \
+    python3 "$RUNDIR" finished "$run" || \
       $P fit --cache "${STORE[$unet]}" --out "$run" --epochs 50 --dim 64 --subset-seed 0 --blocks "$block" > /dev/null
-    python3 -c "import json; print(f\"$block,{json.load(open('$run/metrics.json'))['best_val_dice']:.4f}\")" \
-      >> "$OUT/select-$unet.csv"
+    printf '%s,%.4f\n' "$block" "$(python3 "$RUNDIR" value "$run" best_val_dice)" >> "$OUT/select-$unet.csv"
   done
   CHOICE[$unet]="--blocks $(sort -t, -k2 -g -r <(tail -n +2 "$OUT/select-$unet.csv") | head -1 | cut -d, -f1)"
   echo "$unet UNet: best by validation: ${CHOICE[$unet]}"
@@ -45,12 +45,14 @@ for chooser in pretrained random; do
   for unet in pretrained random; do
     for seed in $SEEDS; do
       run="$OUT/fit-$unet-by-$chooser-$seed"
-      if [ ! -f "$run/eval-test/summary.json" ]; then
+      if ! python3 "$RUNDIR" evaluated "$run" test; then
         # shellcheck disable=SC2086
         $P fit --cache "${STORE[$unet]}" --out "$run" --epochs 50 --dim 64 --subset-seed "$seed" $sel > /dev/null
         $P evaluate "$run" --no-overlays > /dev/null
       fi
-      python3 -c "import json; m=json.load(open('$run/metrics.json')); d=json.load(open('$run/eval-test/summary.json')); print(f\"$unet,$chooser,${sel// /=},$seed,{m['best_val_dice']:.4f},{d['dice']:.4f},{d['iou']:.4f}\")" >> "$OUT/results.csv"
+      printf '%s,%s,%s,%s,%.4f,%.4f,%.4f\n' "$unet" "$chooser" "${sel// /=}" "$seed" \
+        "$(python3 "$RUNDIR" value "$run" best_val_dice)" "$(python3 "$RUNDIR" value "$run" dice test)" \
+        "$(python3 "$RUNDIR" value "$run" iou test)" >> "$OUT/results.csv"
     done
   done
 done

@@ -13,6 +13,7 @@ SIZE=${SIZE:-64}
 SEEDS=${SEEDS:-0 1 2}
 CROP=${CROP:-}
 export HF_HUB_OFFLINE=1
+RUNDIR="$(dirname "$0")/../train/rundir.py"  # asks the run folder's owner what is written
 common=(--dataset monuseg --data-root "$DATA" --size "$SIZE" --flags cpu-64 --batch-size 8)
 $P pretrain "${common[@]}" ${CROP:+--crop "$CROP"} --iterations "$ITER" --out "$OUT/unet-pretrained" --resume
 $P pretrain "${common[@]}" --iterations 0 --out "$OUT/unet-random" --resume   # the initial weights, untrained
@@ -24,7 +25,8 @@ for unet in pretrained random; do
     run="$OUT/fit-$unet-$seed"
     $P fit --cache "$store" --out "$run" --epochs 50 --dim 64 --subset-seed "$seed" > /dev/null
     $P evaluate "$run" --no-overlays > /dev/null
-    python3 -c "import json,sys; d=json.load(open('$run/eval-test/summary.json')); print(f\"$unet,$seed,{d['dice']:.4f},{d['iou']:.4f}\")" >> "$OUT/results.csv"
+    printf '%s,%s,%.4f,%.4f\n' "$unet" "$seed" "$(python3 "$RUNDIR" value "$run" dice test)" \
+      "$(python3 "$RUNDIR" value "$run" iou test)" >> "$OUT/results.csv"
   done
 done
 cat "$OUT/results.csv"

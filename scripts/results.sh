@@ -33,7 +33,7 @@ fi
 store=$($P extract --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --unet "$UNET" --text-encoder "$TEXT" \
         --blocks "$BLOCKS" --augment "$AUGMENT" --cache-dir "$OUT/cache" | tail -1)
 
-done_run() { [ -f "$1/eval-test/summary.json" ] && [ ! -e "$1/INCOMPLETE" ]; }
+done_run() { python3 "$(dirname "$0")/../train/rundir.py" evaluated "$1" test; }  # fit finished, test scored
 for seed in $SEEDS; do
   common=(--cache "$store" --subset-seed "$seed" --epochs "$EPOCHS")
   for method in textdiff notext concat; do

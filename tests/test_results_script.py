@@ -33,6 +33,7 @@ elif cmd in ("fit", "baseline"):
     (Path(opt("--out")) / "INCOMPLETE").unlink(missing_ok=True)
     (Path(opt("--out")) / "config.json").write_text(json.dumps({"fit": {"epochs": 1, "dim": 8}, "size": 32,
         "blocks": [1], "steps": [50], "train_ids": ["a"], "cache": "store.zarr"}))
+    (Path(opt("--out")) / "metrics.json").write_text(json.dumps({"best_val_dice": 0.5}))
 elif cmd == "evaluate":
     (Path(args[1]) / "eval-test").mkdir(exist_ok=True)
     (Path(args[1]) / "eval-test" / "summary.json").write_text(json.dumps({"dice": 0.5, "iou": 0.4}))

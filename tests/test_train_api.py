@@ -133,3 +133,29 @@ def test_public_names() -> None:
     for name in train.__all__:
         assert getattr(train, name) is not None, name
     assert callable(train.fit.fit) and callable(train.run_demo) and train.MODELS.keys() == {"textdiff", "plain-unet"}
+
+
+def test_shell_scripts_ask_the_run_folder_owner(tmp_path: Path) -> None:
+    """``python3 train/rundir.py`` answers the scripts' questions (``-S``: no site-packages, so no torch)."""
+    import subprocess
+
+    from train import rundir
+
+    run = tmp_path / "run"
+    (run / "eval-test").mkdir(parents=True)
+
+    def ask(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-S", str(Path(rundir.__file__)), *args], capture_output=True,
+                              text=True, env={"PYTHONPATH": ""})
+
+    rundir.mark_incomplete(run)
+    rundir.write_json(run / rundir.METRICS, {"best_val_dice": 0.71})
+    assert ask("finished", str(run)).returncode == 1  # still marked INCOMPLETE
+    rundir.mark_complete(run)
+    assert ask("finished", str(run)).returncode == 0 and ask("evaluated", str(run), "test").returncode == 1
+    rundir.write_json(rundir.eval_dir(run, "test") / rundir.SUMMARY, {"dice": 0.5})
+    assert ask("evaluated", str(run), "test").returncode == 0
+    assert ask("value", str(run), "best_val_dice").stdout.strip() == "0.71"
+    assert ask("value", str(run), "dice", "test").stdout.strip() == "0.5"
+    assert ask("nonsense").returncode == 2
+    assert json.loads((run / rundir.METRICS).read_text()) == {"best_val_dice": 0.71}

@@ -157,3 +157,30 @@ def read_model_files(directory: Path, map_location: str | torch.device = "cpu"
     config = read_json(directory / CONFIG)
     head = config["head"] if isinstance(config.get("head"), dict) else config
     return head, torch.load(directory / WEIGHTS, map_location=map_location, weights_only=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """For shell scripts, which ask this module rather than name the files (a bare ``python3`` will do)::
+
+        python3 train/rundir.py finished RUN            exit 0 when the fit finished, else 1
+        python3 train/rundir.py evaluated RUN SPLIT     exit 0 when its evaluation on SPLIT completed
+        python3 train/rundir.py value RUN NAME [SPLIT]  print metrics.json's NAME (with SPLIT: the summary's)
+    """
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["finished"] and len(args) == 2:
+        return 0 if fit_finished(Path(args[1])) else 1
+    if args[:1] == ["evaluated"] and len(args) == 3:
+        return 0 if evaluated(Path(args[1]), args[2]) else 1
+    if args[:1] == ["value"] and len(args) in (3, 4):
+        run = Path(args[1])
+        source = eval_dir(run, args[3]) / SUMMARY if len(args) == 4 else run / METRICS
+        print(read_json(source)[args[2]])
+        return 0
+    print(main.__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
