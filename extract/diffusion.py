@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from extract.config import DEFAULT_SEED  # the authors' seed for the one shared noise tensor
+
 NUM_TIMESTEPS = 1000
-DEFAULT_SEED = 40  # the authors' seed for the one shared noise tensor
 
 
 def linear_betas(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
