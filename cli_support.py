@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -34,12 +35,37 @@ def friendly(fn: F) -> F:
         except typer.Exit:  # a command's own exit code (typer.Exit is a RuntimeError: let it through first)
             raise
         except (ValueError, RuntimeError, OSError, KeyError) as e:
+            text = in_flags(e)
             if state["debug"]:
+                if text != str(e):
+                    e.add_note(f"pipeline: {text}")
                 raise
-            err.print(f"[red]error[/]: {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
+            err.print(f"[red]error[/]: {escape(text)}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+#: keywords whose flag is not ``--`` + the keyword with hyphens (``gc_candidates(older_than_days=...)``)
+FLAGS = {"older_than_days": "--older-than"}
+
+
+def flag(keyword: str) -> str:
+    """The flag of a library keyword: ``store_format`` → ``--store-format``."""
+    return FLAGS.get(keyword, "--" + keyword.replace("_", "-"))
+
+
+def in_flags(e: BaseException) -> str:
+    """``e``'s message with the keywords it names (its ``options``, see ``cache.errors``) as flags: a
+    leading ``steps`` becomes ``--steps``; ``keyword=True`` the bare flag; ``keyword='v'`` or
+    ``keyword=V`` the flag and its value (``--text-encoder minilm``)."""
+    text = str(e)
+    for keyword in getattr(e, "options", ()):
+        name = re.escape(keyword)
+        text = re.sub(rf"^{name}(?=[\s:])", flag(keyword), text)
+        text = re.sub(rf"(?<![\w/.'\"-]){name}=(?:(True)\b|'([^'\s]*)'|)",
+                      lambda m, k=keyword: flag(k) if m[1] else f"{flag(k)} {m[2] or ''}", text)
+    return text
 
 
 _UNSET: Any = object()
