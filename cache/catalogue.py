@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache.backends import is_url
+from cache.errors import OptionError
 from cache.lock import held_by_other, lock_path
 from cache.schema import pair_name
 from cache.store import FeatureStore, StoreError
@@ -134,9 +135,9 @@ def gc_candidates(cache_dir: Path | str, older_than_days: float | None = None, k
     """Stores in ``cache_dir`` to remove: last written more than ``older_than_days`` ago, and/or beyond
     the ``keep`` most recently written. (path, last written) of each, oldest first."""
     if older_than_days is None and keep is None:
-        raise ValueError("say what to collect: --older-than DAYS and/or --keep N")
+        raise OptionError("say what to collect: older_than_days=DAYS and/or keep=N", "older_than_days", "keep")
     if keep is not None and keep < 0:
-        raise ValueError(f"keep must be >= 0, got {keep}")
+        raise OptionError(f"keep must be >= 0, got {keep}", "keep")
     stores = []
     for p in store_paths(cache_dir):
         try:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cache.errors import OptionError
+
 FORMAT_VERSION = 1
 
 _KEY_FIELDS = ("dataset", "preprocessing", "unet", "noise_seed", "text", "dtype", "compute_dtype")
@@ -98,7 +100,7 @@ def store_path(cache_dir: Path | str, dataset_name: str, key: dict, store_format
     if not dataset_name or "/" in dataset_name or "\\" in dataset_name or dataset_name.startswith("."):
         raise ValueError(f"dataset name {dataset_name!r} cannot be used in a store file name")
     if store_format not in ("zarr", "h5"):
-        raise ValueError(f"--store-format must be zarr or h5, got {store_format!r}")
+        raise OptionError(f"store_format must be zarr or h5, got {store_format!r}", "store_format")
     name = f"{dataset_name}-{key_hash(key)[:12]}.{store_format}"
     if isinstance(cache_dir, str) and "://" in cache_dir:  # an fsspec URL (zarr stores only)
         return f"{cache_dir.rstrip('/')}/{name}"

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cache.backends import Location, is_url
+from cache.errors import naming
 
 LOCK_SUFFIX = ".lock"
 
@@ -33,8 +34,8 @@ def _open(lock: Path) -> int:
         return os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise PermissionError(e.errno, f"cache folder {lock.parent} is not writable ({e.strerror}); "
-                                           f"pass a writable --cache-dir") from None
+            raise naming(PermissionError(e.errno, f"cache folder {lock.parent} is not writable ({e.strerror}); "
+                                                  f"pass a writable cache_dir=DIR"), "cache_dir") from None
         raise
 
 

@@ -82,7 +82,7 @@ def test_gc_by_age_and_by_count_keeps_the_recent_and_ignores_non_stores(tiny_une
     assert [p for p, _ in gc_candidates(cache, older_than_days=20)] == [a]
     assert [p for p, _ in gc_candidates(cache, keep=1)] == [a, b]
     assert [p for p, _ in gc_candidates(cache, older_than_days=5, keep=2)] == [a]
-    with pytest.raises(ValueError, match="--older-than"):
+    with pytest.raises(ValueError, match="older_than_days="):
         gc_candidates(cache)
     dry = CliRunner().invoke(app, ["cache", "gc", "--cache-dir", str(cache), "--keep", "1", "--dry-run"])
     assert dry.exit_code == 0 and "would remove 2 store(s)" in dry.stdout and a.exists() and b.exists()
