@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cache.errors import OptionError
 from cache.key import default_cache_dir, sha256_file
 from extract.unet import UNetModel, load_unet, normalize_flags, read_flags
 
@@ -42,8 +43,12 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-class UNetNotFoundError(FileNotFoundError):
-    """No checkpoint where ``--unet`` points; the message says how to get one."""
+class UNetNotFoundError(OptionError, FileNotFoundError):
+    """No checkpoint where ``unet`` points (or no flags for it: ``unet_flags``); the message says how to
+    get one. An :class:`OptionError` and a ``FileNotFoundError``."""
+
+    def __init__(self, message: str, option: str = "unet", *others: str) -> None:
+        super().__init__(message, option, *others)
 
 
 def models_dir() -> Path:
@@ -72,13 +77,14 @@ def _missing_preset_message(name: str, preset: Preset) -> str:
     return (f"UNet preset {name!r} needs {preset.filename} ({preset.note}), not found in the models "
             f"folder {models_dir()}.\n  It is published at {preset.url}\n"
             f"  Download it there (or set TEXTDIFF_MODELS_DIR to the folder holding it), or pass "
-            f"--unet /path/to/{preset.filename}.\n"
-            f"  Offline alternative: `pipeline pretrain --dataset ... --out DIR` trains a domain UNet "
-            f"on your unlabelled images; then use --unet DIR.")
+            f"unet='/path/to/{preset.filename}'.\n"
+            f"  Offline alternative: `pipeline pretrain --dataset ... --out DIR` (extract.run_pretrain) trains "
+            f"a domain UNet on your unlabelled images; then use unet=DIR.")
 
 
 def resolve_unet(spec: str, flags: str | Path | dict[str, Any] | None = None) -> UNetSource:
-    """Turn ``--unet`` (+ ``--unet-flags``) into a checkpoint path and flags; no weights are read."""
+    """Turn ``spec`` (+ ``flags``: ``ExtractConfig.unet`` / ``unet_flags``) into a checkpoint path and flags;
+    no weights are read."""
     if spec in PRESETS:
         preset = PRESETS[spec]
         path = models_dir() / preset.filename
@@ -89,16 +95,17 @@ def resolve_unet(spec: str, flags: str | Path | dict[str, Any] | None = None) ->
     if path.is_dir():
         ckpt, side_flags = path / "model.pt", path / "flags.json"
         if not ckpt.is_file():
-            raise UNetNotFoundError(f"--unet {path} is a directory without model.pt "
+            raise UNetNotFoundError(f"unet {path} is a directory without model.pt "
                                     f"(expected a `pipeline pretrain` output folder)")
     elif path.is_file():
         ckpt, side_flags = path, path.with_name("flags.json")
     else:
         known = ", ".join(PRESETS)
-        raise UNetNotFoundError(f"--unet {spec!r} is neither a preset ({known}) nor an existing file or folder")
+        raise UNetNotFoundError(f"unet {spec!r} is neither a preset ({known}) nor an existing file or folder")
     if flags is None:
         if not side_flags.is_file():
-            raise UNetNotFoundError(f"no flags for checkpoint {ckpt}: pass --unet-flags FLAGS.json "
-                                    f"(guided-diffusion create_model flags) or put flags.json beside it")
+            raise UNetNotFoundError(f"no flags for checkpoint {ckpt}: pass unet_flags=FLAGS.json "
+                                    f"(guided-diffusion create_model flags) or put flags.json beside it",
+                                    "unet_flags")
         flags = side_flags
     return UNetSource(spec, ckpt.resolve(), read_flags(flags))

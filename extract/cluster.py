@@ -40,21 +40,23 @@ _ADDRESS = re.compile(r"[a-z][a-z0-9+.-]*://\S+")
 
 
 class SchedulerError(RuntimeError):
-    """``--scheduler`` is malformed, unreachable, or the cluster gave up on a shard."""
+    """``scheduler`` is malformed, unreachable, or the cluster gave up on a shard."""
+
+    options = ("scheduler",)  # the keyword its messages may name (cache.errors)
 
 
 def check_scheduler(spec: str) -> None:
-    """Refuse a malformed ``--scheduler`` before any work starts."""
+    """Refuse a malformed ``scheduler`` before any work starts."""
     match = _LOCAL.fullmatch(spec)
     if match and int(match.group(1)) < 1:
-        raise SchedulerError(f"--scheduler {spec}: need at least one local worker")
+        raise SchedulerError(f"scheduler {spec}: need at least one local worker")
     if not match and not _ADDRESS.fullmatch(spec):
-        raise SchedulerError(f"--scheduler {spec!r}: expected local:N (N worker processes on this machine) "
+        raise SchedulerError(f"scheduler {spec!r}: expected local:N (N worker processes on this machine) "
                              "or a scheduler address such as tcp://HOST:8786")
     try:
         import distributed  # noqa: F401
     except ImportError as e:  # pragma: no cover - a dependency; only a broken environment lacks it
-        raise SchedulerError(f"--scheduler needs the 'distributed' package ({e})") from e
+        raise SchedulerError(f"scheduler needs the 'distributed' package ({e})") from e
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ def connect(scheduler: str, threads: int | None = None) -> Iterator[tuple[Any, i
     try:
         client = Client(scheduler, timeout="20s")
     except (OSError, TimeoutError) as e:
-        raise SchedulerError(f"--scheduler {scheduler}: cannot reach the scheduler ({e})") from e
+        raise SchedulerError(f"scheduler {scheduler}: cannot reach the scheduler ({e})") from e
     with client:
         yield client, threads
 

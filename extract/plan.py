@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 
 from cache.backends import FORMATS, as_location
+from cache.errors import OptionError
 from cache.key import key_hash, make_key, store_path
 from cache.lock import writer_lock
 from cache.store import FeatureStore, SplitLayout, StoreError, remove_leftovers
@@ -67,6 +68,8 @@ class Prepared:
 
 def open_source(cfg: ExtractConfig) -> Dataset:
     """The dataset ``cfg`` names, cut to ``cfg.limit`` images per split (what every executor reads)."""
+    if cfg.limit is not None and cfg.limit < 1:
+        raise OptionError(f"limit must be >= 1, got {cfg.limit}", "limit")
     ds = open_dataset(cfg.dataset, cfg.data_root, skip_bad=cfg.skip_bad, **cfg.dataset_options)
     return ds.head(cfg.limit) if cfg.limit is not None else ds
 
@@ -123,11 +126,11 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
     written; then take the store's writer lock (into ``held``), open (or create) the store, and list
     what it lacks."""
     if cfg.augment not in AUGMENTATIONS:
-        raise ValueError(f"--augment must be one of {sorted(AUGMENTATIONS)}, got {cfg.augment!r}")
+        raise OptionError(f"augment must be one of {sorted(AUGMENTATIONS)}, got {cfg.augment!r}", "augment")
     if cfg.threads is not None and cfg.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {cfg.threads}")
+        raise OptionError(f"threads must be >= 1, got {cfg.threads}", "threads")
     if cfg.store_format not in FORMATS:
-        raise ValueError(f"--store-format must be one of {list(FORMATS)}, got {cfg.store_format!r}")
+        raise OptionError(f"store_format must be one of {list(FORMATS)}, got {cfg.store_format!r}", "store_format")
     ds = check_inputs(open_source(cfg), cfg.skip_bad, console)
     if ds.skipped:
         console.print(f"[yellow]skipped {len(ds.skipped)} bad item(s)[/]: "
@@ -136,11 +139,11 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
     splits = list(cfg.splits or ds.splits())
     unknown = [s for s in splits if s not in ds.splits()]
     if unknown:
-        raise ValueError(f"--splits {unknown} not in dataset {ds.name} (it has {ds.splits()})")
+        raise OptionError(f"splits {unknown} not in dataset {ds.name} (it has {ds.splits()})", "splits")
     blocks = tuple(cfg.blocks or ds.default_blocks)
     steps = tuple(cfg.steps)
     if any(not 0 <= s < 1000 for s in steps):
-        raise ValueError(f"--steps must lie in [0, 999], got {list(steps)}")
+        raise OptionError(f"steps must lie in [0, 999], got {list(steps)}", "steps")
     device = torch.device(cfg.device) if cfg.device else default_device()
 
     unet_src = resolve_unet(cfg.unet, cfg.unet_flags)
@@ -148,7 +151,7 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
         shapes = create_unet(**unet_src.flags).output_block_shapes(cfg.size)
     bad = [b for b in blocks if not 0 <= b < len(shapes)]
     if bad:
-        raise ValueError(f"--blocks {bad} out of range: this UNet has output_blocks 0..{len(shapes) - 1}")
+        raise OptionError(f"blocks {bad} out of range: this UNet has output_blocks 0..{len(shapes) - 1}", "blocks")
 
     encoder = load_text_encoder(cfg.text_encoder, device=str(device))
     all_texts = [it.text for it in ds.items]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
+from cache.errors import OptionError
 from extract.config import PretrainConfig
 from extract.datasets import open_dataset
 from extract.diffusion import NUM_TIMESTEPS, q_sample, sample_grid
@@ -53,12 +54,12 @@ __all__ = ["PRETRAIN_PRESETS", "PretrainConfig", "load_images", "pretrain", "res
 
 
 def resolve_flags(spec: str) -> dict[str, Any]:
-    """``--flags``: a preset name or a JSON file."""
+    """``flags``: a preset name or a JSON file."""
     if spec in PRETRAIN_PRESETS:
         return dict(PRETRAIN_PRESETS[spec])
     if Path(spec).is_file():
         return read_flags(spec)
-    raise ValueError(f"--flags {spec!r} is neither a preset ({', '.join(PRETRAIN_PRESETS)}) nor a JSON file")
+    raise OptionError(f"flags {spec!r} is neither a preset ({', '.join(PRETRAIN_PRESETS)}) nor a JSON file", "flags")
 
 
 def load_images(cfg: PretrainConfig) -> np.ndarray:
@@ -111,7 +112,7 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
     out = Path(cfg.out)
     flags = resolve_flags(cfg.flags)
     if cfg.crop is not None and not 0 < cfg.crop <= cfg.size:
-        raise ValueError(f"--crop {cfg.crop} must be between 1 and --size {cfg.size}")
+        raise OptionError(f"crop {cfg.crop} must be between 1 and size={cfg.size}", "crop", "size")
     train_size = cfg.crop or cfg.size
     with torch.device("meta"):
         for s in {cfg.size, train_size}:
@@ -130,7 +131,7 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
     if cfg.resume and state_path.is_file():
         state = load_state(state_path)
         if state["flags"] != flags or state["size"] != cfg.size or state.get("crop") != cfg.crop:
-            raise ValueError(f"{state_path}: made with other flags, size or crop; pretrain into a new --out")
+            raise OptionError(f"{state_path}: made with other flags, size or crop; pretrain into a new out=DIR", "out")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optim.load_state_dict(state["optim"])
@@ -139,7 +140,8 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
         start = state["iteration"]
         console.print(f"pretrain: resuming {out} at iteration {start}")
     elif out.exists() and any(out.iterdir()) and not cfg.resume:
-        raise ValueError(f"{out} is not empty: pass --resume to continue it, or choose another --out")
+        raise OptionError(f"{out} is not empty: pass resume=True to continue it, or choose another out=DIR",
+                          "out", "resume")
     out.mkdir(parents=True, exist_ok=True)
     (out / "flags.json").write_text(json.dumps(flags, indent=1) + "\n")
     log_path = out / "train_log.csv"

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from cache.errors import OptionError
 from extract.cluster import check_scheduler, run_on_cluster
 from extract.config import ExtractConfig
 from extract.diffusion import shared_noise
@@ -38,8 +39,9 @@ def run_extract(cfg: ExtractConfig, console: Console | None = None,
     if cfg.scheduler:
         check_scheduler(cfg.scheduler)
         if cfg.store_format == "h5":
-            raise ValueError("--scheduler needs a zarr store (HDF5 has one writer at a time): extract with "
-                             "--store-format zarr, then `pipeline cache export STORE --format h5`")
+            raise OptionError("scheduler needs a zarr store (HDF5 has one writer at a time): extract with "
+                              "store_format='zarr', then export it: `pipeline cache export STORE --format h5` "
+                              "(cache.export_store)", "scheduler", "store_format")
     with contextlib.ExitStack() as held:  # the store's writer lock, from opening it to the last write
         prepared, encoder, model = prepare(cfg, console, held)
         if not prepared.jobs:

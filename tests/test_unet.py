@@ -179,7 +179,7 @@ def test_missing_preset_says_where_it_is_published(tmp_path: Path, monkeypatch: 
         resolve_unet("adm-imagenet-256")
     msg = str(info.value)
     assert "256x256_diffusion_uncond.pt" in msg and "openaipublic" in msg
-    assert str(tmp_path) in msg and "--unet" in msg and "pipeline pretrain" in msg
+    assert str(tmp_path) in msg and "unet=" in msg and "pipeline pretrain" in msg
 
 
 def test_preset_found_in_models_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -197,5 +197,5 @@ def test_pretrain_folder_and_flags_beside_file(tmp_path: Path, tiny_unet: Path) 
     (run / "flags.json").write_text((tiny_unet / "adm_tiny_flags.json").read_text())
     a, b = resolve_unet(str(run)), resolve_unet(str(run / "model.pt"))
     assert a.checkpoint == b.checkpoint and a.flags == b.flags and a.flags["num_channels"] == 32
-    with pytest.raises(UNetNotFoundError, match="--unet-flags"):
+    with pytest.raises(UNetNotFoundError, match="unet_flags=FLAGS.json"):
         resolve_unet(str(tiny_unet / "adm_tiny.pt"))

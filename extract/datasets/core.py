@@ -14,7 +14,9 @@ SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "
 
 
 class DatasetError(ValueError):
-    """Bad dataset input; message names the file and what is wrong."""
+    """Bad dataset input; message names the file and what is wrong (and may suggest ``skip_bad=True``)."""
+
+    options = ("skip_bad",)  # the keywords its messages may name (cache.errors)
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,10 @@ def problems_error(name: str, root: Path, problems: Sequence[tuple[Path, str]]) 
     """One line: the file and what is wrong; several files: their count, then each (20 at most)."""
     if len(problems) == 1:
         path, why = problems[0]
-        return DatasetError(f"{path}: {why} (--skip-bad drops such items)")
+        return DatasetError(f"{path}: {why} (skip_bad=True drops such items)")
     shown = "; ".join(f"{p}: {why}" for p, why in problems[:20]) + (
         f"; ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-    return DatasetError(f"{name}: {len(problems)} problem(s) in {root} (--skip-bad drops these items): {shown}")
+    return DatasetError(f"{name}: {len(problems)} problem(s) in {root} (skip_bad=True drops these items): {shown}")
 
 
 def rel_path(path: Path, root: Path) -> str:

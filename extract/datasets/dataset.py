@@ -46,7 +46,7 @@ class Dataset:
     def head(self, n: int) -> Dataset:
         """The same dataset with only the first ``n`` items of each split (its fingerprint shrinks too)."""
         if n < 1:
-            raise DatasetError(f"{self.name}: --limit must be >= 1, got {n}")
+            raise DatasetError(f"{self.name}: head(n) needs n >= 1, got {n}")
         kept = [it for s in self.splits() for it in self.by_split(s)[:n]]
         return replace(self, items=kept)
 
