@@ -207,18 +207,11 @@ def predict(
 
     The last line printed is the mask's path.
     """
-    from extract.checkpoints import UNetNotFoundError
-    from train.predict import WeightsMismatchError, mask_path
+    from train.predict import mask_path
     from train.predict import predict as predict_image
 
-    try:
-        mask = predict_image(run, image, text, out, cache, original_size, unet=unet, text_encoder=text_encoder,
-                             device=device, console=err)
-    except (ValueError, UNetNotFoundError) as e:
-        if type(e) not in (ValueError, WeightsMismatchError, UNetNotFoundError):
-            raise
-        # the library names its arguments; here they are flags
-        raise type(e)(str(e).replace("unet=PATH", "--unet PATH").replace("text_encoder=", "--text-encoder ")) from None
+    mask = predict_image(run, image, text, out, cache, original_size, unet=unet, text_encoder=text_encoder,
+                         device=device, console=err)  # friendly() names the flags of the keywords it names
     err.print(f"{mask.mean():.1%} of {mask.shape[1]}x{mask.shape[0]} pixels foreground")
     typer.echo(str(mask_path(out, image)))
 
@@ -384,8 +377,6 @@ def cache_gc(cache_dir: Optional[str] = typer.Option(None, help="(default: $TEXT
     """Remove old feature stores from the cache folder; folders that are not stores are never touched."""
     from cache import default_cache_dir, gc_candidates, remove_stores
 
-    if keep is not None and keep < 0:
-        raise ValueError(f"--keep must be >= 0, got {keep}")
     doomed = [p for p, _ in gc_candidates(cache_dir or default_cache_dir(), older_than, keep)]
     _removal_lines(remove_stores(doomed, dry_run=dry_run), dry_run)
 

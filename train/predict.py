@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from cache.errors import OptionError
 from cache.store import FeatureStore
 from extract.checkpoints import UNetNotFoundError, resolve_unet
 from extract.datasets import read_image
@@ -46,6 +47,8 @@ _MISMATCH = "features computed with it would not match the ones the head was tra
 
 class WeightsMismatchError(ValueError):
     """A UNet checkpoint or text encoder whose content differs from the run's cache key."""
+
+    options = ("unet", "text_encoder")  # the keywords its messages may name (cache.errors)
 
 
 def mask_path(out: Path, image: Path) -> Path:
@@ -78,8 +81,8 @@ def _load_checked_encoder(spec: str | None, key: dict[str, Any], where: str, dev
     """The text encoder ``spec``, refused unless its weights and tokenizer are the key's."""
     text_key = key["text"]
     if not spec:
-        raise ValueError(f"{where} does not record which text encoder made it; pass text_encoder=... "
-                         f"the one named {text_key.get('source_name')!r} in its key")
+        raise OptionError(f"{where} does not record which text encoder made it; pass text_encoder=... "
+                          f"the one named {text_key.get('source_name')!r} in its key", "text_encoder")
     encoder = load_text_encoder(spec, device=device)
     ident = encoder.identity()
     source = Path(encoder.source)
