@@ -2,6 +2,7 @@
 
 Modules (each imports only those above it; ``cache`` imports neither ``extract`` nor ``train``):
 
+- ``errors``: ``OptionError``, an argument with a bad value, named by its keyword (the CLI names its flag).
 - ``key``: a store's identity (the key dictionary and its hash) and where it lives in a cache folder.
 - ``backends``: zarr folder or URL, or HDF5 file, behind one small interface.
 - ``schema``: the arrays of a store (names, paths, specs), ``SplitLayout``, ``StoreError``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from cache.catalogue import (StoreEntry, gc_candidates, last_written, list_stores, matching_stores, remove_stores,
                              store_bytes, store_paths)
+from cache.errors import OptionError, naming
 from cache.export import export_store, export_target
 from cache.integrity import (DamagedDataError, RowArray, RowCheck, base_arrays, check_rows, checksum,
                              first_damaged, pair_array)
@@ -32,6 +34,7 @@ __all__ = [
     "DamagedDataError",
     "FORMAT_VERSION",
     "FeatureStore",
+    "OptionError",
     "RowArray",
     "RowCheck",
     "SplitLayout",
@@ -54,6 +57,7 @@ __all__ = [
     "list_stores",
     "make_key",
     "matching_stores",
+    "naming",
     "pair_array",
     "remove_leftovers",
     "remove_stores",
