@@ -135,7 +135,7 @@ def config_values(config: type, values: dict[str, Any]) -> dict[str, Any]:
         tuple_type = next((t for t in (hint, *typing.get_args(hint)) if typing.get_origin(t) is tuple), None)
         if tuple_type is not None and isinstance(value, str):
             if typing.get_args(tuple_type)[0] is int:
-                value = ints(value, "--" + f.name.replace("_", "-")) or ()
+                value = ints(value, flag(f.name)) or ()
             else:
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
         out[f.name] = value
