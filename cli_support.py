@@ -37,7 +37,7 @@ def friendly(fn: F) -> F:
         except (ValueError, RuntimeError, OSError, KeyError) as e:
             text = in_flags(e)
             if state["debug"]:
-                if text != str(e):
+                if text != str(e) and hasattr(e, "add_note"):  # Python >= 3.11
                     e.add_note(f"pipeline: {text}")
                 raise
             err.print(f"[red]error[/]: {escape(text)}", markup=True, highlight=False, soft_wrap=True)
