@@ -22,6 +22,7 @@ Module map (layers: ``cache`` ← ``extract`` ← ``train``; ``extract`` never i
 ``text``         text encoders (BioClinicalBERT, MiniLM, a local folder)
 ``pretrain``     :func:`pretrain` (``run_pretrain`` here): train the UNet on a dataset's unlabelled images (DDPM)
 ``shared``       helpers shared by stage one, stage two and the CLI: dihedral views, value scaling, progress
+``devices``      the device (auto, cpu, cuda, cuda:N) and precision (fp32, bf16, fp16) a stage runs on
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _EXPORTS = {
     "UNetNotFoundError": "extract.checkpoints",
     "TextEncoder": "extract.text", "TextEncoderError": "extract.text", "load_text_encoder": "extract.text",
     "FeatureExtractor": "extract.features", "shared_noise": "extract.diffusion",
+    "resolve_device": "extract.devices", "precision_context": "extract.devices",
     "dihedral": "extract.shared", "to_unit_range": "extract.shared", "stage_progress": "extract.shared",
 }
 

@@ -28,7 +28,8 @@ from rich.console import Console
 from cache.backends import is_url
 from extract.checkpoints import UNetSource
 from extract.diffusion import shared_noise
-from extract.features import FeatureExtractor, default_device
+from extract.devices import resolve_device
+from extract.features import FeatureExtractor
 from extract.config import ExtractConfig
 from extract.execute import execute
 from extract.plan import Job, Prepared, encode_tokens, open_source, replan
@@ -112,7 +113,7 @@ def _state(spec: WorkerSpec) -> _WorkerState:
             if spec.torch_threads:
                 torch.set_num_threads(spec.torch_threads)
             cfg = spec.cfg
-            device = torch.device(cfg.device) if cfg.device else default_device()
+            device = resolve_device(cfg.device)
             prepared = Prepared(FeatureStore.open(spec.store, "r+"), open_source(cfg), [], spec.views,
                                 spec.batch, spec.unet, spec.max_length)
             extractor = FeatureExtractor(spec.unet.load(), shared_noise(cfg.size, cfg.seed), device=device,

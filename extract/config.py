@@ -41,7 +41,7 @@ class ExtractConfig:
         help="Where stores live: a folder or an fsspec URL (s3://bucket/cache, zarr only) (default: "
              "$TEXTDIFF_CACHE_DIR or ~/.cache/textdiff).", default_factory=default_cache_dir)
     batch_size: int = option_field(12, "UNet samples (images x views x steps) per forward pass.")
-    device: str | None = option_field(None, "cpu or cuda (default: cuda when present).")
+    device: str | None = option_field(None, "auto (CUDA when present; the default), cpu, cuda or cuda:N.")
     autocast: bool = option_field(False, "Mixed precision: bf16 on CPU, fp16 on GPU.")
     color_order: str = option_field("rgb", "rgb, or bgr like the authors' OpenCV loader.")
     skip_bad: bool = option_field(
@@ -81,7 +81,7 @@ class PretrainConfig:
     ema: float = option_field(0.9999, "EMA rate of the saved weights (with warm-up).")
     seed: int = option_field(0, "Seed of the weights, batches, noise and timesteps.")
     resume: bool = option_field(False, "Continue the run in --out from its last checkpoint.")
-    device: str | None = option_field(None, "cpu or cuda (default: cuda when present).")
+    device: str | None = option_field(None, "auto (CUDA when present; the default), cpu, cuda or cuda:N.")
     samples: int = option_field(16, "Images in samples.png.")
     sample_steps: int = option_field(50, "Respaced ancestral sampling steps for samples.png.")
     checkpoint_every: int = option_field(100, "Iterations between checkpoints (state.pt, model.pt).")

@@ -13,17 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
+from extract.devices import autocast_dtype, resolve_device
 from extract.diffusion import q_sample
 from extract.unet import UNetModel
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on the CPU, float16 on a GPU."""
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
 class FeatureExtractor:
@@ -31,7 +23,7 @@ class FeatureExtractor:
 
     def __init__(self, unet: UNetModel, noise: torch.Tensor, *, device: torch.device | str | None = None,
                  autocast: bool = False):
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.unet = unet.eval().requires_grad_(False).to(self.device)
         self.noise = noise.to(self.device)
         self.autocast = autocast

@@ -26,7 +26,7 @@ from cache.store import FeatureStore, SplitLayout, StoreError, remove_leftovers
 from extract.checkpoints import PRESETS, UNetSource, resolve_unet
 from extract.config import AUGMENTATIONS, STORE_DTYPE, ExtractConfig
 from extract.datasets import Dataset, Item, check_files, open_dataset, preprocessing
-from extract.features import autocast_dtype, default_device
+from extract.devices import autocast_dtype, resolve_device
 from extract.shared import stage_progress
 from extract.text import TextEncoder, choose_max_length, load_text_encoder
 from extract.unet import create_unet
@@ -144,7 +144,7 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
     steps = tuple(cfg.steps)
     if any(not 0 <= s < 1000 for s in steps):
         raise OptionError(f"steps must lie in [0, 999], got {list(steps)}", "steps")
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = resolve_device(cfg.device)
 
     unet_src = resolve_unet(cfg.unet, cfg.unet_flags)
     with torch.device("meta"):

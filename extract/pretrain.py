@@ -33,7 +33,7 @@ from cache.errors import OptionError
 from extract.config import PretrainConfig
 from extract.datasets import open_dataset
 from extract.diffusion import NUM_TIMESTEPS, q_sample, sample_grid
-from extract.features import default_device
+from extract.devices import resolve_device
 from extract.shared import dihedral, stage_progress, to_unit_range
 from extract.unet import UNetModel, create_unet, normalize_flags, read_flags
 
@@ -117,7 +117,7 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
     with torch.device("meta"):
         for s in {cfg.size, train_size}:
             create_unet(**flags).output_block_shapes(s)  # refuses a size the UNet cannot take
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = resolve_device(cfg.device)
     images = load_images(cfg)
 
     torch.manual_seed(cfg.seed)

@@ -20,7 +20,8 @@ from extract.cluster import check_scheduler, run_on_cluster
 from extract.config import ExtractConfig
 from extract.diffusion import shared_noise
 from extract.execute import execute
-from extract.features import FeatureExtractor, default_device
+from extract.devices import resolve_device
+from extract.features import FeatureExtractor
 from extract.plan import Prepared, encode_tokens, prepare
 from extract.text import TextEncoder
 
@@ -63,7 +64,7 @@ def _run_serial(prepared: Prepared, encoder: TextEncoder, model: torch.nn.Module
             torch.set_num_threads(cfg.threads)
         tokens = encode_tokens(encoder, prepared.jobs, prepared.max_length)
         del encoder
-        device = torch.device(cfg.device) if cfg.device else default_device()
+        device = resolve_device(cfg.device)
         assert model is not None  # loaded whenever there are jobs
         extractor = FeatureExtractor(model, shared_noise(cfg.size, cfg.seed), device=device,
                                      autocast=cfg.autocast)

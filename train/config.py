@@ -104,7 +104,7 @@ class PredictConfig:
     original_size: bool = option_field(False, "Resize the mask (nearest) back to the image's size.")
     unet: str | None = option_field(None, "The run's UNet checkpoint, if it moved (its sha256 is checked).")
     text_encoder: str | None = option_field(None, "The run's text encoder, if it moved (its hashes are checked).")
-    device: str | None = option_field(None, "cpu or cuda (default: cuda when present).")
+    device: str | None = option_field(None, "auto (CUDA when present; the default), cpu, cuda or cuda:N.")
 
 
 _TUPLES = ("blocks", "steps", "head_channels")  # JSON lists read back as tuples

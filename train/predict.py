@@ -32,7 +32,8 @@ from cache.store import FeatureStore
 from extract.checkpoints import UNetNotFoundError, resolve_unet
 from extract.datasets import read_image
 from extract.diffusion import shared_noise
-from extract.features import FeatureExtractor, default_device
+from extract.devices import resolve_device
+from extract.features import FeatureExtractor
 from extract.shared import to_unit_range
 from extract.text import TextEncoder, load_text_encoder, tokenizer_files, weight_files
 from train.config import PredictConfig
@@ -229,7 +230,7 @@ class Predictor:
         prep = store.key["preprocessing"]
         if prep.get("image_resize") != "pil-bilinear":
             raise ValueError(f"store {store.path}: unsupported image_resize {prep.get('image_resize')!r}")
-        dev = torch.device(device) if device else default_device()
+        dev = resolve_device(device)
         inputs = INPUTS[spec_of(config).reads](config, store, unet, text_encoder, dev)
         return cls(config=config, model=model, store=store, inputs=inputs, size=int(prep["size"]),
                    color_order=prep.get("color_order", "rgb"))

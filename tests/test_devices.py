@@ -1,0 +1,58 @@
+"""Device and precision choice: CPU always, CUDA only where it exists, and one clear sentence otherwise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cache.errors import OptionError
+from extract.devices import precision_context, resolve_device
+
+
+def test_cpu_and_auto() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None).type == resolve_device("auto").type == want
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_one_sentence() -> None:
+    with pytest.raises(OptionError, match=r"^device 'cuda': no CUDA device is available here") as caught:
+        resolve_device("cuda")
+    assert caught.value.option == "device" and "\n" not in str(caught.value)
+
+
+def test_bad_names_and_missing_indices(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(OptionError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu0'"):
+        resolve_device("gpu0")
+    with pytest.raises(OptionError, match="'meta' is not supported"):
+        resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(OptionError, match=r"has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+
+
+def test_precision_contexts() -> None:
+    cpu = torch.device("cpu")
+    a = torch.randn(4, 4)
+    with precision_context(cpu, "fp32"):
+        assert (a @ a).dtype == torch.float32
+    with precision_context(cpu, "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with pytest.raises(OptionError, match="precision must be one of"):
+        precision_context(cpu, "fp8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_the_cli_says_it_in_one_line(tmp_path) -> None:
+    import pipeline
+
+    result = CliRunner().invoke(pipeline.app, ["pretrain", "--dataset", "synthetic", "--out", str(tmp_path / "u"),
+                                               "--size", "32", "--iterations", "1", "--device", "cuda"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and lines[-1].startswith("error: --device 'cuda': no CUDA device"), result.output
+    assert "Traceback" not in result.output
