@@ -166,11 +166,13 @@ def evaluate(
     split: str = option(EvaluateConfig, "split"),
     cache: Optional[str] = option(EvaluateConfig, "cache"),
     overlays: bool = option(EvaluateConfig, "overlays", "--overlays/--no-overlays"),
+    device: Optional[str] = option(EvaluateConfig, "device"),
+    precision: str = option(EvaluateConfig, "precision"),
 ) -> None:
     """Score a run on one split: per_image.csv, summary.json, predictions.npz and overlays in RUN/eval-<split>/."""
     from train.evaluate import evaluate_cli
 
-    evaluate_cli(run, split=split, cache=cache, overlays=overlays, console=err)
+    evaluate_cli(run, split=split, cache=cache, overlays=overlays, device=device, precision=precision, console=err)
 
 
 @app.command()
@@ -202,6 +204,7 @@ def predict(
     unet: Optional[str] = option(PredictConfig, "unet"),
     text_encoder: Optional[str] = option(PredictConfig, "text_encoder"),
     device: Optional[str] = option(PredictConfig, "device"),
+    precision: str = option(PredictConfig, "precision"),
 ) -> None:
     """Segment a new image: stage one for it with the run's own UNet and text encoder, then the head.
 
@@ -211,7 +214,7 @@ def predict(
     from train.predict import predict as predict_image
 
     mask = predict_image(run, image, text, out, cache, original_size, unet=unet, text_encoder=text_encoder,
-                         device=device, console=err)  # friendly() names the flags of the keywords it names
+                         device=device, precision=precision, console=err)  # friendly() names the flags of the keywords it names
     err.print(f"{mask.mean():.1%} of {mask.shape[1]}x{mask.shape[0]} pixels foreground")
     typer.echo(str(mask_path(out, image)))
 

@@ -198,3 +198,31 @@ def test_predict_equals_evaluate(tiny: dict, tmp_path: Path, option: str) -> Non
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=f"{option}: {data.ids[i]}")
         clear = np.abs(want[1] - want[0]) > 1e-3  # away from a tie, the masks agree exactly
         np.testing.assert_array_equal((got.argmax(0) != 0)[clear], saved[i][clear])
+
+
+def test_precision_and_device_reach_evaluate_and_predict(tiny: dict, tmp_path: Path) -> None:
+    """bf16 autocast gives the fp32 probabilities to bf16's precision, in predict and in evaluate; a device
+    this machine lacks is one error line, before anything is written."""
+    from typer.testing import CliRunner
+
+    import pipeline
+    from train.evaluate import evaluate
+
+    from helpers import quiet
+
+    store = FeatureStore.open(tiny["store"])
+    png = _write_png(store, "test", 0, tmp_path / "x.png")
+    image, text = read_image(png, SIZE)[0], store.texts("test")[0]
+    fp32 = Predictor.from_run(tiny["run"], device="cpu").probabilities(image, text)
+    bf16 = Predictor.from_run(tiny["run"], device="cpu", precision="bf16").probabilities(image, text)
+    assert bf16.dtype == np.float32 and not np.array_equal(fp32, bf16)  # autocast did run
+    np.testing.assert_allclose(bf16, fp32, atol=0.05)
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run)
+    a = evaluate(run, overlays=False, console=quiet(), device="cpu")
+    b = evaluate(run, overlays=False, console=quiet(), device="cpu", precision="bf16")
+    assert abs(a["dice"] - b["dice"]) < 0.05
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(pipeline.app, ["evaluate", str(run), "--device", "cuda"])
+        assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith(
+            "error: --device 'cuda': no CUDA device is available here"), result.output

@@ -90,6 +90,8 @@ class EvaluateConfig:
                                            "a store with another key is refused.")
     overlays: bool = option_field(True, "Also write eval-<split>/overlays/<id>.png (image | ground truth | "
                                         "prediction).")
+    device: str | None = option_field(None, "auto (CUDA when present; the default), cpu, cuda or cuda:N.")
+    precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast for the forward passes.")
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class PredictConfig:
     unet: str | None = option_field(None, "The run's UNet checkpoint, if it moved (its sha256 is checked).")
     text_encoder: str | None = option_field(None, "The run's text encoder, if it moved (its hashes are checked).")
     device: str | None = option_field(None, "auto (CUDA when present; the default), cpu, cuda or cuda:N.")
+    precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast for the head's forward pass.")
 
 
 _TUPLES = ("blocks", "steps", "head_channels")  # JSON lists read back as tuples

@@ -44,7 +44,9 @@ def _safe_name(image_id: str) -> str:
 
 def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = None,
              overlays: bool = EvaluateConfig.overlays,
-             console: Console | None = None, batch_size: int | None = None) -> dict[str, Any]:
+             console: Console | None = None, batch_size: int | None = None,
+             device: str | None = EvaluateConfig.device,
+             precision: str = EvaluateConfig.precision) -> dict[str, Any]:
     """Evaluate the run's best head on every image of ``split`` (view 0); write ``RUN/eval-<split>/``.
 
     Args:
@@ -55,18 +57,19 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
         overlays: also write ``overlays/<id>.png`` per image. Default True.
         console: where progress and the result line go; default stderr.
         batch_size: images per forward pass; default the model's rule (:class:`train.models.ModelSpec`).
+        device: where the model runs (:func:`extract.devices.resolve_device`; None: CUDA when present).
+        precision: fp32, or bf16 / fp16 autocast for the forward passes.
 
     Returns the summary (also written to ``summary.json``).
     """
     console = console or Console(stderr=True)
     run = Path(run)
-    config, model, store = load_run(run, cache)
+    config, model, store = load_run(run, cache, device)
     spec = spec_of(config)
     data = open_split(spec, store, split, reading_of(config))  # as the model was trained
     size = store.size
     batch = batch_size or spec.batch_size(config["head"], size)
     images = store.images(split) if overlays else None
-    device = next(model.parameters()).device
 
     out = eval_dir(run, split)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,8 +91,8 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
     try:
         for start in range(0, len(data), batch):
             rows = list(range(start, min(start + batch, len(data))))
-            sample = data.batch(rows).to(device)
-            pred = probabilities(model, sample, size).argmax(1).cpu()
+            sample = data.batch(rows)
+            pred = probabilities(model, sample, size, precision).argmax(1).cpu()
             target = sample.target.cpu()
             metrics.update(pred, target)
             preds[rows] = pred.numpy() != 0
@@ -123,10 +126,8 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
     return summary
 
 
-def evaluate_cli(run: Path, split: str = EvaluateConfig.split, cache: Path | None = None,
-                 overlays: bool = EvaluateConfig.overlays,
-                 console: Console | None = None) -> dict[str, Any]:
-    """The body of ``pipeline evaluate``: evaluate, then print the summary as JSON on stdout."""
-    summary = evaluate(run, split=split, cache=cache, overlays=overlays, console=console or Console(stderr=True))
+def evaluate_cli(run: Path, console: Console | None = None, **options: Any) -> dict[str, Any]:
+    """The body of ``pipeline evaluate``: :func:`evaluate` with ``options``, then the summary as JSON on stdout."""
+    summary = evaluate(run, console=console or Console(stderr=True), **options)
     print(json.dumps(summary, indent=1))
     return summary

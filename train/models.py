@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cache.store import FeatureStore
+from extract.devices import precision_context, resolve_device
 from train.config import ALIASES, MODEL_ARGS, TextDiffArgs, model_name
 from train.data import GIB, READERS, ImageSample, Reading, Sample, SplitData
 from train.model import TextDiffHead
@@ -100,17 +101,23 @@ def logits(model: nn.Module, sample: Sample | ImageSample, size: int) -> torch.T
 
 
 @torch.no_grad()
-def probabilities(model: nn.Module, sample: Sample | ImageSample, size: int) -> torch.Tensor:
-    """Class probabilities (B, K, size, size), in evaluation mode: what evaluate and predict score."""
+def probabilities(model: nn.Module, sample: Sample | ImageSample, size: int, precision: str = "fp32") -> torch.Tensor:
+    """Class probabilities (B, K, size, size) float32 on the model's device, in evaluation mode, the sample's
+    inputs moved there and the forward run at ``precision`` (fp32 | bf16 | fp16): what evaluate and predict score."""
     model.eval()
-    return torch.softmax(logits(model, sample, size), dim=1)
+    device = next(model.parameters()).device
+    with precision_context(device, precision):
+        out = logits(model, sample.to(device), size)
+    return torch.softmax(out.float(), dim=1)
 
 
-def load_run(run: Path, cache: Path | str | None = None) -> tuple[dict[str, Any], nn.Module, FeatureStore]:
-    """A finished run's config, its model (best weights, eval mode) and the store it was trained on
-    (``cache``, or the one it recorded; a store with another key is refused)."""
+def load_run(run: Path, cache: Path | str | None = None, device: str | torch.device | None = "cpu"
+             ) -> tuple[dict[str, Any], nn.Module, FeatureStore]:
+    """A finished run's config, its model (best weights, eval mode, on ``device``: a name for
+    :func:`extract.devices.resolve_device`, None = auto) and the store it was trained on (``cache``, or the one
+    it recorded; a store with another key is refused)."""
     config, store = open_run(Path(run), cache)
     head, state = read_model_files(Path(run))
     model = spec_of(config).rebuild(head)
     model.load_state_dict(state)
-    return config, model.eval(), store
+    return config, model.to(resolve_device(device)).eval(), store

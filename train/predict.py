@@ -217,23 +217,25 @@ class Predictor:
     inputs: FeatureInputs | ImageInputs
     size: int
     color_order: str
+    precision: str = PredictConfig.precision
 
     @classmethod
     def from_run(cls, run: Path, cache: Path | None = None, *, unet: str | None = None,
-                 text_encoder: str | None = None, device: str | None = None) -> Predictor:
+                 text_encoder: str | None = None, device: str | None = None,
+                 precision: str = PredictConfig.precision) -> Predictor:
         """Load run ``run`` (its store: ``cache`` or the one it recorded) and verify + load its models.
 
         ``unet`` / ``text_encoder`` override where the store says its models are (if they moved);
         their content is checked against the key either way.
         """
-        config, model, store = load_run(Path(run), cache)
+        dev = resolve_device(device)
+        config, model, store = load_run(Path(run), cache, dev)
         prep = store.key["preprocessing"]
         if prep.get("image_resize") != "pil-bilinear":
             raise ValueError(f"store {store.path}: unsupported image_resize {prep.get('image_resize')!r}")
-        dev = resolve_device(device)
         inputs = INPUTS[spec_of(config).reads](config, store, unet, text_encoder, dev)
         return cls(config=config, model=model, store=store, inputs=inputs, size=int(prep["size"]),
-                   color_order=prep.get("color_order", "rgb"))
+                   color_order=prep.get("color_order", "rgb"), precision=precision)
 
     @property
     def encoder(self) -> TextEncoder | None:
@@ -254,7 +256,7 @@ class Predictor:
 
     def probabilities(self, image: np.ndarray, text: str) -> np.ndarray:
         """float32 (num_classes, S, S) class probabilities for a uint8 (3, S, S) image and its text."""
-        return probabilities(self.model, self.inputs.sample(image, text), self.size)[0].numpy()
+        return probabilities(self.model, self.inputs.sample(image, text), self.size, self.precision)[0].cpu().numpy()
 
     def __call__(self, image: Path, text: str, out: Path, original_size: bool = False,
                  console: Console | None = None) -> np.ndarray:
@@ -275,6 +277,7 @@ class Predictor:
 def predict(run: Path, image: Path, text: str, out: Path, cache: Path | None = None,
             original_size: bool = PredictConfig.original_size,
             *, unet: str | None = None, text_encoder: str | None = None, device: str | None = None,
+            precision: str = PredictConfig.precision,
             console: Console | None = None) -> np.ndarray:
     """Segment one new image with run ``run``; write the mask PNG ({0, 255}) to ``out`` (a file, or a
     directory → ``<stem>_mask.png``, see :func:`mask_path`) at the store's size, or at the image's own size with
@@ -286,5 +289,6 @@ def predict(run: Path, image: Path, text: str, out: Path, cache: Path | None = N
     image = Path(image)
     if not image.is_file():
         raise FileNotFoundError(f"image not found: {image}")
-    predictor = Predictor.from_run(run, cache, unet=unet, text_encoder=text_encoder, device=device)
+    predictor = Predictor.from_run(run, cache, unet=unet, text_encoder=text_encoder, device=device,
+                                   precision=precision)
     return predictor(image, text, out, original_size=original_size, console=console)
