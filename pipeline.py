@@ -182,6 +182,8 @@ def sweep(
     cache: str = option(FitConfig, "cache", help="A store written by `pipeline extract`; every block and step in it is swept."),
     out: Path = option(FitConfig, "out", help="The sweep folder (runs/<name>, sweep.csv, sweep.png); run again to resume."),
     grid: bool = typer.Option(False, "--grid", help="Also one fit per (block, step) pair: the block × step heat-map grid.png."),
+    scheduler: Optional[str] = option(ExtractConfig, "scheduler", help="Run the fits on dask.distributed, one per task: local:N (N worker processes here) or tcp://HOST:PORT (a running cluster sharing the filesystem; one worker per GPU, e.g. dask-cuda's LocalCUDACluster)."),
+    threads: Optional[int] = option(ExtractConfig, "threads", help="Torch threads per worker (default: this process's, so the fits equal a serial sweep's)."),
     common: Optional[dict] = None,
 ) -> None:
     """Fig. 3: one fit per single block and per single step, with and without text, each scored on test."""
@@ -189,7 +191,7 @@ def sweep(
 
     base = _flat(common or {})
     epochs = base.pop("epochs")
-    sweep_cli(cache, out, epochs, base, console=err, grid=grid)
+    sweep_cli(cache, out, epochs, base, console=err, grid=grid, scheduler=scheduler, threads=threads)
 
 
 @app.command()

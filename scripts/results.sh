@@ -6,6 +6,7 @@
 #
 # Usage: [SIZE=128] [EPOCHS=100] [SEEDS="0 1 2"] [FLAGS=cpu-64] [BLOCKS=4,6,8] [DIM=768] [AUGMENT=d4]
 #        [PRETRAIN_ITER=5000] [UNET=folder|checkpoint|name] [TEXT=minilm] [WIDTH=64] [SWEEP= (empty: no Fig. 3 sweep)]
+#        [SCHEDULER=local:N|tcp://HOST:PORT (the sweep's fits as dask tasks)]
 #        scripts/results.sh monuseg|qata [OUT]
 # Without UNET, a domain UNet is pretrained into OUT/unet-pretrained first; with it (e.g. UNET=adm-imagenet-256
 # TEXT=bioclinicalbert SIZE=256 BLOCKS=6,8,12,16 DIM=768: the paper's encoders), that UNet is used as it is.
@@ -54,6 +55,7 @@ for seed in $SEEDS; do
   fi
 done
 if [ "$DATASET" = monuseg ] && [ -n "${SWEEP-1}" ]; then   # Fig. 3: each block, step and pair alone, ± text
-  $P sweep --cache "$store" --out "$OUT/sweep" --epochs "$EPOCHS" --dim "$DIM" --grid > /dev/null
+  $P sweep --cache "$store" --out "$OUT/sweep" --epochs "$EPOCHS" --dim "$DIM" --grid \
+    ${SCHEDULER:+--scheduler "$SCHEDULER"} > /dev/null
 fi
 python3 "$(dirname "$0")/results_table.py" "$OUT" --dataset "$DATASET" | tee "$OUT/table.md"

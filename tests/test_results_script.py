@@ -89,3 +89,19 @@ def test_a_given_unet_and_text_encoder_are_used_without_pretraining(stub, tmp_pa
     extract = calls[0]
     assert [extract[extract.index(k) + 1] for k in ("--unet", "--text-encoder", "--size")] == [
         "adm-imagenet-256", "bioclinicalbert", "256"]
+
+
+def test_the_sweep_can_run_on_a_cluster(stub, tmp_path):
+    script, log = stub
+
+    def sweep_call(out: Path, **env: str) -> list[str]:
+        log.write_text("")
+        res = subprocess.run(["bash", str(ROOT / "scripts" / "results.sh"), "monuseg", str(out)], cwd=ROOT,
+                             env={**os.environ, "PIPELINE": str(script), "SEEDS": "0", **env},
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        return next(c for c in map(json.loads, log.read_text().splitlines()) if c[0] == "sweep")
+
+    on_cluster = sweep_call(tmp_path / "a", SCHEDULER="local:3")
+    assert on_cluster[on_cluster.index("--scheduler") + 1] == "local:3"
+    assert "--scheduler" not in sweep_call(tmp_path / "b")

@@ -173,3 +173,21 @@ def test_grid_reuses_the_marginals_and_adds_the_pairs(swept, store_path, tmp_pat
     with Image.open(grid_out / "grid.png") as im:
         assert im.format == "PNG" and im.size[0] > im.size[1]  # 2 block rows × 4 (step, text) columns
     assert not (out / "grid.png").exists()
+
+
+def test_a_sweep_on_a_local_cluster_equals_the_serial_one(swept, store_path, tmp_path):
+    """``scheduler="local:2"``: one fit per dask task in two worker processes, each writing its own run
+    folder; at the same thread count the CSV holds the serial sweep's numbers exactly."""
+    out, serial = swept
+    con = console()
+    parallel = sweep(store_path, tmp_path / "sweep", epochs=1, base=BASE, console=con, scheduler="local:2")
+    assert rows_of(parallel) == rows_of(serial)
+    assert "fit (blocks" in con.file.getvalue()
+    assert all((tmp_path / "sweep" / r["run"] / "head.pt").is_file() for r in rows_of(parallel))
+
+
+def test_a_bad_scheduler_is_refused_before_any_fit(store_path, tmp_path, monkeypatch):
+    forbid(monkeypatch)
+    with pytest.raises(Exception, match="scheduler 'nowhere': expected local:N"):
+        sweep(store_path, tmp_path / "s", epochs=1, base=BASE, console=console(), scheduler="nowhere")
+    assert not (tmp_path / "s").exists()

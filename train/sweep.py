@@ -20,6 +20,7 @@ evaluation is only evaluated.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,8 @@ def _check_reusable(run: Path, cfg: FitConfig, store: FeatureStore) -> None:
 
 
 def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = None,
-          console: Console | None = None, split: str = "test", grid: bool = False) -> Path:
+          console: Console | None = None, split: str = "test", grid: bool = False,
+          scheduler: str | None = None, threads: int | None = None) -> Path:
     """Fit and evaluate every cell of Fig. 3; write ``out/sweep.csv`` and ``out/sweep.png`` (and with
     ``grid``, ``out/grid.png``); return the CSV.
 
@@ -132,6 +134,10 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
         console: progress and messages; default stderr.
         split: the split each run is evaluated on. Default "test".
         grid: also fit every (block, step) pair alone (the block × step heat-map).
+        scheduler: None (here, one fit after another), ``local:N`` (N worker processes here) or a
+            dask.distributed scheduler address (``tcp://HOST:PORT``): one fit + evaluation per task, each
+            writing its own run folder; on CPUs the results equal a serial sweep's at the same thread count.
+        threads: torch threads per worker (default: this process's count, so values match a serial sweep).
     """
     console = console or Console(stderr=True)
     base = dict(base or {})
@@ -142,6 +148,10 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
                          f"other FitConfig fields are {sorted(known - _OWN_FIELDS)})")
     if epochs < 1:
         raise ValueError(f"sweep: epochs must be >= 1, got {epochs}")
+    if scheduler:
+        from extract.cluster import check_scheduler
+
+        check_scheduler(scheduler)  # before anything is written
     store = FeatureStore.open(cache)
     if split not in store.splits():
         raise ValueError(f"sweep: store {store.path} has no {split!r} split to evaluate on (it has {store.splits()})")
@@ -153,32 +163,37 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
     console.print(f"sweep: {len(plan)} runs ({len(blocks)} blocks × {len(steps)} steps{pairs}, "
                   f"with and without text), {epochs} epoch(s) each → {out}", highlight=False)
 
-    rows: list[dict[str, Any]] = []
-    for i, item in enumerate(plan, 1):
-        cfg = _fit_config(item, cache, out, epochs, base)
-        run = Path(cfg.out)
-        label = f"[{i}/{len(plan)}] {item.name}"
+    cells = [_fit_config(item, cache, out, epochs, base) for item in plan]
+    todo: dict[int, str] = {}  # cell → what it still needs, said when it starts
+    for i, (item, cfg) in enumerate(zip(plan, cells)):
+        run, label = Path(cfg.out), f"[{i + 1}/{len(plan)}] {item.name}"
         fitted, evaluated = rundir.fit_finished(run), rundir.evaluated(run, split)
         if fitted:
             _check_reusable(run, cfg, store)
         if evaluated:
             console.print(f"{label}: reusing the finished run {run}", highlight=False)
+        elif fitted:
+            todo[i] = f"{label}: reusing the fit, evaluating on {split}"
         else:
-            if not fitted:
-                console.print(f"{label}: fit (blocks {list(item.blocks)}, steps {list(item.steps)}, "
-                              f"text {item.text})", highlight=False)
-                fit_mod.fit(cfg, console=console)
-            else:
-                console.print(f"{label}: reusing the fit, evaluating on {split}", highlight=False)
-            evaluate_mod.evaluate(run, split=split, cache=cache, overlays=False, console=console)
-        metrics = rundir.read_json(run / rundir.METRICS)
-        summary = rundir.read_json(rundir.eval_dir(run, split) / rundir.SUMMARY)
-        rows.append({"kind": item.kind, "block": "" if item.block is None else item.block,
-                     "step": "" if item.step is None else item.step, "text": item.text,
-                     "test_dice": round(float(summary["dice"]), 6), "test_iou": round(float(summary["iou"]), 6),
-                     "val_dice": round(float(metrics["best_val_dice"]), 6),
-                     "run": run.relative_to(out).as_posix()})
-        rundir.write_csv(out / "sweep.csv", rows, CSV_COLUMNS)  # after every run: a partial sweep is readable
+            todo[i] = f"{label}: fit (blocks {list(item.blocks)}, steps {list(item.steps)}, text {item.text})"
+
+    rows: list[dict[str, Any]] = []
+
+    def finished() -> None:  # rows in plan order, written after each run: a partial sweep is readable
+        while len(rows) < len(plan) and rundir.evaluated(Path(cells[len(rows)].out), split):
+            rows.append(_row(plan[len(rows)], Path(cells[len(rows)].out), out, split))
+        rundir.write_csv(out / "sweep.csv", rows, CSV_COLUMNS)
+
+    if scheduler:
+        for message in todo.values():
+            console.print(message, highlight=False)
+        _on_cluster([cells[k] for k in todo], cache, split, scheduler, threads, console, finished)
+    else:
+        for k, message in todo.items():
+            console.print(message, highlight=False)
+            run_cell(cells[k].to_json(), str(cache), split, console=console)
+            finished()
+    finished()
 
     dice = {(item.row_label, item.text): 100 * row["test_dice"] for item, row in zip(plan, rows)}
     dataset = store.key["dataset"].get("name", "") if isinstance(store.key.get("dataset"), dict) else ""
@@ -200,13 +215,61 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
     return out / "sweep.csv"
 
 
+def _row(item: SweepRun, run: Path, out: Path, split: str) -> dict[str, Any]:
+    """The CSV row of a finished, evaluated cell."""
+    metrics = rundir.read_json(run / rundir.METRICS)
+    summary = rundir.read_json(rundir.eval_dir(run, split) / rundir.SUMMARY)
+    return {"kind": item.kind, "block": "" if item.block is None else item.block,
+            "step": "" if item.step is None else item.step, "text": item.text,
+            "test_dice": round(float(summary["dice"]), 6), "test_iou": round(float(summary["iou"]), 6),
+            "val_dice": round(float(metrics["best_val_dice"]), 6), "run": run.relative_to(out).as_posix()}
+
+
+def run_cell(fit_json: dict[str, Any], cache: str, split: str, console: Console | None = None,
+             threads: int | None = None) -> str:
+    """One cell: fit it unless finished, then evaluate it on ``split`` (no overlays); returns its folder.
+    A dask task on a cluster worker (``threads``: the torch threads it uses), a plain call here."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    console = console or Console(quiet=True)
+    cfg = FitConfig.from_json(fit_json)
+    if not rundir.fit_finished(Path(cfg.out)):
+        fit_mod.fit(cfg, console=console)
+    evaluate_mod.evaluate(Path(cfg.out), split=split, cache=cache, overlays=False, console=console)
+    return str(cfg.out)
+
+
+def _on_cluster(cells: list[FitConfig], cache: Path, split: str, scheduler: str, threads: int | None,
+                console: Console, finished: Callable[[], None]) -> None:
+    """Map the unfinished cells over a dask.distributed cluster, one task each; one progress bar."""
+    from distributed import as_completed
+
+    from extract.cluster import connect
+    from extract.shared import stage_progress
+
+    cache_path = str(cache) if "://" in str(cache) else str(Path(cache).resolve())
+    with connect(scheduler, threads) as (client, worker_threads):
+        jobs = [{**cfg.to_json(), "cache": cache_path, "out": str(Path(cfg.out).resolve())} for cfg in cells]
+        futures = client.map(run_cell, jobs, [cache_path] * len(jobs), [split] * len(jobs),
+                             threads=worker_threads, pure=False)
+        progress = stage_progress(console, "sweep", "fits")
+        with progress:
+            task = progress.add_task(f"{len(jobs)} fits on {len(client.nthreads())} workers", total=len(jobs))
+            for future in as_completed(futures):
+                future.result()
+                progress.advance(task, 1)
+                finished()
+
+
 def sweep_cli(cache: Path, out: Path, epochs: int, base: dict[str, Any], console: Console | None = None,
-              grid: bool = False) -> Path:
+              grid: bool = False, scheduler: str | None = None, threads: int | None = None) -> Path:
     """The body of ``pipeline sweep``: run the sweep, print its table, return the CSV path."""
     from rich.table import Table
 
     console = console or Console(stderr=True)
-    path = sweep(cache, out, epochs, base, console=console, grid=grid)
+    path = sweep(cache, out, epochs, base, console=console, grid=grid, scheduler=scheduler, threads=threads)
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     table = Table("", "text", "test Dice %", "test IoU %", "val Dice %", "run", title=f"sweep {out}")
