@@ -14,8 +14,8 @@ row per run (kind, block, step, text, test_dice, test_iou, val_dice, run; Dice a
 block or step empty where the run uses all of them), ``OUT/sweep.png`` the heat-map of test Dice % per
 single block and step, and with the grid ``OUT/grid.png`` the block × step heat-map. A run whose
 ``metrics.json`` and ``eval-<split>/summary.json`` exist is reused (after checking it was made with the
-same settings and store); a fit that did not finish is redone, and a finished fit missing its
-evaluation is only evaluated.
+same settings and store); a fit that did not finish is redone (with ``resume`` in ``base``: continued
+from its last checkpoint), and a finished fit missing its evaluation is only evaluated.
 """
 from __future__ import annotations
 
@@ -94,21 +94,12 @@ def _fit_config(item: SweepRun, cache: Path, out: Path, epochs: int, base: dict[
                                 "steps": item.steps, "fusion": FUSION[item.text], "epochs": epochs})
 
 
-def _settings(fit_json: dict[str, Any]) -> dict[str, Any]:
-    """The part of a FitConfig's JSON that must agree for a run to be reused (not where files are)."""
-    return {k: v for k, v in fit_json.items() if k not in ("cache", "out", "memory_budget_gb")}
-
-
 def _check_reusable(run: Path, cfg: FitConfig, store: FeatureStore) -> None:
     """Refuse to reuse a finished run made with other settings or from another store (an older run's
     settings are read as today's config reads them: options added since count at their defaults)."""
-    config = rundir.read_json(run / rundir.CONFIG)
-    want = _settings(cfg.to_json())
-    have = _settings(FitConfig.from_json({**config.get("fit", {}), "cache": cfg.cache, "out": cfg.out}).to_json())
-    differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    differ = cfg.differences(rundir.read_json(run / rundir.CONFIG).get("fit", {}))
     if differ:
-        detail = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in differ)
-        raise ValueError(f"sweep: {run} was fitted with other settings ({detail}); "
+        raise ValueError(f"sweep: {run} was fitted with other settings ({', '.join(differ)}); "
                          f"use another out folder or remove that run")
     stored = rundir.read_json(run / rundir.CACHE_KEY)
     if key_hash(stored) != store.key_hash:
@@ -165,7 +156,11 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
             console.print(f"{label}: reusing the finished run {run}", highlight=False)
         else:
             if not fitted:
-                console.print(f"{label}: fit (blocks {list(item.blocks)}, steps {list(item.steps)}, "
+                again = rundir.has_checkpoint(run)
+                if again and not cfg.resume:
+                    rundir.remove_checkpoint(run)  # without resume, an unfinished fit is redone
+                verb = "continuing the unfinished fit" if again and cfg.resume else "fit"
+                console.print(f"{label}: {verb} (blocks {list(item.blocks)}, steps {list(item.steps)}, "
                               f"text {item.text})", highlight=False)
                 fit_mod.fit(cfg, console=console)
             else:
