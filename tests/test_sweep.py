@@ -173,3 +173,29 @@ def test_grid_reuses_the_marginals_and_adds_the_pairs(swept, store_path, tmp_pat
     with Image.open(grid_out / "grid.png") as im:
         assert im.format == "PNG" and im.size[0] > im.size[1]  # 2 block rows × 4 (step, text) columns
     assert not (out / "grid.png").exists()
+
+
+def test_unfinished_fit_is_continued_with_resume_else_redone(swept, store_path, monkeypatch):
+    from train import rundir
+    from train.config import FitConfig
+
+    out, csv_path = swept
+    before = rows_of(csv_path)
+    run = out / "runs" / "t250-text"
+
+    def interrupt() -> None:  # t250-text killed after its checkpoint
+        def stop(epoch: int) -> None:
+            raise KeyboardInterrupt
+        with monkeypatch.context() as m:
+            m.setattr(train.fit, "pause_after", stop)
+            with pytest.raises(KeyboardInterrupt):
+                train.fit.fit(FitConfig.flat(**BASE, cache=store_path, out=run, blocks=(4, 8), steps=(250,),
+                                             epochs=1), console=console())
+        assert rundir.has_checkpoint(run) and (run / "INCOMPLETE").exists()
+
+    for base, said in (({**BASE, "resume": True}, "continuing the unfinished fit"), (BASE, "t250-text: fit (")):
+        interrupt()
+        con = console()
+        sweep(store_path, out, epochs=1, base=base, console=con)
+        assert said in con.file.getvalue()
+        assert rows_of(csv_path) == before and rundir.fit_finished(run) and not rundir.has_checkpoint(run)
