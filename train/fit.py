@@ -93,7 +93,7 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     state = resumable(cfg, store)
     run = restore(state, model, optim, schedule, rng) if state is not None else FitState()
-    del state
+    del state  # its copies of the weights are not needed any more
 
     rundir.mark_incomplete(out)
     config = {"fit": cfg.to_json(), "head": model.config, "cache": store.location,

@@ -92,6 +92,7 @@ def finished(cfg: FitConfig, store: FeatureStore) -> bool:
     if not (cfg.resume and rundir.fit_finished(out)):
         return False
     _check_same(cfg, store, _recorded(out))
+    rundir.remove_checkpoint(out)  # left by a fit killed as it finished, if any
     return True
 
 
