@@ -5,8 +5,9 @@ the authors' code), batch 1, CE + 1.5 Dice,
 the model's own weight init; augmentation samples the cached dihedral views when the store has them
 (p = 0.5 identity, else one of the 8 views uniformly, as the authors' random rot90 + flip). The same
 config and seed give bit-identical weights and metrics on a CPU. Each epoch ends with a checkpoint in
-the run folder; ``resume`` continues a killed fit from it, bit-identically (:mod:`train.resume`). Which model, what it reads and how it
-is built come from the registry (:mod:`train.models`); the run folder from :mod:`train.rundir`.
+the run folder; ``resume`` continues a killed fit from it, bit-identically (:mod:`train.resume`). Which
+model, what it reads and how it is built come from the registry (:mod:`train.models`); the run folder
+from :mod:`train.rundir`.
 """
 
 from __future__ import annotations
