@@ -109,7 +109,7 @@ def resumable(cfg: FitConfig, store: FeatureStore) -> dict[str, Any] | None:
         return None
     if not cfg.resume:
         raise OptionError(f"{out} holds an unfinished fit (checkpoint after an epoch): pass resume=True to "
-                          f"continue it, or remove the folder or choose another out", "resume", "out")
+                          f"continue it, or remove the folder, or choose another out=DIR", "resume", "out")
     state = rundir.load_checkpoint(out)
     _check_same(cfg, store, _recorded(out), state["fit"])
     if state["cache_key_hash"] != key_hash(store.key):
