@@ -56,7 +56,7 @@ def extract(common: Optional[dict] = None) -> None:
 
 
 def _training_options() -> dict[str, tuple[Any, Any]]:
-    """Options `fit`, `baseline` and `sweep` share: the few-shot subset, epochs, seed, augmentation."""
+    """Options `fit`, `baseline` and `sweep` share: the few-shot subset, epochs, seed, augmentation, resume."""
     return {
         "train_count": (Optional[int], option(FitConfig, "train_count")),
         "subset_seed": (int, option(FitConfig, "subset_seed")),
@@ -64,6 +64,7 @@ def _training_options() -> dict[str, tuple[Any, Any]]:
         "seed": (Optional[int], option(FitConfig, "seed")),
         "no_augment": (bool, option(FitConfig, "augment", "--no-augment", default=False,
                                     help="Do not sample the cached dihedral views.")),
+        "resume": (bool, option(FitConfig, "resume", "--resume")),
     }
 
 

@@ -191,3 +191,29 @@ def test_a_bad_scheduler_is_refused_before_any_fit(store_path, tmp_path, monkeyp
     with pytest.raises(Exception, match="scheduler 'nowhere': expected local:N"):
         sweep(store_path, tmp_path / "s", epochs=1, base=BASE, console=console(), scheduler="nowhere")
     assert not (tmp_path / "s").exists()
+
+
+def test_unfinished_fit_is_continued_with_resume_else_redone(swept, store_path, monkeypatch):
+    from train import rundir
+    from train.config import FitConfig
+
+    out, csv_path = swept
+    before = rows_of(csv_path)
+    run = out / "runs" / "t250-text"
+
+    def interrupt() -> None:  # t250-text killed after its checkpoint
+        def stop(epoch: int) -> None:
+            raise KeyboardInterrupt
+        with monkeypatch.context() as m:
+            m.setattr(train.fit, "pause_after", stop)
+            with pytest.raises(KeyboardInterrupt):
+                train.fit.fit(FitConfig.flat(**BASE, cache=store_path, out=run, blocks=(4, 8), steps=(250,),
+                                             epochs=1), console=console())
+        assert rundir.has_checkpoint(run) and (run / "INCOMPLETE").exists()
+
+    for base, said in (({**BASE, "resume": True}, "continuing the unfinished fit"), (BASE, "t250-text: fit (")):
+        interrupt()
+        con = console()
+        sweep(store_path, out, epochs=1, base=base, console=con)
+        assert said in con.file.getvalue()
+        assert rows_of(csv_path) == before and rundir.fit_finished(run) and not rundir.has_checkpoint(run)

@@ -135,6 +135,8 @@ class FitConfig:
     val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
     memory_budget_gb: float = option_field(4.0, "Hold features in memory up to this size, else stream them.")
     augment: bool = option_field(True, "Sample the cached dihedral views (p = 0.5 the original, else one of 8).")
+    resume: bool = option_field(False, "Continue a killed fit from its last epoch's checkpoint (the same settings "
+                                       "and store only); a finished fit is left as it is.")
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes kept in config.json."})
 
     def __post_init__(self) -> None:
@@ -148,12 +150,24 @@ class FitConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
 
     def to_json(self) -> dict[str, Any]:
-        """The flat layout of ``config.json``'s ``fit`` entry."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model_args"}
+        """The flat layout of ``config.json``'s ``fit`` entry (not ``resume``: how the fit ran, not what it is)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model_args", "resume")}
         d["cache"], d["out"] = str(self.cache), str(self.out)
         for name, args in MODEL_ARGS.items():
             d.update(asdict(self.model_args if name == self.model else args()))
         return json.loads(json.dumps(d))
+
+    def differences(self, recorded: dict[str, Any]) -> list[str]:
+        """How this config's settings differ from ``recorded`` (a run's ``config.json`` ``fit`` entry, read as
+        today's config reads it): ``"key: VALUE there, VALUE now"`` per key; where files are
+        (cache, out) and the memory budget (streaming gives the same result) do not count."""
+        def settings(fit_json: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in fit_json.items() if k not in ("cache", "out", "memory_budget_gb")}
+
+        want = settings(self.to_json())
+        have = settings(FitConfig.from_json({**recorded, "cache": self.cache, "out": self.out}).to_json())
+        return [f"{k}: {have.get(k)!r} there, {want.get(k)!r} now"
+                for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
 
     @classmethod
     def flat_keys(cls, model: str = "textdiff") -> set[str]:

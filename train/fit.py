@@ -4,8 +4,10 @@ Reads only the feature store (no UNet, no text encoder). Adam (lr 1e-4, × 0.1 a
 the authors' code), batch 1, CE + 1.5 Dice,
 the model's own weight init; augmentation samples the cached dihedral views when the store has them
 (p = 0.5 identity, else one of the 8 views uniformly, as the authors' random rot90 + flip). The same
-config and seed give bit-identical weights and metrics on a CPU. Which model, what it reads and how it
-is built come from the registry (:mod:`train.models`); the run folder from :mod:`train.rundir`.
+config and seed give bit-identical weights and metrics on a CPU. Each epoch ends with a checkpoint in
+the run folder; ``resume`` continues a killed fit from it, bit-identically (:mod:`train.resume`). Which
+model, what it reads and how it is built come from the registry (:mod:`train.models`); the run folder
+from :mod:`train.rundir`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from train.losses import segmentation_loss
 from train.metrics import SegMetrics
 from train.models import logits, model_spec, open_split, probabilities
 from train.plots import loss_curve_png
+from train.resume import FitState, checkpoint_state, finished, pause_after, restore, resumable
 from train.rundir import write_json
 
 __all__ = ["FitConfig", "fit", "validate"]
@@ -77,6 +80,10 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     val = open_split(spec, store, val_split, reading, val_idx)
     size = store.size
 
+    out = Path(cfg.out)
+    if finished(cfg, store):
+        console.print(f"fit {out}: finished already; nothing to resume", highlight=False)
+        return rundir.read_json(out / rundir.METRICS)
     seed = cfg.subset_seed if cfg.seed is None else cfg.seed
     torch.manual_seed(seed)
     model = spec.build(cfg.model_args, train, store)
@@ -85,8 +92,10 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     milestones = [cfg.lr_drop_epoch] if cfg.lr_drop_epoch else []
     schedule = torch.optim.lr_scheduler.MultiStepLR(optim, milestones=milestones, gamma=0.1)
     rng = np.random.default_rng(seed)
+    state = resumable(cfg, store)
+    run = restore(state, model, optim, schedule, rng) if state is not None else FitState()
+    del state  # its copies of the weights are not needed any more
 
-    out = Path(cfg.out)
     rundir.mark_incomplete(out)
     config = {"fit": cfg.to_json(), "head": model.config, "cache": store.location,
               "dataset": store.key["dataset"].get("name", ""), "size": size, "blocks": list(blocks),
@@ -94,16 +103,16 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
               "val": {"split": val_split, "ids": val.ids}}
     write_json(out / rundir.CONFIG, config)
     write_json(out / rundir.CACHE_KEY, store.key)
-    console.print(f"fit {spec.name}: {len(train)} training images ({'in memory' if train.in_memory else 'streamed'}), "
+    resumed = f"resuming after epoch {run.epoch}; " if run.epoch else ""
+    console.print(f"fit {spec.name}: {resumed}{len(train)} training images "
+                  f"({'in memory' if train.in_memory else 'streamed'}), "
                   f"validation on {len(val)} {val_split} images; {train.describe()}; "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters")
 
-    history: list[dict[str, float]] = []
-    best: dict[str, Any] = {"val_dice": -1.0}
     progress = stage_progress(console, "fit", "epochs")
     with progress:
-        task = progress.add_task("", total=cfg.epochs)
-        for epoch in range(1, cfg.epochs + 1):
+        task = progress.add_task("", total=cfg.epochs, completed=run.epoch)
+        for epoch in range(run.epoch + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
             model.train()
             order = rng.permutation(len(train))
@@ -121,13 +130,17 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
             scores = validate(model, val, size)
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice": scores["dice"],
                    "val_iou": scores["iou"], "seconds": round(time.perf_counter() - t0, 3)}
-            history.append(row)
-            if scores["dice"] > best["val_dice"]:
-                best = {"val_dice": scores["dice"], "val_iou": scores["iou"], "epoch": epoch,
-                        "state": copy.deepcopy(model.state_dict())}
+            run.history.append(row)
+            if scores["dice"] > run.best["val_dice"]:
+                run.best = {"val_dice": scores["dice"], "val_iou": scores["iou"], "epoch": epoch,
+                            "state": copy.deepcopy(model.state_dict())}
+            run.epoch = epoch
+            rundir.save_checkpoint(out, checkpoint_state(run, model, optim, schedule, rng, cfg, store))
+            pause_after(epoch)
             progress.update(task, advance=1, description=f"loss {row['train_loss']:.4f} · val Dice "
-                            f"{scores['dice']:.4f} (best {best['val_dice']:.4f} @ {best['epoch']})")
+                            f"{scores['dice']:.4f} (best {run.best['val_dice']:.4f} @ {run.best['epoch']})")
 
+    history, best = run.history, run.best
     rundir.save_weights(out, best["state"])
     rundir.write_csv(out / rundir.HISTORY, history, list(history[0]))
     metrics = {"best_epoch": best["epoch"], "best_val_dice": best["val_dice"], "best_val_iou": best["val_iou"],
@@ -137,4 +150,5 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     write_json(out / rundir.METRICS, metrics)
     loss_curve_png(out / rundir.HISTORY, out / rundir.LOSS_PLOT, title=f"fit {out.name}")
     rundir.mark_complete(out)
+    rundir.remove_checkpoint(out)
     return metrics

@@ -10,6 +10,8 @@ A run folder (``pipeline fit`` / ``pipeline baseline``) holds::
     loss.png         the loss curve
     metrics.json     the fit's result (written last)
     INCOMPLETE       present while a fit runs
+    checkpoint.pt    while a fit runs: its state after the last finished epoch (``fit --resume``); removed
+                     once the fit finishes
     eval-<split>/    per_image.csv, summary.json (written last), predictions.npz, overlays/<id>.png
 
 This module is the only one that names these files; everything else asks it for a path. It imports
@@ -31,10 +33,11 @@ if TYPE_CHECKING:
 
     from cache.store import FeatureStore
 
-__all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "PER_IMAGE",
-           "SUMMARY", "PREDICTIONS", "OVERLAYS", "CacheMismatchError", "check_cache_key", "eval_dir",
-           "evaluated", "fit_finished", "mark_complete", "mark_incomplete", "open_run", "read_json",
-           "read_model_files", "save_weights", "write_csv", "write_json", "write_model_files"]
+__all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "CHECKPOINT",
+           "PER_IMAGE", "SUMMARY", "PREDICTIONS", "OVERLAYS", "CacheMismatchError", "check_cache_key", "eval_dir",
+           "evaluated", "fit_finished", "has_checkpoint", "load_checkpoint", "mark_complete", "mark_incomplete",
+           "open_run", "read_json", "read_model_files", "remove_checkpoint", "save_checkpoint", "save_weights",
+           "write_csv", "write_json", "write_model_files"]
 
 CONFIG = "config.json"
 CACHE_KEY = "cache_key.json"
@@ -43,6 +46,7 @@ HISTORY = "history.csv"
 LOSS_PLOT = "loss.png"
 METRICS = "metrics.json"
 INCOMPLETE = "INCOMPLETE"
+CHECKPOINT = "checkpoint.pt"
 PER_IMAGE = "per_image.csv"
 SUMMARY = "summary.json"
 PREDICTIONS = "predictions.npz"
@@ -143,6 +147,43 @@ def save_weights(directory: Path, state: dict[str, torch.Tensor]) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state, directory / WEIGHTS)
+
+
+def save_checkpoint(run: Path, state: dict[str, Any]) -> None:
+    """A fit's resumable ``state`` as ``checkpoint.pt``, atomically (temporary file, then rename): tensors
+    and plain values only, so that :func:`load_checkpoint` can refuse anything else."""
+    import torch
+
+    path = Path(run) / CHECKPOINT
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def has_checkpoint(run: Path) -> bool:
+    """``run`` holds a fit's checkpoint (:func:`save_checkpoint`)."""
+    return (Path(run) / CHECKPOINT).is_file()
+
+
+def load_checkpoint(run: Path) -> dict[str, Any]:
+    """The checkpoint of ``run``, on the CPU, loaded with ``weights_only=True`` (nothing in it can run code)."""
+    import pickle
+
+    import torch
+
+    path = Path(run) / CHECKPOINT
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: holds more than tensors and plain values, so it is not loaded (it could "
+                         f"run code); remove it and fit again ({e.__class__.__name__})") from None
+
+
+def remove_checkpoint(run: Path) -> None:
+    """Remove the checkpoint of ``run`` (and a temporary one left by a kill), if any."""
+    path = Path(run) / CHECKPOINT
+    path.with_suffix(path.suffix + ".tmp").unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
 
 
 def read_model_files(directory: Path, map_location: str | torch.device = "cpu"

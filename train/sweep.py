@@ -14,14 +14,14 @@ row per run (kind, block, step, text, test_dice, test_iou, val_dice, run; Dice a
 block or step empty where the run uses all of them), ``OUT/sweep.png`` the heat-map of test Dice % per
 single block and step, and with the grid ``OUT/grid.png`` the block × step heat-map. A run whose
 ``metrics.json`` and ``eval-<split>/summary.json`` exist is reused (after checking it was made with the
-same settings and store); a fit that did not finish is redone, and a finished fit missing its
-evaluation is only evaluated.
+same settings and store); a fit that did not finish is redone (with ``resume`` in ``base``: continued
+from its last checkpoint), and a finished fit missing its evaluation is only evaluated.
 """
 from __future__ import annotations
 
 import csv
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,21 +95,12 @@ def _fit_config(item: SweepRun, cache: Path, out: Path, epochs: int, base: dict[
                                 "steps": item.steps, "fusion": FUSION[item.text], "epochs": epochs})
 
 
-def _settings(fit_json: dict[str, Any]) -> dict[str, Any]:
-    """The part of a FitConfig's JSON that must agree for a run to be reused (not where files are)."""
-    return {k: v for k, v in fit_json.items() if k not in ("cache", "out", "memory_budget_gb")}
-
-
 def _check_reusable(run: Path, cfg: FitConfig, store: FeatureStore) -> None:
     """Refuse to reuse a finished run made with other settings or from another store (an older run's
     settings are read as today's config reads them: options added since count at their defaults)."""
-    config = rundir.read_json(run / rundir.CONFIG)
-    want = _settings(cfg.to_json())
-    have = _settings(FitConfig.from_json({**config.get("fit", {}), "cache": cfg.cache, "out": cfg.out}).to_json())
-    differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    differ = cfg.differences(rundir.read_json(run / rundir.CONFIG).get("fit", {}))
     if differ:
-        detail = ", ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in differ)
-        raise ValueError(f"sweep: {run} was fitted with other settings ({detail}); "
+        raise ValueError(f"sweep: {run} was fitted with other settings ({', '.join(differ)}); "
                          f"use another out folder or remove that run")
     stored = rundir.read_json(run / rundir.CACHE_KEY)
     if key_hash(stored) != store.key_hash:
@@ -175,7 +166,11 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
         elif fitted:
             todo[i] = f"{label}: reusing the fit, evaluating on {split}"
         else:
-            todo[i] = f"{label}: fit (blocks {list(item.blocks)}, steps {list(item.steps)}, text {item.text})"
+            again = rundir.has_checkpoint(run)
+            if again and not cfg.resume:
+                rundir.remove_checkpoint(run)  # without resume, an unfinished fit is redone
+            verb = "continuing the unfinished fit" if again and cfg.resume else "fit"
+            todo[i] = f"{label}: {verb} (blocks {list(item.blocks)}, steps {list(item.steps)}, text {item.text})"
 
     rows: list[dict[str, Any]] = []
 
@@ -191,7 +186,7 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
     else:
         for k, message in todo.items():
             console.print(message, highlight=False)
-            run_cell(cells[k].to_json(), str(cache), split, console=console)
+            run_cell(cells[k].to_json(), str(cache), split, console=console, resume=cells[k].resume)
             finished()
     finished()
 
@@ -226,7 +221,7 @@ def _row(item: SweepRun, run: Path, out: Path, split: str) -> dict[str, Any]:
 
 
 def run_cell(fit_json: dict[str, Any], cache: str, split: str, console: Console | None = None,
-             threads: int | None = None) -> str:
+             threads: int | None = None, resume: bool = False) -> str:
     """One cell: fit it unless finished, then evaluate it on ``split`` (no overlays); returns its folder.
     A dask task on a cluster worker (``threads``: the torch threads it uses), a plain call here."""
     import torch
@@ -234,7 +229,7 @@ def run_cell(fit_json: dict[str, Any], cache: str, split: str, console: Console 
     if threads:
         torch.set_num_threads(threads)
     console = console or Console(quiet=True)
-    cfg = FitConfig.from_json(fit_json)
+    cfg = replace(FitConfig.from_json(fit_json), resume=resume)  # resume is not in config.json's layout
     if not rundir.fit_finished(Path(cfg.out)):
         fit_mod.fit(cfg, console=console)
     evaluate_mod.evaluate(Path(cfg.out), split=split, cache=cache, overlays=False, console=console)
@@ -253,7 +248,7 @@ def _on_cluster(cells: list[FitConfig], cache: Path, split: str, scheduler: str,
     with connect(scheduler, threads) as (client, worker_threads):
         jobs = [{**cfg.to_json(), "cache": cache_path, "out": str(Path(cfg.out).resolve())} for cfg in cells]
         futures = client.map(run_cell, jobs, [cache_path] * len(jobs), [split] * len(jobs),
-                             threads=worker_threads, pure=False)
+                             threads=worker_threads, resume=bool(cells and cells[0].resume), pure=False)
         progress = stage_progress(console, "sweep", "fits")
         with progress:
             task = progress.add_task(f"{len(jobs)} fits on {len(client.nthreads())} workers", total=len(jobs))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import zarr.storage._local as zarr_local
 
 from cache.lock import lock_path
 from cache.maintenance import verify_store
-from train.rundir import INCOMPLETE, fit_finished
+from train.rundir import INCOMPLETE, fit_finished, has_checkpoint
 from tests.reliability.conftest import (cli, child, digest, done_rows, extract_args, finish, mini_monuseg, stores,
                                         wait_for)
 
@@ -147,14 +148,20 @@ def test_fit_killed_leaves_a_folder_marked_incomplete(reference: tuple[Path, Pat
     run = tmp_path / "run"
     args = ["fit", "--cache", str(ref), "--out", str(run), "--epochs", "400", "--dim", "16", "--train-count", "2"]
     proc = child(args)
-    assert wait_for(lambda: proc.poll() is not None or (run / INCOMPLETE).exists())
-    time.sleep(1.0)
+    assert wait_for(lambda: proc.poll() is not None or has_checkpoint(run))
+    time.sleep(0.5)
     assert proc.poll() is None, "the fit ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert (run / INCOMPLETE).exists() and not fit_finished(run)
     res = cli(["evaluate", str(run)])
     assert res.code == 1 and "incomplete" in res.error_line()
-    res = cli(["fit", "--cache", str(ref), "--out", str(run), "--epochs", "3", "--dim", "16", "--train-count", "2"])
+    refit = ["fit", "--cache", str(ref), "--out", str(run), "--epochs", "3", "--dim", "16", "--train-count", "2"]
+    res = cli(refit)  # its checkpoint is not overwritten unasked
+    assert res.code == 1 and "--resume" in res.error_line()
+    res = cli([*refit, "--resume"])  # nor continued with other settings
+    assert res.code == 1 and "epochs: 400 there, 3 now" in res.error_line()
+    shutil.rmtree(run)
+    res = cli(refit)
     assert res.code == 0, res.stderr
-    assert fit_finished(run) and not (run / INCOMPLETE).exists()
+    assert fit_finished(run) and not (run / INCOMPLETE).exists() and not has_checkpoint(run)

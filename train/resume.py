@@ -1,0 +1,125 @@
+"""Resumable fits: what a fit's checkpoint holds, when a fit may continue from it, and restoring it.
+
+After every epoch :func:`train.fit.fit` saves (atomically, :func:`train.rundir.save_checkpoint`) the
+model's state dict (BatchNorm statistics included), Adam's state (moments and step counts), the
+learning-rate schedule, the best epoch so far (its weights, epoch and validation scores), the random
+states (torch's CPU generator, CUDA's when present, the numpy Generator of order and augmentation,
+as JSON text), the history rows so far, and the fit's settings and store key, to refuse a resume with
+other ones. Tensors and plain values only: it is loaded with ``weights_only=True``. On a CPU a resumed
+fit is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache.errors import OptionError
+from cache.key import key_hash
+from cache.store import FeatureStore
+from train import rundir
+from train.config import FitConfig
+
+__all__ = ["PAUSE_ENV", "FitState", "checkpoint_state", "finished", "pause_after", "restore", "resumable"]
+
+PAUSE_ENV = "TEXTDIFF_TEST_PAUSE_AFTER_EPOCH"
+
+
+class FitState:
+    """What a fit's loop carries from epoch to epoch besides the model, optimiser and schedule."""
+
+    def __init__(self, epoch: int = 0, best: dict[str, Any] | None = None,
+                 history: list[dict[str, float]] | None = None) -> None:
+        self.epoch = epoch
+        self.best: dict[str, Any] = best or {"val_dice": -1.0}
+        self.history: list[dict[str, float]] = history or []
+
+
+def checkpoint_state(fit: FitState, model: torch.nn.Module, optim: torch.optim.Optimizer,
+                     schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator,
+                     cfg: FitConfig, store: FeatureStore) -> dict[str, Any]:
+    """Everything :func:`restore` needs to continue after ``fit.epoch``, as tensors and plain values."""
+    sched = schedule.state_dict()
+    sched["milestones"] = dict(sched.get("milestones", {}))  # a Counter: kept as a plain dict
+    return {"epoch": fit.epoch, "model": model.state_dict(), "optim": optim.state_dict(), "schedule": sched,
+            "best": fit.best, "history": fit.history,
+            "torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "fit": cfg.to_json(), "cache_key_hash": key_hash(store.key)}
+
+
+def restore(state: dict[str, Any], model: torch.nn.Module, optim: torch.optim.Optimizer,
+            schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator) -> FitState:
+    """Load ``state`` (a checkpoint) into the freshly built model, optimiser, schedule and generators."""
+    model.load_state_dict(state["model"])
+    optim.load_state_dict(state["optim"])
+    sched = dict(state["schedule"])
+    sched["milestones"] = Counter({int(k): v for k, v in sched.get("milestones", {}).items()})
+    schedule.load_state_dict(sched)
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rng.bit_generator.state = json.loads(state["numpy_rng"])
+    return FitState(int(state["epoch"]), copy.deepcopy(state["best"]), list(state["history"]))
+
+
+def _check_same(cfg: FitConfig, store: FeatureStore, *recorded: dict[str, Any]) -> None:
+    """Refuse to continue ``cfg.out`` with settings other than ``recorded`` (fit entries) or another store."""
+    out = Path(cfg.out)
+    differ = sorted({d for fit_json in recorded for d in cfg.differences(fit_json)})
+    if differ:
+        raise ValueError(f"cannot resume {out}: it was fitted with other settings ({', '.join(differ)}); "
+                         f"fit with those, or into another out folder")
+    if (out / rundir.CACHE_KEY).is_file():
+        rundir.check_cache_key(out, store)
+
+
+def _recorded(out: Path) -> dict[str, Any]:
+    return rundir.read_json(out / rundir.CONFIG).get("fit", {}) if (out / rundir.CONFIG).is_file() else {}
+
+
+def finished(cfg: FitConfig, store: FeatureStore) -> bool:
+    """With ``resume``: ``cfg.out`` holds a finished fit of the same settings and store (nothing to do)."""
+    out = Path(cfg.out)
+    if not (cfg.resume and rundir.fit_finished(out)):
+        return False
+    _check_same(cfg, store, _recorded(out))
+    rundir.remove_checkpoint(out)  # left by a fit killed as it finished, if any
+    return True
+
+
+def resumable(cfg: FitConfig, store: FeatureStore) -> dict[str, Any] | None:
+    """The checkpoint to continue ``cfg.out`` from, or None to start afresh (the rules of ``resume``).
+
+    Without ``resume``, an unfinished run folder holding a checkpoint is refused (:class:`OptionError`
+    naming ``resume``); with it, the checkpoint must have been made with the same settings (the run's
+    ``config.json`` and the checkpoint's own record) and store key, or the differences are named. A
+    folder without a checkpoint (a fit killed in its first epoch, or none yet) starts afresh."""
+    out = Path(cfg.out)
+    if not rundir.has_checkpoint(out) or rundir.fit_finished(out):
+        rundir.remove_checkpoint(out)  # none, or left by a fit killed as it finished
+        return None
+    if not cfg.resume:
+        raise OptionError(f"{out} holds an unfinished fit (checkpoint after an epoch): pass resume=True to "
+                          f"continue it, or remove the folder, or choose another out=DIR", "resume", "out")
+    state = rundir.load_checkpoint(out)
+    _check_same(cfg, store, _recorded(out), state["fit"])
+    if state["cache_key_hash"] != key_hash(store.key):
+        raise rundir.CacheMismatchError(
+            f"cannot resume {out}: it was fitted on store key {state['cache_key_hash'][:12]}, not "
+            f"{key_hash(store.key)[:12]} ({store.path})")
+    return state
+
+
+def pause_after(epoch: int) -> None:
+    """Test hook: sleep after epoch ``$TEXTDIFF_TEST_PAUSE_AFTER_EPOCH``'s checkpoint (to be killed there)."""
+    if os.environ.get(PAUSE_ENV) == str(epoch):
+        time.sleep(float(os.environ.get(PAUSE_ENV + "_SECONDS", "300")))
