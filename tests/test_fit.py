@@ -170,3 +170,22 @@ def test_fit_cli(store_path: Path, tmp_path: Path) -> None:
                                             "--blocks", "6"])
     assert bad.exit_code == 1 and "pipeline extract" in bad.output and "Traceback" not in bad.output
     assert np.isfinite(json.loads((tmp_path / "r" / "metrics.json").read_text())["final_train_loss"])
+
+
+def test_precision_is_recorded_and_bf16_trains_close_to_fp32(store_path: Path, tmp_path: Path) -> None:
+    """``precision="bf16"`` autocasts training and validation (recorded in config.json, with the device
+    used); it learns what fp32 learns, to bf16's precision. A device the machine lacks is refused before
+    anything is written."""
+    from cache.errors import OptionError
+
+    base = dict(cache=store_path, epochs=3, dim=16, head_channels=(8, 4), lr=1e-3)
+    a = fit(FitConfig.flat(out=tmp_path / "fp32", **base))
+    b = fit(FitConfig.flat(out=tmp_path / "bf16", precision="bf16", **base))
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["fit"]["precision"] == "bf16" and config["device"] == "cpu"
+    assert a["final_train_loss"] != b["final_train_loss"]  # autocast ran
+    assert abs(a["final_train_loss"] - b["final_train_loss"]) < 0.05 * a["final_train_loss"]
+    if not torch.cuda.is_available():
+        with pytest.raises(OptionError, match="no CUDA device is available here"):
+            fit(FitConfig.flat(out=tmp_path / "cuda", device="cuda", **base))
+        assert not (tmp_path / "cuda").exists()

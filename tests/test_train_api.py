@@ -29,8 +29,8 @@ OLD_FIT_KEYS = {"cache", "out", "blocks", "steps", "train_count", "subset_seed",
 
 
 @pytest.fixture(scope="module")
-def store_path(adm_fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_store(adm_fixtures, tmp_path_factory.mktemp("cache"))
+def store_path(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_store(tiny_unet, tmp_path_factory.mktemp("cache"))
 
 
 def test_a_run_folder_loads_as_a_head(store_path: Path, tmp_path: Path) -> None:
@@ -49,7 +49,7 @@ def test_a_run_folder_loads_as_a_head(store_path: Path, tmp_path: Path) -> None:
 def test_fit_config_keeps_its_flat_layout_and_reads_old_ones(tmp_path: Path) -> None:
     cfg = FitConfig(cache=tmp_path, out=tmp_path / "r", model_args=TextDiffArgs(dim=32, fusion="none"))
     flat = cfg.to_json()
-    assert set(flat) == OLD_FIT_KEYS and flat["dim"] == 32 and flat["fusion"] == "none" and flat["model"] == "textdiff"
+    assert set(flat) == OLD_FIT_KEYS | {"precision"} and flat["dim"] == 32  # issue 17 records the precision and flat["fusion"] == "none" and flat["model"] == "textdiff"
     assert FitConfig.from_json(flat) == dataclasses.replace(cfg, cache=str(tmp_path), out=str(tmp_path / "r"))
     assert FitConfig.flat(cache=tmp_path, out=tmp_path, dim=32, fusion="none").model_args == cfg.model_args
     old = {**flat, "model": "unet", "width": 8, "depth": 3}  # a baseline run written before the rename
@@ -99,7 +99,7 @@ def test_baseline_store_prefers_complete_d4_then_newest(monkeypatch: pytest.Monk
     assert "--cache" not in msg.replace("--cache-dir", "")  # the CLI adds its own flag
 
 
-def test_demo_runs_end_to_end_at_a_tiny_size(adm_fixtures: Path, store_path: Path, tmp_path: Path,
+def test_demo_runs_end_to_end_at_a_tiny_size(tiny_unet: Path, store_path: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """run_demo with its two expensive stages stood in for: pretraining (the fixture UNet) and extraction
     (the tiny store); the fits, evaluations, denoising figure and report are the real ones."""
@@ -109,8 +109,8 @@ def test_demo_runs_end_to_end_at_a_tiny_size(adm_fixtures: Path, store_path: Pat
 
     def pretrain(cfg, console=None):
         cfg.out.mkdir(parents=True)
-        shutil.copyfile(adm_fixtures / "adm_tiny.pt", cfg.out / "model.pt")
-        shutil.copyfile(adm_fixtures / "adm_tiny_flags.json", cfg.out / "flags.json")
+        shutil.copyfile(tiny_unet / "adm_tiny.pt", cfg.out / "model.pt")
+        shutil.copyfile(tiny_unet / "adm_tiny_flags.json", cfg.out / "flags.json")
         (cfg.out / "train_log.csv").write_text("iteration,loss\n1,1.0\n2,0.9\n")
         (cfg.out / "samples.png").write_bytes(b"")
         return cfg.out

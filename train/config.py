@@ -135,6 +135,9 @@ class FitConfig:
     val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
     memory_budget_gb: float = option_field(4.0, "Hold features in memory up to this size, else stream them.")
     augment: bool = option_field(True, "Sample the cached dihedral views (p = 0.5 the original, else one of 8).")
+    device: str | None = option_field(None, "auto (CUDA when present; the default), cpu, cuda or cuda:N.")
+    precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast (mixed precision) for training and "
+                                          "validation; recorded in config.json.")
     resume: bool = option_field(False, "Continue a killed fit from its last epoch's checkpoint (the same settings "
                                        "and store only); a finished fit is left as it is.")
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes kept in config.json."})
@@ -150,8 +153,9 @@ class FitConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
 
     def to_json(self) -> dict[str, Any]:
-        """The flat layout of ``config.json``'s ``fit`` entry (not ``resume``: how the fit ran, not what it is)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model_args", "resume")}
+        """The flat layout of ``config.json``'s ``fit`` entry (not ``resume`` and ``device``: how the fit ran, not
+        what it is; the device used is recorded beside it)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model_args", "resume", "device")}
         d["cache"], d["out"] = str(self.cache), str(self.out)
         for name, args in MODEL_ARGS.items():
             d.update(asdict(self.model_args if name == self.model else args()))

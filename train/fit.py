@@ -12,7 +12,7 @@ from :mod:`train.rundir`.
 
 from __future__ import annotations
 
-import copy
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from rich.console import Console
 
 from cache.key import key_hash
 from cache.store import FeatureStore
+from extract.devices import precision_context, resolve_device
 from extract.shared import stage_progress
 from train import rundir
 from train.config import FitConfig
@@ -50,12 +51,13 @@ def _split_train_val(store: FeatureStore, cfg: FitConfig) -> tuple[np.ndarray, s
     return rest[choose_subset(len(rest), count, cfg.subset_seed)], "train", held
 
 
-def validate(model: torch.nn.Module, data: SplitData, size: int, batch_size: int = 4) -> dict[str, float]:
-    """Mean per-image Dice / IoU of argmax predictions on ``data`` (view 0)."""
+def validate(model: torch.nn.Module, data: SplitData, size: int, batch_size: int = 4,
+             precision: str = "fp32") -> dict[str, float]:
+    """Mean per-image Dice / IoU of argmax predictions on ``data`` (view 0), on the model's device."""
     metrics = SegMetrics()
     for start in range(0, len(data), batch_size):
         sample = data.batch(list(range(start, min(start + batch_size, len(data)))))
-        metrics.update(probabilities(model, sample, size).argmax(1), sample.target)
+        metrics.update(probabilities(model, sample, size, precision).argmax(1).cpu(), sample.target)
     agg = metrics.aggregate()
     return {"dice": float(agg["dice"]), "iou": float(agg["iou"])}
 
@@ -64,6 +66,16 @@ def _views(rng: np.random.Generator, n: int, n_views: int, augment: bool) -> lis
     if not augment or n_views == 1:
         return [0] * n
     return [0 if rng.random() < 0.5 else int(rng.integers(n_views)) for _ in range(n)]
+
+
+def deterministic(device: torch.device) -> None:
+    """On CUDA, the deterministic kernels torch has (cuDNN's, cuBLAS's with a fixed workspace); the rest
+    (e.g. the backward of bilinear upsampling, which adds atomically) run with a warning, not an error."""
+    if device.type != "cuda":
+        return  # CPU kernels are deterministic at a fixed thread count
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
@@ -84,20 +96,24 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     if finished(cfg, store):
         console.print(f"fit {out}: finished already; nothing to resume", highlight=False)
         return rundir.read_json(out / rundir.METRICS)
+    device = resolve_device(cfg.device)
+    deterministic(device)
     seed = cfg.subset_seed if cfg.seed is None else cfg.seed
     torch.manual_seed(seed)
     model = spec.build(cfg.model_args, train, store)
-    model.init_weights()
+    model.init_weights()  # on the CPU: the same initial weights on every device
+    model.to(device)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16 gradients underflow
     milestones = [cfg.lr_drop_epoch] if cfg.lr_drop_epoch else []
     schedule = torch.optim.lr_scheduler.MultiStepLR(optim, milestones=milestones, gamma=0.1)
     rng = np.random.default_rng(seed)
     state = resumable(cfg, store)
-    run = restore(state, model, optim, schedule, rng) if state is not None else FitState()
+    run = restore(state, model, optim, schedule, rng, scaler) if state is not None else FitState()
     del state  # its copies of the weights are not needed any more
 
     rundir.mark_incomplete(out)
-    config = {"fit": cfg.to_json(), "head": model.config, "cache": store.location,
+    config = {"fit": cfg.to_json(), "device": str(device), "head": model.config, "cache": store.location,
               "dataset": store.key["dataset"].get("name", ""), "size": size, "blocks": list(blocks),
               "steps": list(steps), "train_split": "train", "train_ids": train.ids,
               "val": {"split": val_split, "ids": val.ids}}
@@ -107,7 +123,7 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     console.print(f"fit {spec.name}: {resumed}{len(train)} training images "
                   f"({'in memory' if train.in_memory else 'streamed'}), "
                   f"validation on {len(val)} {val_split} images; {train.describe()}; "
-                  f"{sum(p.numel() for p in model.parameters()):,} parameters")
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters; {device}, {cfg.precision}")
 
     progress = stage_progress(console, "fit", "epochs")
     with progress:
@@ -119,23 +135,26 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
             losses = []
             for start in range(0, len(order), cfg.batch_size):
                 rows = order[start:start + cfg.batch_size].tolist()
-                sample = train.batch(rows, _views(rng, len(rows), train.views, cfg.augment))
-                loss = segmentation_loss(logits(model, sample, size), sample.target,
+                sample = train.batch(rows, _views(rng, len(rows), train.views, cfg.augment)).to(device)
+                with precision_context(device, cfg.precision):
+                    scores_map = logits(model, sample, size)
+                loss = segmentation_loss(scores_map.float(), sample.target.to(device),
                                          dice_on_logits=cfg.dice_on_logits)
                 optim.zero_grad(set_to_none=True)
-                loss.backward()
-                optim.step()
+                scaler.scale(loss).backward()
+                scaler.step(optim)
+                scaler.update()
                 losses.append(loss.item())
             schedule.step()
-            scores = validate(model, val, size)
+            scores = validate(model, val, size, precision=cfg.precision)
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice": scores["dice"],
                    "val_iou": scores["iou"], "seconds": round(time.perf_counter() - t0, 3)}
             run.history.append(row)
             if scores["dice"] > run.best["val_dice"]:
                 run.best = {"val_dice": scores["dice"], "val_iou": scores["iou"], "epoch": epoch,
-                            "state": copy.deepcopy(model.state_dict())}
+                            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
             run.epoch = epoch
-            rundir.save_checkpoint(out, checkpoint_state(run, model, optim, schedule, rng, cfg, store))
+            rundir.save_checkpoint(out, checkpoint_state(run, model, optim, schedule, rng, cfg, store, scaler))
             pause_after(epoch)
             progress.update(task, advance=1, description=f"loss {row['train_loss']:.4f} · val Dice "
                             f"{scores['dice']:.4f} (best {run.best['val_dice']:.4f} @ {run.best['epoch']})")

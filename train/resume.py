@@ -45,19 +45,22 @@ class FitState:
 
 def checkpoint_state(fit: FitState, model: torch.nn.Module, optim: torch.optim.Optimizer,
                      schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator,
-                     cfg: FitConfig, store: FeatureStore) -> dict[str, Any]:
-    """Everything :func:`restore` needs to continue after ``fit.epoch``, as tensors and plain values."""
+                     cfg: FitConfig, store: FeatureStore, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """Everything :func:`restore` needs to continue after ``fit.epoch``, as tensors and plain values
+    (``scaler``: fp16's loss scale)."""
     sched = schedule.state_dict()
     sched["milestones"] = dict(sched.get("milestones", {}))  # a Counter: kept as a plain dict
     return {"epoch": fit.epoch, "model": model.state_dict(), "optim": optim.state_dict(), "schedule": sched,
             "best": fit.best, "history": fit.history,
             "torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "fit": cfg.to_json(), "cache_key_hash": key_hash(store.key)}
+            "fit": cfg.to_json(), "cache_key_hash": key_hash(store.key),
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}}
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module, optim: torch.optim.Optimizer,
-            schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator) -> FitState:
+            schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator,
+            scaler: torch.amp.GradScaler | None = None) -> FitState:
     """Load ``state`` (a checkpoint) into the freshly built model, optimiser, schedule and generators."""
     model.load_state_dict(state["model"])
     optim.load_state_dict(state["optim"])
@@ -68,6 +71,8 @@ def restore(state: dict[str, Any], model: torch.nn.Module, optim: torch.optim.Op
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     rng.bit_generator.state = json.loads(state["numpy_rng"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     return FitState(int(state["epoch"]), copy.deepcopy(state["best"]), list(state["history"]))
 
 

@@ -186,7 +186,8 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
     else:
         for k, message in todo.items():
             console.print(message, highlight=False)
-            run_cell(cells[k].to_json(), str(cache), split, console=console, resume=cells[k].resume)
+            run_cell(cells[k].to_json(), str(cache), split, console=console, resume=cells[k].resume,
+                     device=cells[k].device)
             finished()
     finished()
 
@@ -221,7 +222,7 @@ def _row(item: SweepRun, run: Path, out: Path, split: str) -> dict[str, Any]:
 
 
 def run_cell(fit_json: dict[str, Any], cache: str, split: str, console: Console | None = None,
-             threads: int | None = None, resume: bool = False) -> str:
+             threads: int | None = None, resume: bool = False, device: str | None = None) -> str:
     """One cell: fit it unless finished, then evaluate it on ``split`` (no overlays); returns its folder.
     A dask task on a cluster worker (``threads``: the torch threads it uses), a plain call here."""
     import torch
@@ -229,10 +230,11 @@ def run_cell(fit_json: dict[str, Any], cache: str, split: str, console: Console 
     if threads:
         torch.set_num_threads(threads)
     console = console or Console(quiet=True)
-    cfg = replace(FitConfig.from_json(fit_json), resume=resume)  # resume is not in config.json's layout
+    cfg = replace(FitConfig.from_json(fit_json), resume=resume, device=device)  # not in config.json's layout
     if not rundir.fit_finished(Path(cfg.out)):
         fit_mod.fit(cfg, console=console)
-    evaluate_mod.evaluate(Path(cfg.out), split=split, cache=cache, overlays=False, console=console)
+    evaluate_mod.evaluate(Path(cfg.out), split=split, cache=cache, overlays=False, console=console,
+                          device=cfg.device, precision=cfg.precision)
     return str(cfg.out)
 
 
@@ -248,7 +250,8 @@ def _on_cluster(cells: list[FitConfig], cache: Path, split: str, scheduler: str,
     with connect(scheduler, threads) as (client, worker_threads):
         jobs = [{**cfg.to_json(), "cache": cache_path, "out": str(Path(cfg.out).resolve())} for cfg in cells]
         futures = client.map(run_cell, jobs, [cache_path] * len(jobs), [split] * len(jobs),
-                             threads=worker_threads, resume=bool(cells and cells[0].resume), pure=False)
+                             threads=worker_threads, resume=bool(cells and cells[0].resume),
+                             device=cells[0].device if cells else None, pure=False)
         progress = stage_progress(console, "sweep", "fits")
         with progress:
             task = progress.add_task(f"{len(jobs)} fits on {len(client.nthreads())} workers", total=len(jobs))
