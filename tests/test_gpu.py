@@ -1,0 +1,81 @@
+"""CUDA checks (opt-in: ``pytest -m gpu``; skipped without CUDA): device placement, autocast, a fit →
+evaluate → predict round trip, and resume, on the GPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import quiet, tiny_store
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+FLAT = dict(epochs=3, dim=16, head_channels=(8, 4), lr=1e-3, device="cuda")
+
+
+@pytest.fixture(scope="module")
+def store_path(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_store(tiny_unet, tmp_path_factory.mktemp("cache"), device="cuda")
+
+
+def test_placement_and_autocast() -> None:
+    from extract.devices import precision_context, resolve_device
+
+    device = resolve_device("auto")
+    assert device.type == "cuda" and resolve_device("cuda:0") == torch.device("cuda:0")
+    a = torch.randn(8, 8, device=device)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with precision_context(device, precision):
+            assert (a @ a).dtype == dtype
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_fit_evaluate_predict_round_trip(store_path: Path, tmp_path: Path, precision: str) -> None:
+    from cache.store import FeatureStore
+    from extract.datasets import read_image
+    from train.evaluate import evaluate
+    from train.fit import FitConfig, fit
+    from train.predict import Predictor
+
+    run = tmp_path / precision
+    metrics = fit(FitConfig.flat(cache=store_path, out=run, precision=precision, **FLAT), console=quiet())
+    config = json.loads((run / "config.json").read_text())
+    assert config["device"].startswith("cuda") and config["fit"]["precision"] == precision
+    assert np.isfinite(metrics["final_train_loss"])
+    summary = evaluate(run, overlays=False, console=quiet(), device="cuda", precision=precision)
+    on_cpu = evaluate(run, overlays=False, console=quiet(), device="cpu")
+    assert abs(summary["dice"] - on_cpu["dice"]) < 0.02  # the same weights on either device
+    store = FeatureStore.open(store_path)
+    png = tmp_path / "x.png"
+    Image.fromarray(np.asarray(store.images("test")[0, 0].compute()).transpose(1, 2, 0)).save(png)
+    gpu = Predictor.from_run(run, device="cuda", precision=precision)
+    cpu = Predictor.from_run(run, device="cpu")
+    image, text = read_image(png, store.size)[0], store.texts("test")[0]
+    np.testing.assert_allclose(gpu.probabilities(image, text), cpu.probabilities(image, text), atol=0.05)
+
+
+def test_resume_on_cuda(store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import train.resume
+    from train.fit import FitConfig, fit
+
+    reference = fit(FitConfig.flat(cache=store_path, out=tmp_path / "whole", **FLAT), console=quiet())
+
+    def stop(epoch: int) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.resume, "pause_after", stop)
+    monkeypatch.setattr("train.fit.pause_after", stop)
+    with pytest.raises(KeyboardInterrupt):
+        fit(FitConfig.flat(cache=store_path, out=tmp_path / "cut", **FLAT), console=quiet())
+    monkeypatch.undo()
+    resumed = fit(FitConfig.flat(cache=store_path, out=tmp_path / "cut", resume=True, **FLAT), console=quiet())
+    assert resumed["best_epoch"] >= 1 and abs(resumed["best_val_dice"] - reference["best_val_dice"]) < 0.02
+    shutil.rmtree(tmp_path / "cut")
