@@ -64,6 +64,7 @@ def _training_options() -> dict[str, tuple[Any, Any]]:
         "seed": (Optional[int], option(FitConfig, "seed")),
         "no_augment": (bool, option(FitConfig, "augment", "--no-augment", default=False,
                                     help="Do not sample the cached dihedral views.")),
+        "val_every": (int, option(FitConfig, "val_every")),
         "device": (Optional[str], option(FitConfig, "device")),
         "precision": (str, option(FitConfig, "precision")),
         "resume": (bool, option(FitConfig, "resume", "--resume")),

@@ -45,7 +45,8 @@ def test_fit_writes_a_complete_run(store_path: Path, tmp_path: Path) -> None:
     assert config["head"]["in_channels"] == [2 * 64, 2 * 32] and config["head"]["text_dim"] == 384
     assert json.loads((run / "cache_key.json").read_text()) == FeatureStore.open(store_path).key
     lines = (run / "history.csv").read_text().splitlines()
-    assert lines[0] == "epoch,train_loss,val_dice,val_iou,seconds" and len(lines) == 3
+    header = "epoch,train_loss,val_dice,val_iou,seconds,train_seconds,val_seconds,data_wait_seconds"
+    assert lines[0] == header and len(lines) == 3
     assert metrics == json.loads((run / "metrics.json").read_text())
     assert 1 <= metrics["best_epoch"] <= 2 and 0 <= metrics["best_val_dice"] <= 1
     _, head, _ = load_run(run)
@@ -59,7 +60,7 @@ def test_same_seed_gives_bit_identical_runs(store_path: Path, tmp_path: Path) ->
     wa, wb, wc = (torch.load(tmp_path / n / "head.pt", weights_only=True) for n in "abc")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
-    strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    strip = lambda m: {k: v for k, v in m.items() if not k.endswith("seconds")}  # noqa: E731
     assert strip(a) == strip(b)
 
 
@@ -189,3 +190,32 @@ def test_precision_is_recorded_and_bf16_trains_close_to_fp32(store_path: Path, t
         with pytest.raises(OptionError, match="no CUDA device is available here"):
             fit(FitConfig.flat(out=tmp_path / "cuda", device="cuda", **base))
         assert not (tmp_path / "cuda").exists()
+
+
+def test_the_feed_gives_the_loop_what_batch_gives(store_path: Path) -> None:
+    from train.feed import Feed
+
+    data = SplitFeatures(FeatureStore.open(store_path), "train", [4, 8], [50, 250], memory_budget=0)  # streamed
+    batches = [([2, 0], [0, 0]), ([1], [0]), ([3, 1], [0, 0])]
+    feed = Feed(data, batches, torch.device("cpu"))
+    got = list(feed)
+    assert len(got) == 3 and feed.waited >= 0
+    for (sample, target), (rows, views) in zip(got, batches):
+        want = data.batch(rows, views)
+        assert all(torch.equal(a, b) for a, b in zip(sample.feats, want.feats))
+        assert torch.equal(sample.tokens, want.tokens) and torch.equal(target, want.target)
+
+
+def test_val_every_and_batches_of_two(store_path: Path, tmp_path: Path) -> None:
+    import csv
+
+    metrics = fit(FitConfig.flat(cache=store_path, out=tmp_path / "run", epochs=5, val_every=2, batch_size=2,
+                                 dim=16, head_channels=(8, 4), lr=1e-3))
+    with (tmp_path / "run" / "history.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    validated = [int(r["epoch"]) for r in rows if r["val_dice"] != ""]
+    assert validated == [2, 4, 5] and metrics["best_epoch"] in validated  # every 2nd epoch, and the last
+    assert all(float(r["val_seconds"]) == 0 or int(r["epoch"]) in validated for r in rows)
+    assert all(float(r["train_seconds"]) > 0 and float(r["data_wait_seconds"]) >= 0 for r in rows)
+    with pytest.raises(ValueError, match="val_every must be >= 1"):
+        FitConfig.flat(cache=store_path, out=tmp_path / "x", val_every=0)

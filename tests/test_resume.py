@@ -63,7 +63,7 @@ def assert_same_run(run: Path, ref: Path) -> None:
 
     def history(p: Path) -> list[dict[str, str]]:
         with (p / rundir.HISTORY).open(newline="") as f:
-            return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+            return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in csv.DictReader(f)]
 
     def metrics(p: Path) -> dict:
         return {k: v for k, v in rundir.read_json(p / rundir.METRICS).items() if k != "seconds"}

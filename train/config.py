@@ -135,6 +135,7 @@ class FitConfig:
     val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
     memory_budget_gb: float = option_field(4.0, "Hold features in memory up to this size, else stream them.")
     augment: bool = option_field(True, "Sample the cached dihedral views (p = 0.5 the original, else one of 8).")
+    val_every: int = option_field(1, "Validate every K epochs (and after the last); the authors: every epoch.")
     device: str | None = option_field(None, "auto (CUDA when present; the default), cpu, cuda or cuda:N.")
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast (mixed precision) for training and "
                                           "validation; recorded in config.json.")
@@ -149,6 +150,8 @@ class FitConfig:
             self.model_args = args()
         elif not isinstance(self.model_args, args):
             raise ValueError(f"model {self.model!r} takes {args.__name__}, got {type(self.model_args).__name__}")
+        if self.val_every < 1:
+            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
 

@@ -88,10 +88,16 @@ class Sample:
         """The model's keyword arguments."""
         return {"feats": self.feats, "tokens": self.tokens, "token_mask": self.token_mask}
 
-    def to(self, device: torch.device) -> Sample:
+    def to(self, device: torch.device, non_blocking: bool = False) -> Sample:
         """The inputs on ``device`` (the target stays where it is)."""
-        return Sample([f.to(device) for f in self.feats], self.tokens.to(device), self.token_mask.to(device),
-                      self.target)
+        return Sample([f.to(device, non_blocking=non_blocking) for f in self.feats],
+                      self.tokens.to(device, non_blocking=non_blocking),
+                      self.token_mask.to(device, non_blocking=non_blocking), self.target)
+
+    def pin(self) -> Sample:
+        """A copy in page-locked memory, so that copies to a GPU need not block."""
+        return Sample([f.pin_memory() for f in self.feats], self.tokens.pin_memory(), self.token_mask.pin_memory(),
+                      self.target.pin_memory())
 
 
 @dataclass
@@ -105,9 +111,13 @@ class ImageSample:
         """The model's keyword arguments."""
         return {"image": self.image}
 
-    def to(self, device: torch.device) -> ImageSample:
+    def to(self, device: torch.device, non_blocking: bool = False) -> ImageSample:
         """The inputs on ``device`` (the target stays where it is)."""
-        return ImageSample(self.image.to(device), self.target)
+        return ImageSample(self.image.to(device, non_blocking=non_blocking), self.target)
+
+    def pin(self) -> ImageSample:
+        """A copy in page-locked memory, so that copies to a GPU need not block."""
+        return ImageSample(self.image.pin_memory(), self.target.pin_memory())
 
 
 class SplitData(Protocol):

@@ -28,6 +28,7 @@ from extract.shared import stage_progress
 from train import rundir
 from train.config import FitConfig
 from train.data import GIB, PAPER_TRAIN_COUNT, READERS, Reading, SplitData, choose_subset
+from train.feed import Feed
 from train.losses import segmentation_loss
 from train.metrics import SegMetrics
 from train.models import logits, model_spec, open_split, probabilities
@@ -131,33 +132,39 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
         for epoch in range(run.epoch + 1, cfg.epochs + 1):
             t0 = time.perf_counter()
             model.train()
-            order = rng.permutation(len(train))
+            order = rng.permutation(len(train)).tolist()
+            chunks = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+            batches = [(rows, _views(rng, len(rows), train.views, cfg.augment)) for rows in chunks]
+            feed = Feed(train, batches, device)
             losses = []
-            for start in range(0, len(order), cfg.batch_size):
-                rows = order[start:start + cfg.batch_size].tolist()
-                sample = train.batch(rows, _views(rng, len(rows), train.views, cfg.augment)).to(device)
+            for sample, target in feed:
                 with precision_context(device, cfg.precision):
                     scores_map = logits(model, sample, size)
-                loss = segmentation_loss(scores_map.float(), sample.target.to(device),
-                                         dice_on_logits=cfg.dice_on_logits)
+                loss = segmentation_loss(scores_map.float(), target, dice_on_logits=cfg.dice_on_logits)
                 optim.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optim)
                 scaler.update()
                 losses.append(loss.item())
             schedule.step()
-            scores = validate(model, val, size, precision=cfg.precision)
+            t1 = time.perf_counter()
+            validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
+            scores = validate(model, val, size, precision=cfg.precision) if validated else {"dice": "", "iou": ""}
+            t2 = time.perf_counter()
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice": scores["dice"],
-                   "val_iou": scores["iou"], "seconds": round(time.perf_counter() - t0, 3)}
+                   "val_iou": scores["iou"], "seconds": round(t2 - t0, 3), "train_seconds": round(t1 - t0, 3),
+                   "val_seconds": round(t2 - t1, 3), "data_wait_seconds": round(feed.waited, 3)}
             run.history.append(row)
-            if scores["dice"] > run.best["val_dice"]:
+            if validated and scores["dice"] > run.best["val_dice"]:
                 run.best = {"val_dice": scores["dice"], "val_iou": scores["iou"], "epoch": epoch,
                             "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
             run.epoch = epoch
             rundir.save_checkpoint(out, checkpoint_state(run, model, optim, schedule, rng, cfg, store, scaler))
             pause_after(epoch)
-            progress.update(task, advance=1, description=f"loss {row['train_loss']:.4f} · val Dice "
-                            f"{scores['dice']:.4f} (best {run.best['val_dice']:.4f} @ {run.best['epoch']})")
+            val_text = f"{scores['dice']:.4f}" if validated else "—"
+            best_text = f" (best {run.best['val_dice']:.4f} @ {run.best['epoch']})" if "epoch" in run.best else ""
+            progress.update(task, advance=1,
+                            description=f"loss {row['train_loss']:.4f} · val Dice {val_text}{best_text}")
 
     history, best = run.history, run.best
     rundir.save_weights(out, best["state"])
