@@ -5,8 +5,9 @@ input channels), and a 3×3 conv is ``Σ_k shift_k(W_k ·)`` over its nine taps 
 channel mix and ``shift_k`` a zero-padded spatial shift. Bilinear upsampling acts on each channel
 alike, so it commutes with the channel mix: ``W_k · up(x) = up(W_k · x)``. A scale below the output
 size is therefore mixed to 9·out channels at its native resolution (a quarter to a 64th of the work),
-upsampled, summed over scales, and shifted once at full resolution; a scale already at full size
-keeps the literal conv. A text vector that is constant over space (fusion "concat") enters as
+upsampled, summed over scales, and shifted once at full resolution. A scale already at full size is
+mixed the same way when it is channels-last (a text block's output: a conv would copy it to
+channels-first, forward and backward), and keeps the literal conv when it is channels-first. A text vector that is constant over space (fusion "concat") enters as
 nine per-tap constants, which the zero padding cuts at the borders exactly as the literal conv does.
 """
 from __future__ import annotations
@@ -80,12 +81,14 @@ def fused_first_conv(maps: Sequence[Tensor], size: tuple[int, int], weight: Tens
     for m in maps:
         c = m.shape[1]
         w = weight[:, start:start + c]
-        if tuple(m.shape[-2:]) == tuple(size):
+        full = tuple(m.shape[-2:]) == tuple(size)
+        if full and m.is_contiguous():  # channels-first at full size: the literal conv is as fast
             y = F.conv2d(m, w, None, padding=1)
             out = y if out is None else out + y
         else:
             y = _mix(m, taps[:, :, :, start:start + c].reshape(9 * out_ch, c))
-            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            if not full:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             acc = y if acc is None else acc + y
         start += c
     if constant is not None:

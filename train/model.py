@@ -276,7 +276,7 @@ class TextDiffHead(nn.Module):
             (tuple(f.shape[-2:]) for f in feats), key=lambda s: s[0] * s[1])
         if tokens is not None:
             tokens = tokens.to(dtype)
-        maps = [self._scale(i, f.to(dtype), tokens, token_mask) for i, f in enumerate(feats)]
+        maps = [self._scale(i, f.to(dtype), tokens, token_mask, impl == "fast") for i, f in enumerate(feats)]
         text = self.text_proj(_masked_mean(tokens, token_mask)) if self.text_proj is not None else None
         if impl == "fast":
             conv = self.classifier[0]
@@ -288,19 +288,32 @@ class TextDiffHead(nn.Module):
             maps.append(text[:, :, None, None].expand(-1, -1, *size))
         return self.classifier(torch.cat(maps, dim=1))
 
-    def _scale(self, i: int, f: Tensor, tokens: Tensor | None, token_mask: Tensor | None) -> Tensor:
+    def _scale(self, i: int, f: Tensor, tokens: Tensor | None, token_mask: Tensor | None, fast: bool) -> Tensor:
         """Scale i at its native resolution: projection, position code, text block (B, dim, h, w).
 
         After a block the map is a channels-last view (no copy); the literal path makes it contiguous.
+        With ``fast`` and a block, the 1×1 projection is one matmul that yields the block's pixel-major
+        layout directly (no transposing copy before the first LayerNorm).
         """
-        x = self.proj[i](f)
-        b, _, h, w = x.shape
-        if self.pos_enc:
-            x = x + sinusoidal_2d(h, w, self.dim, x.device, x.dtype)
-        if len(self.blocks):
-            block = self.blocks[i if len(self.blocks) > 1 else 0]
-            x = block(x.flatten(2).transpose(1, 2), tokens, token_mask).transpose(1, 2).unflatten(2, (h, w))
-        return x
+        b, _, h, w = f.shape
+        if not (fast and len(self.blocks)):
+            x = self.proj[i](f)
+            if self.pos_enc:
+                x = x + sinusoidal_2d(h, w, self.dim, x.device, x.dtype)
+            if not len(self.blocks):
+                return x
+            x = x.flatten(2).transpose(1, 2)
+        else:
+            proj = self.proj[i]
+            x = f.flatten(2).transpose(1, 2)  # (B, h*w, C), a view
+            if isinstance(proj, nn.Conv2d):
+                x = F.linear(x, proj.weight.flatten(1), proj.bias)
+            else:
+                x = x.contiguous()
+            if self.pos_enc:
+                x = x + sinusoidal_2d(h, w, self.dim, x.device, x.dtype).flatten(1).t()
+        block = self.blocks[i if len(self.blocks) > 1 else 0]
+        return block(x, tokens, token_mask).transpose(1, 2).unflatten(2, (h, w))
 
     def save(self, directory: str | Path) -> Path:
         """Write the head in a run folder's layout (``config.json``'s ``head``, ``head.pt``); returns it."""
