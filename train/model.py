@@ -8,6 +8,10 @@ Shapes for the MoNuSeg config (blocks {6,8,12,16} × 3 steps, 256² output)::
     concat  bilinear → (B,4*768,256,256)
     logits  (B,num_classes,256,256)
 
+``forward`` computes the upsample → concat → first conv step without the full-resolution concat
+(:mod:`train.fastconv`, the same function; ``impl="literal"`` or ``head.impl = "literal"`` for the
+literal computation).
+
 With the defaults this is the paper's "9.68 M" head: exactly 9,683,234 trainable parameters.
 The constructor arguments are the config (``config``); ``save``/``load`` write and read a run folder's
 layout (:mod:`train.rundir`), so ``TextDiffHead.load(run)`` loads a fitted run's head.
