@@ -8,6 +8,10 @@ Shapes for the MoNuSeg config (blocks {6,8,12,16} × 3 steps, 256² output)::
     concat  bilinear → (B,4*768,256,256)
     logits  (B,num_classes,256,256)
 
+``forward`` computes the upsample → concat → first conv step without the full-resolution concat
+(:mod:`train.fastconv`, the same function; ``impl="literal"`` or ``head.impl = "literal"`` for the
+literal computation).
+
 With the defaults this is the paper's "9.68 M" head: exactly 9,683,234 trainable parameters.
 The constructor arguments are the config (``config``); ``save``/``load`` write and read a run folder's
 layout (:mod:`train.rundir`), so ``TextDiffHead.load(run)`` loads a fitted run's head.
@@ -24,10 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from train.config import FUSIONS, NORMS
+from train.fastconv import fused_first_conv
 from train.rundir import read_model_files, write_model_files
 
 __all__ = ["TextDiffHead", "TextCrossBlock", "CrossAttention", "FUSIONS", "NORMS",
-           "count_parameters", "sinusoidal_2d"]
+           "count_parameters", "sinusoidal_2d", "IMPLS"]
+
+IMPLS = ("fast", "literal")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -198,7 +205,12 @@ class TextDiffHead(nn.Module):
         norm: "image" (default): the classifier's BatchNorm layers use each image's statistics in
             training and evaluation (:class:`ImageNorm`; identical to BatchNorm in training at batch 1);
             "batch": BatchNorm with running statistics at evaluation, as the authors' code.
+
+    The attribute ``impl`` ("fast", the default, or "literal") picks how :meth:`forward` computes the
+    first classifier conv; it is not part of the config or the state_dict.
     """
+
+    impl: str = "fast"
 
     def __init__(self, in_channels: Sequence[int], text_dim: int = 768, dim: int = 768, heads: int = 8,
                  head_dim: int = 64, head_channels: Sequence[int] = (128, 32), num_classes: int = 2,
@@ -245,7 +257,7 @@ class TextDiffHead(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, feats: Sequence[Tensor], tokens: Tensor | None = None, token_mask: Tensor | None = None,
-                out_size: int | Sequence[int] | None = None) -> Tensor:
+                out_size: int | Sequence[int] | None = None, impl: str | None = None) -> Tensor:
         """Logits (B, num_classes, H, W).
 
         Args:
@@ -253,7 +265,12 @@ class TextDiffHead(nn.Module):
             tokens: (B, L, text_dim) text token embeddings; unused (may be None) with fusion "none".
             token_mask: (B, L) bool, True = real token; None = all valid.
             out_size: H (square) or (H, W); None = the largest input scale's size.
+            impl: "fast" (:func:`train.fastconv.fused_first_conv`: no full-resolution concat) or
+                "literal" (upsample, concat, conv); None = ``self.impl`` ("fast" unless set). Same function.
         """
+        impl = impl or self.impl
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if len(feats) != len(self.proj):
             raise ValueError(f"expected {len(self.proj)} feature maps, got {len(feats)}")
         if self.fusion != "none" and tokens is None:
@@ -263,23 +280,44 @@ class TextDiffHead(nn.Module):
             (tuple(f.shape[-2:]) for f in feats), key=lambda s: s[0] * s[1])
         if tokens is not None:
             tokens = tokens.to(dtype)
-        maps = []
-        for i, f in enumerate(feats):
-            x = self.proj[i](f.to(dtype))
-            b, _, h, w = x.shape
+        maps = [self._scale(i, f.to(dtype), tokens, token_mask, impl == "fast") for i, f in enumerate(feats)]
+        text = self.text_proj(_masked_mean(tokens, token_mask)) if self.text_proj is not None else None
+        if impl == "fast":
+            conv = self.classifier[0]
+            return self.classifier[1:](fused_first_conv(maps, size, conv.weight, conv.bias, text))
+        # literal: channels-first maps, upsampled and concatenated at full resolution
+        maps = [F.interpolate(x.contiguous(), size=size, mode="bilinear", align_corners=False)
+                if tuple(x.shape[-2:]) != size else x.contiguous() for x in maps]
+        if text is not None:
+            maps.append(text[:, :, None, None].expand(-1, -1, *size))
+        return self.classifier(torch.cat(maps, dim=1))
+
+    def _scale(self, i: int, f: Tensor, tokens: Tensor | None, token_mask: Tensor | None, fast: bool) -> Tensor:
+        """Scale i at its native resolution: projection, position code, text block (B, dim, h, w).
+
+        After a block the map is a channels-last view (no copy); the literal path makes it contiguous.
+        With ``fast`` and a block, the 1×1 projection is one matmul that yields the block's pixel-major
+        layout directly (no transposing copy before the first LayerNorm).
+        """
+        b, _, h, w = f.shape
+        if not (fast and len(self.blocks)):
+            x = self.proj[i](f)
             if self.pos_enc:
                 x = x + sinusoidal_2d(h, w, self.dim, x.device, x.dtype)
-            if len(self.blocks):
-                block = self.blocks[i if len(self.blocks) > 1 else 0]
-                x = block(x.flatten(2).transpose(1, 2), tokens, token_mask).transpose(1, 2).reshape(b, -1, h, w)
-                x = x.contiguous()  # channels-first again: the classifier convs are much faster on it
-            if (h, w) != size:
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            maps.append(x)
-        if self.text_proj is not None:
-            t = self.text_proj(_masked_mean(tokens, token_mask))
-            maps.append(t[:, :, None, None].expand(-1, -1, *size))
-        return self.classifier(torch.cat(maps, dim=1))
+            if not len(self.blocks):
+                return x
+            x = x.flatten(2).transpose(1, 2)
+        else:
+            proj = self.proj[i]
+            x = f.flatten(2).transpose(1, 2)  # (B, h*w, C), a view
+            if isinstance(proj, nn.Conv2d):
+                x = F.linear(x, proj.weight.flatten(1), proj.bias)
+            else:
+                x = x.contiguous()
+            if self.pos_enc:
+                x = x + sinusoidal_2d(h, w, self.dim, x.device, x.dtype).flatten(1).t()
+        block = self.blocks[i if len(self.blocks) > 1 else 0]
+        return block(x, tokens, token_mask).transpose(1, 2).unflatten(2, (h, w))
 
     def save(self, directory: str | Path) -> Path:
         """Write the head in a run folder's layout (``config.json``'s ``head``, ``head.pt``); returns it."""

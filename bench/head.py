@@ -1,0 +1,131 @@
+"""The TextDiff head at the paper's sizes: literal vs fast forward, fp32 vs bf16, against the compute floor.
+
+    python bench/head.py [--quick] [--out runs/bench]
+
+One training step = forward + backward + Adam on one image (batch 1) of random features with the
+paper's shapes, text fusion by cross-attention (12 tokens), output 256 px; eval forward = the same
+forward under ``torch.no_grad``. Configurations: MoNuSeg (blocks 6,8,12,16 of ADM-256: 512@32,
+512@64, 256@128, 256@256 × 3 steps) and QaTa (blocks 4,6,8,12: 1024@16, 512@32, 512@64, 256@128),
+width 768. FLOPs per step come from ``torch.utils.flop_counter``; the floor is FLOPs over the rate of a
+large fp32 matmul timed on the same machine, and ``over_floor`` = step time / floor.
+fast_speedup = literal fp32 step / fast fp32 step (MoNuSeg, medians of the same run). ``data_wait``
+(a streamed fit's wait for data) is measured elsewhere: n/a here.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import base_parser, median_time, report, setup_path
+
+setup_path()
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from train.model import TextDiffHead, count_parameters
+
+CONFIGS = {"MoNuSeg": ([1536, 1536, 768, 768], [32, 64, 128, 256]),
+           "QaTa": ([3072, 1536, 1536, 768], [16, 32, 64, 128])}
+SIZE, TOKENS, TEXT_DIM = 256, 12, 768
+
+
+def matmul_rate(n: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of an n×n fp32 matmul (median of ``repeats``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds, _ = median_time(lambda: a @ b, repeats)
+    return 2 * n**3 / seconds
+
+
+def make(config: str, dim: int) -> tuple[TextDiffHead, list[torch.Tensor], torch.Tensor]:
+    torch.manual_seed(0)
+    channels, sizes = CONFIGS[config]
+    head = TextDiffHead(channels, text_dim=TEXT_DIM, dim=dim)
+    head.init_weights()
+    feats = [torch.randn(1, c, s, s) for c, s in zip(channels, sizes)]
+    return head, feats, torch.randn(1, TOKENS, TEXT_DIM)
+
+
+def step_fn(head: TextDiffHead, feats: list[torch.Tensor], tokens: torch.Tensor, impl: str, bf16: bool,
+            train: bool) -> Callable[[], None]:
+    """One training step (forward, cross-entropy, backward, Adam) or one eval forward."""
+    opt = torch.optim.Adam(head.parameters(), lr=1e-4)
+    target = torch.randint(0, 2, (1, SIZE, SIZE))
+
+    def run() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(train):
+            logits = head(feats, tokens, out_size=SIZE, impl=impl)
+            loss = torch.nn.functional.cross_entropy(logits.float(), target)
+        if train:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return run
+
+
+def flops(head: TextDiffHead, feats: list[torch.Tensor], tokens: torch.Tensor, impl: str) -> int:
+    """FLOPs of one training step's forward and backward."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        head.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(head(feats, tokens, out_size=SIZE, impl=impl),
+                                          torch.zeros(1, SIZE, SIZE, dtype=torch.long)).backward()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    ap = base_parser(__doc__)
+    ap.add_argument("--dim", type=int, default=768, help="head width [768, the paper's]")
+    ap.add_argument("--repeats", type=int, help="timed repeats per measurement [quick: 3 for the fp32 training "
+                                                "step, 1 otherwise; full: 3]")
+    args = ap.parse_args()
+    mode = "quick" if args.quick else "full"
+    configs = ["MoNuSeg"] if args.quick else list(CONFIGS)
+    rate = matmul_rate()
+    rows, flop_rows, res = [], [], {}
+    for config in configs:
+        head, feats, tokens = make(config, args.dim)
+        for impl in ("literal", "fast"):
+            f = flops(head, feats, tokens, impl)
+            flop_rows.append([config, impl, count_parameters(head), f / 1e9, f / rate])
+            res[(config, impl, "flops")] = f
+        for precision in ("fp32", "bf16"):
+            for impl in ("literal", "fast"):
+                row = [config, precision, impl]
+                for train in (True, False):
+                    main_case = precision == "fp32" and train
+                    reps = args.repeats or (3 if main_case or not args.quick else 1)
+                    t0 = time.perf_counter()
+                    med, _ = median_time(step_fn(head, feats, tokens, impl, precision == "bf16", train), reps)
+                    print(f"{config} {precision} {impl} {'train' if train else 'eval'}: median {med:.2f} s "
+                          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+                    res[(config, precision, impl, train)] = med
+                    row.append(med)
+                rows.append(row)
+        for precision in ("fp32", "bf16"):
+            rows.append([config, precision, "literal / fast",
+                         res[(config, precision, "literal", True)] / res[(config, precision, "fast", True)],
+                         res[(config, precision, "literal", False)] / res[(config, precision, "fast", False)]])
+    step = res[("MoNuSeg", "fp32", "fast", True)]
+    speedup = res[("MoNuSeg", "fp32", "literal", True)] / step
+    over = step / (res[("MoNuSeg", "fast", "flops")] / rate)
+    tables = {
+        f"Steps (batch 1, width {args.dim}, output {SIZE} px; median seconds)": (
+            ["config", "precision", "head", "training step s", "eval forward s"], rows),
+        f"FLOPs per training step (forward + backward) and the floor at {rate / 1e9:.1f} GFLOP/s (fp32 matmul)": (
+            ["config", "head", "parameters", "GFLOP", "floor s"], flop_rows),
+    }
+    meta = {"dim": args.dim, "size": SIZE, "tokens": TOKENS, "configs": {c: CONFIGS[c] for c in configs},
+            "matmul_gflops": rate / 1e9, "repeats": args.repeats}
+    report("head", mode, args.out, tables, {"fast_speedup": speedup, "data_wait": "n/a", "step_s": step,
+                                            "over_floor": over,
+                                            "literal_step_s": res[("MoNuSeg", "fp32", "literal", True)],
+                                            "matmul_gflops": rate / 1e9}, meta)
+
+
+if __name__ == "__main__":
+    main()
