@@ -29,6 +29,7 @@ from rich.console import Console
 
 import train.evaluate as evaluate_mod
 import train.fit as fit_mod
+from cache.backends import is_url
 from cache.key import key_hash
 from cache.store import FeatureStore
 from train import rundir
@@ -186,8 +187,7 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
     else:
         for k, message in todo.items():
             console.print(message, highlight=False)
-            run_cell(cells[k].to_json(), str(cache), split, console=console, resume=cells[k].resume,
-                     device=cells[k].device)
+            run_cell(cells[k], str(cache), split, console=console)
             finished()
     finished()
 
@@ -221,8 +221,8 @@ def _row(item: SweepRun, run: Path, out: Path, split: str) -> dict[str, Any]:
             "val_dice": round(float(metrics["best_val_dice"]), 6), "run": run.relative_to(out).as_posix()}
 
 
-def run_cell(fit_json: dict[str, Any], cache: str, split: str, console: Console | None = None,
-             threads: int | None = None, resume: bool = False, device: str | None = None) -> str:
+def run_cell(cfg: FitConfig, cache: str, split: str, console: Console | None = None,
+             threads: int | None = None) -> str:
     """One cell: fit it unless finished, then evaluate it on ``split`` (no overlays); returns its folder.
     A dask task on a cluster worker (``threads``: the torch threads it uses), a plain call here."""
     import torch
@@ -230,7 +230,6 @@ def run_cell(fit_json: dict[str, Any], cache: str, split: str, console: Console 
     if threads:
         torch.set_num_threads(threads)
     console = console or Console(quiet=True)
-    cfg = replace(FitConfig.from_json(fit_json), resume=resume, device=device)  # not in config.json's layout
     if not rundir.fit_finished(Path(cfg.out)):
         fit_mod.fit(cfg, console=console)
     evaluate_mod.evaluate(Path(cfg.out), split=split, cache=cache, overlays=False, console=console,
@@ -246,12 +245,11 @@ def _on_cluster(cells: list[FitConfig], cache: Path, split: str, scheduler: str,
     from extract.cluster import connect
     from extract.shared import stage_progress
 
-    cache_path = str(cache) if "://" in str(cache) else str(Path(cache).resolve())
+    cache_path = str(cache) if is_url(str(cache)) else str(Path(cache).resolve())  # workers have their own cwd
     with connect(scheduler, threads) as (client, worker_threads):
-        jobs = [{**cfg.to_json(), "cache": cache_path, "out": str(Path(cfg.out).resolve())} for cfg in cells]
+        jobs = [replace(cfg, cache=cache_path, out=Path(cfg.out).resolve()) for cfg in cells]
         futures = client.map(run_cell, jobs, [cache_path] * len(jobs), [split] * len(jobs),
-                             threads=worker_threads, resume=bool(cells and cells[0].resume),
-                             device=cells[0].device if cells else None, pure=False)
+                             threads=worker_threads, pure=False)
         progress = stage_progress(console, "sweep", "fits")
         with progress:
             task = progress.add_task(f"{len(jobs)} fits on {len(client.nthreads())} workers", total=len(jobs))
