@@ -14,6 +14,8 @@ DEFAULT_STEPS = (50, 150, 250)
 DEFAULT_SEED = 40  # the authors' seed for the one shared noise tensor (extract.diffusion.shared_noise)
 AUGMENTATIONS = {"none": 1, "d4": 8}
 STORE_DTYPE = "float16"
+#: the help of every stage's ``device`` option (the names extract.devices.resolve_device takes)
+DEVICE_HELP = "auto (CUDA when present; the default), cpu, cuda or cuda:N."
 
 
 @dataclass
@@ -41,7 +43,7 @@ class ExtractConfig:
         help="Where stores live: a folder or an fsspec URL (s3://bucket/cache, zarr only) (default: "
              "$TEXTDIFF_CACHE_DIR or ~/.cache/textdiff).", default_factory=default_cache_dir)
     batch_size: int = option_field(12, "UNet samples (images x views x steps) per forward pass.")
-    device: str | None = option_field(None, "auto (CUDA when present; the default), cpu, cuda or cuda:N.")
+    device: str | None = option_field(None, DEVICE_HELP)
     autocast: bool = option_field(False, "Mixed precision: bf16 on CPU, fp16 on GPU.")
     color_order: str = option_field("rgb", "rgb, or bgr like the authors' OpenCV loader.")
     skip_bad: bool = option_field(
@@ -81,7 +83,7 @@ class PretrainConfig:
     ema: float = option_field(0.9999, "EMA rate of the saved weights (with warm-up).")
     seed: int = option_field(0, "Seed of the weights, batches, noise and timesteps.")
     resume: bool = option_field(False, "Continue the run in --out from its last checkpoint.")
-    device: str | None = option_field(None, "auto (CUDA when present; the default), cpu, cuda or cuda:N.")
+    device: str | None = option_field(None, DEVICE_HELP)
     samples: int = option_field(16, "Images in samples.png.")
     sample_steps: int = option_field(50, "Respaced ancestral sampling steps for samples.png.")
     checkpoint_every: int = option_field(100, "Iterations between checkpoints (state.pt, model.pt).")

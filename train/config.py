@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from extract.config import DEVICE_HELP
 from extract.shared import option_field
 
 __all__ = ["ALIASES", "DemoConfig", "EvaluateConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS", "NORMS", "PlainUNetArgs", "TextDiffArgs",
@@ -90,7 +91,7 @@ class EvaluateConfig:
                                            "a store with another key is refused.")
     overlays: bool = option_field(True, "Also write eval-<split>/overlays/<id>.png (image | ground truth | "
                                         "prediction).")
-    device: str | None = option_field(None, "auto (CUDA when present; the default), cpu, cuda or cuda:N.")
+    device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast for the forward passes.")
 
 
@@ -106,7 +107,7 @@ class PredictConfig:
     original_size: bool = option_field(False, "Resize the mask (nearest) back to the image's size.")
     unet: str | None = option_field(None, "The run's UNet checkpoint, if it moved (its sha256 is checked).")
     text_encoder: str | None = option_field(None, "The run's text encoder, if it moved (its hashes are checked).")
-    device: str | None = option_field(None, "auto (CUDA when present; the default), cpu, cuda or cuda:N.")
+    device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast for the head's forward pass.")
 
 
@@ -136,7 +137,7 @@ class FitConfig:
     memory_budget_gb: float = option_field(4.0, "Hold features in memory up to this size, else stream them.")
     augment: bool = option_field(True, "Sample the cached dihedral views (p = 0.5 the original, else one of 8).")
     val_every: int = option_field(1, "Validate every K epochs (and after the last); the authors: every epoch.")
-    device: str | None = option_field(None, "auto (CUDA when present; the default), cpu, cuda or cuda:N.")
+    device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast (mixed precision) for training and "
                                           "validation; recorded in config.json.")
     resume: bool = option_field(False, "Continue a killed fit from its last epoch's checkpoint (the same settings "
