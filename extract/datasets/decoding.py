@@ -1,4 +1,5 @@
-"""Decoding image and mask files into arrays, resizing them, and the preprocessing that goes into a cache key."""
+"""Decoding image and mask files into arrays (PIL, tifffile, pydicom for DICOM), resizing them, and the
+preprocessing that goes into a cache key."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from extract.datasets.core import DatasetError
+from extract.datasets.core import DICOM_EXTS, DatasetError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset as DicomDataset
 
 T = TypeVar("T")
 
@@ -60,10 +64,18 @@ def _array_to_rgb8(a: np.ndarray, path: Path) -> tuple[np.ndarray, str | None]:
 
 
 def _decode(path: Path, kind: str, convert: Callable[[Image.Image, Path], T],
-            from_array: Callable[[np.ndarray, Path], T]) -> T:
-    """Decode ``path`` fully (PIL, tifffile for TIFFs PIL cannot read); any failure names the file."""
+            from_array: Callable[[np.ndarray, Path], T], dicom: Callable[[Path], T]) -> T:
+    """Decode ``path`` fully (pydicom for DICOM, else PIL, tifffile for TIFFs PIL cannot read); any failure
+    names the file."""
     if not path.is_file():
         raise DatasetError(f"{path}: {kind} file not found")
+    if is_dicom(path):
+        try:
+            return dicom(path)
+        except (DatasetError, MissingExtraError):
+            raise
+        except Exception as e:  # noqa: BLE001 - pydicom's failures (bad header, bad VOI values) name the file
+            raise DatasetError(f"{path}: cannot read {kind} as DICOM ({_one_line(e)})") from e
     try:
         with Image.open(path) as im:
             im.load()
@@ -83,12 +95,12 @@ def _decode(path: Path, kind: str, convert: Callable[[Image.Image, Path], T],
 
 def decode_image(path: Path) -> tuple[np.ndarray, str | None]:
     """A whole image file as (H, W, 3) uint8 RGB and a note of what was converted (None: it was 8-bit RGB)."""
-    return _decode(Path(path), "image", _pil_to_rgb8, _array_to_rgb8)
+    return _decode(Path(path), "image", _pil_to_rgb8, _array_to_rgb8, _dicom_image)
 
 
 def decode_mask(path: Path) -> np.ndarray:
     """A whole mask file as (H, W) uint8 in {0, 1}; anything but a binary mask is a :class:`DatasetError`."""
-    return _decode(Path(path), "mask", _pil_mask, _mask_values)
+    return _decode(Path(path), "mask", _pil_mask, _mask_values, lambda p: _mask_values(_dicom_pixels(p)[1], p))
 
 
 def _mask_values(a: np.ndarray, path: Path) -> np.ndarray:
@@ -114,6 +126,97 @@ def _pil_mask(im: Image.Image, path: Path) -> np.ndarray:
     if im.mode not in ("1", "L", "P", "LA", "PA", "RGB", "RGBA") and not im.mode.startswith("I"):
         raise DatasetError(f"{path}: unsupported mask mode {im.mode}")
     return _mask_values(np.asarray(im), path)
+
+
+class MissingExtraError(RuntimeError):
+    """A file needs an optional dependency that is not installed; the message names the extra to install."""
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM file: named ``.dcm`` / ``.dicom``, or any file with ``DICM`` after its 128-byte preamble."""
+    if Path(path).suffix.lower() in DICOM_EXTS:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _dicom_pixels(path: Path) -> tuple[DicomDataset, np.ndarray]:
+    """A single-frame DICOM file's dataset and stored pixel values (pydicom, imported only now)."""
+    try:
+        import pydicom
+    except ImportError as e:
+        raise MissingExtraError(f"{path}: reading DICOM files needs pydicom: pip install 'textdiff[dicom]'") from e
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise DatasetError(f"{path}: DICOM file without pixel data (truncated, or not an image)")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise DatasetError(f"{path}: multi-frame DICOM ({frames} frames) is not supported; "
+                           "save the frame to use as a file of its own")
+    try:
+        return ds, ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - a missing or failing pixel decoder
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        if syntax is not None and syntax.is_compressed:
+            raise DatasetError(f"{path}: cannot decode DICOM pixel data compressed as {syntax.name} ({syntax}): "
+                               f"{_one_line(e)}") from e
+        raise DatasetError(f"{path}: cannot decode DICOM pixel data ({_one_line(e)})") from e
+
+
+_DICOM_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")  # pydicom returns these as RGB
+
+
+def _dicom_image(path: Path) -> tuple[np.ndarray, str | None]:
+    """(H, W, 3) uint8 from a DICOM image (grey: :func:`_dicom_grey8`, replicated), and what was converted."""
+    ds, raw = _dicom_pixels(path)
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric in _DICOM_COLOUR and raw.ndim == 3 and raw.shape[2] == 3:
+        rgb8, note = _array_to_rgb8(raw, path)
+        notes = [f"DICOM {photometric}, converted to RGB"] if photometric != "RGB" else []
+        return rgb8, "; ".join(notes + ([note] if note else [])) or None
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") or raw.ndim != 2:
+        raise DatasetError(f"{path}: unsupported DICOM image (photometric interpretation "
+                           f"{photometric or 'missing'}, pixel array {raw.shape})")
+    grey, how = _dicom_grey8(ds, raw)
+    inverted = ", inverted" if photometric == "MONOCHROME1" else ""
+    note = f"DICOM {photometric}: {how} to 8 bits{inverted}, grey replicated to RGB"
+    return np.repeat(grey[..., None], 3, axis=2), note
+
+
+def _dicom_grey8(ds: DicomDataset, raw: np.ndarray) -> tuple[np.ndarray, str]:
+    """(H, W) uint8 display values of a MONOCHROME1/2 image, and how its range was chosen.
+
+    The modality LUT (or RescaleSlope / RescaleIntercept), then the VOI LUT (or WindowCenter / WindowWidth)
+    as pydicom applies them; the VOI output range becomes 0..255 (no VOI in the file: the min–max of the
+    modality values); MONOCHROME1 (0 is white) is inverted last."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(raw, ds)
+    lut = ds.get("VOILUTSequence")
+    probe: np.ndarray | None = None
+    if lut and lut[0].get("LUTDescriptor") is not None and lut[0].get("LUTData") is not None:
+        entries, first = lut[0].LUTDescriptor[:2]
+        probe, how = np.arange(first, first + (entries or 65536)), "VOI LUT"  # every output it can give
+        values = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values  # a LUT takes integers
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        probe, how = np.array([-np.inf, np.inf]), "window"  # below the window: its black; above: its white
+    else:
+        how = "min-max (no window in the file)"
+    shown = apply_voi_lut(values, ds) if probe is not None else values
+    ends = apply_voi_lut(probe, ds) if probe is not None else shown
+    lo, hi = float(np.min(ends)), float(np.max(ends))
+    grey = (np.clip(np.rint((shown - lo) * (255 / (hi - lo))), 0, 255).astype(np.uint8) if hi > lo
+            else np.zeros(raw.shape, np.uint8))
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        grey = 255 - grey
+    return grey, how
 
 
 def resize_image(rgb8: np.ndarray, size: int, color_order: str = "rgb") -> np.ndarray:
@@ -157,14 +260,16 @@ def preprocessing(size: int, color_order: str = "rgb") -> dict:
 
 @contextlib.contextmanager
 def quiet_decoders() -> Iterator[None]:
-    """Silence the decoders' own chatter (PIL's warnings, tifffile's log): a broken file is reported once,
-    as one error naming it, not with extra lines from the library that failed to read it."""
-    log = logging.getLogger("tifffile")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
+    """Silence the decoders' own chatter (PIL's warnings, tifffile's and pydicom's logs): a broken file is
+    reported once, as one error naming it, not with extra lines from the library that failed to read it."""
+    logs = [logging.getLogger(name) for name in ("tifffile", "pydicom")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
