@@ -19,7 +19,7 @@ from cli_support import (config_options, config_values, err, friendly, ints, opt
                          state)
 
 from extract.config import ExtractConfig, PretrainConfig
-from train.config import (DemoConfig, EvaluateConfig, FitConfig, PlainUNetArgs, PredictConfig,
+from train.config import (DemoConfig, EvaluateConfig, ExportConfig, FitConfig, PlainUNetArgs, PredictConfig,
                           TextDiffArgs)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -228,6 +228,22 @@ def predict(
                         original_size=original_size, probabilities=probabilities, skip_bad=skip_bad, unet=unet,
                         text_encoder=text_encoder, device=device, precision=precision)
     typer.echo(str(predict_cli(run, cfg, console=err)))  # friendly() names the flags of the keywords it names
+
+
+@app.command()
+@friendly
+def export(
+    run: Path = typer.Argument(..., help="A finished `pipeline fit` (or `baseline`) run folder."),
+    out: Path = option(ExportConfig, "out", "--out"),
+    cache: Optional[str] = option(ExportConfig, "cache"),
+    push: Optional[str] = option(ExportConfig, "push"),
+) -> None:
+    """Write a model folder to share (config.json, model.safetensors, a model card README.md), the Hugging Face
+    Hub's model-repository layout; `pipeline predict MODEL_DIR` uses it without the store. The last line printed
+    is the folder (or the Hub URL with --push)."""
+    from train.export import export_run
+
+    typer.echo(export_run(run, out, cache=cache, push=push, console=err))
 
 
 @app.command()

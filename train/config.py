@@ -21,7 +21,7 @@ from typing import Any
 from extract.config import DEVICE_HELP
 from extract.shared import option_field
 
-__all__ = ["ALIASES", "DemoConfig", "EvaluateConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS", "NORMS", "PlainUNetArgs", "TextDiffArgs",
+__all__ = ["ALIASES", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS", "NORMS", "PlainUNetArgs", "TextDiffArgs",
            "model_name"]
 
 FUSIONS = ("cross-attn", "concat", "none")
@@ -121,6 +121,16 @@ class PredictConfig:
     text_encoder: str | None = option_field(None, "The run's text encoder, if it moved (its hashes are checked).")
     device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast for the head's forward pass.")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``pipeline export`` takes besides the run (:func:`train.export.export_run`)."""
+
+    out: Path = option_field(help="The model folder to write (config.json, model.safetensors, README.md).")
+    cache: str | None = option_field(None, "The run's store, if it moved (default: the one the run recorded).")
+    push: str | None = option_field(None, "Also upload the folder to this Hugging Face Hub model repository "
+                                          "(OWNER/NAME; created if need be; needs a network and a token).")
 
 
 _TUPLES = ("blocks", "steps", "head_channels")  # JSON lists read back as tuples
