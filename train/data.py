@@ -99,6 +99,11 @@ class Sample:
         return Sample([f.pin_memory() for f in self.feats], self.tokens.pin_memory(), self.token_mask.pin_memory(),
                       self.target.pin_memory())
 
+    def part(self, start: int, stop: int) -> Sample:
+        """Its images ``start:stop``."""
+        return Sample([f[start:stop] for f in self.feats], self.tokens[start:stop], self.token_mask[start:stop],
+                      self.target[start:stop])
+
 
 @dataclass
 class ImageSample:
@@ -118,6 +123,10 @@ class ImageSample:
     def pin(self) -> ImageSample:
         """A copy in page-locked memory, so that copies to a GPU need not block."""
         return ImageSample(self.image.pin_memory(), self.target.pin_memory())
+
+    def part(self, start: int, stop: int) -> ImageSample:
+        """Its images ``start:stop``."""
+        return ImageSample(self.image[start:stop], self.target[start:stop])
 
 
 class SplitData(Protocol):

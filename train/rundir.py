@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "CHECKPOINT",
            "PER_IMAGE", "SUMMARY", "PREDICTIONS", "OVERLAYS", "CacheMismatchError", "check_cache_key", "eval_dir",
-           "evaluated", "fit_finished", "has_checkpoint", "load_checkpoint", "mark_complete", "mark_incomplete",
+           "evaluated", "evaluated_splits", "fit_finished", "has_checkpoint", "load_checkpoint", "mark_complete",
+           "mark_incomplete",
            "open_run", "read_json", "read_model_files", "remove_checkpoint", "save_checkpoint", "save_weights",
            "write_csv", "write_json", "write_model_files"]
 
@@ -51,6 +52,7 @@ PER_IMAGE = "per_image.csv"
 SUMMARY = "summary.json"
 PREDICTIONS = "predictions.npz"
 OVERLAYS = "overlays"
+EVAL_PREFIX = "eval-"
 
 
 class CacheMismatchError(ValueError):
@@ -83,7 +85,13 @@ def read_json(path: Path) -> Any:
 
 def eval_dir(run: Path, split: str) -> Path:
     """Where :func:`train.evaluate.evaluate` writes the results of ``run`` on ``split``."""
-    return Path(run) / f"eval-{split}"
+    return Path(run) / f"{EVAL_PREFIX}{split}"
+
+
+def evaluated_splits(run: Path) -> list[str]:
+    """The splits whose evaluation of ``run`` completed (:func:`evaluated`), sorted."""
+    splits = (d.name.removeprefix(EVAL_PREFIX) for d in Path(run).glob(f"{EVAL_PREFIX}*") if d.is_dir())
+    return sorted(split for split in splits if evaluated(run, split))
 
 
 def mark_incomplete(run: Path) -> None:

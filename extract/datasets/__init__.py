@@ -15,7 +15,7 @@ Modules (one job each; this package re-exports their public names):
 ``core``       splits, :class:`Item`, :class:`DatasetError`, the one-line problem report
 ``decoding``   image / mask files → arrays (PIL, tifffile; DICOM with pydicom), resizing, the preprocessing record
 ``dataset``    :class:`Dataset`: items in order, loading, fingerprint
-``tables``     text tables (.csv / .xlsx)
+``tables``     text tables (.csv / .xlsx), and tables of image paths
 ``matching``   text rows ↔ image and mask files
 ``layouts``    the on-disk layouts, registered as ``monuseg``, ``qata``, ``folder``
 ``synthetic``  the generator, registered as ``synthetic``
@@ -29,6 +29,7 @@ from extract.datasets.core import DEFAULT_BLOCKS, DICOM_EXTS, IMAGE_EXTS, SPLITS
 from extract.datasets.decoding import (MissingExtraError, decode_image, decode_mask, is_dicom, preprocessing,
                                        quiet_decoders, read_image, resize_image)
 from extract.datasets.dataset import Dataset
+from extract.datasets.tables import Row, read_column, read_table
 from extract.datasets.registry import open_dataset, register
 from extract.datasets import layouts as _layouts  # noqa: F401  (registers monuseg, qata, folder)
 from extract.datasets.synthetic import (DEFAULT_COUNTS, OBJECT_RGB, REGIONS, SYNTHETIC_VERSION, SyntheticSample,
@@ -38,8 +39,9 @@ from extract.shared import to_unit_range
 
 __all__ = [
     "DEFAULT_BLOCKS", "DEFAULT_COUNTS", "DICOM_EXTS", "IMAGE_EXTS", "OBJECT_RGB", "REGIONS", "SPLITS",
-    "SYNTHETIC_VERSION", "Dataset", "DatasetError", "Item", "MissingExtraError", "SyntheticSample",
+    "SYNTHETIC_VERSION", "Dataset", "DatasetError", "Item", "MissingExtraError", "Row", "SyntheticSample",
     "check_files", "decode_image", "decode_mask", "is_dicom", "open_dataset", "preprocessing", "problems_error",
-    "quiet_decoders", "read_image", "region_map", "region_map_at", "register", "resize_image",
+    "quiet_decoders", "read_column", "read_image", "read_table", "region_map", "region_map_at", "register",
+    "resize_image",
     "synthetic_sample", "to_unit_range",
 ]
