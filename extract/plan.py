@@ -25,7 +25,7 @@ from cache.lock import writer_lock
 from cache.store import FeatureStore, SplitLayout, StoreError, remove_leftovers
 from extract.checkpoints import PRESETS, UNetSource, resolve_unet
 from extract.config import AUGMENTATIONS, STORE_DTYPE, ExtractConfig
-from extract.datasets import Dataset, Item, check_files, open_dataset, preprocessing
+from extract.datasets import Dataset, Item, check_files, check_mask_resize, open_dataset, preprocessing
 from extract.devices import autocast_dtype, resolve_device
 from extract.shared import stage_progress
 from extract.text import TextEncoder, choose_max_length, load_text_encoder
@@ -50,7 +50,7 @@ def _provenance(cfg: ExtractConfig, unet_src: UNetSource) -> dict[str, Any]:
             "unet_flags": str(Path(cfg.unet_flags).resolve()) if cfg.unet_flags else None,
             "text_encoder": cfg.text_encoder,
             "size": cfg.size, "seed": cfg.seed, "max_length": cfg.max_length, "augment": cfg.augment,
-            "color_order": cfg.color_order, "dataset_options": cfg.dataset_options}
+            "color_order": cfg.color_order, "mask_resize": cfg.mask_resize, "dataset_options": cfg.dataset_options}
 
 
 @dataclass
@@ -131,6 +131,7 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
         raise OptionError(f"threads must be >= 1, got {cfg.threads}", "threads")
     if cfg.store_format not in FORMATS:
         raise OptionError(f"store_format must be one of {list(FORMATS)}, got {cfg.store_format!r}", "store_format")
+    check_mask_resize(cfg.mask_resize)
     ds = check_inputs(open_source(cfg), cfg.skip_bad, console)
     if ds.skipped:
         console.print(f"[yellow]skipped {len(ds.skipped)} bad item(s)[/]: "
@@ -160,7 +161,7 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
         console.print(f"[yellow]note[/]: {n_trunc} of {len(all_texts)} texts are longer than "
                       f"{max_length} tokens and are truncated (--max-length)", soft_wrap=True)
 
-    prep = preprocessing(cfg.size, cfg.color_order)
+    prep = preprocessing(cfg.size, cfg.color_order, cfg.mask_resize)
     prep["augment"] = cfg.augment
     key = make_key(dataset=ds.fingerprint(), preprocessing=prep, unet=unet_src.identity(),
                    noise_seed=cfg.seed, text={**encoder.identity(), "max_length": max_length},
