@@ -45,8 +45,7 @@ class _Pending:
         job = self.job
         try:
             if job.base:
-                emb, tmask = tokens[(job.split, job.index)]
-                store.write_base(job.split, job.index, self.imgs, self.masks, emb, tmask)
+                store.write_base(job.split, job.index, self.imgs, self.masks, *tokens[(job.split, job.index)])
             for (s, b), arr in self.feats.items():
                 store.write_features(job.split, job.index, s, b, arr)
         except OSError as e:

@@ -31,6 +31,9 @@ import numpy as np
 from extract.shared import dihedral
 
 VIEWS = 8
+#: the rewrite's version, in the key of a store whose views keep their own text: a change to the word tables or
+#: the word order that changes any rewritten text bumps it (such stores are then made anew)
+TEXT_VIEWS_VERSION = "textviews-1"
 _AXIS = {"U": "V", "D": "V", "L": "H", "R": "H", "C": "C"}  # image top, bottom, left, right; C: centre (middle)
 _FORMS = ("", "most", "s")          # upper / uppermost; top / tops
 
@@ -208,12 +211,37 @@ def rewrite_text(text: str, view: int, dataset: str) -> str:
     image's upper / lower / top / bottom / left / right.
     """
     to = view_directions(view)
+    if view == 0:  # the image itself: its text as written
+        return text
     vocab = VOCABULARIES.get(dataset, VOCABULARIES["folder"])
     original = _parse(text, vocab)
     moved = [s if isinstance(s, str) else
              _Run([replace(w, side=to.get(w.side, w.side)) for w in s.words], s.cases, s.seps) for s in original]
     vocab.run_order(_runs(original), _runs(moved))
     return vocab.text_order(_render(moved, vocab))
+
+
+VIEW_NAMES = ("identity", "rot90 (counter-clockwise)", "rot180", "rot270 (clockwise)", "horizontal flip",
+              "rot90 + flip (anti-diagonal)", "vertical flip", "rot270 + flip (transpose)")
+
+
+def word_changes(view: int, dataset: str) -> str:
+    """How ``view`` changes ``dataset``'s side words, in the base forms (the README's table): "left ↔ right",
+    "upper → left, left → lower, ...", or "—"."""
+    to = view_directions(view)
+    vocab = VOCABULARIES.get(dataset, VOCABULARIES["folder"])
+    word = {side: vocab.word(_Word(side, vocab.vertical if _AXIS[side] == "V" else "left/right", ""))
+            for side in ("U", "D", "L", "R")}
+    parts, done = [], set()
+    for side in sorted(word, key=lambda side: [word["U"], word["D"], "left", "right"].index(word[side])):
+        if side in done or to[side] == side:
+            continue
+        if to[to[side]] == side:
+            parts.append(f"{word[side]} ↔ {word[to[side]]}")
+            done |= {side, to[side]}
+        else:
+            parts.append(f"{word[side]} → {word[to[side]]}")
+    return ", ".join(parts) or "—"
 
 
 def mirror_text(text: str, dataset: str) -> str:

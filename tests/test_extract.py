@@ -112,9 +112,28 @@ def test_interrupted_run_resumes_to_identical_arrays(cfg: ExtractConfig, tmp_pat
     assert_same(arrays(path), reference)
 
 
-def test_d4_views_are_the_dihedral_images(cfg: ExtractConfig) -> None:
+def test_d4_views_are_the_dihedral_images(cfg: ExtractConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    from extract.text import TextEncoder
+    from extract.textviews import rewrite_text
+
+    encoded: list[str] = []
+    real = TextEncoder.encode
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, texts, *a, **k: (encoded.extend(texts),
+                                                                               real(self, texts, *a, **k))[1])
     path = run_extract(replace(cfg, augment="d4", dataset_options={"counts": {"train": 2, "test": 1}}))
     store = FeatureStore.open(path)
+    # each view keeps its own text (the image's, rewritten for the view) and its tokens; the encoder ran once
+    # per distinct text
+    texts, view_texts = store.texts("train"), store.view_texts("train")
+    assert view_texts == [[rewrite_text(t, v, "synthetic") for v in range(8)] for t in texts]
+    assert store.view_texts("test") is None and store.key["preprocessing"]["view_text"] == "textviews-1"
+    assert sorted(encoded) == sorted({*texts, *store.texts("test"), *(t for row in view_texts for t in row)})
+    tokens, view_tokens = store.tokens("train").compute(), store.view_tokens("train").compute()
+    np.testing.assert_array_equal(view_tokens[:, 0], tokens)
+    for i in range(2):
+        for v in range(8):
+            same = view_texts[i][v] == texts[i]
+            assert np.array_equal(view_tokens[i, v], tokens[i]) == same, (i, v, view_texts[i][v])
     imgs = store.images("train").compute()
     assert imgs.shape == (2, 8, 3, 32, 32) and store.images("test").shape[1] == 1
     for v in range(8):
