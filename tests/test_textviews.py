@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from extract.datasets import open_dataset
 from extract.datasets.synthetic import REGIONS, region_map, synthetic_sample
 from extract.shared import dihedral
-from extract.textviews import mirror_text, rewrite_text, view_directions
+from extract.textviews import VIEW_NAMES, mirror_text, rewrite_text, view_directions, word_changes
 
 CORNER = "The nuclei density in the upper right is high."
 ONE_ZONE = "unilateral pulmonary infection, one infected area, upper left lung."
@@ -146,3 +147,16 @@ def test_real_texts(monuseg_root, qata_root):
                 out.count("right"), out
             if " and " in out:
                 assert out.index("left") < out.index("right"), out
+
+
+def test_readme_table_is_the_rewrite():
+    """README's table of the rewrite, view by view, is what the code does."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for view in range(8):
+        row = (f"| {view} | {VIEW_NAMES[view]} | {word_changes(view, 'monuseg')} | {word_changes(view, 'qata')} | "
+               f"{word_changes(view, 'synthetic')} |")
+        assert row in readme, row
+    assert word_changes(4, "qata") == "left ↔ right" and word_changes(0, "monuseg") == "—"
+    assert word_changes(1, "monuseg") == "upper → left, lower → right, left → lower, right → upper"
+    # view 1 of a QaTa caption moves the patient's left lung (the image's right) to the top
+    assert word_changes(1, "qata") == "upper → right, lower → left, left → upper, right → lower"
