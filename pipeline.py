@@ -79,9 +79,11 @@ def _optimiser_options() -> dict[str, tuple[Any, Any]]:
 
 
 def _head_options() -> dict[str, tuple[Any, Any]]:
-    """Options `fit` and `sweep` share: the TextDiff head's width and the features' memory budget."""
+    """Options `fit` and `sweep` share: the TextDiff head's width, the features' memory budget and the text a
+    cached view is trained with."""
     return {"dim": (int, option(TextDiffArgs, "dim")), "head_channels": (str, option(TextDiffArgs, "head_channels")),
-            "memory_budget_gb": (float, option(FitConfig, "memory_budget_gb"))}
+            "memory_budget_gb": (float, option(FitConfig, "memory_budget_gb")),
+            "view_text": (str, option(FitConfig, "view_text"))}
 
 
 def _flat(common: dict[str, Any]) -> dict[str, Any]:

@@ -18,14 +18,16 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cache.errors import OptionError
 from extract.config import DEVICE_HELP
 from extract.shared import option_field
 
-__all__ = ["ALIASES", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS", "NORMS", "PlainUNetArgs", "TextDiffArgs",
-           "model_name"]
+__all__ = ["ALIASES", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS",
+           "NORMS", "PlainUNetArgs", "TextDiffArgs", "VIEW_TEXTS", "model_name"]
 
 FUSIONS = ("cross-attn", "concat", "none")
 NORMS = ("image", "batch")
+VIEW_TEXTS = ("same", "rewrite", "unchanged")  # what text a cached view is trained with (FitConfig.view_text)
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,10 @@ class FitConfig:
     val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
     memory_budget_gb: float = option_field(4.0, "Hold features in memory up to this size, else stream them.")
     augment: bool = option_field(True, "Sample the cached dihedral views (p = 0.5 the original, else one of 8).")
+    view_text: str = option_field(
+        "same", "The text a cached view is trained with: same (the image's, for every view), rewrite (the view's "
+                "own: its positional words rewritten, e.g. left <-> right under a flip), or unchanged (only views "
+                "whose rewritten text is the image's). rewrite / unchanged need a store made with --augment d4.")
     val_every: int = option_field(1, "Validate every K epochs (and after the last); the authors: every epoch.")
     device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast (mixed precision) for training and "
@@ -177,6 +183,8 @@ class FitConfig:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.view_text not in VIEW_TEXTS:
+            raise OptionError(f"view_text must be one of {list(VIEW_TEXTS)}, got {self.view_text!r}", "view_text")
 
     def to_json(self) -> dict[str, Any]:
         """The flat layout of ``config.json``'s ``fit`` entry (not ``resume`` and ``device``: how the fit ran, not

@@ -13,7 +13,8 @@ and record them in ``Dataset.skipped``. Unreadable files raise when loaded.
 Modules (one job each; this package re-exports their public names):
 
 ``core``       splits, :class:`Item`, :class:`DatasetError`, the one-line problem report
-``decoding``   image / mask files → arrays (PIL, tifffile; DICOM with pydicom), resizing, the preprocessing record
+``decoding``   image / mask files → arrays (PIL, tifffile; DICOM with pydicom), resizing (masks: nearest or the
+               authors'), the preprocessing record
 ``dataset``    :class:`Dataset`: items in order, loading, fingerprint
 ``tables``     text tables (.csv / .xlsx), and tables of image paths
 ``matching``   text rows ↔ image and mask files
@@ -26,8 +27,8 @@ Modules (one job each; this package re-exports their public names):
 from __future__ import annotations
 
 from extract.datasets.core import DEFAULT_BLOCKS, DICOM_EXTS, IMAGE_EXTS, SPLITS, DatasetError, Item, problems_error
-from extract.datasets.decoding import (MissingExtraError, decode_image, decode_mask, is_dicom, preprocessing,
-                                       quiet_decoders, read_image, resize_image)
+from extract.datasets.decoding import (MASK_RESIZES, MissingExtraError, check_mask_resize, decode_image, decode_mask,
+                                       is_dicom, preprocessing, quiet_decoders, read_image, resize_image, resize_mask)
 from extract.datasets.dataset import Dataset
 from extract.datasets.tables import Row, read_column, read_table
 from extract.datasets.registry import open_dataset, register
@@ -38,10 +39,10 @@ from extract.datasets.checks import check_files
 from extract.shared import to_unit_range
 
 __all__ = [
-    "DEFAULT_BLOCKS", "DEFAULT_COUNTS", "DICOM_EXTS", "IMAGE_EXTS", "OBJECT_RGB", "REGIONS", "SPLITS",
+    "DEFAULT_BLOCKS", "DEFAULT_COUNTS", "DICOM_EXTS", "IMAGE_EXTS", "MASK_RESIZES", "OBJECT_RGB", "REGIONS", "SPLITS",
     "SYNTHETIC_VERSION", "Dataset", "DatasetError", "Item", "MissingExtraError", "Row", "SyntheticSample",
-    "check_files", "decode_image", "decode_mask", "is_dicom", "open_dataset", "preprocessing", "problems_error",
-    "quiet_decoders", "read_column", "read_image", "read_table", "region_map", "region_map_at", "register",
-    "resize_image",
+    "check_files", "check_mask_resize", "decode_image", "decode_mask", "is_dicom", "open_dataset", "preprocessing",
+    "problems_error", "quiet_decoders", "read_column", "read_image", "read_table", "region_map", "region_map_at",
+    "register", "resize_image", "resize_mask",
     "synthetic_sample", "to_unit_range",
 ]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from PIL import Image
 
+from cache.errors import OptionError
 from extract.datasets.core import DICOM_EXTS, DatasetError
 
 if TYPE_CHECKING:
@@ -237,10 +238,56 @@ def read_image(path: Path, size: int, color_order: str = "rgb") -> tuple[np.ndar
     return resize_image(rgb8, size, color_order), (int(rgb8.shape[0]), int(rgb8.shape[1]))
 
 
-def resize_mask(mask01: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (size, size) from a {0, 1} mask: nearest resize."""
+MASK_RESIZES = ("nearest", "authors")
+
+
+def resize_mask(mask01: np.ndarray, size: int, mode: str = "nearest") -> np.ndarray:
+    """uint8 (size, size) in {0, 1} from a {0, 1} mask. ``nearest``: PIL's nearest neighbour (the annotation's
+    boundary, no new foreground). ``authors``: the authors' ``cv2.resize(mask, (size, size))`` on the 0/255
+    mask, then ``> 0`` — any output pixel that touches foreground is foreground, which dilates every object."""
+    check_mask_resize(mode)
+    if mode == "authors":
+        return (cv2_linear_u8(mask01.astype(np.uint8) * 255, size) > 0).astype(np.uint8)
     im = Image.fromarray(mask01, "L").resize((int(size), int(size)), Image.Resampling.NEAREST)
     return np.asarray(im, dtype=np.uint8).copy()
+
+
+def check_mask_resize(mode: str) -> None:
+    if mode not in MASK_RESIZES:
+        raise OptionError(f"mask_resize must be one of {list(MASK_RESIZES)}, got {mode!r}", "mask_resize")
+
+
+def _linear_taps(src: int, dst: int, clamp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV INTER_LINEAR's two taps per output pixel along one axis: source indices and 11-bit weights.
+
+    Half-pixel centres, ``f = (i + 0.5) * (1 / (dst / src)) - 0.5`` in float32 and no antialiasing when
+    shrinking. Columns (``clamp``) take the edge pixel with weight 2048 outside the image; rows keep their
+    fractional weight on the edge row repeated (cv2 clamps only the row index)."""
+    f = ((np.arange(dst) + 0.5) * (1.0 / (dst / src)) - 0.5).astype(np.float32)
+    i = np.floor(f).astype(np.int64)
+    frac = (f - i.astype(np.float32)).astype(np.float32)
+    if clamp:
+        outside = (i < 0) | (i >= src - 1)
+        frac[outside] = 0
+        i = np.where(i < 0, 0, np.where(i >= src - 1, src - 1, i))
+    w0 = np.rint((np.float32(1) - frac) * np.float32(2048)).astype(np.int64)
+    w1 = np.rint(frac * np.float32(2048)).astype(np.int64)
+    return np.clip(i, 0, src - 1), np.clip(i + 1, 0, src - 1), w0, w1
+
+
+def cv2_linear_u8(a: np.ndarray, size: int) -> np.ndarray:
+    """``cv2.resize(a, (size, size))`` (INTER_LINEAR) of a 2-D uint8 array, bit for bit (int64 out).
+
+    OpenCV's fixed-point path: 11-bit weights; columns first (exact integers), then rows as its SIMD kernel
+    rounds them: ``((r0 >> 4) * w0 >> 16) + ((r1 >> 4) * w1 >> 16) + 2 >> 2``. Equal to OpenCV 4.10 and 5.0 on
+    every pixel of 90 M random-mask trials, MoNuSeg's and QaTa-COV19's masks, shrinking and enlarging (an exact
+    halving, which cv2 hands to INTER_AREA, gives the same values)."""
+    h, w = a.shape
+    x0, x1, a0, a1 = _linear_taps(w, size, clamp=True)
+    y0, y1, b0, b1 = _linear_taps(h, size, clamp=False)
+    v = a.astype(np.int64)
+    rows = v[:, x0] * a0 + v[:, x1] * a1
+    return (((rows[y0] >> 4) * b0[:, None] >> 16) + ((rows[y1] >> 4) * b1[:, None] >> 16) + 2) >> 2
 
 
 def check_prep(size: int, color_order: str) -> None:
@@ -251,10 +298,11 @@ def check_prep(size: int, color_order: str) -> None:
         raise ValueError(f"color_order must be 'rgb' or 'bgr', got {color_order!r}")
 
 
-def preprocessing(size: int, color_order: str = "rgb") -> dict:
+def preprocessing(size: int, color_order: str = "rgb", mask_resize: str = "nearest") -> dict:
     """The preprocessing that determines the loaded arrays (goes into the cache key)."""
     check_prep(size, color_order)
-    return {"size": int(size), "image_resize": "pil-bilinear", "mask_resize": "nearest", "range": [-1.0, 1.0],
+    check_mask_resize(mask_resize)
+    return {"size": int(size), "image_resize": "pil-bilinear", "mask_resize": mask_resize, "range": [-1.0, 1.0],
             "to_rgb": "grey-replicated,alpha-dropped,16bit-rounded", "color_order": color_order}
 
 
