@@ -18,14 +18,17 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cache.errors import OptionError
 from extract.config import DEVICE_HELP
 from extract.shared import option_field
 
 __all__ = ["ALIASES", "DemoConfig", "EvaluateConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS", "NORMS", "PlainUNetArgs", "TextDiffArgs",
-           "model_name"]
+           "TEXT_MODES", "model_name"]
 
 FUSIONS = ("cross-attn", "concat", "none")
 NORMS = ("image", "batch")
+#: the text an evaluation gives the head (:mod:`train.textmodes`)
+TEXT_MODES = ("as-is", "none", "shuffled", "mirrored")
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,13 @@ class EvaluateConfig:
                                         "prediction).")
     device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast for the forward passes.")
+    text: str = option_field("as-is", "The text the head is given: as-is; none (every token withheld); shuffled "
+                                      "(each image gets another image's text, seeded); mirrored (left ↔ right, "
+                                      "upper ↔ lower, re-encoded). Other than as-is: written to "
+                                      "eval-<split>-text-<mode>/.")
+    text_seed: int = option_field(0, "Seed of --text shuffled (which image gets which other image's text).")
+    text_encoder: str | None = option_field(None, "With --text mirrored: the store's text encoder, if it moved "
+                                                  "(its hashes are checked).")
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,8 @@ class PredictConfig:
     image: Path = option_field(help="The image to segment (PNG, JPEG, TIFF, BMP; grey, RGB, 16-bit).")
     out: Path = option_field(help="Mask PNG to write ({0,255}); a folder → <image stem>_mask.png.")
     text: str = option_field("", "The image's description (what the head attends to; not needed by --no-text "
-                                 "runs and the plain U-Net baseline).")
+                                 "runs and the plain U-Net baseline; left empty, a --text-dropout run predicts "
+                                 "without text).")
     cache: str | None = option_field(None, "The run's store, if it moved (default: the one the run recorded).")
     original_size: bool = option_field(False, "Resize the mask (nearest) back to the image's size.")
     unet: str | None = option_field(None, "The run's UNet checkpoint, if it moved (its sha256 is checked).")
@@ -132,6 +143,9 @@ class FitConfig:
     lr_drop_epoch: int | None = option_field(60, "Multiply the learning rate by 0.1 after this epoch (authors: 60; 0 = never).")
     dice_on_logits: bool = option_field(False, "Feed raw logits to the Dice loss, as the authors' code does.")
     attend_padding: bool = option_field(False, "Let the cross-attention attend to padding tokens, as the authors' code does.")
+    text_dropout: float = option_field(0.0, "Withhold the whole text of a training sample with this probability "
+                                            "(seeded per epoch and sample), so that the head also predicts "
+                                            "without text; 0 = never (the paper). In [0, 1).")
     seed: int | None = option_field(None, "Seed of the weights, order and augmentation (default: the subset seed).")
     val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
     memory_budget_gb: float = option_field(4.0, "Hold features in memory up to this size, else stream them.")
@@ -155,6 +169,8 @@ class FitConfig:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise OptionError(f"text_dropout must lie in [0, 1), got {self.text_dropout}", "text_dropout")
 
     def to_json(self) -> dict[str, Any]:
         """The flat layout of ``config.json``'s ``fit`` entry (not ``resume`` and ``device``: how the fit ran, not

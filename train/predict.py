@@ -41,7 +41,8 @@ from train.data import ImageSample, Sample, visible_tokens
 from train.models import load_run, probabilities, spec_of
 
 
-__all__ = ["FeatureInputs", "ImageInputs", "Predictor", "WeightsMismatchError", "mask_path", "predict"]
+__all__ = ["FeatureInputs", "ImageInputs", "Predictor", "WeightsMismatchError", "mask_path", "predict",
+           "store_text_encoder"]
 
 _MISMATCH = "features computed with it would not match the ones the head was trained on"
 
@@ -100,6 +101,13 @@ def _load_checked_encoder(spec: str | None, key: dict[str, Any], where: str, dev
     return encoder
 
 
+def store_text_encoder(store: FeatureStore, text_encoder: str | None = None, device: str = "cpu") -> TextEncoder:
+    """The text encoder that made ``store`` (``text_encoder``, if it moved; else the one its ``extract``
+    attributes name), refused unless its weights and tokenizer are the key's."""
+    made = dict(store.attrs.get("extract") or {})
+    return _load_checked_encoder(text_encoder or made.get("text_encoder"), store.key, f"store {store.path}", device)
+
+
 def _target(size: int) -> torch.Tensor:
     return torch.zeros(1, size, size, dtype=torch.long)  # no ground truth for a new image
 
@@ -107,7 +115,9 @@ def _target(size: int) -> torch.Tensor:
 @dataclass
 class FeatureInputs:
     """A new image as a features-reading model takes it: its features from the store's UNet, its
-    text through the store's encoder (None when the model takes no text), the run's token mask."""
+    text through the store's encoder (None when the model takes no text), the run's token mask.
+    ``text_optional``: the run was fitted with text dropout, so an empty text means no text (every
+    token withheld, as ``evaluate --text none``)."""
 
     extractor: FeatureExtractor
     encoder: TextEncoder | None
@@ -117,6 +127,7 @@ class FeatureInputs:
     token_dim: int
     pad_to: int | None
     attend_padding: bool
+    text_optional: bool = False
 
     @classmethod
     def for_run(cls, config: dict[str, Any], store: FeatureStore, unet: str | None, text_encoder: str | None,
@@ -124,7 +135,7 @@ class FeatureInputs:
         """The run's UNet and text encoder, verified against its store's key."""
         key, made = store.key, dict(store.attrs.get("extract") or {})
         where = f"store {store.path}"
-        encoder = (_load_checked_encoder(text_encoder or made.get("text_encoder"), key, where, str(device))
+        encoder = (store_text_encoder(store, text_encoder, str(device))
                    if spec_of(config).needs_text(config["head"]) else None)
         size = int(key["preprocessing"]["size"])
         src = _resolve_checked_unet(unet or made.get("unet"), key, where)
@@ -137,7 +148,8 @@ class FeatureInputs:
         return cls(extractor=extractor, encoder=encoder, blocks=tuple(int(b) for b in config["blocks"]),
                    steps=tuple(int(s) for s in config["steps"]), max_length=int(key["text"]["max_length"]),
                    token_dim=int(store.attrs["token_dim"]), pad_to=int(pad_to) if pad_to else None,
-                   attend_padding=bool(config.get("fit", {}).get("attend_padding", False)))
+                   attend_padding=bool(config.get("fit", {}).get("attend_padding", False)),
+                   text_optional=float(config.get("fit", {}).get("text_dropout", 0.0)) > 0)
 
     def features(self, image: np.ndarray) -> list[torch.Tensor]:
         """Per block (1, len(steps)·C, h, w) float32 for one uint8 (3, S, S) image, as the store holds them."""
@@ -161,14 +173,16 @@ class FeatureInputs:
         return feats
 
     def tokens(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, L, D) float32 tokens rounded through float16, and the (1, L) bool mask the model attends with."""
-        if self.encoder is None:
+        """(1, L, D) float32 tokens rounded through float16, and the (1, L) bool mask the model attends with
+        (all False, no text, when the model takes none or a ``text_optional`` run is given an empty text)."""
+        if self.encoder is None or (self.text_optional and not text.strip()):
             emb = np.zeros((1, self.max_length, self.token_dim), dtype=np.float16)
             mask = np.zeros((1, self.max_length), dtype=bool)
-        elif not text.strip():
-            raise ValueError("the text is empty, but this run's head attends to the text")
-        else:
-            emb, mask = self.encoder.encode([text], self.max_length)
+            return torch.from_numpy(emb).float(), torch.from_numpy(mask)
+        if not text.strip():
+            raise ValueError("the text is empty, but this run's head attends to the text (a run fitted with "
+                             "text dropout predicts without it)")
+        emb, mask = self.encoder.encode([text], self.max_length)
         return (torch.from_numpy(emb.astype(np.float16)).float(),
                 torch.from_numpy(visible_tokens(np.asarray(mask, dtype=bool), self.attend_padding)))
 

@@ -13,6 +13,7 @@ A run folder (``pipeline fit`` / ``pipeline baseline``) holds::
     checkpoint.pt    while a fit runs: its state after the last finished epoch (``fit --resume``); removed
                      once the fit finishes
     eval-<split>/    per_image.csv, summary.json (written last), predictions.npz, overlays/<id>.png
+    eval-<split>-text-<mode>/   the same, the head given other text (``evaluate --text none|shuffled|mirrored``)
 
 This module is the only one that names these files; everything else asks it for a path. It imports
 no model: :func:`train.models.load_run` rebuilds a run's model from what :func:`open_run` reads.
@@ -81,9 +82,10 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def eval_dir(run: Path, split: str) -> Path:
-    """Where :func:`train.evaluate.evaluate` writes the results of ``run`` on ``split``."""
-    return Path(run) / f"eval-{split}"
+def eval_dir(run: Path, split: str, text: str = "as-is") -> Path:
+    """Where :func:`train.evaluate.evaluate` writes the results of ``run`` on ``split`` with text mode ``text``
+    (:mod:`train.textmodes`): ``eval-<split>`` for the text as it is, else ``eval-<split>-text-<mode>``."""
+    return Path(run) / (f"eval-{split}" if text == "as-is" else f"eval-{split}-text-{text}")
 
 
 def mark_incomplete(run: Path) -> None:
@@ -103,9 +105,10 @@ def fit_finished(run: Path) -> bool:
     return (Path(run) / METRICS).is_file() and not (Path(run) / INCOMPLETE).exists()
 
 
-def evaluated(run: Path, split: str) -> bool:
-    """A finished fit whose evaluation on ``split`` completed (its ``summary.json`` is written last)."""
-    return fit_finished(run) and (eval_dir(run, split) / SUMMARY).is_file()
+def evaluated(run: Path, split: str, text: str = "as-is") -> bool:
+    """A finished fit whose evaluation on ``split`` (with text mode ``text``) completed (its ``summary.json``
+    is written last)."""
+    return fit_finished(run) and (eval_dir(run, split, text) / SUMMARY).is_file()
 
 
 def check_cache_key(run: Path, store: FeatureStore) -> None:
