@@ -19,7 +19,8 @@ from cli_support import (config_options, config_values, err, friendly, ints, opt
                          state)
 
 from extract.config import ExtractConfig, PretrainConfig
-from train.config import DemoConfig, EvaluateConfig, FitConfig, PlainUNetArgs, PredictConfig, TextDiffArgs
+from train.config import (DemoConfig, EvaluateConfig, ExportConfig, FitConfig, PlainUNetArgs, PredictConfig,
+                          TextDiffArgs)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TextDiff: segmentation from a frozen diffusion UNet + free text, via a feature cache.")
@@ -78,9 +79,11 @@ def _optimiser_options() -> dict[str, tuple[Any, Any]]:
 
 
 def _head_options() -> dict[str, tuple[Any, Any]]:
-    """Options `fit` and `sweep` share: the TextDiff head's width and the features' memory budget."""
+    """Options `fit` and `sweep` share: the TextDiff head's width, the features' memory budget and the text a
+    cached view is trained with."""
     return {"dim": (int, option(TextDiffArgs, "dim")), "head_channels": (str, option(TextDiffArgs, "head_channels")),
-            "memory_budget_gb": (float, option(FitConfig, "memory_budget_gb"))}
+            "memory_budget_gb": (float, option(FitConfig, "memory_budget_gb")),
+            "view_text": (str, option(FitConfig, "view_text"))}
 
 
 def _flat(common: dict[str, Any]) -> dict[str, Any]:
@@ -207,28 +210,48 @@ def sweep(
 @app.command()
 @friendly
 def predict(
-    run: Path = typer.Argument(..., help="A `pipeline fit` run folder."),
-    image: Path = option(PredictConfig, "image", "--image"),
+    run: Path = typer.Argument(..., help="A `pipeline fit` run folder, or a model folder from `pipeline export`."),
+    image: Optional[Path] = option(PredictConfig, "image", "--image"),
+    images: Optional[Path] = option(PredictConfig, "images", "--images"),
     text: str = option(PredictConfig, "text", "--text"),
+    texts: Optional[Path] = option(PredictConfig, "texts", "--texts"),
     out: Path = option(PredictConfig, "out", "--out"),
     cache: Optional[str] = option(PredictConfig, "cache"),
     original_size: bool = option(PredictConfig, "original_size", "--original-size"),
+    probabilities: bool = option(PredictConfig, "probabilities", "--probabilities"),
+    skip_bad: bool = option(PredictConfig, "skip_bad", "--skip-bad"),
     unet: Optional[str] = option(PredictConfig, "unet"),
     text_encoder: Optional[str] = option(PredictConfig, "text_encoder"),
     device: Optional[str] = option(PredictConfig, "device"),
     precision: str = option(PredictConfig, "precision"),
 ) -> None:
-    """Segment a new image: stage one for it with the run's own UNet and text encoder, then the head.
+    """Segment new images: stage one for them with the run's own UNet and text encoder, then the head.
 
-    The last line printed is the mask's path.
+    --image FILE: one image; --images DIR|TABLE: many (masks, predictions.csv; a rerun skips what is done).
+    The last line printed is the mask's path, or predictions.csv's.
     """
-    from train.predict import mask_path
-    from train.predict import predict as predict_image
+    from train.predict_batch import predict_cli
 
-    mask = predict_image(run, image, text, out, cache, original_size, unet=unet, text_encoder=text_encoder,
-                         device=device, precision=precision, console=err)  # friendly() names the flags of the keywords it names
-    err.print(f"{mask.mean():.1%} of {mask.shape[1]}x{mask.shape[0]} pixels foreground")
-    typer.echo(str(mask_path(out, image)))
+    cfg = PredictConfig(out=out, image=image, images=images, text=text, texts=texts, cache=cache,
+                        original_size=original_size, probabilities=probabilities, skip_bad=skip_bad, unet=unet,
+                        text_encoder=text_encoder, device=device, precision=precision)
+    typer.echo(str(predict_cli(run, cfg, console=err)))  # friendly() names the flags of the keywords it names
+
+
+@app.command()
+@friendly
+def export(
+    run: Path = typer.Argument(..., help="A finished `pipeline fit` (or `baseline`) run folder."),
+    out: Path = option(ExportConfig, "out", "--out"),
+    cache: Optional[str] = option(ExportConfig, "cache"),
+    push: Optional[str] = option(ExportConfig, "push"),
+) -> None:
+    """Write a model folder to share (config.json, model.safetensors, a model card README.md), the Hugging Face
+    Hub's model-repository layout; `pipeline predict MODEL_DIR` uses it without the store. The last line printed
+    is the folder (or the Hub URL with --push)."""
+    from train.export import export_run
+
+    typer.echo(export_run(run, out, cache=cache, push=push, console=err))
 
 
 @app.command()

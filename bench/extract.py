@@ -5,6 +5,9 @@
 * overhead = ``pipeline extract`` wall time (in process: dataset, text encoder, UNet load, reads,
   resizing, noising, zarr writes; a fresh cache folder each run) over the bare forward passes of the
   same UNet on the same samples, batch and dtype (inputs already in memory). Medians of ``--repeats``.
+  Split in two by timing both on n/2 and n images (batch n/2, so every batch is full): the per-image
+  cost is the slope, (T(n) − T(n/2)) / (n/2), and ``per_image_overhead`` = extraction's slope over the
+  bare forwards'; the fixed cost per run = T(n) − n × slope (dataset, models, store creation, checks).
 * truncated = a forward that stops after the deepest chosen block (QaTa's {4,6,8,12}) vs the full model.
 * bf16 = CPU autocast: speed and the features' relative error against float32.
 * floor = UNet FLOPs (torch.utils.flop_counter) over this machine's measured float32 matmul rate.
@@ -101,12 +104,14 @@ def main() -> None:
     ap = base_parser(__doc__)
     ap.add_argument("--images", type=int, help="training images extracted [quick 8, full 32]")
     ap.add_argument("--size", type=int, help="[quick 128, full 256]")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, help="[half the images]")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     mode = "quick" if args.quick else "full"
     n = args.images or (8 if args.quick else 32)
     size = args.size or (128 if args.quick else 256)
+    half = n // 2
+    batch = args.batch_size or half
     flags = PRETRAIN_PRESETS["gpu-256"]  # ADM-256's layout (18 output blocks) at a quarter of its width
     quiet = Console(stderr=True, quiet=True)
     work = work_dir()
@@ -114,11 +119,11 @@ def main() -> None:
 
     cfg = ExtractConfig(dataset="qata", data_root=args.data_root, unet=str(unet_dir), text_encoder="minilm",
                         size=size, steps=STEPS, blocks=QATA_BLOCKS, splits=("train",), limit=n,
-                        batch_size=args.batch_size, cache_dir=work / "cache", device="cpu")
+                        batch_size=batch, cache_dir=work / "cache", device="cpu")
     runs = itertools.count()
 
-    def extract_once() -> None:
-        run_extract(replace(cfg, cache_dir=work / f"cache{next(runs)}"), console=quiet)
+    def extract_once(images: int) -> None:
+        run_extract(replace(cfg, limit=images, cache_dir=work / f"cache{next(runs)}"), console=quiet)
 
     ds = open_dataset("qata", args.data_root, splits=("train",)).head(n)
     x0 = torch.from_numpy(to_unit_range(np.stack([ds.load_image_uint8(it, size) for it in ds.by_split("train")])))
@@ -126,11 +131,12 @@ def main() -> None:
     ex32 = FeatureExtractor(unet, shared_noise(size), device="cpu")
     ex16 = FeatureExtractor(unet, shared_noise(size), device="cpu", autocast=True)
 
-    # one process, interleaved: extract, bare, full, bf16 — each `repeats` times after a warm-up
-    timings: dict[str, list[float]] = {k: [] for k in ("extract", "bare", "full", "bf16")}
-    jobs = {"extract": extract_once, "bare": lambda: bare_forwards(ex32, x0, QATA_BLOCKS, args.batch_size),
-            "full": lambda: bare_forwards(ex32, x0, QATA_BLOCKS, args.batch_size, full=True),
-            "bf16": lambda: bare_forwards(ex16, x0, QATA_BLOCKS, args.batch_size)}
+    # one process, interleaved: extract, bare (n and n/2 images), full, bf16 — each `repeats` times after a warm-up
+    jobs = {"extract": lambda: extract_once(n), "bare": lambda: bare_forwards(ex32, x0, QATA_BLOCKS, batch),
+            "extract half": lambda: extract_once(half), "bare half": lambda: bare_forwards(ex32, x0[:half], QATA_BLOCKS, batch),
+            "full": lambda: bare_forwards(ex32, x0, QATA_BLOCKS, batch, full=True),
+            "bf16": lambda: bare_forwards(ex16, x0, QATA_BLOCKS, batch)}
+    timings: dict[str, list[float]] = {k: [] for k in jobs}
     for fn in jobs.values():
         fn()
     for _ in range(args.repeats):
@@ -140,8 +146,8 @@ def main() -> None:
             timings[name].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in timings.items()}
 
-    probe = x0[:2].repeat(3, 1, 1, 1)[: args.batch_size]
-    t = torch.tensor(([50, 150, 250] * args.batch_size)[: len(probe)])
+    probe = x0[:2].repeat(3, 1, 1, 1)[:batch]
+    t = torch.tensor(([50, 150, 250] * batch)[: len(probe)])
     bf16_err = rel_error(ex16.samples(probe, t, QATA_BLOCKS), ex32.samples(probe, t, QATA_BLOCKS))
 
     flops_trunc = forward_flops(ex32, size, QATA_BLOCKS)
@@ -149,12 +155,19 @@ def main() -> None:
     rate = matmul_rate()
     floor = flops_trunc * n * len(STEPS) / rate
     overhead = med["extract"] / med["bare"]
+    slope = {k: (med[k] - med[f"{k} half"]) / (n - half) for k in ("extract", "bare")}
+    per_image = slope["extract"] / slope["bare"]
+    fixed = med["extract"] - n * slope["extract"]
 
     tables = {
         "Extraction vs the bare UNet (QaTa train images, blocks 4,6,8,12 × steps 50,150,250)": (
             ["what", "median s", "all runs s", "per image ms", "× bare"],
             [[k, med[k], " / ".join(f"{v:.2f}" for v in timings[k]), 1000 * med[k] / n, med[k] / med["bare"]]
-             for k in ("extract", "bare", "full", "bf16")]),
+             for k in jobs]),
+        f"Fixed and per-image costs (slopes between {half} and {n} images)": (
+            ["what", "fixed s per run", "per image ms", "per image × bare"],
+            [["extract", fixed, 1000 * slope["extract"], per_image],
+             ["bare", med["bare"] - n * slope["bare"], 1000 * slope["bare"], 1.0]]),
         "Compute floor": (
             ["FLOPs / sample (truncated)", "FLOPs / sample (full)", "matmul GFLOP/s", "floor s", "extract / floor",
              "bare / floor"],
@@ -164,14 +177,14 @@ def main() -> None:
             ["speed vs float32", "max relative error of a block's features"],
             [[med["bare"] / med["bf16"], bf16_err]]),
     }
-    result = {"overhead": overhead, "truncated_gain": med["full"] / med["bare"], "bf16_speedup":
+    result = {"overhead": overhead, "per_image_overhead": per_image, "fixed_s": fixed, "truncated_gain": med["full"] / med["bare"], "bf16_speedup":
               med["bare"] / med["bf16"], "bf16_rel_err": bf16_err, "extract_over_floor": med["extract"] / floor}
     if torch.cuda.is_available():
         rows = gpu_paper_config(2 if args.quick else 10)
         tables["GPU: the paper's UNet (ADM-256 flags, random weights), 256 px, blocks 6,8,12,16"] = (
             ["dtype", "samples/s", "images/s (3 steps)"], rows)
         result["gpu_images_per_s"] = rows[-1][2]
-    meta = {"images": n, "size": size, "batch_size": args.batch_size, "flags": flags, "blocks": QATA_BLOCKS,
+    meta = {"images": n, "size": size, "batch_size": batch, "flags": flags, "blocks": QATA_BLOCKS,
             "steps": STEPS, "repeats": args.repeats, "timings": timings}
     report("extract", mode, args.out, tables, result, meta)
 

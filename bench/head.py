@@ -8,26 +8,41 @@ forward under ``torch.no_grad``. Configurations: MoNuSeg (blocks 6,8,12,16 of AD
 512@64, 256@128, 256@256 × 3 steps) and QaTa (blocks 4,6,8,12: 1024@16, 512@32, 512@64, 256@128),
 width 768. FLOPs per step come from ``torch.utils.flop_counter``; the floor is FLOPs over the rate of a
 large fp32 matmul timed on the same machine, and ``over_floor`` = step time / floor.
-fast_speedup = literal fp32 step / fast fp32 step (MoNuSeg, medians of the same run). ``data_wait``
-(a streamed fit's wait for data) is measured elsewhere: n/a here.
+fast_speedup = literal fp32 step / fast fp32 step (MoNuSeg, medians of the same run).
+
+The allocator: the fp32 training steps are first timed with glibc's default malloc (every tensor over
+32 MiB a fresh, page-faulted ``mmap``), then the rest with :func:`extract.devices.keep_freed_memory`,
+which every CPU stage of textdiff turns on (``TEXTDIFF_MALLOC=system`` turns it off); minor page faults
+per step are counted for both. ``data_wait``: a streamed fit (``memory_budget_gb=0``: every batch read
+from the store by the background feed) at the paper's MoNuSeg configuration — a store extracted from
+MoNuSeg images at 256 px by a random-weight ADM-256 (the paper's flags), blocks 6,8,12,16, steps
+50,150,250, width 768 — as the sum of its history's ``data_wait_seconds`` over its epochs' ``seconds``.
 """
 
 from __future__ import annotations
 
+import csv
+import resource
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import base_parser, median_time, report, setup_path
+from bench.common import SHARED_DATA, base_parser, median_time, random_unet_dir, report, setup_path, work_dir
 
 setup_path()
 
 import torch
+from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 
+from extract.checkpoints import PRESETS
+from extract.devices import keep_freed_memory
+from extract.run import ExtractConfig, run_extract
+from train.fit import FitConfig, fit
 from train.model import TextDiffHead, count_parameters
+from train.rundir import HISTORY
 
 CONFIGS = {"MoNuSeg": ([1536, 1536, 768, 768], [32, 64, 128, 256]),
            "QaTa": ([3072, 1536, 1536, 768], [16, 32, 64, 128])}
@@ -77,16 +92,53 @@ def flops(head: TextDiffHead, feats: list[torch.Tensor], tokens: torch.Tensor, i
     return counter.get_total_flops()
 
 
+def faulted_time(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fn`` and its minor page faults per call (one untimed warm-up first)."""
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    seconds, _ = median_time(fn, repeats, warmup=0)
+    return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats
+
+
+def streamed_fit(data_root: Path, train_images: int, epochs: int, dim: int) -> tuple[float, float, float]:
+    """(data_wait fraction, fit seconds, seconds per training step) of a streamed fit at the paper's MoNuSeg shapes."""
+    work, quiet = work_dir(), Console(stderr=True, quiet=True)
+    unet = random_unet_dir(PRESETS["adm-imagenet-256"].flags, work / "unet")
+    store = run_extract(ExtractConfig(dataset="monuseg", data_root=data_root, unet=str(unet), text_encoder="minilm",
+                                      size=SIZE, steps=(50, 150, 250), blocks=(6, 8, 12, 16), splits=("train", "val"),
+                                      limit=train_images, cache_dir=work / "cache", device="cpu"), console=quiet)
+    out = work / "fit"
+    t0 = time.perf_counter()
+    fit(FitConfig.flat(cache=store, out=out, epochs=epochs, dim=dim, memory_budget_gb=0.0), console=quiet)
+    seconds = time.perf_counter() - t0
+    with open(out / HISTORY, newline="") as f:
+        rows = list(csv.DictReader(f))
+    wait = sum(float(r["data_wait_seconds"]) for r in rows) / sum(float(r["seconds"]) for r in rows)
+    step = sum(float(r["train_seconds"]) for r in rows) / (epochs * train_images)
+    return wait, seconds, step
+
+
 def main() -> None:
     ap = base_parser(__doc__)
     ap.add_argument("--dim", type=int, default=768, help="head width [768, the paper's]")
     ap.add_argument("--repeats", type=int, help="timed repeats per measurement [quick: 3 for the fp32 training "
                                                 "step, 1 otherwise; full: 3]")
+    ap.add_argument("--monuseg", type=Path, default=SHARED_DATA / "MoNuSeg", help="MoNuSeg for the streamed fit")
     args = ap.parse_args()
     mode = "quick" if args.quick else "full"
     configs = ["MoNuSeg"] if args.quick else list(CONFIGS)
     rate = matmul_rate()
-    rows, flop_rows, res = [], [], {}
+    rows, flop_rows, malloc_rows, res = [], [], [], {}
+    head, feats, tokens = make("MoNuSeg", args.dim)
+    for allocator in ("glibc default", "keep_freed_memory"):  # the default first: the switch is one-way
+        if allocator != "glibc default" and not keep_freed_memory():
+            break
+        for impl in ("literal", "fast"):
+            med, faults = faulted_time(step_fn(head, feats, tokens, impl, False, True), args.repeats or 3)
+            print(f"MoNuSeg fp32 {impl} train, {allocator}: median {med:.2f} s, {faults:.0f} page faults",
+                  file=sys.stderr, flush=True)
+            malloc_rows.append(["MoNuSeg", impl, allocator, med, faults])
+            res[("malloc", allocator, impl)] = med
     for config in configs:
         head, feats, tokens = make(config, args.dim)
         for impl in ("literal", "fast"):
@@ -113,16 +165,26 @@ def main() -> None:
     step = res[("MoNuSeg", "fp32", "fast", True)]
     speedup = res[("MoNuSeg", "fp32", "literal", True)] / step
     over = step / (res[("MoNuSeg", "fast", "flops")] / rate)
+    default = ("malloc", "glibc default")
+    speedup_default = res[(*default, "literal")] / res[(*default, "fast")]
+    n_stream, e_stream = (1, 2) if args.quick else (5, 3)
+    wait, fit_s, stream_step = streamed_fit(args.monuseg, n_stream, e_stream, args.dim)
+    print(f"streamed fit: {fit_s:.0f} s, data wait {wait:.3f}", file=sys.stderr, flush=True)
     tables = {
         f"Steps (batch 1, width {args.dim}, output {SIZE} px; median seconds)": (
             ["config", "precision", "head", "training step s", "eval forward s"], rows),
         f"FLOPs per training step (forward + backward) and the floor at {rate / 1e9:.1f} GFLOP/s (fp32 matmul)": (
             ["config", "head", "parameters", "GFLOP", "floor s"], flop_rows),
+        "The allocator (fp32 training step, width 768; median seconds, minor page faults per step)": (
+            ["config", "head", "malloc", "training step s", "page faults"], malloc_rows),
+        f"A streamed fit ({n_stream} train + {n_stream} val MoNuSeg images at {SIZE} px, {e_stream} epochs, "
+        f"width {args.dim}, features read from the store by the background feed)": (
+            ["fit s", "training step s", "data wait / wall"], [[fit_s, stream_step, wait]]),
     }
     meta = {"dim": args.dim, "size": SIZE, "tokens": TOKENS, "configs": {c: CONFIGS[c] for c in configs},
             "matmul_gflops": rate / 1e9, "repeats": args.repeats}
-    report("head", mode, args.out, tables, {"fast_speedup": speedup, "data_wait": "n/a", "step_s": step,
-                                            "over_floor": over,
+    report("head", mode, args.out, tables, {"fast_speedup": speedup, "data_wait": wait, "step_s": step,
+                                            "over_floor": over, "fast_speedup_default_malloc": speedup_default,
                                             "literal_step_s": res[("MoNuSeg", "fp32", "literal", True)],
                                             "matmul_gflops": rate / 1e9}, meta)
 

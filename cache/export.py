@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from cache.backends import FORMATS, Location, as_location, basename, dirname, join
-from cache.schema import BASE_ARRAYS, StoreError, feat_rel
+from cache.schema import BASE_ARRAYS, VIEW_TEXT_ARRAYS, StoreError, feat_rel
 from cache.store import FeatureStore, format_of
 
 # root attributes a new store sets itself; everything else (how it was made) is carried over
@@ -48,9 +48,10 @@ def export_store(src_path: Location, store_format: str, dest: Location | None = 
     out.ensure_pairs([(s, b, shapes[s, b][0], shapes[s, b][1:]) for s, b in pairs])
     for split in src.splits():
         have = out.done(split)
+        names = BASE_ARRAYS + (VIEW_TEXT_ARRAYS if src.view_texts(split) is not None else ())
         for i in src.done(split).nonzero()[0]:
             if not have[i]:
-                out.write_base(split, int(i), *(src.read(f"{split}/{name}", int(i)) for name in BASE_ARRAYS))
+                out.write_base(split, int(i), *(src.read(f"{split}/{name}", int(i)) for name in names))
             if progress:
                 progress()
         for step, block in pairs:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cache.schema import BASE_ARRAYS, StoreError, feat_rel
+from cache.schema import BASE_ARRAYS, VIEW_TEXT_ARRAYS, StoreError, feat_rel
 
 if TYPE_CHECKING:
     from cache.store import FeatureStore
@@ -65,6 +65,17 @@ def base_arrays(store: FeatureStore, split: str, names: Sequence[str] = BASE_ARR
     crc, loaded = store.checksums(split), loaded or {}
     return [RowArray(name, f"{split}/{name}", crc[:, BASE_ARRAYS.index(name)], name == "tokens", None,
                      loaded.get(name)) for name in names]
+
+
+def view_text_arrays(store: FeatureStore, split: str, loaded: Mapping[str, np.ndarray] | None = None
+                     ) -> list[RowArray]:
+    """The arrays of each view's text in ``split`` (none where its views have no text of their own); ``loaded``:
+    those already in memory. They are base rows: ``done/base`` covers them."""
+    if store.view_texts(split) is None:
+        return []
+    crc, loaded = store.checksums(split, view_text=True), loaded or {}
+    return [RowArray(name, f"{split}/{name}", crc[:, k], name == "view_tokens", None, loaded.get(name))
+            for k, name in enumerate(VIEW_TEXT_ARRAYS)]
 
 
 def pair_array(store: FeatureStore, split: str, step: int, block: int,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.integrity import RowCheck, base_arrays, check_rows, pair_array
+from cache.integrity import RowCheck, base_arrays, check_rows, pair_array, view_text_arrays
 from cache.lock import writer_lock
 from cache.store import FeatureStore
 
@@ -52,7 +52,8 @@ def verify_store(path: Path | str, progress: Callable[[], None] | None = None) -
     for split in store.splits():
         rows = np.flatnonzero(store.done(split))
         report.rows_checked += len(rows)
-        for check in check_rows(store, split, base_arrays(store, split), rows, progress):
+        base = base_arrays(store, split) + view_text_arrays(store, split)
+        for check in check_rows(store, split, base, rows, progress):
             report.add(check)
         for step, block in store.pairs():
             rows = np.flatnonzero(store.done(split, step, block))

@@ -12,8 +12,15 @@ Layout (per split group ``<split>``; N images, V views, S size, L tokens, D toke
     <split>/crc/base            (N, 4) uint32   CRC-32 of row i's image, mask, tokens, token_mask as written
     <split>/crc/t{step}_b{block}   (N,) uint32     CRC-32 of row i's float16 features (0: not recorded)
 
-Ids, texts and views live in the split group's attributes; the key and store facts in the root
-group's. Every chunk holds one image, so that writers of different images never touch the same file.
+A split whose views keep their own text (``extract --augment d4``; ``SplitLayout.view_texts``) also has,
+written with the base arrays and covered by ``done/base``::
+
+    <split>/view_tokens         (N, V, L, D)    float16  chunk (1, V, L, D)   each view's text's tokens
+    <split>/view_token_mask     (N, V, L)       bool     chunk (1, V, L)
+    <split>/crc/view_text       (N, 2) uint32   CRC-32 of row i's view_tokens, view_token_mask
+
+Ids, texts, views and each view's text live in the split group's attributes; the key and store facts in
+the root group's. Every chunk holds one image, so that writers of different images never touch the same file.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from cache.key import FORMAT_VERSION, key_hash
 
 MARKER = "feature-store"  # the root attribute ``textdiff`` of every store
 BASE_ARRAYS = ("image", "mask", "tokens", "token_mask")  # per row, beside the features; their CRCs in this order
+VIEW_TEXT_ARRAYS = ("view_tokens", "view_token_mask")   # per row of a split with view texts; CRCs in this order
+VIEW_TEXT_CRC = "crc/view_text"
 TOKEN_ROWS_PER_DASK_CHUNK = 256
 
 
@@ -38,11 +47,14 @@ class StoreError(RuntimeError):
 
 @dataclass
 class SplitLayout:
-    """Rows of one split: ids and texts in order, and views per image (1, or 8 for d4-augmented train)."""
+    """Rows of one split: ids and texts in order, and views per image (1, or 8 for d4-augmented train).
+    ``view_texts``: each row's text for each view (``extract.textviews``), or None: every view has the
+    row's text (splits with one view, and stores made before views kept their own text)."""
 
     ids: list[str]
     texts: list[str]
     views: int
+    view_texts: list[list[str]] | None = None
 
 
 def pair_name(step: int, block: int) -> str:
@@ -96,6 +108,17 @@ def base_specs(n: int, v: int, size: int, token_len: int, token_dim: int) -> dic
     }
 
 
+def view_text_specs(n: int, v: int, token_len: int, token_dim: int) -> dict[str, Spec]:
+    """The arrays of a split whose views keep their own text (relative to the split group)."""
+    return {
+        "view_tokens": Spec((n, v, token_len, token_dim), (1, v, token_len, token_dim), "float16", float("nan"),
+                            "shuffle", ("image", "view", "token", "feature")),
+        "view_token_mask": Spec((n, v, token_len), (1, v, token_len), "bool", False, None, ("image", "view", "token")),
+        VIEW_TEXT_CRC: Spec((n, len(VIEW_TEXT_ARRAYS)), (1, len(VIEW_TEXT_ARRAYS)), "uint32", 0, None,
+                            ("image", "array")),
+    }
+
+
 def feat_spec(n: int, v: int, channels: int, hw: tuple[int, int]) -> Spec:
     """A (step, block)'s features: float16, one image × view per chunk."""
     h, w = hw
@@ -131,6 +154,10 @@ def validate_layout(path: Location, splits: dict[str, SplitLayout], sizes: dict[
             raise StoreError(f"{path}: split {name!r} has duplicate ids")
         if lay.views < 1:
             raise StoreError(f"{path}: split {name!r} has views={lay.views}; need at least 1")
+        if lay.view_texts is not None and (len(lay.view_texts) != len(lay.ids)
+                                           or any(len(t) != lay.views for t in lay.view_texts)):
+            raise StoreError(f"{path}: split {name!r} needs {lay.views} view texts for each of its "
+                             f"{len(lay.ids)} rows")
 
 
 def _textdiff_version() -> str:
@@ -148,8 +175,18 @@ def root_attrs(key: dict, size: int, splits: dict[str, SplitLayout], token_len: 
 
 
 def split_attrs(lay: SplitLayout) -> dict:
-    """A split group's attributes: its ids, texts and views."""
-    return {"ids": list(lay.ids), "texts": list(lay.texts), "views": int(lay.views)}
+    """A split group's attributes: its ids, texts and views (and each view's text, where views have their own)."""
+    attrs = {"ids": list(lay.ids), "texts": list(lay.texts), "views": int(lay.views)}
+    if lay.view_texts is not None:
+        attrs["view_texts"] = [list(t) for t in lay.view_texts]
+    return attrs
+
+
+def split_layout(attrs: dict) -> SplitLayout:
+    """A split's layout from its group's attributes (:func:`split_attrs`; older stores have no view texts)."""
+    view_texts = attrs.get("view_texts")
+    return SplitLayout(ids=list(attrs["ids"]), texts=list(attrs["texts"]), views=int(attrs["views"]),
+                       view_texts=None if view_texts is None else [list(t) for t in view_texts])
 
 
 def layout_problems(have_facts: dict, wanted_facts: dict, have: dict[str, SplitLayout],
@@ -166,4 +203,6 @@ def layout_problems(have_facts: dict, wanted_facts: dict, have: dict[str, SplitL
             problems.append(f"split {name!r} texts differ")
         if have[name].views != lay.views:
             problems.append(f"split {name!r} views {have[name].views} != requested {lay.views}")
+        if have[name].view_texts != lay.view_texts:
+            problems.append(f"split {name!r} view texts differ")
     return problems

@@ -26,10 +26,10 @@ from cache.backends import (BACKENDS, Backend, Location, Spec, as_location, back
                             remove_local)
 from cache.integrity import DamagedDataError, checksum
 from cache.key import FORMAT_VERSION, key_hash
-from cache.schema import (BASE_ARRAYS, MARKER, TOKEN_ROWS_PER_DASK_CHUNK, SplitLayout, StoreError, base_specs,
-                          crc_rel, crc_spec, done_rel, done_spec, feat_rel, feat_spec, layout_problems,
-                          numbered, pair_name, root_attrs, split_attrs, split_rels,
-                          validate_layout)
+from cache.schema import (BASE_ARRAYS, MARKER, TOKEN_ROWS_PER_DASK_CHUNK, VIEW_TEXT_ARRAYS, VIEW_TEXT_CRC,
+                          SplitLayout, StoreError, base_specs, crc_rel, crc_spec, done_rel, done_spec, feat_rel,
+                          feat_spec, layout_problems, numbered, pair_name, root_attrs, split_attrs, split_layout,
+                          split_rels, validate_layout, view_text_specs)
 
 __all__ = ["FeatureStore", "StoreError", "format_of", "remove_leftovers"]
 
@@ -130,7 +130,10 @@ class FeatureStore:
         store = BACKENDS[format_of(tmp)].build(tmp, attrs, {name: split_attrs(lay) for name, lay in splits.items()})
         try:
             for name, lay in splits.items():
-                for rel, spec in base_specs(len(lay.ids), lay.views, size, token_len, token_dim).items():
+                specs = base_specs(len(lay.ids), lay.views, size, token_len, token_dim)
+                if lay.view_texts is not None:
+                    specs.update(view_text_specs(len(lay.ids), lay.views, token_len, token_dim))
+                for rel, spec in specs.items():
                     store.create(f"{name}/{rel}", spec)
         finally:
             store.close()
@@ -199,8 +202,7 @@ class FeatureStore:
         if lay is None:
             if split not in self._attrs["splits"]:
                 raise StoreError(f"{self.path}: no split {split!r}; it has {self.splits()}")
-            attrs = self._backend.attrs(split)
-            lay = SplitLayout(ids=list(attrs["ids"]), texts=list(attrs["texts"]), views=int(attrs["views"]))
+            lay = split_layout(self._backend.attrs(split))
             self._layouts[split] = lay
         return lay
 
@@ -209,6 +211,12 @@ class FeatureStore:
 
     def texts(self, split: str) -> list[str]:
         return list(self.layout(split).texts)
+
+    def view_texts(self, split: str) -> list[list[str]] | None:
+        """Each row's text for each of its views (``extract.textviews``); None where the views have none of their
+        own (one view, or a store made before views kept their own text): every view has the row's text."""
+        view_texts = self.layout(split).view_texts
+        return None if view_texts is None else [list(t) for t in view_texts]
 
     def pairs(self) -> list[tuple[int, int]]:
         """(step, block) pairs whose feature and done arrays exist in every split."""
@@ -231,9 +239,13 @@ class FeatureStore:
         """(C, h, w) of one view's features at (step, block)."""
         return tuple(self._array(feat_rel(self.splits()[0], step, block)).shape[2:])
 
-    def checksums(self, split: str, step: int | None = None, block: int | None = None) -> np.ndarray:
-        """CRC-32s recorded at write time: (N, 4) for image, mask, tokens, token_mask (step=None), or (N,)
-        for a pair's features; 0 where none was recorded (rows or stores written before checksums)."""
+    def checksums(self, split: str, step: int | None = None, block: int | None = None, *,
+                  view_text: bool = False) -> np.ndarray:
+        """CRC-32s recorded at write time: (N, 4) for image, mask, tokens, token_mask (step=None), (N, 2) for
+        view_tokens, view_token_mask (``view_text``), or (N,) for a pair's features; 0 where none was recorded
+        (rows or stores written before checksums)."""
+        if view_text:
+            return self.read(f"{split}/{VIEW_TEXT_CRC}")
         rel = crc_rel(split, step, block)
         if self._exists(rel):
             return self.read(rel)
@@ -325,11 +337,14 @@ class FeatureStore:
         return value
 
     def write_base(self, split: str, i: int, image: np.ndarray, mask: np.ndarray,
-                   tokens: np.ndarray, token_mask: np.ndarray) -> None:
-        """Write image (V,3,S,S) uint8, mask (V,S,S) {0,1}, tokens (L,D), token_mask (L,); then the done flag."""
+                   tokens: np.ndarray, token_mask: np.ndarray, view_tokens: np.ndarray | None = None,
+                   view_token_mask: np.ndarray | None = None) -> None:
+        """Write image (V,3,S,S) uint8, mask (V,S,S) {0,1}, tokens (L,D), token_mask (L,) — and, in a split whose
+        views have their own text, each view's view_tokens (V,L,D) and view_token_mask (V,L); then the done flag."""
         self._writable()
         i = self._row(split, i)
         v, s = self.layout(split).views, self.size
+        views = self._view_text_values(split, i, view_tokens, view_token_mask)
         length, dim = self._attrs["token_len"], self._attrs["token_dim"]
         image, mask = np.asarray(image), np.asarray(mask)
         if image.dtype != np.uint8:
@@ -347,8 +362,30 @@ class FeatureStore:
             self._array(f"{split}/{name}")[i] = values[name]
         if self._exists(crc_rel(split)):  # stores made before checksums have none
             self._array(crc_rel(split))[i] = [checksum(values[name]) for name in BASE_ARRAYS]
+        if views:
+            for name in VIEW_TEXT_ARRAYS:
+                self._array(f"{split}/{name}")[i] = views[name]
+            self._array(f"{split}/{VIEW_TEXT_CRC}")[i] = [checksum(views[name]) for name in VIEW_TEXT_ARRAYS]
         self._array(done_rel(split))[i] = True
         self._backend.commit()
+
+    def _view_text_values(self, split: str, i: int, view_tokens: np.ndarray | None,
+                          view_token_mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The view arrays of a row as written (checked), or {} in a split whose views have no text of their own."""
+        given = view_tokens is not None and view_token_mask is not None
+        if self.layout(split).view_texts is None:
+            if view_tokens is not None or view_token_mask is not None:
+                raise StoreError(f"{self.path}: split {split!r} keeps no text per view; got view tokens for row {i}")
+            return {}
+        if not given:
+            raise StoreError(f"{self.path}: split {split!r} keeps each view's text: row {i} needs view_tokens and "
+                             "view_token_mask")
+        v, length, dim = self.layout(split).views, self._attrs["token_len"], self._attrs["token_dim"]
+        values = {"view_tokens": self._float16("view tokens", split, i, view_tokens),
+                  "view_token_mask": np.asarray(view_token_mask, dtype=bool)}
+        self._check_shape("view_tokens", split, values["view_tokens"], (v, length, dim))
+        self._check_shape("view_token_mask", split, values["view_token_mask"], (v, length))
+        return values
 
     def write_features(self, split: str, i: int, step: int, block: int, feats: np.ndarray) -> None:
         """Write one image's features (V,C,h,w), cast to float16; then the done flag."""
@@ -403,6 +440,14 @@ class FeatureStore:
         """(N, L) bool, read into memory."""
         return self._array(f"{split}/token_mask")[...]
 
+    def view_tokens(self, split: str) -> da.Array:
+        """(N, V, L, D) float16: each view's text's tokens (a split with :meth:`view_texts` only)."""
+        return self._dask(f"{split}/view_tokens")
+
+    def view_token_mask(self, split: str) -> np.ndarray:
+        """(N, V, L) bool, read into memory (a split with :meth:`view_texts` only)."""
+        return self._array(f"{split}/view_token_mask")[...]
+
     def masks(self, split: str) -> da.Array:
         """(N, V, S, S) uint8."""
         return self._dask(f"{split}/mask")
@@ -414,8 +459,10 @@ class FeatureStore:
     def info(self) -> dict:
         """JSON-able summary: key, arrays (shape, dtype, chunks) and per-split done counts."""
         pairs = self.pairs()
+        rels = [rel for split in self.splits() for rel in split_rels(split, pairs)
+                + [f"{split}/{name}" for name in VIEW_TEXT_ARRAYS if self.layout(split).view_texts is not None]]
         arrays = {rel: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
-                  for split in self.splits() for rel in split_rels(split, pairs) for a in [self._array(rel)]}
+                  for rel in rels for a in [self._array(rel)]}
         splits = {}
         for split in self.splits():
             base, flags = self.done(split), {p: self.done(split, *p) for p in pairs}

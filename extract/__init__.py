@@ -21,6 +21,7 @@ Module map (layers: ``cache`` ← ``extract`` ← ``train``; ``extract`` never i
 ``features``     :class:`FeatureExtractor`: decoder activations by forward hooks
 ``text``         text encoders (BioClinicalBERT, MiniLM, a local folder)
 ``pretrain``     :func:`pretrain` (``run_pretrain`` here): train the UNet on a dataset's unlabelled images (DDPM)
+``textviews``    :func:`rewrite_text`: a text said of a dihedral view of its image (per-dataset word tables)
 ``shared``       helpers shared by stage one, stage two and the CLI: dihedral views, value scaling, progress
 ``devices``      the device (auto, cpu, cuda, cuda:N) and precision (fp32, bf16, fp16) a stage runs on
 """
@@ -43,6 +44,7 @@ _EXPORTS = {
     "TextEncoder": "extract.text", "TextEncoderError": "extract.text", "load_text_encoder": "extract.text",
     "FeatureExtractor": "extract.features", "shared_noise": "extract.diffusion",
     "resolve_device": "extract.devices", "precision_context": "extract.devices",
+    "rewrite_text": "extract.textviews", "mirror_text": "extract.textviews",
     "dihedral": "extract.shared", "to_unit_range": "extract.shared", "stage_progress": "extract.shared",
 }
 

@@ -26,6 +26,8 @@ def extract_command(store: FeatureStore, blocks: Sequence[int] | None = None,
             parts.append(f"--{name.replace('_', '-')} {value}")
     if args.get("color_order") == "bgr":
         parts.append("--bgr")
+    if args.get("mask_resize", "nearest") != "nearest":
+        parts.append(f"--mask-resize {args['mask_resize']}")
     parts += [f"--steps {','.join(map(str, steps))}", f"--blocks {','.join(map(str, blocks))}",
               f"--cache-dir {dirname(store.path)}"]
     return " ".join(parts)

@@ -46,6 +46,9 @@ class ExtractConfig:
     device: str | None = option_field(None, DEVICE_HELP)
     autocast: bool = option_field(False, "Mixed precision: bf16 on CPU, fp16 on GPU.")
     color_order: str = option_field("rgb", "rgb, or bgr like the authors' OpenCV loader.")
+    mask_resize: str = option_field(
+        "nearest", "nearest (the annotation's boundary), or authors: bilinear then > 0 like the authors' "
+                   "cv2.resize, which dilates every object.")
     skip_bad: bool = option_field(
         False, "Skip items with a missing mask/text/image instead of failing (reported).")
     limit: int | None = option_field(None, "Only the first N images of each split (quick trials).")

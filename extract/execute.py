@@ -22,10 +22,10 @@ from extract.plan import Job, Prepared
 from extract.shared import dihedral, stage_progress, to_unit_range
 
 
-def _load(ds: Dataset, job: Job, size: int, color_order: str, n_views: int) -> tuple[np.ndarray, np.ndarray]:
+def _load(ds: Dataset, job: Job, cfg: ExtractConfig, n_views: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 image views (V, 3, S, S) and mask views (V, S, S) of one image."""
-    img = ds.load_image_uint8(job.item, size, color_order)
-    mask = ds.load_mask(job.item, size)
+    img = ds.load_image_uint8(job.item, cfg.size, cfg.color_order)
+    mask = ds.load_mask(job.item, cfg.size, cfg.mask_resize)
     return (np.stack([dihedral(img, v) for v in range(n_views)]),
             np.stack([dihedral(mask, v) for v in range(n_views)]))
 
@@ -45,8 +45,7 @@ class _Pending:
         job = self.job
         try:
             if job.base:
-                emb, tmask = tokens[(job.split, job.index)]
-                store.write_base(job.split, job.index, self.imgs, self.masks, emb, tmask)
+                store.write_base(job.split, job.index, self.imgs, self.masks, *tokens[(job.split, job.index)])
             for (s, b), arr in self.feats.items():
                 store.write_features(job.split, job.index, s, b, arr)
         except OSError as e:
@@ -76,7 +75,7 @@ def execute(prepared: Prepared, extractor: FeatureExtractor, tokens: dict, cfg: 
     def read_ahead(upto: int) -> None:
         nonlocal submitted
         for j in order[submitted:upto]:
-            loads[j] = loader.submit(_load, ds, jobs[j], cfg.size, cfg.color_order, views[jobs[j].split])
+            loads[j] = loader.submit(_load, ds, jobs[j], cfg, views[jobs[j].split])
         submitted = max(submitted, min(upto, len(order)))
 
     assembling: dict[int, _Pending] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +25,29 @@ from cache.lock import writer_lock
 from cache.store import FeatureStore, SplitLayout, StoreError, remove_leftovers
 from extract.checkpoints import PRESETS, UNetSource, resolve_unet
 from extract.config import AUGMENTATIONS, STORE_DTYPE, ExtractConfig
-from extract.datasets import Dataset, Item, check_files, open_dataset, preprocessing
+from extract.datasets import Dataset, Item, check_files, check_mask_resize, open_dataset, preprocessing
 from extract.devices import autocast_dtype, resolve_device
 from extract.shared import stage_progress
 from extract.text import TextEncoder, choose_max_length, load_text_encoder
+from extract.textviews import TEXT_VIEWS_VERSION, rewrite_text
 from extract.unet import create_unet
 
 
 @dataclass
 class Job:
-    """One image: what it still needs."""
+    """One image: what it still needs; ``view_texts``: its text for each view, where views have their own."""
 
     split: str
     index: int
     item: Item
     base: bool
     pairs: list[tuple[int, int]]
+    view_texts: list[str] | None = None
+
+
+#: tokens of one image: (L, D) embeddings and (L,) mask of its text, and (V, L, D) / (V, L) of each view's text
+#: (None where the views have no text of their own)
+Tokens = tuple[np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
 
 
 def _provenance(cfg: ExtractConfig, unet_src: UNetSource) -> dict[str, Any]:
@@ -50,7 +57,7 @@ def _provenance(cfg: ExtractConfig, unet_src: UNetSource) -> dict[str, Any]:
             "unet_flags": str(Path(cfg.unet_flags).resolve()) if cfg.unet_flags else None,
             "text_encoder": cfg.text_encoder,
             "size": cfg.size, "seed": cfg.seed, "max_length": cfg.max_length, "augment": cfg.augment,
-            "color_order": cfg.color_order, "dataset_options": cfg.dataset_options}
+            "color_order": cfg.color_order, "mask_resize": cfg.mask_resize, "dataset_options": cfg.dataset_options}
 
 
 @dataclass
@@ -105,18 +112,33 @@ def replan(store: FeatureStore, jobs: Sequence[Job]) -> list[Job]:
                 missing.append(p)
         needs_base = job.base and not base[job.split][job.index]
         if missing or needs_base:
-            out.append(Job(job.split, job.index, job.item, needs_base, missing))
+            out.append(replace(job, base=needs_base, pairs=missing))
     return out
 
 
-def encode_tokens(encoder: TextEncoder, jobs: Sequence[Job], max_length: int
-                  ) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
-    """Token embeddings and masks of the jobs that still need their base arrays, by (split, row)."""
+def encode_tokens(encoder: TextEncoder, jobs: Sequence[Job], max_length: int) -> dict[tuple[str, int], Tokens]:
+    """Token embeddings and masks of the jobs that still need their base arrays, by (split, row): of each
+    image's text and of each view's text. The encoder runs once per distinct text."""
     base_jobs = [j for j in jobs if j.base]
     if not base_jobs:
         return {}
-    emb, mask = encoder.encode([j.item.text for j in base_jobs], max_length)
-    return {(j.split, j.index): (emb[n], mask[n]) for n, j in enumerate(base_jobs)}
+    texts = list(dict.fromkeys(t for j in base_jobs for t in (j.item.text, *(j.view_texts or ()))))
+    emb, mask = encoder.encode(texts, max_length)
+    row = {t: n for n, t in enumerate(texts)}
+    out: dict[tuple[str, int], Tokens] = {}
+    for j in base_jobs:
+        views = None if j.view_texts is None else [row[t] for t in j.view_texts]
+        out[(j.split, j.index)] = (emb[row[j.item.text]], mask[row[j.item.text]],
+                                   None if views is None else emb[views], None if views is None else mask[views])
+    return out
+
+
+def view_texts(ds: Dataset, split: str, views: int) -> list[list[str]] | None:
+    """Each image's text for each of its ``views`` (:func:`extract.textviews.rewrite_text` in the dataset's
+    words); None for a split with one view."""
+    if views == 1:
+        return None
+    return [[rewrite_text(it.text, v, ds.name) for v in range(views)] for it in ds.by_split(split)]
 
 
 
@@ -131,6 +153,7 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
         raise OptionError(f"threads must be >= 1, got {cfg.threads}", "threads")
     if cfg.store_format not in FORMATS:
         raise OptionError(f"store_format must be one of {list(FORMATS)}, got {cfg.store_format!r}", "store_format")
+    check_mask_resize(cfg.mask_resize)
     ds = check_inputs(open_source(cfg), cfg.skip_bad, console)
     if ds.skipped:
         console.print(f"[yellow]skipped {len(ds.skipped)} bad item(s)[/]: "
@@ -153,26 +176,30 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
     if bad:
         raise OptionError(f"blocks {bad} out of range: this UNet has output_blocks 0..{len(shapes) - 1}", "blocks")
 
+    items = {s: ds.by_split(s) for s in ds.splits()}
+    views = {s: AUGMENTATIONS[cfg.augment] if s == "train" else 1 for s in ds.splits()}
+    layouts = {s: SplitLayout(ids=[it.id for it in items[s]], texts=[it.text for it in items[s]], views=views[s],
+                              view_texts=view_texts(ds, s, views[s])) for s in ds.splits()}
     encoder = load_text_encoder(cfg.text_encoder, device=str(device))
-    all_texts = [it.text for it in ds.items]
+    all_texts = [it.text for it in ds.items] + [t for lay in layouts.values() for row in lay.view_texts or ()
+                                                for t in row[1:]]
     max_length, n_trunc = choose_max_length(encoder, all_texts, cfg.max_length)
     if n_trunc:
         console.print(f"[yellow]note[/]: {n_trunc} of {len(all_texts)} texts are longer than "
                       f"{max_length} tokens and are truncated (--max-length)", soft_wrap=True)
 
-    prep = preprocessing(cfg.size, cfg.color_order)
+    prep = preprocessing(cfg.size, cfg.color_order, cfg.mask_resize)
     prep["augment"] = cfg.augment
+    if AUGMENTATIONS[cfg.augment] > 1:  # each view keeps its own text, rewritten as this version says
+        prep["view_text"] = TEXT_VIEWS_VERSION
     key = make_key(dataset=ds.fingerprint(), preprocessing=prep, unet=unet_src.identity(),
                    noise_seed=cfg.seed, text={**encoder.identity(), "max_length": max_length},
                    dtype=STORE_DTYPE,
                    compute_dtype=str(autocast_dtype(device)).removeprefix("torch.") if cfg.autocast else "float32")
-    items = {s: ds.by_split(s) for s in ds.splits()}
-    views = {s: AUGMENTATIONS[cfg.augment] if s == "train" else 1 for s in ds.splits()}
-    layouts = {s: SplitLayout(ids=[it.id for it in items[s]], texts=[it.text for it in items[s]], views=views[s])
-               for s in ds.splits()}
     path = store_path(as_location(cfg.cache_dir), ds.name, key, cfg.store_format)
     pairs = [(s, b) for s in steps for b in blocks]
-    all_jobs = [Job(split, i, item, True, list(pairs)) for split in splits for i, item in enumerate(items[split])]
+    all_jobs = [Job(split, i, item, True, list(pairs), None if layouts[split].view_texts is None
+                    else layouts[split].view_texts[i]) for split in splits for i, item in enumerate(items[split])]
     nothing = (f"nothing to do: {sum(len(items[s]) for s in splits)} images × {len(pairs)} (step, block) pairs "
                f"already in the store")
     complete = _complete_store(path, key, pairs, all_jobs)

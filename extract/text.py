@@ -27,7 +27,7 @@ import torch
 
 from cache.key import sha256_files
 
-__all__ = ["TextEncoderError", "TextEncoder", "load_text_encoder", "choose_max_length", "ALIASES"]
+__all__ = ["TextEncoderError", "TextEncoder", "load_text_encoder", "choose_max_length", "hub_offline", "ALIASES"]
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 ALIASES: dict[str, str] = {"minilm": MINILM_NAME, "bioclinicalbert": "emilyalsentzer/Bio_ClinicalBERT"}
@@ -192,7 +192,7 @@ def _hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     """True if HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set now (not only at import time)."""
     from huggingface_hub import constants
 
@@ -209,7 +209,7 @@ def _hub_snapshot(spec: str, repo_id: str) -> Path:
         local = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
         if weight_files(local):
             return local
-    if _offline():
+    if hub_offline():
         why = f"not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set"
     else:
         try:

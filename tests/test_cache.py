@@ -321,6 +321,52 @@ def test_write_validation(store):
     assert not store.done("train").any() and not store.done("train", 50, 6).any()
 
 
+def _view_layout() -> dict[str, SplitLayout]:
+    """train: 2 views, each with its own text; test: 1 view."""
+    return {"train": SplitLayout(ids=["a", "b"], texts=["upper a", "b"], views=2,
+                                 view_texts=[["upper a", "lower a"], ["b", "b"]]),
+            "test": SplitLayout(ids=["x"], texts=["x"], views=1)}
+
+
+def test_view_texts_round_trip_verify_and_export(tmp_path, fmt):
+    from cache import export_store, verify_store
+
+    store = _new(tmp_path / f"v.{fmt}", layout=_view_layout())
+    rng = np.random.default_rng(7)
+    views = {"view_tokens": rng.normal(size=(2, L, D)).astype(np.float32),
+             "view_token_mask": np.array([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=bool)}
+    with pytest.raises(StoreError, match="needs view_tokens and view_token_mask"):
+        store.write_base("train", 0, **_base_row(rng, 2))
+    with pytest.raises(StoreError, match="keeps no text per view"):
+        store.write_base("test", 0, **_base_row(rng, 1), **views)
+    with pytest.raises(StoreError, match=r"view_tokens for split 'train' has shape \(1, 5, 4\)"):
+        store.write_base("train", 0, **_base_row(rng, 2), **dict(views, view_tokens=views["view_tokens"][:1]))
+    for i in range(2):
+        store.write_base("train", i, **_base_row(rng, 2), **views)
+    store.write_base("test", 0, **_base_row(rng, 1))
+    store.close()
+
+    reader = FeatureStore.open(tmp_path / f"v.{fmt}")
+    assert reader.view_texts("train") == [["upper a", "lower a"], ["b", "b"]] and reader.view_texts("test") is None
+    assert np.array_equal(reader.view_tokens("train")[1].compute(), views["view_tokens"].astype(np.float16))
+    assert np.array_equal(reader.view_token_mask("train")[0], views["view_token_mask"])
+    assert reader.info()["arrays"]["train/view_tokens"]["shape"] == [2, 2, L, D]
+    assert "test/view_tokens" not in reader.info()["arrays"]
+    report = verify_store(reader.path)
+    assert report.ok and report.arrays_checked == 2 * 6 + 4 and report.unrecorded == 0
+    other = "zarr" if fmt == "h5" else "h5"
+    copy = FeatureStore.open(export_store(reader.path, other))
+    assert copy.view_texts("train") == reader.view_texts("train") and copy.done("train").all()
+    assert np.array_equal(copy.view_tokens("train").compute(), reader.view_tokens("train").compute())
+    copy.close()
+    reader.close()
+    with pytest.raises(StoreError, match="view texts differ"):
+        _new(tmp_path / f"v.{fmt}", layout={**_view_layout(), "train": SplitLayout(
+            ids=["a", "b"], texts=["upper a", "b"], views=2, view_texts=[["upper a", "a"], ["b", "b"]])})
+    with pytest.raises(StoreError, match="needs 2 view texts for each of its 2 rows"):
+        _new(tmp_path / "w.zarr", layout={"train": SplitLayout(["a", "b"], ["a", "b"], 2, [["a"], ["b", "b"]])})
+
+
 def test_info_counts(store):
     rng = np.random.default_rng(3)
     store.ensure_pair(50, 6, 8, (4, 4))

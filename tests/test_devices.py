@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -56,3 +62,27 @@ def test_the_cli_says_it_in_one_line(tmp_path) -> None:
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and lines[-1].startswith("error: --device 'cuda': no CUDA device"), result.output
     assert "Traceback" not in result.output
+
+
+_FAULTS = """
+import resource, sys, torch
+from extract.devices import resolve_device
+resolve_device("cpu")
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20 // 4).sum()  # a 64 MiB tensor, touched and freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(faults())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+@pytest.mark.parametrize("malloc", ["", "system"])
+def test_cpu_work_reuses_freed_memory_unless_told_not_to(malloc: str) -> None:
+    """A second 64 MiB tensor reuses the first one's pages (no page faults) once a CPU device is chosen;
+    with TEXTDIFF_MALLOC=system every one is a fresh mmap: 16384 pages faulted in."""
+    env = {**os.environ, "TEXTDIFF_MALLOC": malloc, "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
+    faults = int(out.stdout.split()[-1])
+    assert (faults < 1000) if malloc == "" else (faults > 8000), faults

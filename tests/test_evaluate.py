@@ -125,8 +125,9 @@ def test_features_are_read_as_the_head_was_trained(store_path, tmp_path, monkeyp
     seen = []
 
     class Spy(SplitFeatures):
-        def __init__(self, store, split, blocks, steps, indices=None, memory_budget=0.0, attend_padding=False):
-            super().__init__(store, split, blocks, steps, indices, memory_budget, attend_padding)
+        def __init__(self, store, split, blocks, steps, indices=None, memory_budget=0.0, attend_padding=False,
+                     view_tokens=False):
+            super().__init__(store, split, blocks, steps, indices, memory_budget, attend_padding, view_tokens)
             seen.append(attend_padding)
 
     monkeypatch.setitem(train.data.READERS, "features", Spy)  # evaluate builds its data through train.data.READERS

@@ -17,8 +17,11 @@ import torch
 from typer.testing import CliRunner
 
 import pipeline
+from PIL import Image
+
 from cache.store import FeatureStore
 from extract.checkpoints import UNetSource
+from extract.command import extract_command
 from extract.datasets import open_dataset
 from extract.diffusion import shared_noise
 from extract.features import FeatureExtractor
@@ -109,9 +112,28 @@ def test_interrupted_run_resumes_to_identical_arrays(cfg: ExtractConfig, tmp_pat
     assert_same(arrays(path), reference)
 
 
-def test_d4_views_are_the_dihedral_images(cfg: ExtractConfig) -> None:
+def test_d4_views_are_the_dihedral_images(cfg: ExtractConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    from extract.text import TextEncoder
+    from extract.textviews import rewrite_text
+
+    encoded: list[str] = []
+    real = TextEncoder.encode
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, texts, *a, **k: (encoded.extend(texts),
+                                                                               real(self, texts, *a, **k))[1])
     path = run_extract(replace(cfg, augment="d4", dataset_options={"counts": {"train": 2, "test": 1}}))
     store = FeatureStore.open(path)
+    # each view keeps its own text (the image's, rewritten for the view) and its tokens; the encoder ran once
+    # per distinct text
+    texts, view_texts = store.texts("train"), store.view_texts("train")
+    assert view_texts == [[rewrite_text(t, v, "synthetic") for v in range(8)] for t in texts]
+    assert store.view_texts("test") is None and store.key["preprocessing"]["view_text"] == "textviews-1"
+    assert sorted(encoded) == sorted({*texts, *store.texts("test"), *(t for row in view_texts for t in row)})
+    tokens, view_tokens = store.tokens("train").compute(), store.view_tokens("train").compute()
+    np.testing.assert_array_equal(view_tokens[:, 0], tokens)
+    for i in range(2):
+        for v in range(8):
+            same = view_texts[i][v] == texts[i]
+            assert np.array_equal(view_tokens[i, v], tokens[i]) == same, (i, v, view_texts[i][v])
     imgs = store.images("train").compute()
     assert imgs.shape == (2, 8, 3, 32, 32) and store.images("test").shape[1] == 1
     for v in range(8):
@@ -119,6 +141,45 @@ def test_d4_views_are_the_dihedral_images(cfg: ExtractConfig) -> None:
     assert len({imgs[1, v].tobytes() for v in range(8)}) == 8
     f = store.features("train", 50, 4).compute()
     assert f.shape[:2] == (2, 8) and not np.allclose(f[0, 0], f[0, 1])
+
+
+def _hand_made_folder(root: Path) -> np.ndarray:
+    """A folder dataset of one train and one test image (64 px), both with the same hand-made 64 px mask:
+    single pixels at even and odd positions and a 6 × 5 rectangle; returns the mask."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    mask = np.zeros((64, 64), np.uint8)
+    mask[[2, 10, 11, 40], [4, 20, 51, 40]] = 1
+    mask[21:27, 33:38] = 1
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
+        Image.fromarray(mask * 255).save(root / "masks" / f"{name}.png")
+    (root / "texts.csv").write_text("image,text,split\na,a mask,train\nb,the same mask,test\n")
+    return mask
+
+
+def test_mask_resize_authors_dilates_and_keys_another_store(cfg: ExtractConfig, tmp_path: Path) -> None:
+    """At 64 → 32 px cv2's bilinear averages 2 × 2 blocks, so the authors' mask (then > 0) is each block's maximum;
+    PIL's nearest keeps every block's lower-right pixel (odd rows and columns)."""
+    mask = _hand_made_folder(tmp_path / "data")
+    base = replace(cfg, dataset="folder", data_root=tmp_path / "data", dataset_options={})
+    near = FeatureStore.open(run_extract(base))
+    authors = FeatureStore.open(run_extract(replace(base, mask_resize="authors")))
+    blocks = mask.reshape(32, 2, 32, 2).max(axis=(1, 3))
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(near.masks(split)[0, 0].compute(), mask[1::2, 1::2])
+        np.testing.assert_array_equal(authors.masks(split)[0, 0].compute(), blocks)
+    # 4 pixels in 4 blocks, the rectangle (rows 21-26, columns 33-37) in 4 × 3; nearest: 1 pixel, 3 × 3
+    assert blocks.sum() == 4 + 4 * 3 and mask[1::2, 1::2].sum() == 1 + 3 * 3
+    assert near.key["preprocessing"]["mask_resize"] == "nearest"
+    assert authors.key["preprocessing"] == {**near.key["preprocessing"], "mask_resize": "authors"}
+    assert authors.key_hash != near.key_hash and authors.path != near.path
+    np.testing.assert_array_equal(authors.images("test").compute(), near.images("test").compute())
+    assert extract_command(authors).count("--mask-resize authors") == 1
+    assert "--mask-resize" not in extract_command(near)
+    with pytest.raises(ValueError, match=r"^mask_resize must be one of \['nearest', 'authors'\], got 'area'"):
+        run_extract(replace(base, mask_resize="area"))
 
 
 def test_bad_arguments_are_refused_clearly(cfg: ExtractConfig) -> None:

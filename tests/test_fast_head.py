@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.fastconv import fused_first_conv, shift_sum
+from train.fastconv import fused_first_conv, interpolation_matrix, upsample_shift_sum
 from train.fit import FitConfig, fit
 from train.model import TextDiffHead
 
@@ -92,14 +92,23 @@ def test_fast_equals_literal_at_the_papers_monuseg_width() -> None:  # ~5 min on
     compare(channels, sizes, dim=768)
 
 
-def test_shift_sum_is_a_padded_one_hot_conv() -> None:
-    taps = torch.randn(2, 9, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("h,w,size", [(5, 4, (5, 4)), (3, 4, (8, 12)), (4, 3, (7, 13)), (1, 1, (6, 5))])
+def test_upsample_shift_sum_is_upsampling_then_a_padded_one_hot_conv(h: int, w: int, size: tuple[int, int]) -> None:
+    taps = torch.randn(2, h, w, 3, 3, 3, dtype=torch.float64, requires_grad=True)  # (B, h, w, kx, ky, O)
     onehot = torch.zeros(3, 9, 3, 3, dtype=torch.float64)
     for k in range(9):
-        onehot[:, k, k // 3, k % 3] = 1
-    ref = F.conv2d(taps.transpose(1, 2).reshape(2, 27, 5, 4), onehot, groups=3, padding=1)
-    torch.testing.assert_close(shift_sum(taps), ref)
-    assert torch.autograd.gradcheck(shift_sum, (taps,))
+        onehot[:, k, k // 3, k % 3] = 1  # tap k = ky·3 + kx reads offset (ky-1, kx-1)
+    maps = taps.permute(0, 5, 4, 3, 1, 2).reshape(2, 27, h, w)  # channels (O, ky, kx)
+    ref = F.conv2d(F.interpolate(maps, size=size, mode="bilinear", align_corners=False), onehot, groups=3, padding=1)
+    torch.testing.assert_close(upsample_shift_sum(taps, size), ref)
+    assert torch.autograd.gradcheck(lambda t: upsample_shift_sum(t, size), (taps,))
+
+
+def test_interpolation_matrix_is_torchs_bilinear_with_a_shift() -> None:
+    m = interpolation_matrix(2, 4, dtype=torch.float64)
+    assert m.tolist() == [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]]  # half-pixel centres, clamped ends
+    assert interpolation_matrix(2, 4, 1, dtype=torch.float64).tolist() == [[0.75, 0.25], [0.25, 0.75], [0, 1], [0, 0]]
+    assert interpolation_matrix(2, 4, -1, dtype=torch.float64).tolist() == [[0, 0], [1, 0], [0.75, 0.25], [0.25, 0.75]]
 
 
 def test_fused_first_conv_equals_the_concatenated_conv() -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache.schema import SplitLayout
 from cache.store import FeatureStore
 from train.data import MissingFeaturesError, SplitFeatures, choose_subset
 from train.fit import FitConfig, fit
@@ -120,6 +121,94 @@ def test_d4_store_trains_on_sampled_views(tiny_unet: Path, tmp_path: Path, monke
     monkeypatch.setattr(SplitFeatures, "batch", spy)
     fit(replace(tiny_fit(store, tmp_path / "run"), epochs=6))
     assert 0 in seen and len(set(seen)) >= 3 and max(seen) <= 7
+
+
+@pytest.fixture(scope="module")
+def d4_path(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A d4 synthetic store: its texts name regions, so most views have a text of their own."""
+    return tiny_store(tiny_unet, tmp_path_factory.mktemp("d4"), counts={"train": 4, "val": 1}, augment="d4")
+
+
+def _given_tokens(monkeypatch) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
+    """Spy on the training batches: (image id, view, the tokens and token mask that sample was given)."""
+    seen: list[tuple[str, int, np.ndarray, np.ndarray]] = []
+    real = SplitFeatures.batch
+
+    def spy(self, rows, views=None):
+        sample = real(self, rows, views)
+        if self.split == "train":
+            for n, (k, v) in enumerate(zip(rows, views or [0] * len(rows))):
+                seen.append((self.ids[k], v, sample.tokens[n].numpy(), sample.token_mask[n].numpy()))
+        return sample
+
+    monkeypatch.setattr(SplitFeatures, "batch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("view_text", ["same", "rewrite", "unchanged"])
+def test_view_text_policies_give_each_view_its_tokens(d4_path: Path, tmp_path: Path, monkeypatch,
+                                                      view_text: str) -> None:
+    seen = _given_tokens(monkeypatch)
+    fit(replace(tiny_fit(d4_path, tmp_path / "run", view_text=view_text), epochs=10))
+    store = FeatureStore.open(d4_path)
+    ids, texts, view_texts = store.ids("train"), store.texts("train"), store.view_texts("train")
+    tokens, mask = store.tokens("train").compute(), store.token_mask("train")
+    view_tokens, view_mask = store.view_tokens("train").compute(), store.view_token_mask("train")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["fit"]["view_text"] == view_text
+    assert sum(t != texts[i] for i in range(4) for t in view_texts[i]) >= 8  # most views say something else
+    own_text = 0
+    for image_id, v, got, got_mask in seen:
+        i = ids.index(image_id)
+        if view_text == "rewrite":  # the view's own text's tokens
+            np.testing.assert_array_equal(got, view_tokens[i, v].astype(np.float32))
+            np.testing.assert_array_equal(got_mask, view_mask[i, v])
+            own_text += view_texts[i][v] != texts[i]
+        else:  # the image's text's tokens
+            np.testing.assert_array_equal(got, tokens[i].astype(np.float32))
+            np.testing.assert_array_equal(got_mask, mask[i])
+        if view_text == "unchanged":
+            assert view_texts[i][v] == texts[i], (image_id, v)
+    views_seen = {v for _, v, _, _ in seen}
+    if view_text == "rewrite":
+        assert own_text > 0 and len(views_seen) >= 4
+    if view_text == "same":
+        assert len(views_seen) >= 4 and any(view_texts[ids.index(i)][v] != texts[ids.index(i)] for i, v, _, _ in seen)
+
+
+def test_view_text_needs_views_with_their_own_text(store_path: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import pipeline
+    from cache.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"^view_text='rewrite' needs a store whose training views keep their own "
+                                          r"text \(`pipeline extract \.\.\. --augment d4`\); .* has one view"):
+        fit(tiny_fit(store_path, tmp_path / "run", view_text="rewrite"))
+    assert not (tmp_path / "run").exists()
+    res = CliRunner().invoke(pipeline.app, ["fit", "--cache", str(store_path), "--out", str(tmp_path / "cli"),
+                                            "--view-text", "unchanged"])
+    assert res.exit_code == 1 and "error: --view-text unchanged needs a store" in res.output, res.output
+    with pytest.raises(OptionError, match=r"view_text must be one of \['same', 'rewrite', 'unchanged'\]"):
+        tiny_fit(store_path, tmp_path / "x", view_text="flipped")
+
+
+def test_a_d4_store_without_view_texts_trains_with_the_same_text(tmp_path: Path) -> None:
+    """A store made before views kept their own text: every view reads the image's tokens; rewrite is refused."""
+    from cache.errors import OptionError
+    from train.fit import check_view_text, view_choices
+
+    old = FeatureStore.create(tmp_path / "old.zarr", {"k": 1}, size=8, token_len=3, token_dim=2,
+                              splits={"train": SplitLayout(["a"], ["upper"], 8)})
+    assert old.view_texts("train") is None
+    with pytest.raises(OptionError, match="views made before they kept their own text"):
+        check_view_text(old, "unchanged")
+
+    class Rows:  # what view_choices reads of a split
+        texts, view_texts = ["upper"], None
+
+    assert view_choices(Rows(), "unchanged") is None
+    Rows.view_texts = [["upper", "left", "upper", "lower", "upper", "right", "lower", "left"]]
+    assert view_choices(Rows(), "unchanged") == [[0, 2, 4]] and view_choices(Rows(), "rewrite") is None
 
 
 def test_a_different_store_is_refused(store_path: Path, tiny_unet: Path, tmp_path: Path) -> None:

@@ -123,8 +123,9 @@ def test_each_text_mode_has_its_own_folder(run: Path, store_path: Path) -> None:
     for mode, summary in summaries.items():
         assert rundir.evaluated(run, "test", mode)
         assert json.loads((rundir.eval_dir(run, "test", mode) / rundir.SUMMARY).read_text()) == summary
-    # what reads "the evaluation" reads the plain one
+    # what reads "the evaluation" reads the plain one: the demo's report, an exported model's card
     assert results_table({"r": run})[0]["dice"] == plain["dice"]
+    assert rundir.evaluated_splits(run) == ["test"]
     store = FeatureStore.open(store_path)
     assert texts_given(run / "eval-test") == store.texts("test")
     assert texts_given(run / "eval-test-text-none") == [""] * 3

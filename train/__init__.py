@@ -11,7 +11,10 @@ Module map::
     rundir.py      the run folder: file names, atomic writes, INCOMPLETE, the cache-key check
     fit.py         fit: train a registered model, keep the best epoch
     evaluate.py    evaluate: score a run on a split (per_image.csv, summary.json, overlays)
-    predict.py     Predictor / predict: segment a new image with a run
+    predict.py     Predictor / predict: segment new images with a run (or an exported model folder)
+    predict_batch.py  predict_batch: a folder or a table of images → masks, probabilities, predictions.csv
+    modeldir.py    the exported model folder (config.json, model.safetensors, README.md) and StageOne
+    export.py      export_run: a run → a model folder to share (Hugging Face Hub layout; push)
     sweep.py       sweep: the paper's Fig. 3 (one fit per block / step, with and without text)
     demo.py        run_demo: synthetic data → pretrain → extract → fit → evaluate → report
     report.py, plots.py, losses.py, metrics.py   the demo's report, figures, loss, metrics
@@ -25,6 +28,8 @@ are the modules, and ``import train.fit`` would rebind a package attribute of th
     train.run_fit(cfg)
     train.run_evaluate(run)
     mask = train.run_predict(run, image, text, out="mask.png")   # or train.Predictor.from_run(run)
+    train.run_predict_batch(run, images="scans/", texts="texts.csv", out="masks/")
+    train.run_export(run, out="model/")                          # then train.run_predict("model/", ...)
 """
 
 from __future__ import annotations
@@ -32,12 +37,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_MODULES = ("fit", "evaluate", "predict", "sweep")
+_MODULES = ("fit", "evaluate", "predict", "predict_batch", "export", "sweep")
 _LOOPS = {"run_fit": ("train.fit", "fit"), "run_evaluate": ("train.evaluate", "evaluate"),
-          "run_predict": ("train.predict", "predict"), "run_sweep": ("train.sweep", "sweep")}
+          "run_predict": ("train.predict", "predict"), "run_predict_batch": ("train.predict_batch", "predict_batch"),
+          "run_export": ("train.export", "export_run"), "run_sweep": ("train.sweep", "sweep")}
 _HOME = {
     "FitConfig": "train.config",
     "Predictor": "train.predict",
+    "PredictConfig": "train.config",
+    "ExportConfig": "train.config",
+    "StageOne": "train.modeldir",
+    "load_model_dir": "train.models",
     "run_demo": "train.demo",
     "DemoConfig": "train.config",
     "MODELS": "train.models",

@@ -22,11 +22,12 @@ from cache.errors import OptionError
 from extract.config import DEVICE_HELP
 from extract.shared import option_field
 
-__all__ = ["ALIASES", "DemoConfig", "EvaluateConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS", "NORMS", "PlainUNetArgs", "TextDiffArgs",
-           "TEXT_MODES", "model_name"]
+__all__ = ["ALIASES", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS",
+           "NORMS", "PlainUNetArgs", "TextDiffArgs", "TEXT_MODES", "VIEW_TEXTS", "model_name"]
 
 FUSIONS = ("cross-attn", "concat", "none")
 NORMS = ("image", "batch")
+VIEW_TEXTS = ("same", "rewrite", "unchanged")  # what text a cached view is trained with (FitConfig.view_text)
 #: the text an evaluation gives the head (:mod:`train.textmodes`)
 TEXT_MODES = ("as-is", "none", "shuffled", "mirrored")
 
@@ -107,19 +108,41 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """What ``pipeline predict`` takes besides the run (:func:`train.predict.predict`'s defaults)."""
+    """What ``pipeline predict`` takes besides the run: one image (``image``, :func:`train.predict.predict`) or
+    many (``images``, :func:`train.predict_batch.predict_batch`)."""
 
-    image: Path = option_field(help="The image to segment (PNG, JPEG, TIFF, BMP; grey, RGB, 16-bit).")
-    out: Path = option_field(help="Mask PNG to write ({0,255}); a folder → <image stem>_mask.png.")
-    text: str = option_field("", "The image's description (what the head attends to; not needed by --no-text "
+    out: Path = option_field(help="With --image: the mask PNG to write ({0,255}), or a folder → <image stem>_mask.png. "
+                                  "With --images: the folder of masks and predictions.csv.")
+    image: Path | None = option_field(None, "The image to segment (PNG, JPEG, TIFF, BMP; grey, RGB, 16-bit).")
+    images: Path | None = option_field(None, "Many images: a folder (its image files), or a .csv/.xlsx table with "
+                                             "a column image (paths relative to the table's folder).")
+    text: str = option_field("", "With --image: its description (what the head attends to; not needed by --no-text "
                                  "runs and the plain U-Net baseline; left empty, a --text-dropout run predicts "
                                  "without text).")
+    texts: Path | None = option_field(None, "With --images: a .csv/.xlsx table with columns image, text (an image is "
+                                            "matched by its path as listed, its file name or its stem); an image "
+                                            "without a row gets the empty text.")
     cache: str | None = option_field(None, "The run's store, if it moved (default: the one the run recorded).")
-    original_size: bool = option_field(False, "Resize the mask (nearest) back to the image's size.")
+    original_size: bool = option_field(False, "Resize the mask (nearest) and probabilities (bilinear) back to the "
+                                              "image's size.")
+    probabilities: bool = option_field(False, "With --images: also write <stem>_prob.npy, the foreground "
+                                              "probability (float16).")
+    skip_bad: bool = option_field(False, "With --images: a missing or unreadable image is named and skipped, "
+                                         "the rest go on (listed in predictions.csv).")
     unet: str | None = option_field(None, "The run's UNet checkpoint, if it moved (its sha256 is checked).")
     text_encoder: str | None = option_field(None, "The run's text encoder, if it moved (its hashes are checked).")
     device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast for the head's forward pass.")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``pipeline export`` takes besides the run (:func:`train.export.export_run`)."""
+
+    out: Path = option_field(help="The model folder to write (config.json, model.safetensors, README.md).")
+    cache: str | None = option_field(None, "The run's store, if it moved (default: the one the run recorded).")
+    push: str | None = option_field(None, "Also upload the folder to this Hugging Face Hub model repository "
+                                          "(OWNER/NAME; created if need be; needs a network and a token).")
 
 
 _TUPLES = ("blocks", "steps", "head_channels")  # JSON lists read back as tuples
@@ -150,6 +173,10 @@ class FitConfig:
     val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
     memory_budget_gb: float = option_field(4.0, "Hold features in memory up to this size, else stream them.")
     augment: bool = option_field(True, "Sample the cached dihedral views (p = 0.5 the original, else one of 8).")
+    view_text: str = option_field(
+        "same", "The text a cached view is trained with: same (the image's, for every view), rewrite (the view's "
+                "own: its positional words rewritten, e.g. left <-> right under a flip), or unchanged (only views "
+                "whose rewritten text is the image's). rewrite / unchanged need a store made with --augment d4.")
     val_every: int = option_field(1, "Validate every K epochs (and after the last); the authors: every epoch.")
     device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast (mixed precision) for training and "
@@ -169,6 +196,8 @@ class FitConfig:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.view_text not in VIEW_TEXTS:
+            raise OptionError(f"view_text must be one of {list(VIEW_TEXTS)}, got {self.view_text!r}", "view_text")
         if not 0.0 <= self.text_dropout < 1.0:
             raise OptionError(f"text_dropout must lie in [0, 1), got {self.text_dropout}", "text_dropout")
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from cache.integrity import DamagedDataError, base_arrays, first_damaged, pair_array
+from cache.integrity import DamagedDataError, base_arrays, first_damaged, pair_array, view_text_arrays
 from cache.store import FeatureStore
 from extract.command import extract_command
 from extract.shared import to_unit_range
@@ -67,12 +67,14 @@ def visible_tokens(token_mask: np.ndarray, attend_padding: bool) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Reading:
-    """What a run reads from a store: its blocks × steps, padding attention, and the memory budget."""
+    """What a run reads from a store: its blocks × steps, padding attention, the memory budget, and whether a
+    view gets its own text's tokens (``view_tokens``; in splits whose views have their own text) or the image's."""
 
     blocks: tuple[int, ...] = ()
     steps: tuple[int, ...] = ()
     attend_padding: bool = False
     memory_budget: float = 4 * GIB
+    view_tokens: bool = False
 
 
 @dataclass
@@ -109,6 +111,11 @@ class Sample:
         return Sample([f.pin_memory() for f in self.feats], self.tokens.pin_memory(), self.token_mask.pin_memory(),
                       self.target.pin_memory())
 
+    def part(self, start: int, stop: int) -> Sample:
+        """Its images ``start:stop``."""
+        return Sample([f[start:stop] for f in self.feats], self.tokens[start:stop], self.token_mask[start:stop],
+                      self.target[start:stop])
+
 
 @dataclass
 class ImageSample:
@@ -129,12 +136,17 @@ class ImageSample:
         """A copy in page-locked memory, so that copies to a GPU need not block."""
         return ImageSample(self.image.pin_memory(), self.target.pin_memory())
 
+    def part(self, start: int, stop: int) -> ImageSample:
+        """Its images ``start:stop``."""
+        return ImageSample(self.image[start:stop], self.target[start:stop])
+
 
 class SplitData(Protocol):
     """The selected rows of one split, as a model reads them."""
 
     ids: list[str]
     texts: list[str]
+    view_texts: list[list[str]] | None
     indices: np.ndarray
     views: int
     in_memory: bool
@@ -147,10 +159,11 @@ class SplitData(Protocol):
 
 
 class SplitRows:
-    """The selected rows of one split, what every reader shares: ids, texts, masks, tokens, the in-memory
-    choice and the row checks. The rows are held in memory when they fit ``memory_budget`` bytes (with what
-    the subclass reads, :meth:`_arrays`), else read from the store on demand (one chunk per row and array).
-    ``attend_padding`` marks every token valid, as the authors' code does."""
+    """The selected rows of one split, what every reader shares: ids, texts (and each view's, ``view_texts``,
+    where views have their own), masks, tokens, the in-memory choice and the row checks. The rows are held in
+    memory when they fit ``memory_budget`` bytes (with what the subclass reads, :meth:`_arrays`), else read from
+    the store on demand (one chunk per row and array). ``attend_padding`` marks every token valid, as the
+    authors' code does."""
 
     def __init__(self, store: FeatureStore, split: str, indices: Sequence[int] | None = None,
                  memory_budget: float = 4 * GIB, attend_padding: bool = False):
@@ -166,9 +179,13 @@ class SplitRows:
                                        f"(e.g. {absent[:3]}); run the same `pipeline extract` again to finish")
         self.ids = [store.ids(split)[i] for i in self.indices]
         self.texts = [store.texts(split)[i] for i in self.indices]
+        view_texts = store.view_texts(split)
+        self.view_texts = None if view_texts is None else [view_texts[i] for i in self.indices]
         self.views = store.layout(split).views
         self._data = {**self._arrays(), "tokens": store.tokens(split), "mask": store.masks(split)}
         self._token_mask = store.token_mask(split)[self.indices]
+        if "view_tokens" in self._data:  # (rows, V, L): each view's own text's token mask
+            self._view_token_mask = store.view_token_mask(split)[self.indices]
         self.nbytes = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize * len(self.indices)
                           for a in self._data.values())
         self.in_memory = self.nbytes <= memory_budget
@@ -182,13 +199,16 @@ class SplitRows:
         self._check_rows()
         self.attend_padding = attend_padding
         self._token_mask = visible_tokens(self._token_mask, attend_padding)
+        if "view_tokens" in self._data:
+            self._view_token_mask = visible_tokens(self._view_token_mask, attend_padding)
 
     def _pairs(self) -> list[tuple[int, int]]:
         """The (step, block) feature pairs every selected row must have."""
         return []
 
     def _arrays(self) -> dict[Any, Any]:
-        """What this reader reads besides masks and tokens, by name: (N, views, ...) arrays of the split."""
+        """What this reader reads besides masks and tokens, by name: (N, views, ...) arrays of the split
+        (``view_tokens``: each view's text's tokens, with their mask)."""
         return {}
 
     def _check_rows(self) -> None:
@@ -199,6 +219,8 @@ class SplitRows:
         loaded = {k: v for k, v in self._data.items() if isinstance(v, np.ndarray)}
         names = ["mask", "tokens", "token_mask", *(["image"] if "image" in self._data else [])]
         arrays = base_arrays(store, split, names, {**loaded, "token_mask": self._token_mask})
+        if "view_tokens" in self._data:
+            arrays += view_text_arrays(store, split, {**loaded, "view_token_mask": self._view_token_mask})
         arrays += [pair_array(store, split, s, b, loaded.get((s, b))) for s, b in self._pairs()]
         damaged = first_damaged(store, split, arrays, self.indices)
         if damaged:
@@ -226,12 +248,15 @@ class SplitRows:
 
 class SplitFeatures(SplitRows):
     """The selected rows of one split as the TextDiff head reads them: the cached features of ``blocks`` ×
-    ``steps`` and the text tokens (:class:`SplitRows` for memory, streaming and the row checks)."""
+    ``steps`` and the text tokens (:class:`SplitRows` for memory, streaming and the row checks). With
+    ``view_tokens``, in a split whose views have their own text, a view gets its own text's tokens; else every
+    view gets the image's."""
 
     def __init__(self, store: FeatureStore, split: str, blocks: Sequence[int], steps: Sequence[int],
                  indices: Sequence[int] | None = None, memory_budget: float = 4 * GIB,
-                 attend_padding: bool = False):
+                 attend_padding: bool = False, view_tokens: bool = False):
         self.blocks, self.steps = tuple(blocks), tuple(steps)
+        self.view_tokens = view_tokens and store.view_texts(split) is not None
         self._tokens: np.ndarray | None = None  # replace_text's tokens, else the store's
         super().__init__(store, split, indices, memory_budget, attend_padding)
 
@@ -239,14 +264,15 @@ class SplitFeatures(SplitRows):
         return [(s, b) for s in self.steps for b in self.blocks]
 
     def _arrays(self) -> dict[Any, Any]:
-        return {(s, b): self.store.features(self.split, s, b) for s, b in self._pairs()}
+        feats = {(s, b): self.store.features(self.split, s, b) for s, b in self._pairs()}
+        return {**feats, "view_tokens": self.store.view_tokens(self.split)} if self.view_tokens else feats
 
     @classmethod
     def open(cls, store: FeatureStore, split: str, reading: Reading, indices: Sequence[int] | None = None
              ) -> SplitFeatures:
         """The rows ``indices`` of ``split`` (default all) as ``reading`` reads them."""
         return cls(store, split, reading.blocks, reading.steps, indices, reading.memory_budget,
-                   reading.attend_padding)
+                   reading.attend_padding, view_tokens=reading.view_tokens)
 
     @staticmethod
     def select(store: FeatureStore, blocks: Sequence[int] | None, steps: Sequence[int] | None
@@ -261,8 +287,12 @@ class SplitFeatures(SplitRows):
     def batch(self, rows: Sequence[int], views: Sequence[int] | None = None) -> Sample:
         """Rows ``rows`` (positions in this selection), each at its view (default 0)."""
         views = list(views) if views is not None else [0] * len(rows)
-        tokens = torch.from_numpy(np.stack([self._token_row(k) for k in rows])).float()
-        token_mask = torch.from_numpy(self._token_mask[list(rows)])
+        if self.view_tokens and self._tokens is None:
+            tokens = torch.from_numpy(np.stack([self._row("view_tokens", k, v) for k, v in zip(rows, views)])).float()
+            token_mask = torch.from_numpy(self._view_token_mask[list(rows), views])
+        else:
+            tokens = torch.from_numpy(np.stack([self._token_row(k) for k in rows])).float()
+            token_mask = torch.from_numpy(self._token_mask[list(rows)])
         return Sample(self.features(rows, views), tokens, token_mask, self.targets(rows, views))
 
     def _token_row(self, k: int) -> np.ndarray:
@@ -275,7 +305,7 @@ class SplitFeatures(SplitRows):
     def replace_text(self, tokens: np.ndarray, token_mask: np.ndarray, texts: Sequence[str]) -> None:
         """From now on row k reads ``texts[k]``: its tokens ``tokens[k]`` ((N, L, D), the store's L and D) and
         the mask of its real tokens ``token_mask[k]`` (attended as the run attends,
-        :func:`visible_tokens`); the features and masks stay the store's (``evaluate --text``)."""
+        :func:`visible_tokens`), at every view; the features and masks stay the store's (``evaluate --text``)."""
         want = (len(self), *self._token_mask.shape[1:])
         if tokens.shape[:2] != want or token_mask.shape != want or len(texts) != len(self):
             raise ValueError(f"replace_text: {len(self)} rows of {want[1]} tokens expected, got tokens "

@@ -4,65 +4,73 @@ A 3×3 conv over ``concat(up(x_1), …, up(x_n))`` is ``Σ_i conv_i(up(x_i))`` (
 input channels), and a 3×3 conv is ``Σ_k shift_k(W_k ·)`` over its nine taps k, with ``W_k`` a 1×1
 channel mix and ``shift_k`` a zero-padded spatial shift. Bilinear upsampling acts on each channel
 alike, so it commutes with the channel mix: ``W_k · up(x) = up(W_k · x)``. A scale below the output
-size is therefore mixed to 9·out channels at its native resolution (a quarter to a 64th of the work),
-upsampled, summed over scales, and shifted once at full resolution. A scale already at full size is
-mixed the same way when it is channels-last (a text block's output: a conv would copy it to
-channels-first, forward and backward), and keeps the literal conv when it is channels-first. A text vector that is constant over space (fusion "concat") enters as
-nine per-tap constants, which the zero padding cuts at the borders exactly as the literal conv does.
+size is therefore mixed to 9·out channels at its native resolution (a quarter to a 64th of the work).
+Upsampling and shifting are separable linear maps, one per axis: ``shift_k ∘ up = R_y^{ky} ⊗ R_x^{kx}``
+with ``R^d`` (out × in) the bilinear interpolation matrix read one pixel off (``d`` = -1, 0, 1; zero
+rows past the border, as the conv's zero padding), so ``Σ_k shift_k(up(t_k))`` is two small matmuls
+per scale (:func:`upsample_shift_sum`) and no 9·out-channel map is ever made at full resolution. A
+scale already at full size keeps the literal conv (in either memory format: a text block's
+channels-last output goes to the channels-last kernel as it is). A text vector that is constant over
+space (fusion "concat") enters as nine per-tap constants, which go through the same matrices.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["fused_first_conv", "shift_sum"]
+__all__ = ["fused_first_conv", "interpolation_matrix", "upsample_shift_sum"]
 
 
-def _ranges(k: int, h: int, w: int) -> tuple[slice, slice, slice, slice]:
-    """Tap k's output rows/cols and the input rows/cols they read (offset (ky-1, kx-1), zeros outside)."""
-    dy, dx = k // 3 - 1, k % 3 - 1
-    return (slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx)),
-            slice(max(0, dy), h + min(0, dy)), slice(max(0, dx), w + min(0, dx)))
+@lru_cache(maxsize=64)
+def _interpolation(n_in: int, n_out: int, shift: int) -> Tensor:
+    src = torch.arange(n_out, dtype=torch.float64) + shift
+    inside = (src >= 0) & (src < n_out)
+    # torch's upsample_bilinear2d, align_corners=False: src = (dst + ½)·in/out − ½, clamped at 0
+    pos = ((src + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    lo = pos.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    frac = pos - lo
+    rows = torch.arange(n_out)[inside]
+    matrix = torch.zeros(n_out, n_in, dtype=torch.float64)
+    matrix.index_put_((rows, lo[inside]), (1 - frac)[inside], accumulate=True)
+    matrix.index_put_((rows, hi[inside]), frac[inside], accumulate=True)
+    return matrix
 
 
-class _ShiftSum(torch.autograd.Function):
-    """Σ_k shift_k(taps[:, k]) by sliced in-place adds; its backward writes the nine shifted gradients
-    into one buffer (autograd's own backward of slicing would zero-fill and copy nine full tensors)."""
-
-    @staticmethod
-    def forward(ctx, taps: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.taps_shape = taps.shape
-        b, _, o, h, w = taps.shape
-        out = taps.new_zeros(b, h, w, o).permute(0, 3, 1, 2)  # channels-last, as the taps usually are
-        for k in range(9):
-            ry, rx, sy, sx = _ranges(k, h, w)
-            out[:, :, ry, rx] += taps[:, k, :, sy, sx]
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        b, nine, o, h, w = ctx.taps_shape
-        out = grad.new_zeros(b, h, w, nine, o).permute(0, 3, 4, 1, 2)
-        for k in range(9):
-            ry, rx, sy, sx = _ranges(k, h, w)
-            out[:, k, :, sy, sx] = grad[:, :, ry, rx]
-        return out
+def interpolation_matrix(n_in: int, n_out: int, shift: int = 0, *, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str = "cpu") -> Tensor:
+    """(n_out, n_in): bilinear upsampling along one axis (align_corners=False), read at output index
+    ``i + shift`` (rows past either end are zero: a conv's zero padding)."""
+    return _interpolation(n_in, n_out, shift).to(device=device, dtype=dtype)
 
 
-def shift_sum(taps: Tensor) -> Tensor:
-    """(B, 9, O, H, W) per-tap maps → (B, O, H, W): Σ_k tap k read at offset (ky-1, kx-1), zeros outside."""
-    return _ShiftSum.apply(taps)
+def upsample_shift_sum(taps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Per-tap maps, pixel-major (B, h, w, 3[kx], 3[ky], O) → (B, O, H, W): ``Σ_k shift_k(up(taps_k))``,
+    i.e. each tap upsampled bilinearly to ``size`` and read at offset (ky-1, kx-1) with zeros outside.
+
+    Two batched matmuls on views, no copy of the taps: columns (contracting w and kx, which lie side by
+    side in memory), then rows (contracting h and ky). The result is a (B, H, O, W) tensor seen as
+    (B, O, H, W).
+    """
+    b, h, w, _, _, o = taps.shape
+    H, W = size
+    opts = dict(dtype=taps.dtype, device=taps.device)
+    rx = torch.stack([interpolation_matrix(w, W, d, **opts) for d in (-1, 0, 1)], 2).view(W, 3 * w)  # (W, (w, kx))
+    ry = torch.stack([interpolation_matrix(h, H, d, **opts) for d in (-1, 0, 1)], 2).view(H, 3 * h)  # (H, (h, ky))
+    cols = taps.reshape(b * h, 3 * w, 3 * o).transpose(1, 2) @ rx.t()   # (B·h, (ky, O), W)
+    rows = ry @ cols.view(b, 3 * h, o * W)                              # (B, H, (O, W))
+    return rows.view(b, H, o, W).transpose(1, 2)
 
 
 def _mix(x: Tensor, weight: Tensor) -> Tensor:
-    """(B, C, h, w) · (9·O, C) → (B, 9·O, h, w) as one matmul over pixels (any memory format of x)."""
+    """(B, C, h, w) · (9·O, C) → (B, h, w, 9·O) pixel-major, as one matmul over pixels (any memory format of x)."""
     b, c, h, w = x.shape
     pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view for a channels-last x
-    return (pixels @ weight.t()).view(b, h, w, -1).permute(0, 3, 1, 2)
+    return (pixels @ weight.t()).view(b, h, w, -1)
 
 
 def fused_first_conv(maps: Sequence[Tensor], size: tuple[int, int], weight: Tensor, bias: Tensor | None,
@@ -74,28 +82,21 @@ def fused_first_conv(maps: Sequence[Tensor], size: tuple[int, int], weight: Tens
     (O, ΣC_i + C_t, 3, 3).
     """
     out_ch = weight.shape[0]
-    taps = weight.permute(2, 3, 0, 1)  # (3, 3, O, C): tap k = ky*3 + kx
+    taps = weight.permute(3, 2, 0, 1)  # (3[kx], 3[ky], O, C), the order upsample_shift_sum reads
     out: Tensor | None = None
-    acc: Tensor | None = None
     start = 0
     for m in maps:
         c = m.shape[1]
-        w = weight[:, start:start + c]
-        full = tuple(m.shape[-2:]) == tuple(size)
-        if full and m.is_contiguous():  # channels-first at full size: the literal conv is as fast
-            y = F.conv2d(m, w, None, padding=1)
-            out = y if out is None else out + y
+        if tuple(m.shape[-2:]) == tuple(size):  # full size: the literal conv, whatever the memory format
+            y = F.conv2d(m, weight[:, start:start + c], None, padding=1)
         else:
-            y = _mix(m, taps[:, :, :, start:start + c].reshape(9 * out_ch, c))
-            if not full:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            acc = y if acc is None else acc + y
+            mixed = _mix(m, taps[:, :, :, start:start + c].reshape(9 * out_ch, c))
+            y = upsample_shift_sum(mixed.unflatten(3, (3, 3, out_ch)), size)
+        out = y if out is None else out + y
         start += c
     if constant is not None:
-        v = (constant @ taps[:, :, :, start:].reshape(9 * out_ch, -1).t())[:, :, None, None]
-        acc = v.expand(-1, -1, *size) if acc is None else acc + v
-    if acc is not None:
-        shifted = shift_sum(acc.unflatten(1, (9, out_ch)))
-        out = shifted if out is None else out + shifted
+        v = constant @ taps[:, :, :, start:].reshape(9 * out_ch, -1).t()
+        y = upsample_shift_sum(v.view(-1, 1, 1, 3, 3, out_ch), size)  # a 1×1 map "upsampled" is constant; the shifts cut the borders
+        out = y if out is None else out + y
     assert out is not None
     return out if bias is None else out + bias[:, None, None]

@@ -3,9 +3,10 @@
 Reads only the feature store (no UNet, no text encoder). Adam (lr 1e-4, × 0.1 after epoch 60 as in
 the authors' code), batch 1, CE + 1.5 Dice,
 the model's own weight init; augmentation samples the cached dihedral views when the store has them
-(p = 0.5 identity, else one of the 8 views uniformly, as the authors' random rot90 + flip). With
-``text_dropout`` p, each training sample's text is withheld with probability p, drawn from (seed, epoch,
-sample) (:mod:`train.textmodes`); validation always gives the text. The same
+(p = 0.5 identity, else one of the 8 views uniformly, as the authors' random rot90 + flip), each with the
+text ``view_text`` says (:func:`view_choices`: the image's, the view's own, or only views whose own text is
+the image's). With ``text_dropout`` p, each training sample's text is withheld with probability p, drawn
+from (seed, epoch, sample) (:mod:`train.textmodes`); validation always gives the text. The same
 config and seed give bit-identical weights and metrics on a CPU. Each epoch ends with a checkpoint in
 the run folder; ``resume`` continues a killed fit from it, bit-identically (:mod:`train.resume`). Which
 model, what it reads and how it is built come from the registry (:mod:`train.models`); the run folder
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from cache.errors import OptionError
 from cache.key import key_hash
 from cache.store import FeatureStore
 from extract.devices import precision_context, resolve_device
@@ -66,10 +68,36 @@ def validate(model: torch.nn.Module, data: SplitData, size: int, batch_size: int
     return {"dice": float(agg["dice"]), "iou": float(agg["iou"])}
 
 
-def _views(rng: np.random.Generator, n: int, n_views: int, augment: bool) -> list[int]:
+def check_view_text(store: FeatureStore, view_text: str) -> None:
+    """Refuse a ``view_text`` other than ``same`` on a store whose training views have no text of their own."""
+    if view_text == "same":
+        return
+    views = store.layout("train").views
+    if views == 1 or store.view_texts("train") is None:
+        what = "one view per training image" if views == 1 else "views made before they kept their own text"
+        raise OptionError(f"view_text={view_text!r} needs a store whose training views keep their own text "
+                          f"(`pipeline extract ... --augment d4`); {store.path} has {what}; or pass "
+                          f"view_text='same'", "view_text")
+
+
+def view_choices(data: SplitData, view_text: str) -> list[list[int]] | None:
+    """The views each row may be trained at (None: every view): with ``unchanged``, those whose own text is the
+    image's (view 0 always)."""
+    if view_text != "unchanged" or data.view_texts is None:
+        return None
+    return [[v for v, t in enumerate(texts) if v == 0 or t == text] for text, texts in zip(data.texts, data.view_texts)]
+
+
+def _views(rng: np.random.Generator, rows: list[int], n_views: int, augment: bool,
+           choices: list[list[int]] | None = None) -> list[int]:
+    """Each row's view: with p = 0.5 the original, else one of its ``choices`` (default: all ``n_views``)."""
     if not augment or n_views == 1:
-        return [0] * n
-    return [0 if rng.random() < 0.5 else int(rng.integers(n_views)) for _ in range(n)]
+        return [0] * len(rows)
+    out = []
+    for k in rows:
+        allowed = range(n_views) if choices is None else choices[k]
+        out.append(0 if rng.random() < 0.5 else int(allowed[int(rng.integers(len(allowed)))]))
+    return out
 
 
 def deterministic(device: torch.device) -> None:
@@ -89,11 +117,13 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     store = FeatureStore.open(cfg.cache)
     if "train" not in store.splits():
         raise ValueError(f"store {store.path} has no train split (it has {store.splits()})")
+    check_view_text(store, cfg.view_text)
     blocks, steps = READERS[spec.reads].select(store, cfg.blocks, cfg.steps)
-    reading = Reading(blocks, steps, cfg.attend_padding, cfg.memory_budget_gb * GIB)
+    reading = Reading(blocks, steps, cfg.attend_padding, cfg.memory_budget_gb * GIB, cfg.view_text == "rewrite")
     train_idx, val_split, val_idx = _split_train_val(store, cfg)
     train = open_split(spec, store, "train", reading, train_idx)
     val = open_split(spec, store, val_split, reading, val_idx)
+    choices = view_choices(train, cfg.view_text)
     size = store.size
 
     out = Path(cfg.out)
@@ -128,7 +158,8 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     resumed = f"resuming after epoch {run.epoch}; " if run.epoch else ""
     console.print(f"fit {spec.name}: {resumed}{len(train)} training images "
                   f"({'in memory' if train.in_memory else 'streamed'}), "
-                  f"validation on {len(val)} {val_split} images; {train.describe()}; "
+                  f"validation on {len(val)} {val_split} images; {train.describe()}"
+                  f"{'' if cfg.view_text == 'same' else f' (view text: {cfg.view_text})'}; "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters; {device}, {cfg.precision}"
                   f"{f'; text withheld with p = {cfg.text_dropout}' if cfg.text_dropout else ''}")
 
@@ -140,7 +171,7 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
             model.train()
             order = rng.permutation(len(train)).tolist()
             chunks = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-            batches = [(rows, _views(rng, len(rows), train.views, cfg.augment)) for rows in chunks]
+            batches = [(rows, _views(rng, rows, train.views, cfg.augment, choices)) for rows in chunks]
             feed = Feed(train, batches, device)
             withheld = dropped(seed, epoch, len(train), cfg.text_dropout) if cfg.text_dropout else None
             losses = []

@@ -87,10 +87,15 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         attn_mask = valid = None
         if mask is not None:
+            valid = mask.to(torch.bool).any(dim=-1)  # (B,)
+            if mask.device.type == "cpu" and bool(valid.all()):
+                valid = None  # nothing to zero below (known without a device sync; a full-size pass saved)
             mask = mask.to(device=x.device, dtype=torch.bool)
-            valid = mask.any(dim=-1)  # (B,)
-            # rows with no valid token get a dummy all-True mask (finite softmax), zeroed below
-            attn_mask = (mask | ~valid[:, None])[:, None, None, :]
+            if valid is not None:
+                valid = valid.to(x.device)
+                # rows with no valid token get a dummy all-True mask (finite softmax), zeroed below
+                mask = mask | ~valid[:, None]
+            attn_mask = mask[:, None, None, :]
         if context.shape[1] < self.head_dim:
             out = self._few_tokens(x, context, attn_mask)
         else:
@@ -121,7 +126,7 @@ class CrossAttention(nn.Module):
         probs = torch.softmax(scores, dim=-1).view(b, n, h * length)
         wout = self.to_out[0].weight.view(dim, h, d)
         values = torch.einsum("blhd,chd->bhlc", v, wout).reshape(b, h * length, dim)  # (B, H·L, dim)
-        return probs @ values + self.to_out[0].bias
+        return torch.baddbmm(self.to_out[0].bias, probs, values)  # the bias added in the product's pass
 
 
 class TextCrossBlock(nn.Module):

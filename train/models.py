@@ -5,7 +5,7 @@ the training data, or from a run's ``config.json``), what it reads from a store 
 cached features + text tokens; ``"images"``: the store's images; see :data:`train.data.READERS`),
 its evaluation batch-size rule and whether it needs text. fit, evaluate and predict ask the registry
 and never name a model. :func:`logits` / :func:`probabilities` are the forward pass (training,
-validation, evaluation and prediction alike); :func:`load_run` loads a finished run.
+validation, evaluation and prediction alike); :func:`load_run` loads a finished run, :func:`load_model_dir` an exported model folder.
 
     textdiff     the TextDiff head (train/model.py) on cached diffusion features and text
     plain-unet   the plain U-Net baseline (train/plain_unet.py) on the images ("unet" in older configs)
@@ -26,10 +26,11 @@ from extract.devices import precision_context, resolve_device
 from train.config import ALIASES, MODEL_ARGS, TextDiffArgs, model_name
 from train.data import GIB, READERS, ImageSample, Reading, Sample, SplitData
 from train.model import TextDiffHead
+from train.modeldir import StageOne, read_model_dir
 from train.plain_unet import PlainUNet
 from train.rundir import open_run, read_model_files
 
-__all__ = ["ALIASES", "MODELS", "ModelSpec", "load_run", "logits", "model_spec", "open_split", "probabilities",
+__all__ = ["ALIASES", "MODELS", "ModelSpec", "load_model_dir", "load_run", "logits", "model_spec", "open_split", "probabilities",
            "reading_of", "spec_of"]
 
 _ACTIVATION_BUDGET = 1 * GIB    # per forward batch, for the upsampled, concatenated maps
@@ -111,6 +112,13 @@ def probabilities(model: nn.Module, sample: Sample | ImageSample, size: int, pre
     return torch.softmax(out.float(), dim=1)
 
 
+def _model(config: dict[str, Any], state: dict[str, torch.Tensor], device: str | torch.device | None) -> nn.Module:
+    """The model of ``config`` (its ``head`` entry) with ``state``, in eval mode, on ``device``."""
+    model = spec_of(config).rebuild(config["head"])
+    model.load_state_dict(state)
+    return model.to(resolve_device(device)).eval()
+
+
 def load_run(run: Path, cache: Path | str | None = None, device: str | torch.device | None = "cpu"
              ) -> tuple[dict[str, Any], nn.Module, FeatureStore]:
     """A finished run's config, its model (best weights, eval mode, on ``device``: a name for
@@ -118,6 +126,11 @@ def load_run(run: Path, cache: Path | str | None = None, device: str | torch.dev
     it recorded; a store with another key is refused)."""
     config, store = open_run(Path(run), cache)
     head, state = read_model_files(Path(run))
-    model = spec_of(config).rebuild(head)
-    model.load_state_dict(state)
-    return config, model.to(resolve_device(device)).eval(), store
+    return config, _model({**config, "head": head}, state, device), store
+
+
+def load_model_dir(path: Path, device: str | torch.device | None = "cpu") -> tuple[dict[str, Any], nn.Module, StageOne]:
+    """An exported model folder's config, its model (eval mode, on ``device``) and what made its features
+    (:class:`train.modeldir.StageOne`): all :class:`train.predict.Predictor` needs, without a store."""
+    config, stage, state = read_model_dir(Path(path))
+    return config, _model(config, state, device), stage

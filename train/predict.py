@@ -1,23 +1,27 @@
-"""Segment a new image with a trained run: stage one for that image alone, then the run's head.
+"""Segment new images with a trained run (or an exported model folder): stage one for them, then the model.
 
 The features must be the ones the head was trained on, so everything that made the run's store is
-taken from the store, never from defaults: the UNet checkpoint and the text encoder recorded in its
-``extract`` attributes (verified by sha256 against the cache key, since a path says nothing about
+taken from the store (or, for a model folder written by ``pipeline export``, from its config.json:
+:class:`train.modeldir.StageOne`), never from defaults: the UNet checkpoint and the text encoder the
+store recorded (verified by sha256 against the recorded hashes, since a path says nothing about
 content), the key's UNet flags, noise seed, size, colour order, text length and compute dtype, and
 the store's fixed UNet batch shape (``forward_batch``, zero padding included: each sample's
-activations are then computed exactly as during extraction). Features and tokens are rounded to
-float16 and back, as the store keeps them. Per block the steps are concatenated on channels in the
-run's order, as in :class:`train.data.SplitFeatures`, and the token mask is the run's
-(:func:`train.data.visible_tokens`). A model that reads images gets the image alone. What a model
-reads comes from the registry (:attr:`train.models.ModelSpec.reads`); the probabilities from
-:func:`train.models.probabilities`, the forward pass evaluate uses.
+activations are then computed exactly as during extraction, whatever its batch neighbours, so many
+images share each forward). Features and tokens are rounded to float16 and back, as the store keeps
+them. Per block the steps are concatenated on channels in the run's order, as in
+:class:`train.data.SplitFeatures`, and the token mask is the run's (:func:`train.data.visible_tokens`).
+A model that reads images gets the image alone. What a model reads comes from the registry
+(:attr:`train.models.ModelSpec.reads`); the probabilities from :func:`train.models.probabilities`, the
+forward pass evaluate uses, in evaluate's batches.
 
-``Predictor.from_run`` loads the models once; :func:`predict` is the one-shot wrapper.
+``Predictor.from_run`` loads the models once; :func:`predict` is the one-shot wrapper;
+:mod:`train.predict_batch` runs a folder or a list of images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +32,9 @@ from PIL import Image
 from rich.console import Console
 
 from cache.errors import OptionError
+from cache.key import canonical_json
 from cache.store import FeatureStore
-from extract.checkpoints import UNetNotFoundError, resolve_unet
+from extract.checkpoints import UNetNotFoundError, UNetSource, resolve_unet
 from extract.datasets import read_image
 from extract.diffusion import shared_noise
 from extract.devices import resolve_device
@@ -38,10 +43,11 @@ from extract.shared import to_unit_range
 from extract.text import TextEncoder, load_text_encoder, tokenizer_files, weight_files
 from train.config import PredictConfig
 from train.data import ImageSample, Sample, visible_tokens
-from train.models import load_run, probabilities, spec_of
+from train.modeldir import StageOne, is_model_dir
+from train.models import load_model_dir, load_run, probabilities, spec_of
 
 
-__all__ = ["FeatureInputs", "ImageInputs", "Predictor", "WeightsMismatchError", "mask_path", "predict",
+__all__ = ["FeatureInputs", "ImageInputs", "Predictor", "WeightsMismatchError", "mask_path", "predict", "resize_to",
            "store_text_encoder"]
 
 _MISMATCH = "features computed with it would not match the ones the head was trained on"
@@ -60,30 +66,30 @@ def mask_path(out: Path, image: Path) -> Path:
     return out / f"{Path(image).stem}_mask.png" if out.is_dir() or not out.suffix else out
 
 
-def _resolve_checked_unet(spec: str | None, key: dict[str, Any], where: str) -> Any:
-    """The UNet source for ``spec`` with the key's flags, refused unless its bytes are the key's."""
-    expected = key["unet"]["weights_sha256"]
+def _resolve_checked_unet(spec: str | None, stage: StageOne) -> UNetSource:
+    """The UNet source for ``spec`` with the recorded flags, refused unless its bytes are the recorded ones."""
+    expected = stage.unet["weights_sha256"]
     if not spec:
-        raise UNetNotFoundError(f"{where} does not record which UNet checkpoint made it; pass unet=PATH "
+        raise UNetNotFoundError(f"{stage.where} does not record which UNet checkpoint made it; pass unet=PATH "
                                 f"to the checkpoint with sha256 {expected}")
     try:
-        src = resolve_unet(spec, key["unet"]["flags"])
+        src = resolve_unet(spec, stage.unet["flags"])
     except UNetNotFoundError as e:
-        raise UNetNotFoundError(f"{e}\n  ({where} was made with UNet {spec!r}, sha256 {expected}; if the "
+        raise UNetNotFoundError(f"{e}\n  ({stage.where} was made with UNet {spec!r}, sha256 {expected}; if the "
                                 f"file moved, pass unet=PATH)") from None
     got = src.identity()["weights_sha256"]
     if got != expected:
         raise WeightsMismatchError(
-            f"UNet checkpoint {src.checkpoint} has sha256 {got}, but the run's cache key records {expected}: "
+            f"UNet checkpoint {src.checkpoint} has sha256 {got}, but {stage.recorded_by} records {expected}: "
             f"{_MISMATCH}. Pass unet=PATH to the checkpoint the store was extracted with.")
     return src
 
 
-def _load_checked_encoder(spec: str | None, key: dict[str, Any], where: str, device: str) -> TextEncoder:
-    """The text encoder ``spec``, refused unless its weights and tokenizer are the key's."""
-    text_key = key["text"]
+def _load_checked_encoder(spec: str | None, stage: StageOne, device: str) -> TextEncoder:
+    """The text encoder ``spec``, refused unless its weights and tokenizer are the recorded ones."""
+    text_key = stage.text
     if not spec:
-        raise OptionError(f"{where} does not record which text encoder made it; pass text_encoder=... "
+        raise OptionError(f"{stage.where} does not record which text encoder made it; pass text_encoder=... "
                           f"the one named {text_key.get('source_name')!r} in its key", "text_encoder")
     encoder = load_text_encoder(spec, device=device)
     ident = encoder.identity()
@@ -93,31 +99,41 @@ def _load_checked_encoder(spec: str | None, key: dict[str, Any], where: str, dev
         if ident[field] != text_key[field]:
             names = ", ".join(str(p) for p in files)
             raise WeightsMismatchError(
-                f"text encoder {spec!r} {what} ({names}) have sha256 {ident[field]}, but the run's cache key "
+                f"text encoder {spec!r} {what} ({names}) have sha256 {ident[field]}, but {stage.recorded_by} "
                 f"records {text_key[field]} ({text_key.get('source_name')}): {_MISMATCH}. "
                 f"Pass text_encoder=DIR holding the encoder the store was extracted with.")
     if ident["dim"] != text_key["dim"]:
-        raise WeightsMismatchError(f"text encoder {spec!r} is {ident['dim']}-d, the run's key says {text_key['dim']}")
+        raise WeightsMismatchError(f"text encoder {spec!r} is {ident['dim']}-d, {stage.recorded_by} says "
+                                   f"{text_key['dim']}")
     return encoder
 
 
 def store_text_encoder(store: FeatureStore, text_encoder: str | None = None, device: str = "cpu") -> TextEncoder:
-    """The text encoder that made ``store`` (``text_encoder``, if it moved; else the one its ``extract``
-    attributes name), refused unless its weights and tokenizer are the key's."""
-    made = dict(store.attrs.get("extract") or {})
-    return _load_checked_encoder(text_encoder or made.get("text_encoder"), store.key, f"store {store.path}", device)
+    """The text encoder that made ``store`` (``text_encoder``, if it moved; else the one the store recorded),
+    refused unless its weights and tokenizer are the ones its key records."""
+    stage = StageOne.of_store(store)
+    return _load_checked_encoder(text_encoder or stage.text_encoder_source, stage, device)
 
 
-def _target(size: int) -> torch.Tensor:
-    return torch.zeros(1, size, size, dtype=torch.long)  # no ground truth for a new image
+def _target(n: int, size: int) -> torch.Tensor:
+    return torch.zeros(n, size, size, dtype=torch.long)  # no ground truth for a new image
+
+
+def _batch(images: np.ndarray) -> np.ndarray:
+    """uint8 images (N, 3, S, S); one (3, S, S) image as a batch of one."""
+    return images[None] if images.ndim == 3 else images
+
+
+def _texts(texts: str | Sequence[str]) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
 
 
 @dataclass
 class FeatureInputs:
-    """A new image as a features-reading model takes it: its features from the store's UNet, its
-    text through the store's encoder (None when the model takes no text), the run's token mask.
-    ``text_optional``: the run was fitted with text dropout, so an empty text means no text (every
-    token withheld, as ``evaluate --text none``)."""
+    """New images as a features-reading model takes them: their features from the run's UNet, their texts
+    through the run's encoder (None when the model takes no text), the run's token mask. ``text_optional``:
+    the run was fitted with text dropout, so an empty text means no text (every token withheld, as
+    ``evaluate --text none``)."""
 
     extractor: FeatureExtractor
     encoder: TextEncoder | None
@@ -130,35 +146,38 @@ class FeatureInputs:
     text_optional: bool = False
 
     @classmethod
-    def for_run(cls, config: dict[str, Any], store: FeatureStore, unet: str | None, text_encoder: str | None,
+    def for_run(cls, config: dict[str, Any], stage: StageOne, unet: str | None, text_encoder: str | None,
                 device: torch.device) -> FeatureInputs:
-        """The run's UNet and text encoder, verified against its store's key."""
-        key, made = store.key, dict(store.attrs.get("extract") or {})
-        where = f"store {store.path}"
-        encoder = (store_text_encoder(store, text_encoder, str(device))
+        """The run's UNet and text encoder, verified against what made its features."""
+        encoder = (_load_checked_encoder(text_encoder or stage.text_encoder_source, stage, str(device))
                    if spec_of(config).needs_text(config["head"]) else None)
-        size = int(key["preprocessing"]["size"])
-        src = _resolve_checked_unet(unet or made.get("unet"), key, where)
-        compute = key.get("compute_dtype", "float32")
-        extractor = FeatureExtractor(src.load(), shared_noise(size, int(key["noise_seed"])), device=device,
+        src = _resolve_checked_unet(unet or stage.unet_source, stage)
+        compute = stage.compute_dtype
+        extractor = FeatureExtractor(src.load(), shared_noise(stage.size, stage.noise_seed), device=device,
                                      autocast=compute != "float32")
         if compute != "float32":
             extractor.compute_dtype = getattr(torch, compute)  # the store's, whatever this device's default
-        pad_to = store.attrs.get("forward_batch")
         return cls(extractor=extractor, encoder=encoder, blocks=tuple(int(b) for b in config["blocks"]),
-                   steps=tuple(int(s) for s in config["steps"]), max_length=int(key["text"]["max_length"]),
-                   token_dim=int(store.attrs["token_dim"]), pad_to=int(pad_to) if pad_to else None,
+                   steps=tuple(int(s) for s in config["steps"]), max_length=int(stage.text["max_length"]),
+                   token_dim=stage.token_dim, pad_to=stage.forward_batch,
                    attend_padding=bool(config.get("fit", {}).get("attend_padding", False)),
                    text_optional=float(config.get("fit", {}).get("text_dropout", 0.0)) > 0)
 
-    def features(self, image: np.ndarray) -> list[torch.Tensor]:
-        """Per block (1, len(steps)·C, h, w) float32 for one uint8 (3, S, S) image, as the store holds them."""
-        x0 = torch.from_numpy(to_unit_range(image[None]))
-        n = len(self.steps)
-        x0, t = x0.repeat(n, 1, 1, 1), torch.tensor(self.steps)
-        chunk = self.pad_to or n
+    def images_per_forward(self) -> int:
+        """Images whose steps fill one UNet forward of the store's batch shape."""
+        return max(1, (self.pad_to or 0) // len(self.steps))
+
+    def features(self, images: np.ndarray) -> list[torch.Tensor]:
+        """Per block (N, len(steps)·C, h, w) float32 for uint8 images (N, 3, S, S) (or one (3, S, S)), as the
+        store holds them: the N × steps samples go through the UNet ``pad_to`` at a time, the store's batch shape
+        (zero padding included), so that each is computed as during extraction; rounded through float16."""
+        images = _batch(images)
+        n, k = len(images), len(self.steps)
+        x0 = torch.from_numpy(to_unit_range(images)).repeat_interleave(k, dim=0)  # image-major, then step
+        t = torch.tensor(self.steps).repeat(n)
+        chunk = self.pad_to or k
         out: dict[int, list[torch.Tensor]] = {b: [] for b in self.blocks}
-        for start in range(0, n, chunk):
+        for start in range(0, n * k, chunk):
             got = self.extractor.samples(x0[start:start + chunk], t[start:start + chunk], self.blocks,
                                          pad_to=self.pad_to)
             for b in self.blocks:
@@ -169,51 +188,63 @@ class FeatureInputs:
                 f16 = np.asarray(torch.cat(out[b]).numpy(), dtype=np.float16)  # the store's rounding
             if not np.isfinite(f16).all():
                 raise ValueError(f"features of block {b} are not finite in float16 (overflow or NaN)")
-            feats.append(torch.from_numpy(np.concatenate(list(f16), axis=0)[None]).float())
+            feats.append(torch.from_numpy(f16.reshape(n, k * f16.shape[1], *f16.shape[2:])).float())
         return feats
 
-    def tokens(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, L, D) float32 tokens rounded through float16, and the (1, L) bool mask the model attends with
-        (all False, no text, when the model takes none or a ``text_optional`` run is given an empty text)."""
-        if self.encoder is None or (self.text_optional and not text.strip()):
-            emb = np.zeros((1, self.max_length, self.token_dim), dtype=np.float16)
-            mask = np.zeros((1, self.max_length), dtype=bool)
-            return torch.from_numpy(emb).float(), torch.from_numpy(mask)
-        if not text.strip():
+    def tokens(self, texts: str | Sequence[str], allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L, D) float32 tokens rounded through float16, and the (N, L) bool mask the model attends with.
+        An empty text is refused unless ``allow_empty`` (then it is encoded as it is: the special tokens alone)."""
+        texts = _texts(texts)
+        if self.encoder is None:
+            emb = np.zeros((len(texts), self.max_length, self.token_dim), dtype=np.float16)
+            mask = np.zeros((len(texts), self.max_length), dtype=bool)
+        elif not allow_empty and not all(t.strip() for t in texts):
             raise ValueError("the text is empty, but this run's head attends to the text (a run fitted with "
                              "text dropout predicts without it)")
-        emb, mask = self.encoder.encode([text], self.max_length)
+        else:
+            emb, mask = self.encoder.encode(texts, self.max_length)
         return (torch.from_numpy(emb.astype(np.float16)).float(),
                 torch.from_numpy(visible_tokens(np.asarray(mask, dtype=bool), self.attend_padding)))
 
-    def truncated(self, text: str) -> bool:
-        """True when ``text`` has more tokens than the run's max_length (the rest is cut, as in extraction)."""
-        return self.encoder is not None and self.encoder.token_counts([text])[0] > self.max_length
+    def truncations(self, texts: Sequence[str]) -> list[bool]:
+        """Per text, True when it has more tokens than the run's max_length (the rest is cut, as in extraction)."""
+        if self.encoder is None:
+            return [False] * len(texts)
+        return [n > self.max_length for n in self.encoder.token_counts(list(texts))]
 
-    def sample(self, image: np.ndarray, text: str) -> Sample:
-        """The model's input for one uint8 (3, S, S) image and its text."""
-        return Sample(self.features(image), *self.tokens(text), _target(image.shape[-1]))
+    def sample(self, images: np.ndarray, texts: str | Sequence[str], allow_empty: bool = False) -> Sample:
+        """The model's input for uint8 images (N, 3, S, S) (or one) and their texts; a ``text_optional`` run
+        reads an empty text as no text (:meth:`train.data.Sample.withhold_text`)."""
+        images, texts = _batch(images), _texts(texts)
+        sample = Sample(self.features(images), *self.tokens(texts, allow_empty or self.text_optional),
+                        _target(len(images), images.shape[-1]))
+        return sample.withhold_text(torch.tensor([not t.strip() for t in texts])) if self.text_optional else sample
 
 
 @dataclass
 class ImageInputs:
-    """A new image as an images-reading model takes it: the image alone, in [-1, 1]."""
+    """New images as an images-reading model takes them: the images alone, in [-1, 1]."""
 
     encoder: None = None
 
     @classmethod
-    def for_run(cls, config: dict[str, Any], store: FeatureStore, unet: str | None, text_encoder: str | None,
+    def for_run(cls, config: dict[str, Any], stage: StageOne, unet: str | None, text_encoder: str | None,
                 device: torch.device) -> ImageInputs:
         """Nothing to load."""
         return cls()
 
-    def truncated(self, text: str) -> bool:
-        """The text is not read."""
-        return False
+    def images_per_forward(self) -> int:
+        """No UNet: one."""
+        return 1
 
-    def sample(self, image: np.ndarray, text: str) -> ImageSample:
-        """The model's input for one uint8 (3, S, S) image (the text is not read)."""
-        return ImageSample(torch.from_numpy(to_unit_range(image[None])), _target(image.shape[-1]))
+    def truncations(self, texts: Sequence[str]) -> list[bool]:
+        """The texts are not read."""
+        return [False] * len(texts)
+
+    def sample(self, images: np.ndarray, texts: str | Sequence[str], allow_empty: bool = False) -> ImageSample:
+        """The model's input for uint8 images (N, 3, S, S) (or one) (the texts are not read)."""
+        images = _batch(images)
+        return ImageSample(torch.from_numpy(to_unit_range(images)), _target(len(images), images.shape[-1]))
 
 
 #: how a new image is read, by what a model reads (:attr:`train.models.ModelSpec.reads`)
@@ -221,67 +252,122 @@ INPUTS: dict[str, Callable[..., FeatureInputs | ImageInputs]] = {"features": Fea
                                                                   "images": ImageInputs.for_run}
 
 
+def resize_to(array: np.ndarray, height_width: tuple[int, int], mode: str) -> np.ndarray:
+    """A (S, S) mask (``mode`` "L": nearest) or probability map ("F": bilinear) at (height, width)."""
+    h, w = height_width
+    if array.shape == (h, w):
+        return array
+    resample = Image.Resampling.NEAREST if mode == "L" else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(array, mode).resize((w, h), resample))
+
+
 @dataclass
 class Predictor:
-    """A run's model with what reads a new image as its store did (:data:`INPUTS`)."""
+    """A run's (or an exported model folder's) model with what reads a new image as its store did (:data:`INPUTS`)."""
 
     config: dict[str, Any]
     model: torch.nn.Module
-    store: FeatureStore
+    stage_one: StageOne
     inputs: FeatureInputs | ImageInputs
-    size: int
-    color_order: str
     precision: str = PredictConfig.precision
 
     @classmethod
-    def from_run(cls, run: Path, cache: Path | None = None, *, unet: str | None = None,
+    def from_run(cls, run: Path, cache: Path | str | None = None, *, unet: str | None = None,
                  text_encoder: str | None = None, device: str | None = None,
                  precision: str = PredictConfig.precision) -> Predictor:
-        """Load run ``run`` (its store: ``cache`` or the one it recorded) and verify + load its models.
+        """Load ``run`` and verify + load its UNet and text encoder: a run folder (its store: ``cache`` or the
+        one it recorded) or a model folder written by ``pipeline export`` (no store needed).
 
-        ``unet`` / ``text_encoder`` override where the store says its models are (if they moved);
-        their content is checked against the key either way.
+        ``unet`` / ``text_encoder`` override where the store (or the model folder) says its models are (if they
+        moved); their content is checked against the recorded hashes either way.
         """
         dev = resolve_device(device)
-        config, model, store = load_run(Path(run), cache, dev)
-        prep = store.key["preprocessing"]
-        if prep.get("image_resize") != "pil-bilinear":
-            raise ValueError(f"store {store.path}: unsupported image_resize {prep.get('image_resize')!r}")
-        inputs = INPUTS[spec_of(config).reads](config, store, unet, text_encoder, dev)
-        return cls(config=config, model=model, store=store, inputs=inputs, size=int(prep["size"]),
-                   color_order=prep.get("color_order", "rgb"), precision=precision)
+        if is_model_dir(Path(run)):
+            if cache is not None:
+                raise OptionError(f"cache: {run} is an exported model folder, which needs no store", "cache")
+            config, model, stage = load_model_dir(Path(run), dev)
+        else:
+            config, model, store = load_run(Path(run), cache, dev)
+            stage = StageOne.of_store(store)
+        if stage.preprocessing.get("image_resize") != "pil-bilinear":
+            raise ValueError(f"{stage.where}: unsupported image_resize {stage.preprocessing.get('image_resize')!r}")
+        inputs = INPUTS[spec_of(config).reads](config, stage, unet, text_encoder, dev)
+        return cls(config=config, model=model, stage_one=stage, inputs=inputs, precision=precision)
+
+    @property
+    def size(self) -> int:
+        """The store's image size: the model's input and output size."""
+        return self.stage_one.size
+
+    @property
+    def color_order(self) -> str:
+        return self.stage_one.color_order
 
     @property
     def encoder(self) -> TextEncoder | None:
         """The run's text encoder (None when its model takes no text)."""
         return self.inputs.encoder
 
-    def features(self, image: np.ndarray) -> list[torch.Tensor]:
-        """The image's features, as the store holds them (a features-reading run)."""
-        return self.inputs.features(image)
+    def features(self, images: np.ndarray) -> list[torch.Tensor]:
+        """The images' features, as the store holds them (a features-reading run; see :class:`FeatureInputs`)."""
+        return self.inputs.features(images)
 
-    def tokens(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The text's tokens and the mask the model attends with (a features-reading run)."""
-        return self.inputs.tokens(text)
+    def tokens(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The texts' tokens and the mask the model attends with (a features-reading run)."""
+        return self.inputs.tokens(texts)
 
     def truncated(self, text: str) -> bool:
         """True when ``text`` has more tokens than the run's max_length (the rest is cut, as in extraction)."""
-        return self.inputs.truncated(text)
+        return self.inputs.truncations([text])[0]
 
-    def probabilities(self, image: np.ndarray, text: str) -> np.ndarray:
-        """float32 (num_classes, S, S) class probabilities for a uint8 (3, S, S) image and its text."""
-        return probabilities(self.model, self.inputs.sample(image, text), self.size, self.precision)[0].cpu().numpy()
+    def truncations(self, texts: Sequence[str]) -> list[bool]:
+        """:meth:`truncated` of each text."""
+        return self.inputs.truncations(texts)
+
+    def head_batch(self) -> int:
+        """Images per forward of the model: evaluate's rule (:attr:`train.models.ModelSpec.batch_size`)."""
+        return spec_of(self.config).batch_size(self.config["head"], self.size)
+
+    def group_size(self) -> int:
+        """Images :meth:`probabilities` best takes at once: whole UNet forwards of the store's batch shape
+        and whole model batches."""
+        head = self.head_batch()
+        return head * -(-self.inputs.images_per_forward() // head)
+
+    def fingerprint(self) -> str:
+        """sha256 of what the outputs depend on: the model's arguments and weights, what it reads, and the
+        key of the store its features come from (the same for a run and its exported folder)."""
+        digest = hashlib.sha256(canonical_json({
+            "head": self.config["head"], "blocks": self.config.get("blocks"), "steps": self.config.get("steps"),
+            "attend_padding": bool(self.config.get("fit", {}).get("attend_padding", False)),
+            "store": self.stage_one.key_hash}).encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def probabilities(self, images: np.ndarray, texts: str | Sequence[str], allow_empty: bool = False
+                      ) -> np.ndarray:
+        """float32 (K, S, S) class probabilities for one uint8 (3, S, S) image and its text, or (N, K, S, S) for
+        images (N, 3, S, S) and N texts: stage one for all of them (:meth:`FeatureInputs.features`), then the
+        model :meth:`head_batch` images at a time. ``allow_empty``: encode an empty text rather than refuse it."""
+        one = images.ndim == 3
+        sample = self.inputs.sample(images, texts, allow_empty)
+        n, batch = len(_batch(images)), self.head_batch()
+        out = np.concatenate([probabilities(self.model, sample.part(i, i + batch), self.size, self.precision)
+                              .cpu().numpy() for i in range(0, n, batch)])
+        return out[0] if one else out
 
     def __call__(self, image: Path, text: str, out: Path, original_size: bool = False,
                  console: Console | None = None) -> np.ndarray:
         """Segment ``image``; write the mask PNG ({0, 255}) to ``out``; return the {0, 1} uint8 mask written."""
-        img, (h, w) = read_image(Path(image), self.size, self.color_order)
+        img, hw = read_image(Path(image), self.size, self.color_order)
         if console is not None and self.truncated(text):
-            console.print(f"[yellow]note[/]: the text is longer than the run's {self.max_length} tokens "
-                          "and is truncated, as during extraction")
+            console.print(f"[yellow]note[/]: the text is longer than the run's {self.stage_one.text['max_length']} "
+                          "tokens and is truncated, as during extraction")
         mask = self.probabilities(img, text).argmax(0).astype(np.uint8)
-        if original_size and (h, w) != mask.shape:
-            mask = np.asarray(Image.fromarray(mask, "L").resize((w, h), Image.Resampling.NEAREST))
+        if original_size:
+            mask = resize_to(mask, hw, "L")
         path = mask_path(Path(out), Path(image))
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(mask * 255, "L").save(path, format="PNG")
@@ -293,12 +379,12 @@ def predict(run: Path, image: Path, text: str, out: Path, cache: Path | None = N
             *, unet: str | None = None, text_encoder: str | None = None, device: str | None = None,
             precision: str = PredictConfig.precision,
             console: Console | None = None) -> np.ndarray:
-    """Segment one new image with run ``run``; write the mask PNG ({0, 255}) to ``out`` (a file, or a
+    """Segment one new image with run ``run`` (a run folder or an exported model folder); write the mask PNG ({0, 255}) to ``out`` (a file, or a
     directory → ``<stem>_mask.png``, see :func:`mask_path`) at the store's size, or at the image's own size with
     ``original_size``; return the {0, 1} uint8 mask written.
 
     Raises FileNotFoundError naming a missing image (before any model is loaded) and
-    :class:`WeightsMismatchError` when the UNet or text encoder found differs from the run's cache key.
+    :class:`WeightsMismatchError` when the UNet or text encoder found differs from the recorded hashes.
     """
     image = Path(image)
     if not image.is_file():

@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "CHECKPOINT",
            "PER_IMAGE", "SUMMARY", "PREDICTIONS", "OVERLAYS", "CacheMismatchError", "check_cache_key", "eval_dir",
-           "evaluated", "fit_finished", "has_checkpoint", "load_checkpoint", "mark_complete", "mark_incomplete",
+           "evaluated", "evaluated_splits", "fit_finished", "has_checkpoint", "load_checkpoint", "mark_complete",
+           "mark_incomplete",
            "open_run", "read_json", "read_model_files", "remove_checkpoint", "save_checkpoint", "save_weights",
            "write_csv", "write_json", "write_model_files"]
 
@@ -52,6 +53,7 @@ PER_IMAGE = "per_image.csv"
 SUMMARY = "summary.json"
 PREDICTIONS = "predictions.npz"
 OVERLAYS = "overlays"
+EVAL_PREFIX = "eval-"
 
 
 class CacheMismatchError(ValueError):
@@ -85,7 +87,15 @@ def read_json(path: Path) -> Any:
 def eval_dir(run: Path, split: str, text: str = "as-is") -> Path:
     """Where :func:`train.evaluate.evaluate` writes the results of ``run`` on ``split`` with text mode ``text``
     (:mod:`train.textmodes`): ``eval-<split>`` for the text as it is, else ``eval-<split>-text-<mode>``."""
-    return Path(run) / (f"eval-{split}" if text == "as-is" else f"eval-{split}-text-{text}")
+    return Path(run) / (f"{EVAL_PREFIX}{split}" if text == "as-is" else f"{EVAL_PREFIX}{split}-text-{text}")
+
+
+def evaluated_splits(run: Path) -> list[str]:
+    """The splits whose plain evaluation of ``run`` (the text as it is) completed (:func:`evaluated`), sorted;
+    not the evaluations with other text (``eval-<split>-text-<mode>``, whose summary names its mode)."""
+    splits = (d.name.removeprefix(EVAL_PREFIX) for d in Path(run).glob(f"{EVAL_PREFIX}*") if d.is_dir())
+    return sorted(split for split in splits if evaluated(run, split)
+                  and read_json(eval_dir(run, split) / SUMMARY).get("text", "as-is") == "as-is")
 
 
 def mark_incomplete(run: Path) -> None:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DICOM_EXTS = (".dcm", ".dicom")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *DICOM_EXTS)
 DEFAULT_BLOCKS = {"monuseg": (6, 8, 12, 16), "qata": (4, 6, 8, 12), "folder": (6, 8, 12, 16),
                   "synthetic": (4, 6, 8)}  # valid for small UNets (12 output blocks) too
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}

@@ -68,14 +68,14 @@ class Dataset:
         """float32 (3, size, size) in [-1, 1]: :meth:`load_image_uint8` scaled for the UNet."""
         return to_unit_range(self.load_image_uint8(item, size, color_order))
 
-    def load_mask(self, item: Item, size: int) -> np.ndarray:
-        """uint8 (size, size) in {0, 1}, nearest resize."""
+    def load_mask(self, item: Item, size: int, mask_resize: str = "nearest") -> np.ndarray:
+        """uint8 (size, size) in {0, 1}, resized as ``mask_resize`` says (:func:`decoding.resize_mask`)."""
         check_prep(size, "rgb")
         if self._synthetic is not None:
             mask = self._synthetic.sample(item).mask
         else:
             mask = decode_mask(self._path(item.mask_path, item))
-        return resize_mask(np.ascontiguousarray(mask), size)
+        return resize_mask(np.ascontiguousarray(mask), size, mask_resize)
 
     def _path(self, path: Path | None, item: Item) -> Path:
         if path is None:

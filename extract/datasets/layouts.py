@@ -11,13 +11,16 @@ qata
 folder
     A generic layout; either flat::
 
-        root/images/<id>.png|jpg|jpeg|tif|tiff|bmp
+        root/images/<id>.png|jpg|jpeg|tif|tiff|bmp|dcm|dicom
         root/masks/<id>.<any of those>          same stem as the image
         root/texts.csv  or  root/texts.xlsx     columns: image, text[, split]
 
     where ``image`` is the image's file name or stem and ``split`` is train / val (or valid) / test
     (no split column: everything is ``train``); or the same three entries inside per-split
-    subfolders ``root/train/``, ``root/val/`` (or ``valid/``), ``root/test/``.
+    subfolders ``root/train/``, ``root/val/`` (or ``valid/``), ``root/test/``. DICOM files (with the
+    ``dicom`` extra) may also have no extension: ``<id>`` is then the whole file name. Each is displayed
+    as a viewer would (modality LUT, VOI LUT or window, MONOCHROME1 inverted) and taken as 8-bit grey;
+    masks in DICOM are read from their stored values.
 """
 
 from __future__ import annotations

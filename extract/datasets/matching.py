@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from extract.datasets.core import IMAGE_EXTS, SPLIT_ALIASES, SPLITS, DatasetError, Item
+from extract.datasets.decoding import is_dicom
 from extract.datasets.tables import Row
 
 
@@ -15,13 +16,15 @@ def _stem(name: str) -> str:
 
 
 def index_files(folder: Path, problems: list[tuple[Path, str]], prefix: str = "") -> dict[str, Path]:
-    """Image files in ``folder`` by stem (minus ``prefix``); a stem used twice is a problem."""
+    """Image files in ``folder`` by stem (minus ``prefix``); a stem used twice is a problem. A DICOM file
+    whose name has no image extension (``IM0001``, ``1.2.840.5``: found by its ``DICM`` marker) goes by
+    its whole name."""
     if not folder.is_dir():
         raise DatasetError(f"{folder}: folder not found")
     found: dict[str, list[Path]] = {}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTS:
-            found.setdefault(p.stem.removeprefix(prefix), []).append(p)
+        if p.is_file() and not p.name.startswith(".") and (p.suffix.lower() in IMAGE_EXTS or is_dicom(p)):
+            found.setdefault(_stem(p.name).removeprefix(prefix), []).append(p)
     for key, paths in found.items():
         if len(paths) > 1:
             problems.extend((p, f"{len(paths)} files share the stem {key!r}: {[q.name for q in paths]}") for p in paths)

@@ -68,6 +68,19 @@ def read_table(path: Path, image_column: str = "image") -> list[Row]:
     return out
 
 
+def read_column(path: Path, column: str) -> list[str]:
+    """The non-empty cells of ``column`` of a .csv / .xlsx table, in order (a table of file names, say)."""
+    rows = _read_rows(path)
+    header = [h.lower() for h in rows[0]] if rows else []
+    if column not in header:
+        raise DatasetError(f"{path}: no {column} column (header: {rows[0] if rows else 'empty'})")
+    i = header.index(column)
+    out = [r[i] for r in rows[1:] if i < len(r) and r[i]]
+    if not out:
+        raise DatasetError(f"{path}: no {column} under the header")
+    return out
+
+
 def text_table(d: Path) -> Path:
     found = [d / n for n in ("texts.csv", "texts.xlsx") if (d / n).is_file()]
     if len(found) != 1:

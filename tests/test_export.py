@@ -1,0 +1,208 @@
+"""export: a run as a model folder (config.json, model.safetensors, a Hub model card) that predicts without the
+store what the run predicts, refuses a UNet with other bytes, and loads with safetensors alone; the card's fit
+command is the run's; no torch.load without weights_only=True anywhere."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import pipeline
+from cache.errors import OptionError
+from cache.store import FeatureStore, StoreError
+from train.config import FitConfig
+from train.evaluate import evaluate
+from train.export import export_run, fit_command
+from train.fit import fit
+from train.predict import Predictor, WeightsMismatchError
+from train.predict_batch import predict_batch
+
+from helpers import quiet, tiny_store
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny store made from a copy of the fixture UNet, a run fitted on it and evaluated on test, the run
+    exported, and the store's test images as PNGs."""
+    root = tmp_path_factory.mktemp("export")
+    ckpt = root / "unet" / "adm_tiny.pt"
+    ckpt.parent.mkdir()
+    shutil.copyfile(tiny_unet / "adm_tiny.pt", ckpt)
+    store = tiny_store(tiny_unet, root / "cache", unet=ckpt, batch_size=4)
+    run = root / "run"
+    fit(FitConfig.flat(cache=store, out=run, epochs=2, dim=16, head_channels=(8, 4), pos_enc=True), console=quiet())
+    evaluate(run, overlays=False, console=quiet())
+    res = runner.invoke(pipeline.app, ["export", str(run), "--out", str(root / "model")])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().splitlines()[-1] == str(root / "model")
+    opened = FeatureStore.open(store)
+    images = root / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i, image_id in enumerate(opened.ids("test")):
+        pixels = np.asarray(opened.images("test")[i, 0].compute()).transpose(1, 2, 0)
+        Image.fromarray(np.ascontiguousarray(pixels), "RGB").save(images / f"{image_id}.png")
+    texts = root / "texts.csv"
+    texts.write_text("image,text\n" + "".join(f'{i}.png,"{t}"\n' for i, t in zip(opened.ids("test"),
+                                                                                opened.texts("test"))))
+    return {"root": root, "store": store, "run": run, "model": root / "model", "ckpt": ckpt, "images": images,
+            "texts": texts}
+
+
+def test_folder_layout_and_weights_load_with_safetensors_alone(tiny: dict) -> None:
+    from safetensors.numpy import load_file
+
+    model = tiny["model"]
+    assert sorted(p.name for p in model.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    weights = load_file(model / "model.safetensors")  # numpy only: no torch, no pickle
+    head = torch.load(tiny["run"] / "head.pt", weights_only=True)
+    assert weights.keys() == head.keys()
+    for name, tensor in head.items():
+        np.testing.assert_array_equal(weights[name], tensor.numpy(), err_msg=name)
+    config = json.loads((model / "config.json").read_text())
+    key = FeatureStore.open(tiny["store"]).key
+    assert config["format"] == "textdiff-model" and config["model"] == "textdiff"
+    assert config["head"]["pos_enc"] is True and config["blocks"] == [4, 8] and config["steps"] == [50, 250]
+    assert config["preprocessing"] == key["preprocessing"]
+    assert config["unet"] == {"source": str(tiny["ckpt"].resolve()), **key["unet"]}  # flags and sha256
+    assert config["text_encoder"] == {"source": "minilm", **key["text"]}
+    assert config["forward_batch"] == 4 and config["noise_seed"] == key["noise_seed"]
+    assert "cache" not in config and "cache" not in config["fit"] and "out" not in config["fit"]
+
+
+def test_model_card_front_matter_and_metrics(tiny: dict) -> None:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tiny["model"] / "README.md")  # a local file: the Hub's own parser of the front matter
+    data = card.data.to_dict()
+    assert data["library_name"] == "textdiff" and data["license"] == "other"
+    assert data["datasets"] == ["synthetic"] and data["pipeline_tag"] == "image-segmentation"
+    summary = json.loads((tiny["run"] / "eval-test" / "summary.json").read_text())
+    results = data["model-index"][0]["results"]
+    dice = next(r for r in results if r["metrics"][0]["type"] == "dice")
+    assert dice["dataset"]["split"] == "test" and dice["metrics"][0]["value"] == round(summary["dice"], 6)
+    text = card.text
+    assert f"{100 * summary['dice']:.2f}" in text and f"pipeline evaluate {tiny['run']} --split test" in text
+    assert "pipeline extract" in text and "--pos-enc" in text and "Intended use and limits" in text
+    config = json.loads((tiny["run"] / "config.json").read_text())
+    assert all(f"`{i}`" in text for i in config["train_ids"])
+
+
+def test_predict_model_dir_without_the_store_equals_the_run(tiny: dict, tmp_path: Path) -> None:
+    from_run = predict_batch(tiny["run"], tiny["images"], tmp_path / "run", tiny["texts"], probabilities=True,
+                             device="cpu", console=quiet())
+    store, moved = Path(tiny["store"]), tmp_path / "elsewhere.zarr"
+    shutil.move(store, moved)  # no feature store anywhere the run recorded
+    try:
+        with pytest.raises(StoreError, match="no feature store there"):
+            Predictor.from_run(tiny["run"], device="cpu")
+        from_dir = predict_batch(tiny["model"], tiny["images"], tmp_path / "dir", tiny["texts"], probabilities=True,
+                                 device="cpu", console=quiet())
+    finally:
+        shutil.move(moved, store)
+    assert from_run.written == from_dir.written == len(list(tiny["images"].iterdir()))
+    for f in sorted((tmp_path / "run").iterdir()):
+        if f.name != "predict.json":
+            assert f.read_bytes() == (tmp_path / "dir" / f.name).read_bytes(), f.name
+    # the same model: the folders' settings agree, so either may continue the other's outputs
+    assert (tmp_path / "run" / "predict.json").read_text() == (tmp_path / "dir" / "predict.json").read_text()
+
+
+def test_model_dir_refuses_a_unet_with_other_bytes(tiny: dict, tmp_path: Path) -> None:
+    altered = tmp_path / "other.pt"
+    original = tiny["ckpt"].read_bytes()
+    altered.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    recorded = json.loads((tiny["model"] / "config.json").read_text())["unet"]["weights_sha256"]
+    with pytest.raises(WeightsMismatchError, match="other.pt") as info:
+        Predictor.from_run(tiny["model"], device="cpu", unet=str(altered))
+    message = str(info.value)
+    assert recorded in message and "config.json" in message and "\n" not in message
+    res = runner.invoke(pipeline.app, ["predict", str(tiny["model"]), "--image", str(next(tiny["images"].iterdir())),
+                                       "--text", "two lesions", "--out", str(tmp_path / "m.png"), "--unet", str(altered)])
+    assert res.exit_code == 1 and res.output.strip().splitlines()[-1].startswith("error: UNet checkpoint"), res.output
+    with pytest.raises(OptionError, match="needs no store"):
+        Predictor.from_run(tiny["model"], tiny["store"], device="cpu")
+
+
+def test_push_offline_is_refused_in_one_line(tiny: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "model"
+    res = runner.invoke(pipeline.app, ["export", str(tiny["run"]), "--out", str(out), "--push", "someone/textdiff"])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: --push: HF_HUB_OFFLINE"), res.output
+    assert not out.exists()  # refused before any work
+
+
+def test_export_refuses_a_folder_that_is_not_a_model_folder(tiny: dict, tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OptionError, match="not a model folder"):
+        export_run(tiny["run"], tmp_path, console=quiet())
+    again = export_run(tiny["run"], tiny["root"] / "model-again", console=quiet())
+    assert export_run(tiny["run"], again, console=quiet()) == again  # a model folder is rewritten
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert (Path(again) / name).read_bytes() == (tiny["model"] / name).read_bytes()
+
+
+@pytest.mark.parametrize("flat", [
+    {},
+    {"model": "plain-unet", "width": 8, "depth": 2, "epochs": 3, "lr_drop_epoch": None, "augment": False},
+    {"fusion": "none", "blocks": (4,), "steps": (50, 250), "dim": 16, "head_channels": (8, 4), "norm": "batch",
+     "shared_block": False, "pos_enc": True, "attend_padding": True, "seed": 3, "train_count": 2, "lr": 3e-4,
+     "precision": "bf16", "memory_budget_gb": 1.5},
+    {"dim": 16, "text_dropout": 0.25},
+])
+def test_card_fit_command_parses_to_the_run_settings(flat: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """The card's `pipeline fit` / `baseline` command, given to the CLI, makes the very FitConfig of the run."""
+    cfg = FitConfig.flat(cache=tmp_path / "store.zarr", out=tmp_path / "run", **flat)
+    command = fit_command(cfg.to_json(), str(cfg.cache), str(cfg.out))
+    assert "Python API" not in command
+    seen = []
+    monkeypatch.setattr(pipeline, "_fit_and_report", seen.append)
+    res = runner.invoke(pipeline.app, command.split()[1:])
+    assert res.exit_code == 0, res.output
+    assert seen[0].to_json() == cfg.to_json()
+    odd = fit_command({**cfg.to_json(), "val_fraction": 0.3}, str(cfg.cache), str(cfg.out))
+    assert odd.endswith("(and, through the Python API: val_fraction=0.3)")
+
+
+def test_no_torch_load_without_weights_only_anywhere() -> None:
+    """Nothing loads a pickle: every torch.load in the repository passes weights_only=True."""
+    unsafe = []
+    files = [p for p in REPO.rglob("*.py") if not {".venv", "runs", "node_modules"} & set(p.parts)]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                ok = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                         for k in node.keywords)
+                if not ok:
+                    unsafe.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert len(files) > 50 and not unsafe, unsafe
+
+
+@pytest.mark.parametrize("flat", [{"fusion": "none", "dim": 16, "head_channels": (8, 4)},
+                                  {"model": "plain-unet", "width": 4, "depth": 2}], ids=["no-text", "plain-unet"])
+def test_every_model_kind_exports_and_predicts_as_its_run(tiny: dict, tmp_path: Path, flat: dict) -> None:
+    from extract.datasets import read_image
+
+    run = tmp_path / "run"
+    fit(FitConfig.flat(cache=tiny["store"], out=run, epochs=1, **flat), console=quiet())
+    folder = Path(export_run(run, tmp_path / "model", console=quiet()))
+    card = (folder / "README.md").read_text()
+    assert ("plain U-Net" in card) == (flat.get("model") == "plain-unet") and '--text "..."' not in card
+    image = read_image(next(tiny["images"].iterdir()), 32)[0]
+    from_run, from_dir = (Predictor.from_run(p, device="cpu") for p in (run, folder))
+    assert from_dir.encoder is None and from_dir.fingerprint() == from_run.fingerprint()
+    np.testing.assert_array_equal(from_dir.probabilities(image, ""), from_run.probabilities(image, ""))

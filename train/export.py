@@ -1,0 +1,216 @@
+"""Export a run as a model folder to share: ``pipeline export RUN --out MODEL_DIR [--push REPO_ID]``.
+
+The folder (:mod:`train.modeldir`) follows the Hugging Face Hub's model-repository layout: ``config.json``,
+``model.safetensors`` and a model card ``README.md`` whose YAML front matter (library_name, license, tags,
+datasets, metrics, pipeline_tag, model-index) the Hub reads. The card says what the model was trained on
+and how (data, protocol, training ids), its scores with the commands that made them, and its intended use
+and limits. ``pipeline predict MODEL_DIR`` needs no store: config.json records everything stage one needs,
+and the UNet and text encoder (not in the folder) are found as for a run and refused unless their sha256
+are the recorded ones. ``push`` uploads the folder with ``huggingface_hub``; offline it is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from cache.errors import OptionError, naming
+from cache.store import FeatureStore
+from extract.command import extract_command
+from extract.text import hub_offline
+from train import rundir
+from train.config import MODEL_ARGS, ExportConfig, FitConfig
+from train.modeldir import MODEL_CARD, MODEL_CONFIG, MODEL_WEIGHTS, StageOne, is_model_dir, write_model_dir
+from train.models import load_run, spec_of
+
+__all__ = ["export_run", "fit_command", "model_card", "push_model_dir"]
+
+#: what each command takes of FitConfig's flat keys besides cache and out (others: the Python API only)
+_COMMAND_KEYS = {
+    "fit": {f.name for f in fields(FitConfig)} - {"cache", "out", "model", "model_args", "val_fraction", "extra",
+                                                   "resume", "device"} | {f.name for f in fields(MODEL_ARGS["textdiff"])},
+    "baseline": {"train_count", "subset_seed", "epochs", "seed", "augment", "val_every", "precision", "batch_size",
+                 "lr", "lr_drop_epoch"} | {f.name for f in fields(MODEL_ARGS["plain-unet"])},
+}
+_NEGATED = {("fusion", "none"): "--no-text", ("shared_block", False): "--per-scale-blocks",
+            ("augment", False): "--no-augment", ("lr_drop_epoch", None): "--lr-drop-epoch 0"}
+_NAMES = {"textdiff": "TextDiff head (cross-attention on frozen diffusion features and text)",
+          "plain-unet": "plain U-Net baseline (on the images alone)"}
+
+
+def fit_command(fit: dict[str, Any], cache: str, out: str) -> str:
+    """The ``pipeline fit`` (or ``baseline``) command of a run's ``config.json`` ``fit`` entry: the options that
+    differ from the defaults; any the command line lacks are named after it, as Python keywords."""
+    cfg = FitConfig.from_json({**fit, "cache": cache, "out": out})
+    have, default = cfg.to_json(), FitConfig(cache=cfg.cache, out=cfg.out, model=cfg.model).to_json()
+    command = "baseline" if cfg.model == "plain-unet" else "fit"
+    parts, api = [f"pipeline {command} --cache {cache} --out {out}"], []
+    for key, value in have.items():
+        if key in ("cache", "out", "model") or value == default.get(key):
+            continue
+        if key not in _COMMAND_KEYS[command]:
+            api.append(f"{key}={value!r}")
+        elif not isinstance(value, list) and (key, value) in _NEGATED:
+            parts.append(_NEGATED[(key, value)])
+        elif isinstance(value, bool):
+            parts.append(f"--{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            parts.append(f"--{key.replace('_', '-')} {','.join(map(str, value))}")
+        else:
+            parts.append(f"--{key.replace('_', '-')} {value}")
+    return " ".join(parts) + (f"  (and, through the Python API: {', '.join(api)})" if api else "")
+
+
+def _shareable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.json without where things were on the machine that trained it."""
+    fit = {k: v for k, v in config.get("fit", {}).items() if k not in ("cache", "out")}
+    return {"model": spec_of(config).name,
+            **{k: v for k, v in config.items() if k not in ("cache", "device", "fit")}, "fit": fit}
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * float(value):.2f}" if value not in (None, "") else "—"
+
+
+def _card_data(config: dict[str, Any], dataset: str, scores: list[tuple[str, dict[str, Any]]]) -> str:
+    """The card's YAML front matter, as the Hub reads it (huggingface_hub's ModelCardData)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    name = f"textdiff-{spec_of(config).name}-{dataset}"
+    results = [EvalResult(task_type="image-segmentation", dataset_type=dataset, dataset_name=dataset,
+                          dataset_split=split, metric_type=metric, metric_name=label, metric_value=round(float(s[metric]), 6))
+               for split, s in scores for metric, label in (("dice", "Dice"), ("iou", "IoU"))]
+    data = ModelCardData(library_name="textdiff", license="other", license_name="unknown", datasets=[dataset],
+                         metrics=["dice", "iou"], pipeline_tag="image-segmentation",
+                         tags=["textdiff", "medical-imaging", "segmentation", "diffusion-features", "safetensors"],
+                         model_name=name, eval_results=results or None)
+    return data.to_yaml()
+
+
+def model_card(run: Path, config: dict[str, Any], stage: StageOne, store: FeatureStore, parameters: int) -> str:
+    """The model card (README.md): front matter, then the model, data, protocol, metrics with their
+    commands, how to use it, and its intended use and limits."""
+    run = Path(run)
+    spec, fit = spec_of(config), config.get("fit", {})
+    dataset = store.key["dataset"]
+    name = str(config.get("dataset") or dataset.get("name") or "unknown")
+    metrics = rundir.read_json(run / rundir.METRICS)
+    scores = [(split, rundir.read_json(rundir.eval_dir(run, split) / rundir.SUMMARY))
+              for split in rundir.evaluated_splits(run)]
+    fit_cmd = fit_command(fit, str(config.get("cache", store.path)), str(run))
+    val = config.get("val", {})
+    texts = spec.needs_text(config["head"])
+    rows = [f"| {val.get('split', 'val')} (validation, best epoch {metrics.get('best_epoch')}) | "
+            f"{_pct(metrics.get('best_val_dice'))} | {_pct(metrics.get('best_val_iou'))} | — | "
+            f"{metrics.get('n_val', '—')} | `{fit_cmd}` |"]
+    rows += [f"| {split} | {_pct(s['dice'])} ± {_pct(s['dice_std'])} | {_pct(s['iou'])} ± {_pct(s['iou_std'])} | "
+             f"{_pct(s['global_dice'])} | {s['n_images']} | `pipeline evaluate {run} --split {split}` |"
+             for split, s in scores]
+    unet, text = stage.unet, stage.text
+    reads = (f"the UNet's decoder blocks {config['blocks']} at diffusion steps {config['steps']}"
+             + (f" and the text's tokens ({text.get('source_name')}, {text['max_length']} tokens)" if texts else "")
+             if spec.reads == "features" else "the image alone")
+    usage_text = ' --text "..."' if texts else ""
+    lines = [
+        "---", _card_data(config, name, scores).rstrip(), "---", "",
+        f"# textdiff: {_NAMES.get(spec.name, spec.name)}, {name}", "",
+        f"A {_NAMES.get(spec.name, spec.name)} trained with textdiff (TextDiff: label-efficient medical image "
+        f"segmentation with text-guided diffusion features) on `{name}`; it reads {reads}, at {stage.size}×{stage.size} px. "
+        f"{parameters:,} parameters. Files: `{MODEL_CONFIG}` (what stage one and the model need), "
+        f"`{MODEL_WEIGHTS}` (the weights; no pickle), this card.", "",
+        "## Model", "",
+        f"- constructor arguments: `{json.dumps(config['head'])}`",
+        f"- preprocessing: `{json.dumps(stage.preprocessing)}`",
+    ]
+    if spec.reads == "features":
+        lines += [
+            f"- diffusion UNet (not included): `{stage.unet_source}`, sha256 `{unet['weights_sha256']}`; flags "
+            f"in `{MODEL_CONFIG}`; noise seed {stage.noise_seed}, compute dtype {stage.compute_dtype}, "
+            f"{stage.forward_batch} samples per forward",
+            f"- text encoder (not included): `{stage.text_encoder_source}` ({text.get('source_name')}), weights "
+            f"sha256 `{text['weights_sha256']}`, tokenizer sha256 `{text['tokenizer_sha256']}`, "
+            f"{text['max_length']} tokens" + ("" if texts else " (this model does not read the text)"),
+        ]
+    lines += [
+        "", "## Data", "",
+        f"- dataset `{name}` ({dataset.get('layout', 'generated')}), images per split "
+        f"`{json.dumps(dataset.get('counts', {}))}`, texts sha256 `{dataset.get('texts_sha256', '')}`",
+        f"- feature store key `{stage.key_hash[:12]}` (full hash in `{MODEL_CONFIG}`: `store_key_hash`)",
+        f"- training images ({len(config.get('train_ids', []))}, split `{config.get('train_split', 'train')}`): "
+        f"{', '.join(f'`{i}`' for i in config.get('train_ids', []))}",
+        f"- validation ({len(val.get('ids', []))} images, split `{val.get('split', '')}`): the best epoch's weights "
+        "are kept", "",
+        "## Protocol", "",
+        f"- stage one: `{extract_command(store)}`",
+        f"- stage two: `{fit_cmd}`",
+        f"- settings: `{json.dumps({k: v for k, v in fit.items() if k not in ('cache', 'out')})}`", "",
+        "## Metrics", "",
+        "Dice and IoU per image, averaged (%, ± standard deviation over images); global Dice pools all pixels.", "",
+        "| split | Dice | IoU | global Dice | images | command |", "|---|---|---|---|---|---|", *rows, "",
+        "## Use", "",
+        "```bash",
+        f"pipeline predict MODEL_DIR --image scan.png{usage_text} --out mask.png",
+        "pipeline predict MODEL_DIR --images scans/" + (" --texts texts.csv" if texts else "") + " --out masks/",
+        "```", "",
+        "`--unet PATH` / `--text-encoder NAME_OR_DIR` where the ones named above are elsewhere; one whose sha256 "
+        "differs from the recorded one is refused (its features would not be the ones the model was trained on).",
+        "",
+        "## Intended use and limits", "",
+        f"- Research on label-efficient segmentation: trained on {len(config.get('train_ids', []))} labelled "
+        f"`{name}` images; not a medical device, not validated for diagnosis or any clinical decision.",
+        f"- Inputs like the training images (modality, {stage.preprocessing.get('color_order', 'rgb').upper()}, "
+        f"resized to {stage.size} px)" + (", and texts written like the training captions: the head attends to "
+        "them, and texts unlike them (or empty) give other masks" if texts else "") + ".",
+        "- The scores above are on this dataset's splits; expect lower ones on other scanners, sites or populations.",
+        "- The license of the weights follows that of the training data and of the diffusion UNet and text encoder "
+        "used for stage one (hence `license: other`).", "",
+    ]
+    return "\n".join(lines)
+
+
+def push_model_dir(folder: Path, repo_id: str) -> str:
+    """Upload ``folder`` to the Hub model repository ``repo_id`` (created if need be); its URL. Offline
+    (HF_HUB_OFFLINE) refused, and a failed upload is one :class:`OSError` line."""
+    if hub_offline():
+        raise OptionError(f"push: HF_HUB_OFFLINE is set, so nothing can be uploaded; the model folder {folder} "
+                          "can be pushed later where a network is (push=REPO_ID)", "push")
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                          commit_message="textdiff export")
+    except Exception as e:  # noqa: BLE001 - no network, no token, no rights: one line naming the cause
+        detail = " ".join(str(e).split())[:300]
+        raise naming(OSError(f"push: uploading {folder} to the Hub repository {repo_id} failed "
+                             f"({type(e).__name__}: {detail}); the folder is written, push it again with "
+                             "push=REPO_ID"), "push") from None
+    return f"https://huggingface.co/{repo_id}"
+
+
+def export_run(run: Path, out: Path, cache: Path | str | None = ExportConfig.cache, push: str | None = ExportConfig.push,
+               console: Console | None = None) -> str:
+    """Write the model folder ``out`` of the finished run ``run`` (its store: ``cache`` or the one it recorded,
+    for the key and what made it); with ``push``, upload it to that Hub repository. Returns the folder (or
+    the repository's URL). A non-empty ``out`` that is not a model folder is refused; one is rewritten."""
+    console = console or Console(stderr=True)
+    run, out = Path(run), Path(out)
+    if push and hub_offline():  # before any work
+        push_model_dir(out, push)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_model_dir(out))):
+        raise OptionError(f"out: {out} exists and is not a model folder written by `pipeline export`; pass another "
+                          "out=DIR", "out")
+    config, model, store = load_run(run, cache, "cpu")
+    stage = StageOne.of_store(store)
+    parameters = sum(p.numel() for p in model.parameters())
+    card = model_card(run, config, stage, store, parameters)
+    write_model_dir(out, {**_shareable(config), **stage.to_json()}, model.state_dict(), card)
+    console.print(f"export: {escape(str(run))} → {escape(str(out))} ({MODEL_CONFIG}, {MODEL_WEIGHTS}, {MODEL_CARD})",
+                  highlight=False, soft_wrap=True)
+    return push_model_dir(out, push) if push else str(out)

@@ -1,0 +1,143 @@
+"""An exported model folder (``pipeline export``), laid out as a Hugging Face Hub model repository, and
+:class:`StageOne`: what made a run's features, which is all a predictor needs besides the weights.
+
+A model folder holds::
+
+    config.json        the run's config.json less its local paths (``head``, ``blocks``, ``steps``, the fit
+                       settings, dataset, training ids) and :meth:`StageOne.to_json`: the store's preprocessing,
+                       the UNet (where the store found it, its flags and sha256), the text encoder (its name,
+                       weights and tokenizer sha256, dim, max length), noise seed, compute dtype, UNet batch shape
+    model.safetensors  the model's state dict (safetensors: no pickle; ``safetensors.numpy.load_file`` reads it)
+    README.md          the model card, with the YAML front matter the Hub reads
+
+This module is the only one that names these files (as :mod:`train.rundir` names a run folder's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from train.rundir import read_json, write_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from cache.store import FeatureStore
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_CARD", "MODEL_CONFIG", "MODEL_WEIGHTS", "StageOne", "is_model_dir",
+           "read_model_dir", "write_model_dir"]
+
+FORMAT = "textdiff-model"
+FORMAT_VERSION = 1
+MODEL_CONFIG = "config.json"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CARD = "README.md"
+
+
+@dataclass(frozen=True)
+class StageOne:
+    """What made a run's features: its store's key (preprocessing, UNet, text encoder, noise seed, compute
+    dtype), the store's UNet batch shape and token width, and where the store found its UNet and text
+    encoder. Read from a store (:meth:`of_store`) or a model folder's config.json (:meth:`from_json`)."""
+
+    preprocessing: dict[str, Any]      # size, image_resize, color_order, ...
+    unet: dict[str, Any]               # flags, weights_sha256
+    text: dict[str, Any]               # source_name, weights_sha256, tokenizer_sha256, dim, max_length
+    noise_seed: int
+    compute_dtype: str
+    forward_batch: int | None          # UNet samples per forward, zero padding included (None: older stores)
+    token_dim: int
+    unet_source: str | None            # a preset name or a checkpoint path, as extract recorded it
+    text_encoder_source: str | None    # a name (minilm, ...) or a folder, as extract recorded it
+    key_hash: str                      # the store's key hash (provenance)
+    where: str                         # "store PATH" / "model folder PATH", for messages
+    recorded_by: str                   # who records the hashes, for messages
+
+    @property
+    def size(self) -> int:
+        return int(self.preprocessing["size"])
+
+    @property
+    def color_order(self) -> str:
+        return str(self.preprocessing.get("color_order", "rgb"))
+
+    @classmethod
+    def of_store(cls, store: FeatureStore) -> StageOne:
+        """A store's (its key, and what ``extract`` recorded in its attributes)."""
+        key, made = store.key, dict(store.attrs.get("extract") or {})
+        batch = store.attrs.get("forward_batch")
+        return cls(preprocessing=dict(key["preprocessing"]), unet=dict(key["unet"]), text=dict(key["text"]),
+                   noise_seed=int(key["noise_seed"]), compute_dtype=key.get("compute_dtype", "float32"),
+                   forward_batch=int(batch) if batch else None, token_dim=int(store.attrs["token_dim"]),
+                   unet_source=made.get("unet"), text_encoder_source=made.get("text_encoder"),
+                   key_hash=store.key_hash, where=f"store {store.path}", recorded_by="the run's cache key")
+
+    def to_json(self) -> dict[str, Any]:
+        """Its entries of a model folder's config.json."""
+        return {"preprocessing": self.preprocessing, "unet": {"source": self.unet_source, **self.unet},
+                "text_encoder": {"source": self.text_encoder_source, **self.text}, "noise_seed": self.noise_seed,
+                "compute_dtype": self.compute_dtype, "forward_batch": self.forward_batch,
+                "token_dim": self.token_dim, "store_key_hash": self.key_hash}
+
+    @classmethod
+    def from_json(cls, config: dict[str, Any], folder: Path) -> StageOne:
+        """From a model folder's config.json (:meth:`to_json`'s entries)."""
+        try:
+            unet, text = dict(config["unet"]), dict(config["text_encoder"])
+            return cls(preprocessing=dict(config["preprocessing"]), unet=unet, text=text,
+                       noise_seed=int(config["noise_seed"]), compute_dtype=config.get("compute_dtype", "float32"),
+                       forward_batch=config.get("forward_batch"), token_dim=int(config["token_dim"]),
+                       unet_source=unet.pop("source", None), text_encoder_source=text.pop("source", None),
+                       key_hash=config.get("store_key_hash", ""), where=f"model folder {folder}",
+                       recorded_by=f"{Path(folder) / MODEL_CONFIG}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{Path(folder) / MODEL_CONFIG}: not a textdiff model config ({e!r} missing or "
+                             f"malformed); export the run again with `pipeline export`") from None
+
+
+def is_model_dir(path: Path) -> bool:
+    """``path`` is a folder written by ``pipeline export`` (its config.json says so)."""
+    config = Path(path) / MODEL_CONFIG
+    if not config.is_file():
+        return False
+    try:
+        return read_json(config).get("format") == FORMAT
+    except ValueError:
+        return False
+
+
+def read_model_dir(path: Path) -> tuple[dict[str, Any], StageOne, dict[str, torch.Tensor]]:
+    """A model folder's config, its :class:`StageOne` and its state dict (CPU tensors, from safetensors)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not is_model_dir(path):
+        raise FileNotFoundError(f"{path / MODEL_CONFIG} not found or not a textdiff model config: is {path} a "
+                                f"`pipeline export` folder?")
+    config = read_json(path / MODEL_CONFIG)
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path / MODEL_CONFIG}: format_version {config.get('format_version')}, this textdiff "
+                         f"reads {FORMAT_VERSION}")
+    weights = path / MODEL_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: the model folder {path} is incomplete")
+    return config, StageOne.from_json(config, path), load_file(weights)
+
+
+def write_model_dir(out: Path, config: dict[str, Any], state: dict[str, torch.Tensor], card: str) -> None:
+    """Write a model folder: ``config`` (with the format marked), the weights and the card, each atomically
+    (temporary file, then rename); the config last, so that a folder without it was not finished."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MODEL_CONFIG).unlink(missing_ok=True)
+    tmp = out / (MODEL_WEIGHTS + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / MODEL_WEIGHTS)
+    tmp = out / (MODEL_CARD + ".tmp")
+    tmp.write_text(card)
+    tmp.replace(out / MODEL_CARD)
+    write_json(out / MODEL_CONFIG, {"format": FORMAT, "format_version": FORMAT_VERSION, **config})
