@@ -114,8 +114,7 @@ def test_each_text_mode_has_its_own_folder(run: Path, store_path: Path) -> None:
     before = (run / "eval-test" / rundir.SUMMARY).read_bytes()
     summaries = {mode: evaluate(run, text=mode, overlays=False, console=quiet()) for mode in ("none", "shuffled")}
     assert (run / "eval-test" / rundir.SUMMARY).read_bytes() == before  # the plain evaluation is untouched
-    assert sorted(p.name for p in run.glob("eval-*")) == ["eval-test", "eval-test-text-none",
-                                                          "eval-test-text-shuffled"]
+    assert {p.name for p in run.glob("eval-*")} >= {"eval-test", "eval-test-text-none", "eval-test-text-shuffled"}
     assert rundir.eval_dir(run, "test", "none") == run / "eval-test-text-none"
     assert tuple(plain) == SUMMARY_KEYS and plain["text"] == "as-is"
     assert tuple(summaries["none"]) == SUMMARY_KEYS and summaries["none"]["text"] == "none"
@@ -148,6 +147,42 @@ def test_none_and_shuffled_give_the_head_those_tokens(run: Path) -> None:
         np.testing.assert_array_equal(probabilities(model, sample, 32).argmax(1).numpy() != 0, saved, err_msg=mode)
     summary = rundir.read_json(rundir.eval_dir(run, "test", "shuffled") / rundir.SUMMARY)
     assert summary["text_seed"] == 4
+
+
+def test_evaluate_cli_takes_the_text_mode(run: Path) -> None:
+    res = CliRunner().invoke(pipeline.app, ["evaluate", str(run), "--text", "shuffled", "--text-seed", "3",
+                                            "--no-overlays", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["text"] == "shuffled" and summary["text_seed"] == 3
+    assert summary == rundir.read_json(run / "eval-test-text-shuffled" / rundir.SUMMARY)
+    assert "(text shuffled)" in res.stderr
+    assert error_line(["evaluate", str(run), "--text", "sideways"]).startswith("error: --text must be one of")
+
+
+def test_mirrored_reencodes_the_mirrored_text_with_the_stores_encoder(run: Path, store_path: Path) -> None:
+    """mirrored: each text with left ↔ right and top ↔ bottom swapped (extract.textviews.mirror_text), through
+    the store's own encoder at its length and rounding; the store's own texts through it give its tokens back."""
+    from extract.textviews import mirror_text
+    from train.predict import store_text_encoder
+
+    summary = evaluate(run, text="mirrored", overlays=False, console=quiet())
+    folder = run / "eval-test-text-mirrored"
+    assert summary["text"] == "mirrored" and rundir.evaluated(run, "test", "mirrored")
+    store = FeatureStore.open(store_path)
+    mirrored = [mirror_text(t, "synthetic") for t in store.texts("test")]
+    assert texts_given(folder) == mirrored and mirrored != store.texts("test")
+    encoder, length = store_text_encoder(store), int(store.key["text"]["max_length"])
+    emb, mask = encoder.encode(store.texts("test"), length)
+    np.testing.assert_allclose(emb.astype(np.float16).astype(np.float32), store.tokens("test").compute(), atol=2e-3)
+    np.testing.assert_array_equal(mask, store.token_mask("test"))
+    config, model, _ = load_run(run)
+    batch = open_split(spec_of(config), store, "test", reading_of(config)).batch([0, 1, 2])
+    emb, mask = encoder.encode(mirrored, length)
+    sample = Sample(batch.feats, torch.from_numpy(emb.astype(np.float16)).float(), torch.from_numpy(mask),
+                    batch.target)
+    saved = np.load(folder / rundir.PREDICTIONS)["pred"]
+    np.testing.assert_array_equal(probabilities(model, sample, 32).argmax(1).numpy() != 0, saved)
 
 
 def test_text_modes_are_refused_for_models_without_text(store_path: Path, tmp_path: Path, run: Path) -> None:
@@ -213,3 +248,38 @@ def test_text_dropout_withholds_the_drawn_samples_and_is_seeded(store_path: Path
     heads = {n: torch.load(tmp_path / n / rundir.WEIGHTS, weights_only=True) for n in ("a", "b", "p0")}
     assert all(torch.equal(heads["a"][k], heads["b"][k]) for k in heads["a"])          # same seed, same head
     assert not all(torch.equal(heads["a"][k], heads["p0"][k]) for k in heads["a"])    # the dropout did act
+
+
+# ---------------------------------------------------------------- on a synthetic set whose text is necessary
+
+SYNTHETIC = {"train": 32, "val": 8, "test": 32}
+
+
+def synthetic_fit(store: Path, out: Path, **kw) -> Path:
+    """A small fit that learns to read the text (the synthetic set's mask is the discs of the regions it names)."""
+    fit(FitConfig.flat(**{"cache": store, "out": out, "epochs": 30, "dim": 32, "head_channels": (8, 4),
+                          "blocks": (8,), "lr": 2e-3, **kw}), console=quiet())
+    return out
+
+
+@pytest.fixture(scope="module")
+def reads_text(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("synthetic")
+    store = tiny_store(tiny_unet, root / "cache", SYNTHETIC)
+    return {"store": store, "run": synthetic_fit(store, root / "text")}
+
+
+def dice(run: Path, text: str = "as-is") -> float:
+    """Test Dice in points."""
+    return 100 * evaluate(run, text=text, overlays=False, console=quiet())["dice"]
+
+
+@pytest.mark.slow
+def test_a_head_that_reads_its_text_fails_without_it(reads_text: dict[str, Path]) -> None:
+    """The synthetic set guarantees that the text is necessary: without it, or with another image's, the head
+    finds the discs of the wrong regions."""
+    scores = {mode: dice(reads_text["run"], mode) for mode in ("as-is", "none", "shuffled", "mirrored")}
+    print(scores)
+    assert scores["as-is"] > 60
+    assert scores["none"] < scores["as-is"] - 20 and scores["shuffled"] < scores["as-is"] - 15
+    assert scores["mirrored"] < scores["as-is"] - 10  # a text naming opposite regions (some are symmetric)
