@@ -114,6 +114,7 @@ def fit(
                                     help="One transformer block per scale instead of one shared."),
     dice_on_logits: bool = option(FitConfig, "dice_on_logits", "--dice-on-logits"),
     attend_padding: bool = option(FitConfig, "attend_padding", "--attend-padding"),
+    text_dropout: float = option(FitConfig, "text_dropout"),
     common: Optional[dict] = None,
 ) -> None:
     """Stage two: train the cross-attention and pixel classifier from the cache."""
@@ -122,7 +123,7 @@ def fit(
     cfg = FitConfig.flat(cache=cache, out=out, blocks=ints(blocks, "--blocks"), steps=ints(steps, "--steps"),
                          norm=norm, fusion="none" if no_text else fusion, pos_enc=pos_enc,
                          shared_block=not per_scale_blocks, dice_on_logits=dice_on_logits,
-                         attend_padding=attend_padding, **_flat(common or {}))
+                         attend_padding=attend_padding, text_dropout=text_dropout, **_flat(common or {}))
     _fit_and_report(cfg)
 
 
@@ -175,11 +176,16 @@ def evaluate(
     overlays: bool = option(EvaluateConfig, "overlays", "--overlays/--no-overlays"),
     device: Optional[str] = option(EvaluateConfig, "device"),
     precision: str = option(EvaluateConfig, "precision"),
+    text: str = option(EvaluateConfig, "text"),
+    text_seed: int = option(EvaluateConfig, "text_seed"),
+    text_encoder: Optional[str] = option(EvaluateConfig, "text_encoder"),
 ) -> None:
-    """Score a run on one split: per_image.csv, summary.json, predictions.npz and overlays in RUN/eval-<split>/."""
+    """Score a run on one split: per_image.csv, summary.json, predictions.npz and overlays in RUN/eval-<split>/
+    (RUN/eval-<split>-text-<mode>/ with --text none|shuffled|mirrored)."""
     from train.evaluate import evaluate_cli
 
-    evaluate_cli(run, split=split, cache=cache, overlays=overlays, device=device, precision=precision, console=err)
+    evaluate_cli(run, split=split, cache=cache, overlays=overlays, device=device, precision=precision, text=text,
+                 text_seed=text_seed, text_encoder=text_encoder, console=err)
 
 
 @app.command()

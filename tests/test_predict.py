@@ -143,6 +143,26 @@ def test_no_text_run_needs_no_text(tiny: dict, tmp_path: Path) -> None:
     np.testing.assert_allclose(p.probabilities(read_image(png, SIZE)[0], ""), want, rtol=0, atol=1e-6)
 
 
+def test_text_dropout_run_predicts_without_text(tiny: dict, predictor: Predictor, tmp_path: Path) -> None:
+    """A run fitted with text dropout takes an empty text as no text: the probabilities of its head with every
+    token withheld (``evaluate --text none``); a run fitted without dropout refuses an empty text."""
+    from helpers import quiet
+
+    run = tmp_path / "dropout"
+    fit(FitConfig.flat(cache=tiny["store"], out=run, epochs=2, dim=16, head_channels=(8, 4), text_dropout=0.5),
+        console=quiet())
+    config, head, store = load_run(run)
+    data = SplitFeatures(store, "test", config["blocks"], config["steps"])
+    p = Predictor.from_run(run, device="cpu")
+    for i in range(len(data)):
+        image = read_image(_write_png(store, "test", i, tmp_path / f"{data.ids[i]}.png"), SIZE)[0]
+        want = head_predict(head, data.batch([i]).withhold_text(), SIZE)[0].numpy()
+        np.testing.assert_allclose(p.probabilities(image, ""), want, rtol=0, atol=1e-4)
+        assert not np.allclose(p.probabilities(image, data.texts[i]), want, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="text is empty.*text dropout"):
+        predictor.probabilities(image, " ")
+
+
 def test_cli(tiny: dict, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -11,6 +11,7 @@ Module map::
     rundir.py      the run folder: file names, atomic writes, INCOMPLETE, the cache-key check
     fit.py         fit: train a registered model, keep the best epoch
     evaluate.py    evaluate: score a run on a split (per_image.csv, summary.json, overlays)
+    textmodes.py   the text a head is given: evaluate --text (as-is, none, shuffled, mirrored), fit --text-dropout
     predict.py     Predictor / predict: segment new images with a run (or an exported model folder)
     predict_batch.py  predict_batch: a folder or a table of images → masks, probabilities, predictions.csv
     modeldir.py    the exported model folder (config.json, model.safetensors, README.md) and StageOne

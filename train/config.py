@@ -23,11 +23,13 @@ from extract.config import DEVICE_HELP
 from extract.shared import option_field
 
 __all__ = ["ALIASES", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS",
-           "NORMS", "PlainUNetArgs", "TextDiffArgs", "VIEW_TEXTS", "model_name"]
+           "NORMS", "PlainUNetArgs", "TextDiffArgs", "TEXT_MODES", "VIEW_TEXTS", "model_name"]
 
 FUSIONS = ("cross-attn", "concat", "none")
 NORMS = ("image", "batch")
 VIEW_TEXTS = ("same", "rewrite", "unchanged")  # what text a cached view is trained with (FitConfig.view_text)
+#: the text an evaluation gives the head (:mod:`train.textmodes`)
+TEXT_MODES = ("as-is", "none", "shuffled", "mirrored")
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,13 @@ class EvaluateConfig:
                                         "prediction).")
     device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast for the forward passes.")
+    text: str = option_field("as-is", "The text the head is given: as-is; none (every token withheld); shuffled "
+                                      "(each image gets another image's text, seeded); mirrored (left ↔ right, "
+                                      "upper ↔ lower, re-encoded). Other than as-is: written to "
+                                      "eval-<split>-text-<mode>/.")
+    text_seed: int = option_field(0, "Seed of --text shuffled (which image gets which other image's text).")
+    text_encoder: str | None = option_field(None, "With --text mirrored: the store's text encoder, if it moved "
+                                                  "(its hashes are checked).")
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,8 @@ class PredictConfig:
     images: Path | None = option_field(None, "Many images: a folder (its image files), or a .csv/.xlsx table with "
                                              "a column image (paths relative to the table's folder).")
     text: str = option_field("", "With --image: its description (what the head attends to; not needed by --no-text "
-                                 "runs and the plain U-Net baseline).")
+                                 "runs and the plain U-Net baseline; left empty, a --text-dropout run predicts "
+                                 "without text).")
     texts: Path | None = option_field(None, "With --images: a .csv/.xlsx table with columns image, text (an image is "
                                             "matched by its path as listed, its file name or its stem); an image "
                                             "without a row gets the empty text.")
@@ -156,6 +166,9 @@ class FitConfig:
     lr_drop_epoch: int | None = option_field(60, "Multiply the learning rate by 0.1 after this epoch (authors: 60; 0 = never).")
     dice_on_logits: bool = option_field(False, "Feed raw logits to the Dice loss, as the authors' code does.")
     attend_padding: bool = option_field(False, "Let the cross-attention attend to padding tokens, as the authors' code does.")
+    text_dropout: float = option_field(0.0, "Withhold the whole text of a training sample with this probability "
+                                            "(seeded per epoch and sample), so that the head also predicts "
+                                            "without text; 0 = never (the paper). In [0, 1).")
     seed: int | None = option_field(None, "Seed of the weights, order and augmentation (default: the subset seed).")
     val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
     memory_budget_gb: float = option_field(4.0, "Hold features in memory up to this size, else stream them.")
@@ -185,6 +198,8 @@ class FitConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if self.view_text not in VIEW_TEXTS:
             raise OptionError(f"view_text must be one of {list(VIEW_TEXTS)}, got {self.view_text!r}", "view_text")
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise OptionError(f"text_dropout must lie in [0, 1), got {self.text_dropout}", "text_dropout")
 
     def to_json(self) -> dict[str, Any]:
         """The flat layout of ``config.json``'s ``fit`` entry (not ``resume`` and ``device``: how the fit ran, not

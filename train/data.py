@@ -90,6 +90,16 @@ class Sample:
         """The model's keyword arguments."""
         return {"feats": self.feats, "tokens": self.tokens, "token_mask": self.token_mask}
 
+    def withhold_text(self, withheld: torch.Tensor | None = None) -> Sample:
+        """The same sample with every token of the rows ``withheld`` ((B,) bool; None: all rows) masked out:
+        the head reads no text there (cross-attention adds nothing, concat's mean is zero). The one way
+        text is withheld: ``evaluate --text none`` and ``fit --text-dropout``."""
+        if withheld is None:
+            keep = torch.zeros_like(self.token_mask)
+        else:
+            keep = self.token_mask & ~withheld.to(self.token_mask.device, torch.bool)[:, None]
+        return Sample(self.feats, self.tokens, keep, self.target)
+
     def to(self, device: torch.device, non_blocking: bool = False) -> Sample:
         """The inputs on ``device`` (the target stays where it is)."""
         return Sample([f.to(device, non_blocking=non_blocking) for f in self.feats],
@@ -187,6 +197,7 @@ class SplitRows:
                 self._check_rows()
                 raise
         self._check_rows()
+        self.attend_padding = attend_padding
         self._token_mask = visible_tokens(self._token_mask, attend_padding)
         if "view_tokens" in self._data:
             self._view_token_mask = visible_tokens(self._view_token_mask, attend_padding)
@@ -246,6 +257,7 @@ class SplitFeatures(SplitRows):
                  attend_padding: bool = False, view_tokens: bool = False):
         self.blocks, self.steps = tuple(blocks), tuple(steps)
         self.view_tokens = view_tokens and store.view_texts(split) is not None
+        self._tokens: np.ndarray | None = None  # replace_text's tokens, else the store's
         super().__init__(store, split, indices, memory_budget, attend_padding)
 
     def _pairs(self) -> list[tuple[int, int]]:
@@ -275,13 +287,32 @@ class SplitFeatures(SplitRows):
     def batch(self, rows: Sequence[int], views: Sequence[int] | None = None) -> Sample:
         """Rows ``rows`` (positions in this selection), each at its view (default 0)."""
         views = list(views) if views is not None else [0] * len(rows)
-        if self.view_tokens:
+        if self.view_tokens and self._tokens is None:
             tokens = torch.from_numpy(np.stack([self._row("view_tokens", k, v) for k, v in zip(rows, views)])).float()
             token_mask = torch.from_numpy(self._view_token_mask[list(rows), views])
         else:
-            tokens = torch.from_numpy(np.stack([self._row("tokens", k) for k in rows])).float()
+            tokens = torch.from_numpy(np.stack([self._token_row(k) for k in rows])).float()
             token_mask = torch.from_numpy(self._token_mask[list(rows)])
         return Sample(self.features(rows, views), tokens, token_mask, self.targets(rows, views))
+
+    def _token_row(self, k: int) -> np.ndarray:
+        return self._row("tokens", k) if self._tokens is None else self._tokens[k]
+
+    def text_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every selected row's tokens (N, L, D), as stored, and the token mask the model attends with (N, L)."""
+        return np.stack([self._token_row(k) for k in range(len(self))]), self._token_mask.copy()
+
+    def replace_text(self, tokens: np.ndarray, token_mask: np.ndarray, texts: Sequence[str]) -> None:
+        """From now on row k reads ``texts[k]``: its tokens ``tokens[k]`` ((N, L, D), the store's L and D) and
+        the mask of its real tokens ``token_mask[k]`` (attended as the run attends,
+        :func:`visible_tokens`), at every view; the features and masks stay the store's (``evaluate --text``)."""
+        want = (len(self), *self._token_mask.shape[1:])
+        if tokens.shape[:2] != want or token_mask.shape != want or len(texts) != len(self):
+            raise ValueError(f"replace_text: {len(self)} rows of {want[1]} tokens expected, got tokens "
+                             f"{tokens.shape}, token_mask {token_mask.shape}, {len(texts)} texts")
+        self._tokens = np.asarray(tokens)
+        self._token_mask = visible_tokens(np.asarray(token_mask, dtype=bool), self.attend_padding)
+        self.texts = list(texts)
 
     def features(self, rows: Sequence[int], views: Sequence[int]) -> list[torch.Tensor]:
         """Per block, (B, len(steps)·C, h, w) float32: the steps concatenated on channels."""

@@ -1,9 +1,12 @@
 """Score a fitted run on one split of its store: per-image metrics, a summary, overlays.
 
-Writes ``RUN/eval-<split>/``::
+Writes ``RUN/eval-<split>/`` (``RUN/eval-<split>-text-<mode>/`` when the head is given other text than the
+image's own: ``text="none" | "shuffled" | "mirrored"``, :mod:`train.textmodes`)::
 
-    per_image.csv    id, dice, iou, intersection, pred_area, target_area, text (one row per image, store order)
-    summary.json     dice, iou, dice_std, iou_std, global_dice, n_images, split, cache_key_hash (no paths)
+    per_image.csv    id, dice, iou, intersection, pred_area, target_area, text (one row per image, store order;
+                     the text the head was given, "" for none)
+    summary.json     dice, iou, dice_std, iou_std, global_dice, n_images, split, text (the mode), cache_key_hash
+                     (no paths); text_seed too for shuffled
     predictions.npz  ids (N,) and pred (N, S, S) bool: the argmax masks the metrics were computed from
     overlays/<id>.png  image | ground truth | prediction (``overlays=True``)
 
@@ -29,11 +32,12 @@ from train.metrics import SegMetrics
 from train.models import load_run, open_split, probabilities, reading_of, spec_of
 from train.plots import overlay_png
 from train.rundir import eval_dir, write_json
+from train.textmodes import apply_text_mode, check_reads_text, check_text_mode
 
 
 __all__ = ["PER_IMAGE_COLUMNS", "SUMMARY_KEYS", "eval_dir", "evaluate", "evaluate_cli"]
 
-SUMMARY_KEYS = ("dice", "iou", "dice_std", "iou_std", "global_dice", "n_images", "split", "cache_key_hash")
+SUMMARY_KEYS = ("dice", "iou", "dice_std", "iou_std", "global_dice", "n_images", "split", "text", "cache_key_hash")
 PER_IMAGE_COLUMNS = ("id", "dice", "iou", "intersection", "pred_area", "target_area", "text")
 PROGRESS_AFTER_S = 2.0          # the bar appears only once an evaluation has run this long
 
@@ -46,8 +50,11 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
              overlays: bool = EvaluateConfig.overlays,
              console: Console | None = None, batch_size: int | None = None,
              device: str | None = EvaluateConfig.device,
-             precision: str = EvaluateConfig.precision) -> dict[str, Any]:
-    """Evaluate the run's best head on every image of ``split`` (view 0); write ``RUN/eval-<split>/``.
+             precision: str = EvaluateConfig.precision, text: str = EvaluateConfig.text,
+             text_seed: int = EvaluateConfig.text_seed,
+             text_encoder: str | None = EvaluateConfig.text_encoder) -> dict[str, Any]:
+    """Evaluate the run's best head on every image of ``split`` (view 0); write ``RUN/eval-<split>/``
+    (``RUN/eval-<split>-text-<mode>/`` with a ``text`` other than "as-is").
 
     Args:
         run: a finished ``fit`` run folder.
@@ -59,19 +66,29 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
         batch_size: images per forward pass; default the model's rule (:class:`train.models.ModelSpec`).
         device: where the model runs (:func:`extract.devices.resolve_device`; None: CUDA when present).
         precision: fp32, or bf16 / fp16 autocast for the forward passes.
+        text: the text the head is given (:data:`train.textmodes.TEXT_MODES`): "as-is" (default), "none",
+            "shuffled", "mirrored"; other than "as-is" refused for a model that reads no text.
+        text_seed: the seed of "shuffled".
+        text_encoder: with "mirrored", the store's text encoder if it moved (its hashes are checked).
 
     Returns the summary (also written to ``summary.json``).
     """
     console = console or Console(stderr=True)
     run = Path(run)
+    check_text_mode(text)
     config, model, store = load_run(run, cache, device)
     spec = spec_of(config)
+    if text != "as-is":
+        check_reads_text(spec, config["head"], f"text={text!r}", "text", f"run {run}")
     data = open_split(spec, store, split, reading_of(config))  # as the model was trained
+    apply_text_mode(data, text, store, seed=text_seed, text_encoder=text_encoder,
+                    device=str(next(model.parameters()).device))
+    texts = [""] * len(data) if text == "none" else data.texts  # what the head was given
     size = store.size
     batch = batch_size or spec.batch_size(config["head"], size)
     images = store.images(split) if overlays else None
 
-    out = eval_dir(run, split)
+    out = eval_dir(run, split, text)
     out.mkdir(parents=True, exist_ok=True)
     (out / rundir.SUMMARY).unlink(missing_ok=True)
     overlay_dir = out / rundir.OVERLAYS
@@ -92,6 +109,8 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
         for start in range(0, len(data), batch):
             rows = list(range(start, min(start + batch, len(data))))
             sample = data.batch(rows)
+            if text == "none":
+                sample = sample.withhold_text()
             pred = probabilities(model, sample, size, precision).argmax(1).cpu()
             target = sample.target.cpu()
             metrics.update(pred, target)
@@ -103,7 +122,7 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
                     image = np.asarray(images[int(data.indices[row]), 0].compute())
                     overlay_png(image, target[k].numpy(), pred[k].numpy(), overlay_dir / f"{_safe_name(image_id)}.png",
                                 title=f"{image_id} — Dice {scores[k]['dice']:.3f}, IoU {scores[k]['iou']:.3f}",
-                                text=data.texts[row])
+                                text=texts[row])
             progress.update(task, completed=rows[-1] + 1)
             if not shown and time.perf_counter() - started > PROGRESS_AFTER_S and rows[-1] + 1 < len(data):
                 progress.start()
@@ -112,15 +131,17 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
         if shown:
             progress.stop()
 
-    per_image = [{"id": image_id, **scores, "text": text}
-                 for image_id, text, scores in zip(data.ids, data.texts, metrics.per_image())]
+    per_image = [{"id": image_id, **scores, "text": given}
+                 for image_id, given, scores in zip(data.ids, texts, metrics.per_image())]
     rundir.write_csv(out / rundir.PER_IMAGE, per_image, PER_IMAGE_COLUMNS)
     np.savez_compressed(out / rundir.PREDICTIONS, ids=np.array(data.ids), pred=preds)
     # no paths: the same fit evaluated in two folders gives the same bytes
-    summary = {**metrics.aggregate(), "split": split, "cache_key_hash": store.key_hash}
+    summary = {**metrics.aggregate(), "split": split, "text": text, "cache_key_hash": store.key_hash,
+               **({"text_seed": text_seed} if text == "shuffled" else {})}
     write_json(out / rundir.SUMMARY, summary)
     pct = {k: 100 * summary[k] for k in ("dice", "dice_std", "iou", "iou_std", "global_dice")}
-    console.print(f"evaluate {split}: {summary['n_images']} images, Dice {pct['dice']:.2f} ± {pct['dice_std']:.2f} %, "
+    mode = "" if text == "as-is" else f" (text {text})"
+    console.print(f"evaluate {split}{mode}: {summary['n_images']} images, Dice {pct['dice']:.2f} ± {pct['dice_std']:.2f} %, "
                   f"IoU {pct['iou']:.2f} ± {pct['iou_std']:.2f} %, global Dice {pct['global_dice']:.2f} % → {out}",
                   highlight=False)
     return summary

@@ -5,7 +5,8 @@ the authors' code), batch 1, CE + 1.5 Dice,
 the model's own weight init; augmentation samples the cached dihedral views when the store has them
 (p = 0.5 identity, else one of the 8 views uniformly, as the authors' random rot90 + flip), each with the
 text ``view_text`` says (:func:`view_choices`: the image's, the view's own, or only views whose own text is
-the image's). The same
+the image's). With ``text_dropout`` p, each training sample's text is withheld with probability p, drawn
+from (seed, epoch, sample) (:mod:`train.textmodes`); validation always gives the text. The same
 config and seed give bit-identical weights and metrics on a CPU. Each epoch ends with a checkpoint in
 the run folder; ``resume`` continues a killed fit from it, bit-identically (:mod:`train.resume`). Which
 model, what it reads and how it is built come from the registry (:mod:`train.models`); the run folder
@@ -38,6 +39,7 @@ from train.models import logits, model_spec, open_split, probabilities
 from train.plots import loss_curve_png
 from train.resume import FitState, checkpoint_state, finished, pause_after, restore, resumable
 from train.rundir import write_json
+from train.textmodes import check_reads_text, dropped
 
 __all__ = ["FitConfig", "fit", "validate"]
 
@@ -133,6 +135,8 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     seed = cfg.subset_seed if cfg.seed is None else cfg.seed
     torch.manual_seed(seed)
     model = spec.build(cfg.model_args, train, store)
+    if cfg.text_dropout:
+        check_reads_text(spec, model.config, f"text_dropout={cfg.text_dropout}", "text_dropout")
     model.init_weights()  # on the CPU: the same initial weights on every device
     model.to(device)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -156,7 +160,8 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
                   f"({'in memory' if train.in_memory else 'streamed'}), "
                   f"validation on {len(val)} {val_split} images; {train.describe()}"
                   f"{'' if cfg.view_text == 'same' else f' (view text: {cfg.view_text})'}; "
-                  f"{sum(p.numel() for p in model.parameters()):,} parameters; {device}, {cfg.precision}")
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters; {device}, {cfg.precision}"
+                  f"{f'; text withheld with p = {cfg.text_dropout}' if cfg.text_dropout else ''}")
 
     progress = stage_progress(console, "fit", "epochs")
     with progress:
@@ -168,8 +173,11 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
             chunks = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
             batches = [(rows, _views(rng, rows, train.views, cfg.augment, choices)) for rows in chunks]
             feed = Feed(train, batches, device)
+            withheld = dropped(seed, epoch, len(train), cfg.text_dropout) if cfg.text_dropout else None
             losses = []
-            for sample, target in feed:
+            for (rows, _), (sample, target) in zip(batches, feed):
+                if withheld is not None:
+                    sample = sample.withhold_text(withheld[rows])
                 with precision_context(device, cfg.precision):
                     scores_map = logits(model, sample, size)
                 loss = segmentation_loss(scores_map.float(), target, dice_on_logits=cfg.dice_on_logits)

@@ -33,6 +33,7 @@ from rich.console import Console
 
 from cache.errors import OptionError
 from cache.key import canonical_json
+from cache.store import FeatureStore
 from extract.checkpoints import UNetNotFoundError, UNetSource, resolve_unet
 from extract.datasets import read_image
 from extract.diffusion import shared_noise
@@ -46,7 +47,8 @@ from train.modeldir import StageOne, is_model_dir
 from train.models import load_model_dir, load_run, probabilities, spec_of
 
 
-__all__ = ["FeatureInputs", "ImageInputs", "Predictor", "WeightsMismatchError", "mask_path", "predict", "resize_to"]
+__all__ = ["FeatureInputs", "ImageInputs", "Predictor", "WeightsMismatchError", "mask_path", "predict", "resize_to",
+           "store_text_encoder"]
 
 _MISMATCH = "features computed with it would not match the ones the head was trained on"
 
@@ -106,6 +108,13 @@ def _load_checked_encoder(spec: str | None, stage: StageOne, device: str) -> Tex
     return encoder
 
 
+def store_text_encoder(store: FeatureStore, text_encoder: str | None = None, device: str = "cpu") -> TextEncoder:
+    """The text encoder that made ``store`` (``text_encoder``, if it moved; else the one the store recorded),
+    refused unless its weights and tokenizer are the ones its key records."""
+    stage = StageOne.of_store(store)
+    return _load_checked_encoder(text_encoder or stage.text_encoder_source, stage, device)
+
+
 def _target(n: int, size: int) -> torch.Tensor:
     return torch.zeros(n, size, size, dtype=torch.long)  # no ground truth for a new image
 
@@ -122,7 +131,9 @@ def _texts(texts: str | Sequence[str]) -> list[str]:
 @dataclass
 class FeatureInputs:
     """New images as a features-reading model takes them: their features from the run's UNet, their texts
-    through the run's encoder (None when the model takes no text), the run's token mask."""
+    through the run's encoder (None when the model takes no text), the run's token mask. ``text_optional``:
+    the run was fitted with text dropout, so an empty text means no text (every token withheld, as
+    ``evaluate --text none``)."""
 
     extractor: FeatureExtractor
     encoder: TextEncoder | None
@@ -132,6 +143,7 @@ class FeatureInputs:
     token_dim: int
     pad_to: int | None
     attend_padding: bool
+    text_optional: bool = False
 
     @classmethod
     def for_run(cls, config: dict[str, Any], stage: StageOne, unet: str | None, text_encoder: str | None,
@@ -148,7 +160,8 @@ class FeatureInputs:
         return cls(extractor=extractor, encoder=encoder, blocks=tuple(int(b) for b in config["blocks"]),
                    steps=tuple(int(s) for s in config["steps"]), max_length=int(stage.text["max_length"]),
                    token_dim=stage.token_dim, pad_to=stage.forward_batch,
-                   attend_padding=bool(config.get("fit", {}).get("attend_padding", False)))
+                   attend_padding=bool(config.get("fit", {}).get("attend_padding", False)),
+                   text_optional=float(config.get("fit", {}).get("text_dropout", 0.0)) > 0)
 
     def images_per_forward(self) -> int:
         """Images whose steps fill one UNet forward of the store's batch shape."""
@@ -186,7 +199,8 @@ class FeatureInputs:
             emb = np.zeros((len(texts), self.max_length, self.token_dim), dtype=np.float16)
             mask = np.zeros((len(texts), self.max_length), dtype=bool)
         elif not allow_empty and not all(t.strip() for t in texts):
-            raise ValueError("the text is empty, but this run's head attends to the text")
+            raise ValueError("the text is empty, but this run's head attends to the text (a run fitted with "
+                             "text dropout predicts without it)")
         else:
             emb, mask = self.encoder.encode(texts, self.max_length)
         return (torch.from_numpy(emb.astype(np.float16)).float(),
@@ -199,9 +213,12 @@ class FeatureInputs:
         return [n > self.max_length for n in self.encoder.token_counts(list(texts))]
 
     def sample(self, images: np.ndarray, texts: str | Sequence[str], allow_empty: bool = False) -> Sample:
-        """The model's input for uint8 images (N, 3, S, S) (or one) and their texts."""
-        images = _batch(images)
-        return Sample(self.features(images), *self.tokens(texts, allow_empty), _target(len(images), images.shape[-1]))
+        """The model's input for uint8 images (N, 3, S, S) (or one) and their texts; a ``text_optional`` run
+        reads an empty text as no text (:meth:`train.data.Sample.withhold_text`)."""
+        images, texts = _batch(images), _texts(texts)
+        sample = Sample(self.features(images), *self.tokens(texts, allow_empty or self.text_optional),
+                        _target(len(images), images.shape[-1]))
+        return sample.withhold_text(torch.tensor([not t.strip() for t in texts])) if self.text_optional else sample
 
 
 @dataclass

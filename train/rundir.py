@@ -13,6 +13,7 @@ A run folder (``pipeline fit`` / ``pipeline baseline``) holds::
     checkpoint.pt    while a fit runs: its state after the last finished epoch (``fit --resume``); removed
                      once the fit finishes
     eval-<split>/    per_image.csv, summary.json (written last), predictions.npz, overlays/<id>.png
+    eval-<split>-text-<mode>/   the same, the head given other text (``evaluate --text none|shuffled|mirrored``)
 
 This module is the only one that names these files; everything else asks it for a path. It imports
 no model: :func:`train.models.load_run` rebuilds a run's model from what :func:`open_run` reads.
@@ -83,15 +84,18 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def eval_dir(run: Path, split: str) -> Path:
-    """Where :func:`train.evaluate.evaluate` writes the results of ``run`` on ``split``."""
-    return Path(run) / f"{EVAL_PREFIX}{split}"
+def eval_dir(run: Path, split: str, text: str = "as-is") -> Path:
+    """Where :func:`train.evaluate.evaluate` writes the results of ``run`` on ``split`` with text mode ``text``
+    (:mod:`train.textmodes`): ``eval-<split>`` for the text as it is, else ``eval-<split>-text-<mode>``."""
+    return Path(run) / (f"{EVAL_PREFIX}{split}" if text == "as-is" else f"{EVAL_PREFIX}{split}-text-{text}")
 
 
 def evaluated_splits(run: Path) -> list[str]:
-    """The splits whose evaluation of ``run`` completed (:func:`evaluated`), sorted."""
+    """The splits whose plain evaluation of ``run`` (the text as it is) completed (:func:`evaluated`), sorted;
+    not the evaluations with other text (``eval-<split>-text-<mode>``, whose summary names its mode)."""
     splits = (d.name.removeprefix(EVAL_PREFIX) for d in Path(run).glob(f"{EVAL_PREFIX}*") if d.is_dir())
-    return sorted(split for split in splits if evaluated(run, split))
+    return sorted(split for split in splits if evaluated(run, split)
+                  and read_json(eval_dir(run, split) / SUMMARY).get("text", "as-is") == "as-is")
 
 
 def mark_incomplete(run: Path) -> None:
@@ -111,9 +115,10 @@ def fit_finished(run: Path) -> bool:
     return (Path(run) / METRICS).is_file() and not (Path(run) / INCOMPLETE).exists()
 
 
-def evaluated(run: Path, split: str) -> bool:
-    """A finished fit whose evaluation on ``split`` completed (its ``summary.json`` is written last)."""
-    return fit_finished(run) and (eval_dir(run, split) / SUMMARY).is_file()
+def evaluated(run: Path, split: str, text: str = "as-is") -> bool:
+    """A finished fit whose evaluation on ``split`` (with text mode ``text``) completed (its ``summary.json``
+    is written last)."""
+    return fit_finished(run) and (eval_dir(run, split, text) / SUMMARY).is_file()
 
 
 def check_cache_key(run: Path, store: FeatureStore) -> None:
