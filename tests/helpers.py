@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,28 @@ def tiny_store(adm: Path, cache_dir: Path, counts: dict[str, int] | None = None,
                         blocks=(4, 8), cache_dir=cache_dir, dataset_options={"counts": counts or TINY_COUNTS},
                         **options)
     return run_extract(cfg, console=quiet())
+
+
+def tiny_store_own_unet(adm: Path, root: Path, **options: Any) -> tuple[Path, Path]:
+    """A tiny store (batch 4) made from a copy of the tiny UNet's checkpoint in ``root/unet`` (so that a test
+    can alter its bytes), under ``root/cache``; returns (store, checkpoint)."""
+    ckpt = root / "unet" / "adm_tiny.pt"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copyfile(adm / "adm_tiny.pt", ckpt)
+    return tiny_store(adm, root / "cache", unet=ckpt, batch_size=4, **options), ckpt
+
+
+def error_line(args: list[str]) -> str:
+    """The one ``error:`` line of a failing ``pipeline`` command (exit 1, no traceback)."""
+    from typer.testing import CliRunner
+
+    import pipeline
+
+    res = CliRunner().invoke(pipeline.app, args)
+    assert res.exit_code == 1 and "Traceback" not in res.stderr, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, res.stderr
+    return lines[0]
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:

@@ -5,24 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-import pipeline
 from cache import gc_candidates
 from cache.errors import OptionError, naming
 from cli_support import in_flags
 from extract.config import ExtractConfig, PretrainConfig
 from extract.pretrain import pretrain
 from extract.run import run_extract
-from helpers import quiet
+from helpers import error_line, quiet
 
-
-def error_line(args: list[str]) -> str:
-    res = CliRunner().invoke(pipeline.app, args)
-    assert res.exit_code == 1 and "Traceback" not in res.stderr, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.stderr
-    return lines[0]
 
 
 def test_extract_names_store_format(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from train.fit import fit
 from train.predict import Predictor, WeightsMismatchError
 from train.predict_batch import predict_batch
 
-from helpers import quiet, tiny_store
+from helpers import quiet, tiny_store_own_unet
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -35,10 +35,7 @@ def tiny(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny store made from a copy of the fixture UNet, a run fitted on it and evaluated on test, the run
     exported, and the store's test images as PNGs."""
     root = tmp_path_factory.mktemp("export")
-    ckpt = root / "unet" / "adm_tiny.pt"
-    ckpt.parent.mkdir()
-    shutil.copyfile(tiny_unet / "adm_tiny.pt", ckpt)
-    store = tiny_store(tiny_unet, root / "cache", unet=ckpt, batch_size=4)
+    store, ckpt = tiny_store_own_unet(tiny_unet, root)
     run = root / "run"
     fit(FitConfig.flat(cache=store, out=run, epochs=2, dim=16, head_channels=(8, 4), pos_enc=True), console=quiet())
     evaluate(run, overlays=False, console=quiet())

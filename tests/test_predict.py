@@ -21,17 +21,14 @@ from train.predict import Predictor, WeightsMismatchError, predict
 
 SIZE = 32
 
-from helpers import tiny_store
+from helpers import tiny_store_own_unet
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny store made from a copy of the fixture UNet (so a test can alter its bytes), and a run fitted on it."""
     root = tmp_path_factory.mktemp("predict")
-    ckpt = root / "unet" / "adm_tiny.pt"
-    ckpt.parent.mkdir()
-    shutil.copyfile(tiny_unet / "adm_tiny.pt", ckpt)
-    store = tiny_store(tiny_unet, root / "cache", unet=ckpt, batch_size=4)
+    store, ckpt = tiny_store_own_unet(tiny_unet, root)
     run = root / "run"
     fit(FitConfig.flat(cache=store, out=run, epochs=2, dim=16, head_channels=(8, 4), train_count=None))
     return {"root": root, "store": store, "run": run, "ckpt": ckpt}

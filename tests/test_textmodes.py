@@ -23,7 +23,7 @@ from train.models import load_run, open_split, probabilities, reading_of, spec_o
 from train.report import results_table
 from train.textmodes import derangement, dropped
 
-from helpers import quiet, tiny_store
+from helpers import error_line, quiet, tiny_store
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +41,6 @@ def run(store_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     fit(tiny_fit(store_path, out), console=quiet())
     return out
 
-
-def error_line(args: list[str]) -> str:
-    """The one ``error:`` line of a failing ``pipeline`` command."""
-    res = CliRunner().invoke(pipeline.app, args)
-    assert res.exit_code == 1 and "Traceback" not in res.stderr, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, res.stderr
-    return lines[0]
 
 
 def texts_given(folder: Path) -> list[str]:
