@@ -71,7 +71,8 @@ def remove_local(path: Path) -> None:
 
 @dataclass(frozen=True)
 class Spec:
-    """One array: shape, chunks, dtype, fill value, shuffle mode (None: uncompressed), dimension names."""
+    """One array: shape, chunks, dtype, fill value, shuffle mode (None: uncompressed), dimension names, and
+    zarr's blosc compressor with its level (HDF5 uses deflate whatever it says)."""
 
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
@@ -79,6 +80,8 @@ class Spec:
     fill: Any
     shuffle: str | None
     dims: tuple[str, ...]
+    cname: str = "zstd"
+    clevel: int = 3
 
 
 class Backend:
@@ -184,7 +187,8 @@ class ZarrBackend(Backend):
         return self._names(rel, directories=True)
 
     def create(self, rel: str, spec: Spec) -> None:
-        compressors = None if spec.shuffle is None else BloscCodec(cname="zstd", clevel=3, shuffle=spec.shuffle)
+        compressors = (None if spec.shuffle is None
+                       else BloscCodec(cname=spec.cname, clevel=spec.clevel, shuffle=spec.shuffle))
         try:
             self._root.create_array(rel, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype,
                                     fill_value=spec.fill, compressors=compressors,
@@ -196,7 +200,10 @@ class ZarrBackend(Backend):
         arr = self._arrays.get(rel)
         if arr is None:
             arr = zarr.open_array(self._root.store, path=rel, mode="r" if self.read_only else "r+", zarr_format=3)
-            arr = self._arrays[rel] = arr.with_config({"write_empty_chunks": False})
+            # flags: a chunk file exists exactly when set, so writing False (the fill) removes it. Float arrays
+            # are only ever written finite, never their NaN fill: skip zarr's per-chunk fill comparison
+            # (a full comparison pass per chunk, costlier than compressing it with lz4)
+            arr = self._arrays[rel] = arr.with_config({"write_empty_chunks": arr.dtype.kind == "f"})
         return arr
 
     def flags(self, rel: str, n: int) -> np.ndarray:

@@ -110,7 +110,7 @@ def execute(prepared: Prepared, extractor: FeatureExtractor, tokens: dict, cfg: 
                 x0 = torch.from_numpy(to_unit_range(np.stack([pending(j).imgs[v] for j, v, _ in chunk])))
                 t = torch.tensor([s for _, _, s in chunk])
                 blocks = sorted({b for j, _, _ in chunk for _, b in jobs[j].pairs})
-                out = extractor.samples(x0, t, blocks, pad_to=batch)
+                out = extractor.samples(x0, t, blocks, pad_to=batch, dtype=torch.float16)
                 for n, (j, v, s) in enumerate(chunk):
                     p = assembling[j]
                     for (ps, b), buf in p.feats.items():

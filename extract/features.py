@@ -34,9 +34,10 @@ class FeatureExtractor:
         return self.unet.output_block_shapes(self.noise.shape[-1])
 
     @torch.no_grad()
-    def samples(self, x0: torch.Tensor, t: torch.Tensor, blocks: Sequence[int], pad_to: int | None = None
-                ) -> dict[int, torch.Tensor]:
-        """{block: float32 CPU tensor (N, C, h, w)} for N samples x0 (N, 3, S, S) at steps t (N,).
+    def samples(self, x0: torch.Tensor, t: torch.Tensor, blocks: Sequence[int], pad_to: int | None = None,
+                dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
+        """{block: CPU tensor (N, C, h, w)} for N samples x0 (N, 3, S, S) at steps t (N,), in ``dtype``:
+        float32, or float16 rounded from float32 on the device (the store's rounding: half the bytes to copy).
 
         With ``pad_to``, the batch is zero-padded to that many samples: every forward pass then has
         the same shape, which makes each sample's result bitwise independent of its batch neighbours.
@@ -63,7 +64,7 @@ class FeatureExtractor:
         finally:
             for h in hooks:
                 h.remove()
-        return {k: captured[k][:n].float().cpu() for k in blocks}
+        return {k: captured[k][:n].float().to(dtype).cpu() for k in blocks}
 
     def __call__(self, x0: torch.Tensor, steps: Sequence[int], blocks: Sequence[int]
                  ) -> dict[tuple[int, int], torch.Tensor]:

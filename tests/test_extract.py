@@ -52,13 +52,29 @@ def test_store_holds_exactly_the_extractor_features(cfg: ExtractConfig, tiny_une
     item = ds.by_split("val")[1]
     x0 = torch.from_numpy(ds.load_image(item, 32))[None]
     unet = load_unet(tiny_unet / "adm_tiny.pt", tiny_unet / "adm_tiny_flags.json")
-    feats = FeatureExtractor(unet, shared_noise(32, 40), device="cpu")(x0, [50, 250], [4, 8])
+    # the extraction's batch shape (batch_size 4, zero-padded) makes the float32 result bitwise reproducible
+    feats = FeatureExtractor(unet, shared_noise(32, 40), device="cpu").samples(x0, torch.tensor([250]), [8], pad_to=4)
     got = store.features("val", 250, 8)[1, 0].compute()
     assert got.dtype == np.float16 and got.shape == (32, 32, 32)
-    np.testing.assert_allclose(got.astype(np.float32), feats[(250, 8)][0].numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(got, feats[8][0].numpy().astype(np.float16))  # numpy's rounding, exactly
     np.testing.assert_array_equal(store.masks("val")[1, 0].compute(), ds.load_mask(item, 32))
     assert store.texts("val")[1] == item.text and store.ids("val")[1] == item.id
     assert store.token_mask("val")[1].sum() > 3
+
+
+def test_float16_rounding_on_the_device_is_numpys() -> None:
+    """samples(dtype=float16) rounds in torch; the store (and every earlier store) holds numpy's rounding:
+    the same IEEE round-to-nearest-even, ties, subnormals, overflow to inf and NaN included."""
+    tiny = np.float32(2.0 ** -24)  # the smallest float16 subnormal
+    special = np.array([0.0, -0.0, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 65504.0, 65520.0, 1e6, -1e6, tiny / 2,
+                        tiny * 1.5, 6.1e-5, np.inf, -np.inf, np.nan], np.float32)
+    x = np.concatenate([special, np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
+                        * 10.0 ** np.random.default_rng(1).integers(-9, 6, 100_000)]).astype(np.float32)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    got = torch.from_numpy(x).to(torch.float16).numpy()
+    np.testing.assert_array_equal(got.view(np.uint16)[~np.isnan(want)], want.view(np.uint16)[~np.isnan(want)])
+    assert np.isnan(got[np.isnan(want)]).all()
 
 
 def test_rerun_computes_nothing(cfg: ExtractConfig, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,9 +100,9 @@ def test_adding_a_block_computes_only_that_block(cfg: ExtractConfig, monkeypatch
     asked: list[tuple] = []
     real_samples = FeatureExtractor.samples
 
-    def spy(self, x0, t, blocks, pad_to=None):
+    def spy(self, x0, t, blocks, **kwargs):
         asked.append(tuple(blocks))
-        return real_samples(self, x0, t, blocks, pad_to)
+        return real_samples(self, x0, t, blocks, **kwargs)
 
     monkeypatch.setattr(FeatureExtractor, "samples", spy)
     assert run_extract(replace(cfg, blocks=(4, 8, 2))) == path

@@ -179,16 +179,15 @@ class FeatureInputs:
         out: dict[int, list[torch.Tensor]] = {b: [] for b in self.blocks}
         for start in range(0, n * k, chunk):
             got = self.extractor.samples(x0[start:start + chunk], t[start:start + chunk], self.blocks,
-                                         pad_to=self.pad_to)
+                                         pad_to=self.pad_to, dtype=torch.float16)  # the store's rounding
             for b in self.blocks:
                 out[b].append(got[b])
         feats = []
         for b in self.blocks:
-            with np.errstate(over="ignore", invalid="ignore"):
-                f16 = np.asarray(torch.cat(out[b]).numpy(), dtype=np.float16)  # the store's rounding
-            if not np.isfinite(f16).all():
+            f16 = torch.cat(out[b])
+            if not torch.isfinite(f16).all():
                 raise ValueError(f"features of block {b} are not finite in float16 (overflow or NaN)")
-            feats.append(torch.from_numpy(f16.reshape(n, k * f16.shape[1], *f16.shape[2:])).float())
+            feats.append(f16.reshape(n, k * f16.shape[1], *f16.shape[2:]).float())
         return feats
 
     def tokens(self, texts: str | Sequence[str], allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
