@@ -57,7 +57,8 @@ class _Pending:
 def execute(prepared: Prepared, extractor: FeatureExtractor, tokens: dict, cfg: ExtractConfig, console: Console,
             on_batch: Callable[[int], None] | None = None) -> None:
     """Write ``prepared.jobs``: samples (image, view, step) go through the UNet ``batch`` at a time, the
-    last batch zero-padded; reading runs ahead on one thread, writing behind on another."""
+    last batch zero-padded; reading runs ahead on one thread, writing behind on another: the images a batch
+    completes are written during the next batch's forward (waiting for them only before the one after)."""
     store, ds, jobs, views, batch = prepared.store, prepared.ds, prepared.jobs, prepared.views, prepared.batch
     shapes = extractor.block_shapes()
     samples = [(j, v, s) for j, job in enumerate(jobs) for s in sorted({s for s, _ in job.pairs})
@@ -85,10 +86,13 @@ def execute(prepared: Prepared, extractor: FeatureExtractor, tokens: dict, cfg: 
         with progress:
             task = progress.add_task(f"{ds.name} → {store.name}", total=len(jobs))
 
+            def drain(keep: int) -> None:
+                """Wait for the oldest queued writes until ``keep`` remain (bounds the memory they hold)."""
+                while len(writes) > keep:
+                    writes.pop(0).result()
+
             def flush(p: _Pending) -> None:
                 nonlocal n_written
-                while len(writes) >= 2:  # bound the memory held by queued writes
-                    writes.pop(0).result()
                 writes.append(writer.submit(p.write, store, tokens))
                 writes[-1].add_done_callback(lambda _f: progress.advance(task, 1))
                 n_written += 1
@@ -105,7 +109,11 @@ def execute(prepared: Prepared, extractor: FeatureExtractor, tokens: dict, cfg: 
                 if not job.pairs:
                     flush(pending(j))
                     del assembling[j]
+                    drain(2)
+            last_batch = 0  # writes queued by the previous batch: they overlap this batch's forward
             for start in range(0, len(samples), batch):
+                drain(last_batch)
+                queued = len(writes)
                 chunk = samples[start:start + batch]
                 x0 = torch.from_numpy(to_unit_range(np.stack([pending(j).imgs[v] for j, v, _ in chunk])))
                 t = torch.tensor([s for _, _, s in chunk])
@@ -119,6 +127,7 @@ def execute(prepared: Prepared, extractor: FeatureExtractor, tokens: dict, cfg: 
                     p.remaining -= 1
                     if p.remaining == 0:
                         flush(assembling.pop(j))
+                last_batch = len(writes) - queued
             for f in writes:
                 f.result()
     finally:
