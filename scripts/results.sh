@@ -7,11 +7,14 @@
 # Usage: [SIZE=128] [EPOCHS=100] [SEEDS="0 1 2"] [FLAGS=cpu-64] [BLOCKS=4,6,8] [DIM=768] [AUGMENT=d4]
 #        [PRETRAIN_ITER=5000] [UNET=folder|checkpoint|name] [TEXT=minilm] [WIDTH=64] [SWEEP= (empty: no Fig. 3 sweep)]
 #        [SCHEDULER=local:N|tcp://HOST:PORT (the sweep's fits as dask tasks)]
+#        [METHODS="textdiff notext concat unet"] [DROPOUT="0.25 0.5"] [TEXT_MODES="none shuffled mirrored"]
 #        scripts/results.sh monuseg|qata [OUT]
 # Without UNET, a domain UNet is pretrained into OUT/unet-pretrained first; with it (e.g. UNET=adm-imagenet-256
 # TEXT=bioclinicalbert SIZE=256 BLOCKS=6,8,12,16 DIM=768: the paper's encoders), that UNet is used as it is.
-# Writes OUT/<method>-<seed>/ run folders (each with eval-test/), OUT/sweep/ (Fig. 3, monuseg) and
-# OUT/table.md (scripts/results_table.py). Everything resumes: re-running skips finished work.
+# Writes OUT/<method>-<seed>/ run folders (each with eval-test/), OUT/textdrop<P>-<seed>/ (TextDiff fitted with
+# --text-dropout P, for each P in DROPOUT), each text-reading run also scored with every --text mode in TEXT_MODES
+# (eval-test-text-<mode>/: how much it relies on its text), OUT/sweep/ (Fig. 3, monuseg) and OUT/table.md
+# (scripts/results_table.py). Everything resumes: re-running skips finished work.
 set -euo pipefail
 DATASET=${1:?usage: scripts/results.sh monuseg|qata [OUT]}
 OUT=${2:-runs/results/$DATASET}
@@ -24,6 +27,7 @@ P=${PIPELINE:-pipeline}
 SIZE=${SIZE:-128}; EPOCHS=${EPOCHS:-100}; SEEDS=${SEEDS:-0 1 2}; FLAGS=${FLAGS:-cpu-64}
 BLOCKS=${BLOCKS:-4,6,8}; DIM=${DIM:-768}; AUGMENT=${AUGMENT:-d4}; WIDTH=${WIDTH:-64}
 TEXT=${TEXT:-minilm}
+METHODS=${METHODS:-textdiff notext concat unet}; DROPOUT=${DROPOUT-0.25 0.5}; TEXT_MODES=${TEXT_MODES-none shuffled mirrored}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 if [ -z "${UNET:-}" ]; then
@@ -34,25 +38,29 @@ fi
 store=$($P extract --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --unet "$UNET" --text-encoder "$TEXT" \
         --blocks "$BLOCKS" --augment "$AUGMENT" --cache-dir "$OUT/cache" | tail -1)
 
-done_run() { python3 "$(dirname "$0")/../train/rundir.py" evaluated "$1" test; }  # fit finished, test scored
+done_run() { python3 "$(dirname "$0")/../train/rundir.py" evaluated "$1" test ${2:+"$2"}; }  # fit done, test scored
 for seed in $SEEDS; do
   common=(--cache "$store" --subset-seed "$seed" --epochs "$EPOCHS")
-  for method in textdiff notext concat; do
+  runs=()  # this subset's runs that read text: scored again under each text mode
+  for method in $METHODS $(for p in $DROPOUT; do echo "textdrop$p"; done); do
     run="$OUT/$method-$seed"
-    done_run "$run" && continue
     case $method in
-      textdiff) extra=() ;;
-      notext) extra=(--no-text) ;;
-      concat) extra=(--fusion concat) ;;
+      textdiff) fit=(fit --dim "$DIM"); runs+=("$run") ;;
+      notext) fit=(fit --dim "$DIM" --no-text) ;;
+      concat) fit=(fit --dim "$DIM" --fusion concat) ;;
+      unet) fit=(baseline --width "$WIDTH") ;;
+      textdrop*) fit=(fit --dim "$DIM" --text-dropout "${method#textdrop}"); runs+=("$run") ;;
+      *) echo "unknown method $method (textdiff, notext, concat, unet)" >&2; exit 2 ;;
     esac
-    $P fit "${common[@]}" --dim "$DIM" "${extra[@]}" --out "$run" > /dev/null
+    done_run "$run" && continue
+    $P "${fit[@]}" "${common[@]}" --out "$run" > /dev/null
     $P evaluate "$run" > /dev/null
   done
-  run="$OUT/unet-$seed"
-  if ! done_run "$run"; then
-    $P baseline "${common[@]}" --width "$WIDTH" --out "$run" > /dev/null
-    $P evaluate "$run" > /dev/null
-  fi
+  for run in "${runs[@]}"; do
+    for mode in $TEXT_MODES; do
+      done_run "$run" "$mode" || $P evaluate "$run" --text "$mode" --no-overlays > /dev/null
+    done
+  done
 done
 if [ "$DATASET" = monuseg ] && [ -n "${SWEEP-1}" ]; then   # Fig. 3: each block, step and pair alone, ± text
   $P sweep --cache "$store" --out "$OUT/sweep" --epochs "$EPOCHS" --dim "$DIM" --grid \

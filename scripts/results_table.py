@@ -2,8 +2,9 @@
 
     python scripts/results_table.py runs/results/monuseg --dataset monuseg
 
-Reads OUT/<method>-<seed>/eval-test/summary.json and each run's config.json (for what was run), and
-OUT/sweep/sweep.csv (Fig. 3) when the sweep was run.
+Reads OUT/<method>-<seed>/eval-test/summary.json and each run's config.json (for what was run),
+OUT/<run>/eval-test-text-<mode>/summary.json (the text-reliance table: ``evaluate --text``, TextDiff and its
+``--text-dropout`` runs OUT/textdrop<P>-<seed>) and OUT/sweep/sweep.csv (Fig. 3) when the sweep was run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ PAPER = {
 }
 
 
+TEXT_MODES = {"as-is": "its own text", "none": "no text", "shuffled": "another image's text",
+              "mirrored": "mirrored text"}
+
+
 def mean_std(values: list[float]) -> str:
     if not values:
         return "—"
@@ -32,15 +37,20 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
 
 
+def scored(out: Path, prefix: str, text: str = "as-is") -> tuple[list[dict], str]:
+    """The test summaries of the runs OUT/<prefix>-<seed> scored with text mode ``text``, and their seeds."""
+    runs = [r for r in sorted(out.glob(f"{prefix}-*")) if (rundir.eval_dir(r, "test", text) / rundir.SUMMARY).is_file()]
+    return ([rundir.read_json(rundir.eval_dir(r, "test", text) / rundir.SUMMARY) for r in runs],
+            ",".join(r.name.rsplit("-", 1)[1] for r in runs))
+
+
 def table(out: Path, dataset: str) -> str:
     rows = ["| method | Dice % (ours) | IoU % (ours) | subsets | Dice % (paper) | IoU % (paper) |",
             "|---|---|---|---|---|---|"]
     for key, name in METHODS.items():
-        runs = [r for r in sorted(out.glob(f"{key}-*")) if (rundir.eval_dir(r, "test") / rundir.SUMMARY).is_file()]
-        summaries = [rundir.read_json(rundir.eval_dir(r, "test") / rundir.SUMMARY) for r in runs]
+        summaries, seeds = scored(out, key)
         dice = [s["dice"] for s in summaries]
         iou = [s["iou"] for s in summaries]
-        seeds = ",".join(r.name.rsplit("-", 1)[1] for r in runs)
         paper_dice, paper_iou = PAPER[dataset][key]
         rows.append(f"| {name} | {mean_std(dice)} | {mean_std(iou)} | {seeds or '—'} | {paper_dice:.2f} | "
                     f"{'—' if paper_iou is None else f'{paper_iou:.2f}'} |")
@@ -51,7 +61,26 @@ def table(out: Path, dataset: str) -> str:
         rows += ["", f"Image size {cfg['size']} px; blocks {cfg['blocks']} × steps {cfg['steps']}; "
                      f"{len(cfg['train_ids'])} training images; {fit['epochs']} epochs; head width {fit['dim']}; "
                      f"store {Path(cfg['cache']).name}."]
-    return "\n".join(rows + fig3(out / "sweep" / "sweep.csv"))
+    return "\n".join(rows + reliance(out) + fig3(out / "sweep" / "sweep.csv"))
+
+
+def reliance(out: Path) -> list[str]:
+    """Test Dice % of TextDiff and its text-dropout runs given each kind of text (``evaluate --text``), beside
+    the no-text model (ζ1) — when any run was scored with another text mode."""
+    if not any(out.glob("*-*/eval-test-text-*")):
+        return []
+    drops = sorted({r.name.rsplit("-", 1)[0] for r in out.glob("textdrop*-*")}, key=lambda p: float(p[8:]))
+    models = [("textdiff", "TextDiff")] + [(p, f"TextDiff, text dropout {p[8:]}") for p in drops]
+    rows = ["", "Reliance on text: test Dice % given its own text, none (every token withheld), another image's "
+                "(`--text shuffled`), or its own with left ↔ right and upper ↔ lower swapped (`--text mirrored`); "
+                "mean ± std over the subsets.", "",
+            "| model | " + " | ".join(TEXT_MODES.values()) + " | subsets |", "|---" * (len(TEXT_MODES) + 2) + "|"]
+    for prefix, name in models:
+        cells = [mean_std([s["dice"] for s in scored(out, prefix, mode)[0]]) for mode in TEXT_MODES]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {scored(out, prefix)[1] or '—'} |")
+    notext, seeds = scored(out, "notext")
+    rows.append("| no text (ζ1) | — | " + mean_std([s["dice"] for s in notext]) + " | — | — | " + (seeds or "—") + " |")
+    return rows
 
 
 def fig3(csv_path: Path) -> list[str]:

@@ -35,8 +35,11 @@ elif cmd in ("fit", "baseline"):
         "blocks": [1], "steps": [50], "train_ids": ["a"], "cache": "store.zarr"}))
     (Path(opt("--out")) / "metrics.json").write_text(json.dumps({"best_val_dice": 0.5}))
 elif cmd == "evaluate":
-    (Path(args[1]) / "eval-test").mkdir(exist_ok=True)
-    (Path(args[1]) / "eval-test" / "summary.json").write_text(json.dumps({"dice": 0.5, "iou": 0.4}))
+    mode = opt("--text") if "--text" in args else "as-is"
+    folder = Path(args[1]) / ("eval-test" if mode == "as-is" else f"eval-test-text-{mode}")
+    folder.mkdir(exist_ok=True)
+    dice = {"as-is": 0.5, "none": 0.3, "shuffled": 0.35, "mirrored": 0.45}[mode]
+    (folder / "summary.json").write_text(json.dumps({"dice": dice, "iou": 0.4, "text": mode}))
 '''
 
 
@@ -68,19 +71,38 @@ def test_first_run_pretrains_extracts_fits_and_evaluates_every_method(stub, tmp_
     fits = [c for c in calls if c[0] in ("fit", "baseline")]
     assert [(c[0], c[c.index("--out") + 1].rsplit("/", 1)[1]) for c in fits] == [
         (cmd, f"{m}-{s}") for s in (0, 1) for cmd, m in
-        (("fit", "textdiff"), ("fit", "notext"), ("fit", "concat"), ("baseline", "unet"))]
+        (("fit", "textdiff"), ("fit", "notext"), ("fit", "concat"), ("baseline", "unet"), ("fit", "textdrop0.25"),
+         ("fit", "textdrop0.5"))]
     assert all(c[c.index("--cache") + 1] == str(tmp_path / "out" / "cache" / "store.zarr") for c in fits)
     assert "--no-text" in fits[1] and fits[2][fits[2].index("--fusion") + 1] == "concat"
-    assert sum(c[0] == "evaluate" for c in calls) == 8
-    assert (tmp_path / "out" / "table.md").is_file()
+    assert [c[c.index("--text-dropout") + 1] for c in fits if "--text-dropout" in c] == ["0.25", "0.5"] * 2
+    evaluations = [(Path(c[1]).name, c[c.index("--text") + 1] if "--text" in c else "as-is")
+                   for c in calls if c[0] == "evaluate"]
+    assert len(evaluations) == 2 * (6 + 3 * 3)  # every run as-is; the three text-reading runs under 3 modes
+    assert {(f"{run}-0", mode) for run in ("textdiff", "textdrop0.25", "textdrop0.5")
+            for mode in ("none", "shuffled", "mirrored")} < set(evaluations)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| TextDiff, text dropout 0.5 | 50.00 ± 0.00 | 30.00 ± 0.00 | 35.00 ± 0.00 | 45.00 ± 0.00 | 0,1 |" in table
+    assert "| no text (ζ1) | — | 50.00 ± 0.00 | — | — | 0,1 |" in table
 
 
 def test_second_run_skips_finished_work(stub, tmp_path):
     run(stub, tmp_path / "out")
     (tmp_path / "out" / "concat-1" / "INCOMPLETE").write_text("")  # a fit killed before it finished
+    (tmp_path / "out" / "textdiff-0" / "eval-test-text-shuffled" / "summary.json").unlink()
     calls = run(stub, tmp_path / "out")
-    assert [c[0] for c in calls] == ["extract", "fit", "evaluate"]
-    assert calls[1][calls[1].index("--out") + 1].endswith("concat-1")
+    assert [c[0] for c in calls] == ["extract", "evaluate", "fit", "evaluate"]
+    assert calls[1][1].endswith("textdiff-0") and calls[1][calls[1].index("--text") + 1] == "shuffled"
+    assert calls[2][calls[2].index("--out") + 1].endswith("concat-1")
+
+
+def test_methods_dropout_and_text_modes_can_be_narrowed(stub, tmp_path):
+    calls = run(stub, tmp_path / "out", METHODS="textdiff notext", DROPOUT="0.5", TEXT_MODES="none")
+    assert [(c[0], Path(c[c.index("--out") + 1] if "--out" in c else c[1]).name, "--text" in c) for c in calls[2:]] == [
+        (cmd, f"{run}-{s}", text) for s in (0, 1) for cmd, run, text in
+        (("fit", "textdiff", False), ("evaluate", "textdiff", False), ("fit", "notext", False),
+         ("evaluate", "notext", False), ("fit", "textdrop0.5", False), ("evaluate", "textdrop0.5", False),
+         ("evaluate", "textdiff", True), ("evaluate", "textdrop0.5", True))]
 
 
 def test_a_given_unet_and_text_encoder_are_used_without_pretraining(stub, tmp_path):

@@ -217,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """For shell scripts, which ask this module rather than name the files (a bare ``python3`` will do)::
 
         python3 train/rundir.py finished RUN            exit 0 when the fit finished, else 1
-        python3 train/rundir.py evaluated RUN SPLIT     exit 0 when its evaluation on SPLIT completed
+        python3 train/rundir.py evaluated RUN SPLIT [TEXT]  exit 0 when its evaluation on SPLIT (with text mode
+                                                        TEXT, default as-is) completed
         python3 train/rundir.py value RUN NAME [SPLIT]  print metrics.json's NAME (with SPLIT: the summary's)
     """
     import sys
@@ -225,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["finished"] and len(args) == 2:
         return 0 if fit_finished(Path(args[1])) else 1
-    if args[:1] == ["evaluated"] and len(args) == 3:
-        return 0 if evaluated(Path(args[1]), args[2]) else 1
+    if args[:1] == ["evaluated"] and len(args) in (3, 4):
+        return 0 if evaluated(Path(args[1]), *args[2:]) else 1
     if args[:1] == ["value"] and len(args) in (3, 4):
         run = Path(args[1])
         source = eval_dir(run, args[3]) / SUMMARY if len(args) == 4 else run / METRICS
