@@ -7,7 +7,8 @@ Modules (each imports only those above it; ``cache`` imports neither ``extract``
 - ``backends``: zarr folder or URL, or HDF5 file, behind one small interface.
 - ``schema``: the arrays of a store (names, paths, specs), ``SplitLayout``, ``StoreError``.
 - ``integrity``: checksums and the one row checker (``check_rows``); ``DamagedDataError``.
-- ``store``: ``FeatureStore``: create or open, write rows atomically, read (numpy or dask).
+- ``writes``: ``StoreWriter``, the store's write half: pair arrays, rows checked then written atomically, repair.
+- ``store``: ``FeatureStore``: create or open, read (numpy or dask); writes through ``writes``.
 - ``lock``: one writer per local store.
 - ``catalogue``: the stores of a cache folder: list, match a dataset's, remove, collect old ones.
 - ``maintenance``: verify a store's rows, and repair (unmark) the damaged ones.

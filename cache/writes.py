@@ -1,0 +1,177 @@
+"""The writing half of :class:`cache.store.FeatureStore`: creating pair arrays, writing an image's base
+arrays and features (checked, then checksummed, then flagged done), and clearing a flag for repair.
+
+Every write checks its values (dtype, shape, finite in float16) before anything is written, writes the data,
+then its CRC-32, then the done flag: a killed writer leaves its row not-done (see :mod:`cache.store`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from cache.backends import Backend, Location, Spec
+from cache.integrity import checksum
+from cache.schema import (BASE_ARRAYS, VIEW_TEXT_ARRAYS, VIEW_TEXT_CRC, SplitLayout, StoreError, crc_rel, crc_spec,
+                          done_rel, done_spec, feat_rel, feat_spec)
+
+__all__ = ["StoreWriter"]
+
+
+class StoreWriter:
+    """The write methods of a feature store; :class:`cache.store.FeatureStore` provides what they use."""
+
+    path: Location
+    mode: str
+    format: str
+    size: int
+    _backend: Backend
+    _attrs: dict
+
+    def layout(self, split: str) -> SplitLayout:  # FeatureStore's
+        raise NotImplementedError
+
+    def splits(self) -> list[str]:  # FeatureStore's
+        raise NotImplementedError
+
+    def _exists(self, rel: str) -> bool:
+        return self._backend.exists(rel)
+
+    def _array(self, rel: str) -> Any:
+        if not self._exists(rel):
+            raise StoreError(f"{self.path}: no array {rel!r}")
+        return self._backend.array(rel)
+
+    def unmark(self, split: str, i: int, step: int | None = None, block: int | None = None) -> None:
+        """Clear row ``i``'s done flag (the base arrays with ``step=None``, else the pair's features), so
+        that the next ``extract`` writes it again: how a damaged row is repaired."""
+        self._writable()
+        i = self._row(split, i)
+        self._array(done_rel(split, step, block))[i] = False  # zarr: the flag's chunk file is removed
+        self._backend.commit()
+
+    def _writable(self) -> None:
+        if self.mode == "r":
+            raise StoreError(f"{self.path}: opened read-only; open with mode='r+' to write")
+
+    def ensure_pair(self, step: int, block: int, channels: int, hw: tuple[int, int]) -> None:
+        """Create the feature and done arrays of (step, block) in every split; existing ones are checked."""
+        self._writable()
+        h, w = hw
+        for name, value, low in (("step", step, 0), ("block", block, 0), ("channels", channels, 1),
+                                 ("height", h, 1), ("width", w, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise StoreError(f"{self.path}: ensure_pair {name} must be an int >= {low}, got {value!r}")
+        for split in self.splits():
+            lay = self.layout(split)
+            n = len(lay.ids)
+            self._ensure_array(feat_rel(split, step, block), feat_spec(n, lay.views, channels, (h, w)))
+            self._ensure_array(done_rel(split, step, block), done_spec(n))
+            self._ensure_array(crc_rel(split, step, block), crc_spec(n))
+
+    def ensure_pairs(self, pairs: Sequence[tuple[int, int, int, tuple[int, int]]]) -> None:
+        """:meth:`ensure_pair` for each (step, block, channels, (h, w)); concurrently for zarr (creating an
+        array is a few small metadata writes, and a store has dozens), in order for HDF5 (one file: the
+        order of creation decides its bytes)."""
+        if self.format == "h5":
+            for p in pairs:
+                self.ensure_pair(*p)
+            return
+        with ThreadPoolExecutor(8, thread_name_prefix="textdiff-create") as pool:
+            list(pool.map(lambda p: self.ensure_pair(*p), pairs))
+
+    def _ensure_array(self, rel: str, spec: Spec) -> None:
+        if not self._exists(rel):
+            self._backend.create(rel, spec)  # one made meanwhile by a concurrent ensure_pair is checked below
+        arr = self._array(rel)
+        if tuple(arr.shape) != spec.shape or arr.dtype != np.dtype(spec.dtype):
+            raise StoreError(f"{self.path}: array {rel!r} is {tuple(arr.shape)} {arr.dtype}, "
+                             f"requested {spec.shape} {spec.dtype}")
+
+    def _row(self, split: str, i: int) -> int:
+        n = len(self.layout(split).ids)
+        if not 0 <= int(i) < n:
+            raise StoreError(f"{self.path}: row {i} out of range for split {split!r} ({n} images)")
+        return int(i)
+
+    def _check_shape(self, what: str, split: str, value: np.ndarray, shape: tuple[int, ...]) -> None:
+        if value.shape != shape:
+            raise StoreError(f"{self.path}: {what} for split {split!r} has shape {value.shape}, expected {shape}")
+
+    def _float16(self, what: str, split: str, i: int, value: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
+            value = np.asarray(value, dtype=np.float16)
+        if not np.isfinite(value).all():
+            raise StoreError(f"{self.path}: {what} of split {split!r} row {i} are not finite in float16 "
+                             "(overflow or NaN)")
+        return value
+
+    def write_base(self, split: str, i: int, image: np.ndarray, mask: np.ndarray,
+                   tokens: np.ndarray, token_mask: np.ndarray, view_tokens: np.ndarray | None = None,
+                   view_token_mask: np.ndarray | None = None) -> None:
+        """Write image (V,3,S,S) uint8, mask (V,S,S) {0,1}, tokens (L,D), token_mask (L,) — and, in a split whose
+        views have their own text, each view's view_tokens (V,L,D) and view_token_mask (V,L); then the done flag."""
+        self._writable()
+        i = self._row(split, i)
+        v, s = self.layout(split).views, self.size
+        views = self._view_text_values(split, i, view_tokens, view_token_mask)
+        length, dim = self._attrs["token_len"], self._attrs["token_dim"]
+        image, mask = np.asarray(image), np.asarray(mask)
+        if image.dtype != np.uint8:
+            raise StoreError(f"{self.path}: image for split {split!r} row {i} is {image.dtype}, expected uint8")
+        if mask.dtype.kind not in "biu" or (mask.size and (mask.min() < 0 or mask.max() > 1)):
+            raise StoreError(f"{self.path}: mask for split {split!r} row {i} must hold only 0 and 1")
+        tokens = self._float16("tokens", split, i, tokens)
+        token_mask = np.asarray(token_mask, dtype=bool)
+        self._check_shape("image", split, image, (v, 3, s, s))
+        self._check_shape("mask", split, mask, (v, s, s))
+        self._check_shape("tokens", split, tokens, (length, dim))
+        self._check_shape("token_mask", split, token_mask, (length,))
+        values = {"image": image, "mask": mask.astype(np.uint8), "tokens": tokens, "token_mask": token_mask}
+        for name in BASE_ARRAYS:
+            self._array(f"{split}/{name}")[i] = values[name]
+        if self._exists(crc_rel(split)):  # stores made before checksums have none
+            self._array(crc_rel(split))[i] = [checksum(values[name]) for name in BASE_ARRAYS]
+        if views:
+            for name in VIEW_TEXT_ARRAYS:
+                self._array(f"{split}/{name}")[i] = views[name]
+            self._array(f"{split}/{VIEW_TEXT_CRC}")[i] = [checksum(views[name]) for name in VIEW_TEXT_ARRAYS]
+        self._array(done_rel(split))[i] = True
+        self._backend.commit()
+
+    def _view_text_values(self, split: str, i: int, view_tokens: np.ndarray | None,
+                          view_token_mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The view arrays of a row as written (checked), or {} in a split whose views have no text of their own."""
+        given = view_tokens is not None and view_token_mask is not None
+        if self.layout(split).view_texts is None:
+            if view_tokens is not None or view_token_mask is not None:
+                raise StoreError(f"{self.path}: split {split!r} keeps no text per view; got view tokens for row {i}")
+            return {}
+        if not given:
+            raise StoreError(f"{self.path}: split {split!r} keeps each view's text: row {i} needs view_tokens and "
+                             "view_token_mask")
+        v, length, dim = self.layout(split).views, self._attrs["token_len"], self._attrs["token_dim"]
+        values = {"view_tokens": self._float16("view tokens", split, i, view_tokens),
+                  "view_token_mask": np.asarray(view_token_mask, dtype=bool)}
+        self._check_shape("view_tokens", split, values["view_tokens"], (v, length, dim))
+        self._check_shape("view_token_mask", split, values["view_token_mask"], (v, length))
+        return values
+
+    def write_features(self, split: str, i: int, step: int, block: int, feats: np.ndarray) -> None:
+        """Write one image's features (V,C,h,w), cast to float16; then the done flag."""
+        self._writable()
+        i = self._row(split, i)
+        rel = feat_rel(split, step, block)
+        if not self._exists(rel):
+            raise StoreError(f"{self.path}: no arrays for t{step} b{block}; call ensure_pair first")
+        arr = self._array(rel)
+        feats = self._float16(f"features t{step} b{block}", split, i, feats)
+        self._check_shape(f"features t{step} b{block}", split, feats, tuple(arr.shape[1:]))
+        arr[i] = feats
+        if self._exists(crc_rel(split, step, block)):
+            self._array(crc_rel(split, step, block))[i] = checksum(feats)
+        self._array(done_rel(split, step, block))[i] = True
+        self._backend.commit()
