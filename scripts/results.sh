@@ -8,12 +8,14 @@
 #        [PRETRAIN_ITER=5000] [UNET=folder|checkpoint|name] [TEXT=minilm] [WIDTH=64] [SWEEP= (empty: no Fig. 3 sweep)]
 #        [SCHEDULER=local:N|tcp://HOST:PORT (the sweep's fits as dask tasks)]
 #        [METHODS="textdiff notext concat unet"] [DROPOUT="0.25 0.5"] [TEXT_MODES="none shuffled mirrored"]
+#        [VIEW_TEXT="rewrite unchanged" (with AUGMENT=d4: TextDiff with each other view-text policy, validation only)]
 #        scripts/results.sh monuseg|qata [OUT]
 # Without UNET, a domain UNet is pretrained into OUT/unet-pretrained first; with it (e.g. UNET=adm-imagenet-256
 # TEXT=bioclinicalbert SIZE=256 BLOCKS=6,8,12,16 DIM=768: the paper's encoders), that UNet is used as it is.
 # Writes OUT/<method>-<seed>/ run folders (each with eval-test/), OUT/textdrop<P>-<seed>/ (TextDiff fitted with
 # --text-dropout P, for each P in DROPOUT), each text-reading run also scored with every --text mode in TEXT_MODES
-# (eval-test-text-<mode>/: how much it relies on its text), OUT/sweep/ (Fig. 3, monuseg) and OUT/table.md
+# (eval-test-text-<mode>/: how much it relies on its text), OUT/view<policy>-<seed>/ (fit --view-text policy; fitted
+# and validated, never scored on test: the policy is chosen on validation), OUT/sweep/ (Fig. 3, monuseg) and OUT/table.md
 # (scripts/results_table.py). Everything resumes: re-running skips finished work.
 set -euo pipefail
 DATASET=${1:?usage: scripts/results.sh monuseg|qata [OUT]}
@@ -60,6 +62,11 @@ for seed in $SEEDS; do
     for mode in $TEXT_MODES; do
       done_run "$run" "$mode" || $P evaluate "$run" --text "$mode" --no-overlays > /dev/null
     done
+  done
+  for policy in ${VIEW_TEXT:-}; do
+    run="$OUT/view$policy-$seed"
+    python3 "$(dirname "$0")/../train/rundir.py" finished "$run" ||
+      $P fit "${common[@]}" --dim "$DIM" --view-text "$policy" --out "$run" > /dev/null
   done
 done
 if [ "$DATASET" = monuseg ] && [ -n "${SWEEP-1}" ]; then   # Fig. 3: each block, step and pair alone, ± text

@@ -61,7 +61,23 @@ def table(out: Path, dataset: str) -> str:
         rows += ["", f"Image size {cfg['size']} px; blocks {cfg['blocks']} × steps {cfg['steps']}; "
                      f"{len(cfg['train_ids'])} training images; {fit['epochs']} epochs; head width {fit['dim']}; "
                      f"store {Path(cfg['cache']).name}."]
-    return "\n".join(rows + reliance(out) + fig3(out / "sweep" / "sweep.csv"))
+    return "\n".join(rows + reliance(out) + view_text(out) + fig3(out / "sweep" / "sweep.csv"))
+
+
+def view_text(out: Path) -> list[str]:
+    """Best validation Dice % of TextDiff under each view-text policy (``fit --view-text``; ``same`` is the
+    TextDiff runs), when any other policy was fitted: the choice is made on these numbers, never on test."""
+    policies = sorted({r.name.rsplit("-", 1)[0][4:] for r in out.glob("view*-*") if (r / rundir.METRICS).is_file()})
+    if not policies:
+        return []
+    rows = ["", "Text of the augmented views (`fit --view-text`): best validation Dice % (mean ± std over the "
+                "subsets; the test split is not scored for this choice).", "",
+            "| policy | validation Dice % | subsets |", "|---|---|---|"]
+    for policy, prefix in [("same", "textdiff")] + [(p, f"view{p}") for p in policies]:
+        runs = [r for r in sorted(out.glob(f"{prefix}-*")) if (r / rundir.METRICS).is_file()]
+        dice = [rundir.read_json(r / rundir.METRICS)["best_val_dice"] for r in runs]
+        rows.append(f"| {policy} | {mean_std(dice)} | {','.join(r.name.rsplit('-', 1)[1] for r in runs) or '—'} |")
+    return rows
 
 
 def reliance(out: Path) -> list[str]:

@@ -127,3 +127,15 @@ def test_the_sweep_can_run_on_a_cluster(stub, tmp_path):
     on_cluster = sweep_call(tmp_path / "a", SCHEDULER="local:3")
     assert on_cluster[on_cluster.index("--scheduler") + 1] == "local:3"
     assert "--scheduler" not in sweep_call(tmp_path / "b")
+
+
+def test_view_text_policies_are_fitted_and_validated_never_tested(stub, tmp_path):
+    calls = run(stub, tmp_path / "out", METHODS="textdiff", DROPOUT="", TEXT_MODES="", VIEW_TEXT="rewrite unchanged")
+    views = [c for c in calls if "--view-text" in c]
+    assert [(Path(c[c.index("--out") + 1]).name, c[c.index("--view-text") + 1]) for c in views] == [
+        (f"view{p}-{s}", p) for s in (0, 1) for p in ("rewrite", "unchanged")]
+    assert not any(Path(c[1]).name.startswith("view") for c in calls if c[0] == "evaluate")
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| same | 50.00 ± 0.00 | 0,1 |" in table and "| unchanged | 50.00 ± 0.00 | 0,1 |" in table
+    assert run(stub, tmp_path / "out", METHODS="textdiff", DROPOUT="", TEXT_MODES="",
+               VIEW_TEXT="rewrite unchanged") == [calls[1]]  # resumed: only the extract call again
