@@ -40,7 +40,8 @@ fi
 store=$($P extract --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --unet "$UNET" --text-encoder "$TEXT" \
         --blocks "$BLOCKS" --augment "$AUGMENT" --cache-dir "$OUT/cache" | tail -1)
 
-done_run() { python3 "$(dirname "$0")/../train/rundir.py" evaluated "$1" test ${2:+"$2"}; }  # fit done, test scored
+rundir() { python3 "$(dirname "$0")/../train/rundir.py" "$@"; }
+done_run() { rundir evaluated "$1" test ${2:+"$2"}; }  # fit done, test scored (with text mode $2)
 for seed in $SEEDS; do
   common=(--cache "$store" --subset-seed "$seed" --epochs "$EPOCHS")
   runs=()  # this subset's runs that read text: scored again under each text mode
@@ -65,8 +66,7 @@ for seed in $SEEDS; do
   done
   for policy in ${VIEW_TEXT:-}; do
     run="$OUT/view$policy-$seed"
-    python3 "$(dirname "$0")/../train/rundir.py" finished "$run" ||
-      $P fit "${common[@]}" --dim "$DIM" --view-text "$policy" --out "$run" > /dev/null
+    rundir finished "$run" || $P fit "${common[@]}" --dim "$DIM" --view-text "$policy" --out "$run" > /dev/null
   done
 done
 if [ "$DATASET" = monuseg ] && [ -n "${SWEEP-1}" ]; then   # Fig. 3: each block, step and pair alone, ± text

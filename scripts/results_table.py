@@ -37,11 +37,15 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
 
 
+def read_runs(out: Path, prefix: str, name: Path | str) -> tuple[list[dict], str]:
+    """The JSON file ``name`` (relative to a run) of each run OUT/<prefix>-<seed> that has it, and their seeds."""
+    runs = [r for r in sorted(out.glob(f"{prefix}-*")) if (r / name).is_file()]
+    return [rundir.read_json(r / name) for r in runs], ",".join(r.name.rsplit("-", 1)[1] for r in runs)
+
+
 def scored(out: Path, prefix: str, text: str = "as-is") -> tuple[list[dict], str]:
     """The test summaries of the runs OUT/<prefix>-<seed> scored with text mode ``text``, and their seeds."""
-    runs = [r for r in sorted(out.glob(f"{prefix}-*")) if (rundir.eval_dir(r, "test", text) / rundir.SUMMARY).is_file()]
-    return ([rundir.read_json(rundir.eval_dir(r, "test", text) / rundir.SUMMARY) for r in runs],
-            ",".join(r.name.rsplit("-", 1)[1] for r in runs))
+    return read_runs(out, prefix, rundir.eval_dir(Path(), "test", text) / rundir.SUMMARY)
 
 
 def table(out: Path, dataset: str) -> str:
@@ -74,9 +78,8 @@ def view_text(out: Path) -> list[str]:
                 "subsets; the test split is not scored for this choice).", "",
             "| policy | validation Dice % | subsets |", "|---|---|---|"]
     for policy, prefix in [("same", "textdiff")] + [(p, f"view{p}") for p in policies]:
-        runs = [r for r in sorted(out.glob(f"{prefix}-*")) if (r / rundir.METRICS).is_file()]
-        dice = [rundir.read_json(r / rundir.METRICS)["best_val_dice"] for r in runs]
-        rows.append(f"| {policy} | {mean_std(dice)} | {','.join(r.name.rsplit('-', 1)[1] for r in runs) or '—'} |")
+        metrics, seeds = read_runs(out, prefix, rundir.METRICS)
+        rows.append(f"| {policy} | {mean_std([m['best_val_dice'] for m in metrics])} | {seeds or '—'} |")
     return rows
 
 
@@ -92,8 +95,9 @@ def reliance(out: Path) -> list[str]:
                 "mean ± std over the subsets.", "",
             "| model | " + " | ".join(TEXT_MODES.values()) + " | subsets |", "|---" * (len(TEXT_MODES) + 2) + "|"]
     for prefix, name in models:
-        cells = [mean_std([s["dice"] for s in scored(out, prefix, mode)[0]]) for mode in TEXT_MODES]
-        rows.append(f"| {name} | " + " | ".join(cells) + f" | {scored(out, prefix)[1] or '—'} |")
+        by_mode = {mode: scored(out, prefix, mode) for mode in TEXT_MODES}
+        cells = [mean_std([s["dice"] for s in summaries]) for summaries, _ in by_mode.values()]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {by_mode['as-is'][1] or '—'} |")
     notext, seeds = scored(out, "notext")
     rows.append("| no text (ζ1) | — | " + mean_std([s["dice"] for s in notext]) + " | — | — | " + (seeds or "—") + " |")
     return rows
