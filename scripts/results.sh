@@ -34,7 +34,8 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 if [ -z "${UNET:-}" ]; then
   UNET=$OUT/unet-pretrained
-  [ -f "$UNET/model.pt" ] || $P pretrain --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --crop 64 --flags "$FLAGS" --batch-size 8 \
+  # samples.png is written once the last iteration is (model.pt is also an interrupted run's checkpoint)
+  [ -f "$UNET/samples.png" ] || $P pretrain --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --crop 64 --flags "$FLAGS" --batch-size 8 \
      --iterations "${PRETRAIN_ITER:-5000}" --out "$UNET" --resume
 fi
 store=$($P extract --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --unet "$UNET" --text-encoder "$TEXT" \

@@ -23,8 +23,9 @@ def opt(name):
     return args[args.index(name) + 1]
 cmd = args[0]
 if cmd == "pretrain":
-    Path(opt("--out")).mkdir(parents=True)
+    Path(opt("--out")).mkdir(parents=True, exist_ok=True)
     (Path(opt("--out")) / "model.pt").write_text("")
+    (Path(opt("--out")) / "samples.png").write_text("")  # written once the last iteration is
 elif cmd == "extract":
     print("progress line")
     print(opt("--cache-dir") + "/store.zarr")
@@ -94,6 +95,14 @@ def test_second_run_skips_finished_work(stub, tmp_path):
     assert [c[0] for c in calls] == ["extract", "evaluate", "fit", "evaluate"]
     assert calls[1][1].endswith("textdiff-0") and calls[1][calls[1].index("--text") + 1] == "shuffled"
     assert calls[2][calls[2].index("--out") + 1].endswith("concat-1")
+
+
+def test_an_interrupted_pretraining_is_resumed(stub, tmp_path):
+    """A killed pretraining leaves model.pt (its checkpoint) but no samples.png: the next run resumes it."""
+    run(stub, tmp_path / "out")
+    (tmp_path / "out" / "unet-pretrained" / "samples.png").unlink()
+    calls = run(stub, tmp_path / "out")
+    assert [c[0] for c in calls] == ["pretrain", "extract"] and "--resume" in calls[0]
 
 
 def test_methods_dropout_and_text_modes_can_be_narrowed(stub, tmp_path):
