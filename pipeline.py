@@ -115,6 +115,7 @@ def fit(
     dice_on_logits: bool = option(FitConfig, "dice_on_logits", "--dice-on-logits"),
     attend_padding: bool = option(FitConfig, "attend_padding", "--attend-padding"),
     text_dropout: float = option(FitConfig, "text_dropout"),
+    dropout_classifier: str = option(FitConfig, "dropout_classifier"),
     common: Optional[dict] = None,
 ) -> None:
     """Stage two: train the cross-attention and pixel classifier from the cache."""
@@ -123,7 +124,8 @@ def fit(
     cfg = FitConfig.flat(cache=cache, out=out, blocks=ints(blocks, "--blocks"), steps=ints(steps, "--steps"),
                          norm=norm, fusion="none" if no_text else fusion, pos_enc=pos_enc,
                          shared_block=not per_scale_blocks, dice_on_logits=dice_on_logits,
-                         attend_padding=attend_padding, text_dropout=text_dropout, **_flat(common or {}))
+                         attend_padding=attend_padding, text_dropout=text_dropout,
+                         dropout_classifier=dropout_classifier, **_flat(common or {}))
     _fit_and_report(cfg)
 
 

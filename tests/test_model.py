@@ -211,7 +211,7 @@ def test_config_save_load_round_trip(tmp_path):
     assert json.loads(json.dumps(cfg)) == cfg
     assert cfg == dict(in_channels=[16, 32, 32], text_dim=24, dim=32, heads=2, head_dim=8, head_channels=[8, 4],
                        num_classes=2, dropout=0.1, fusion="concat", shared_block=False, pos_enc=True,
-                       norm="batch")
+                       norm="batch", no_text_classifier=False)
     head.save(tmp_path / "head")
     assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["config.json", "head.pt"]
     loaded = TextDiffHead.load(tmp_path / "head").eval()
@@ -262,3 +262,51 @@ def test_few_token_attention_equals_the_standard_path():
     slow = attn(x, padded, torch.cat([mask, torch.zeros(2, 16, dtype=torch.bool)], 1))
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     assert fast[1].abs().max() == 0  # no valid token: nothing added
+
+
+# ---------------------------------------------------------------- a classifier of their own for text-less samples
+
+@pytest.mark.parametrize("impl", ["fast", "literal"])
+def test_a_text_less_sample_takes_the_no_text_classifier(impl):
+    """In a batch, a sample with no valid token is ζ1's head with this head's projections and its no-text
+    classifier; the samples with text are the text path alone (as in a batch of their own)."""
+    head = tiny(no_text_classifier=True, pos_enc=True)
+    head.init_weights()
+    feats, tokens, mask = inputs(batch=3)
+    mask[1] = False
+    got = head(feats, tokens, mask, out_size=16, impl=impl)
+
+    notext = tiny(fusion="none", pos_enc=True)
+    notext.proj.load_state_dict(head.proj.state_dict())
+    notext.classifier.load_state_dict(head.no_text_classifier.state_dict())
+    alone = notext([f[1:2] for f in feats], out_size=16, impl=impl)
+    torch.testing.assert_close(got[1:2], alone, rtol=0, atol=0)
+    with_text = head([f[[0, 2]] for f in feats], tokens[[0, 2]], mask[[0, 2]], out_size=16, impl=impl)
+    torch.testing.assert_close(got[[0, 2]], with_text, rtol=1e-6, atol=1e-6)
+    plain = tiny(pos_enc=True)
+    plain.load_state_dict({k: v for k, v in head.state_dict().items() if not k.startswith("no_text_classifier")})
+    torch.testing.assert_close(plain(feats, tokens, mask, out_size=16, impl=impl)[[0, 2]], with_text,
+                               rtol=1e-6, atol=1e-6)  # the text path is the head without the classifier
+    assert not torch.equal(plain(feats, tokens, mask, out_size=16, impl=impl)[1], got[1])
+
+
+def test_a_text_less_sample_trains_only_the_no_text_classifier():
+    """The no-text classifier reads the projections detached: a text-less sample's loss reaches nothing else,
+    and a sample with text never reaches it."""
+    head = tiny(no_text_classifier=True).train()
+    feats, tokens, mask = inputs(batch=2)
+    mask[0] = False
+    out = head(feats, tokens, mask, out_size=16)
+    own = {n for n, _ in head.named_parameters() if n.startswith("no_text_classifier.")}
+    for sample, reached in ((0, own), (1, {n for n, _ in head.named_parameters()} - own)):
+        head.zero_grad(set_to_none=True)
+        out[sample].sum().backward(retain_graph=True)
+        grads = {n for n, p in head.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert grads == reached, sample
+
+
+def test_the_no_text_classifier_needs_a_text_head_and_adds_zeta1s_classifier():
+    with pytest.raises(ValueError, match="no_text_classifier needs a head that reads text"):
+        tiny(fusion="none", no_text_classifier=True)
+    extra = count_parameters(tiny(no_text_classifier=True)) - count_parameters(tiny())
+    assert extra == count_parameters(tiny(fusion="none").classifier)

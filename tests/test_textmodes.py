@@ -200,9 +200,20 @@ def test_text_dropout_is_recorded_and_validated(store_path: Path, tmp_path: Path
             tiny_fit(store_path, tmp_path / "bad", text_dropout=bad)
     assert error_line(["fit", "--cache", str(store_path), "--out", str(tmp_path / "bad"), "--text-dropout", "1.5"]
                       ) == "error: --text-dropout must lie in [0, 1), got 1.5"
+    with pytest.raises(OptionError, match=r"dropout_classifier must be one of \['own', 'shared'\], got 'both'"):
+        tiny_fit(store_path, tmp_path / "bad", text_dropout=0.5, dropout_classifier="both")
     fit(tiny_fit(store_path, tmp_path / "p", text_dropout=0.25), console=quiet())
-    assert rundir.read_json(tmp_path / "p" / rundir.CONFIG)["fit"]["text_dropout"] == 0.25
+    config = rundir.read_json(tmp_path / "p" / rundir.CONFIG)
+    assert config["fit"]["text_dropout"] == 0.25 and config["fit"]["dropout_classifier"] == "own"
+    assert config["head"]["no_text_classifier"]  # the default: the text-less samples train their own
     assert not (tmp_path / "bad").exists()
+    res = CliRunner().invoke(pipeline.app, ["fit", "--cache", str(store_path), "--out", str(tmp_path / "s"),
+                                            "--text-dropout", "0.25", "--dropout-classifier", "shared",
+                                            "--epochs", "1", "--dim", "16", "--head-channels", "8,4"])
+    assert res.exit_code == 0, res.output
+    assert not rundir.read_json(tmp_path / "s" / rundir.CONFIG)["head"]["no_text_classifier"]
+    fit(tiny_fit(store_path, tmp_path / "p0"), console=quiet())  # without text dropout: never
+    assert not rundir.read_json(tmp_path / "p0" / rundir.CONFIG)["head"]["no_text_classifier"]
 
 
 def test_text_dropout_is_refused_for_models_without_text(store_path: Path, tmp_path: Path) -> None:
@@ -282,9 +293,11 @@ def test_a_head_that_reads_its_text_fails_without_it(synthetic: dict[str, Path])
 
 @pytest.mark.slow
 def test_a_text_dropout_run_predicts_with_and_without_text(synthetic: dict[str, Path]) -> None:
-    """``--text-dropout 0.5``: without text, at least the no-text model's (ζ1) Dice less 2 points; with text,
-    far above it. Measured here: 79.05 with text (the P = 0 run 83.95: the issue's "within 2 points" is not
-    met at this scale; the demo's scale meets it, 94.24 vs 95.27), 50.59 without (ζ1 48.67)."""
+    """``--text-dropout 0.5`` (its text-less samples train a classifier of their own): without text, at least
+    the no-text model's (ζ1) Dice less 2 points; with text, within 2 points of the P = 0 run. Measured here
+    (seed 0): 83.09 with text (P = 0: 83.95), 48.01 without (ζ1: 48.67); seeds 1 and 2 gave 82.03 / 50.36
+    (P = 0 82.53, ζ1 49.00) and 83.52 / 48.40 (83.77, 49.16). The shared classifier (plain text dropout) gave
+    79.05 / 50.59 here: its text-less samples teach the text head to recall the training images' masks."""
     root = synthetic["root"]
     dropout = synthetic_fit(synthetic["store"], root / "dropout", text_dropout=0.5)
     notext = synthetic_fit(synthetic["store"], root / "notext", fusion="none")
@@ -292,5 +305,5 @@ def test_a_text_dropout_run_predicts_with_and_without_text(synthetic: dict[str, 
               "ζ1": dice(notext)}
     print("text dropout, test Dice %:", scores)
     assert scores["P=0.5, no text"] >= scores["ζ1"] - 2
+    assert scores["P=0.5"] >= scores["P=0"] - 2
     assert scores["P=0.5"] >= scores["ζ1"] + 20                 # it reads the text when there is one
-    assert scores["P=0.5"] >= scores["P=0"] - 6                  # a regression guard at this scale (see above)

@@ -22,12 +22,14 @@ from cache.errors import OptionError
 from extract.config import DEVICE_HELP
 from extract.shared import option_field
 
-__all__ = ["ALIASES", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS",
+__all__ = ["ALIASES", "DROPOUT_CLASSIFIERS", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS",
            "NORMS", "PlainUNetArgs", "TextDiffArgs", "TEXT_MODES", "VIEW_TEXTS", "model_name"]
 
 FUSIONS = ("cross-attn", "concat", "none")
 NORMS = ("image", "batch")
 VIEW_TEXTS = ("same", "rewrite", "unchanged")  # what text a cached view is trained with (FitConfig.view_text)
+#: what the samples whose text is withheld train (FitConfig.dropout_classifier)
+DROPOUT_CLASSIFIERS = ("own", "shared")
 #: the text an evaluation gives the head (:mod:`train.textmodes`)
 TEXT_MODES = ("as-is", "none", "shuffled", "mirrored")
 
@@ -169,6 +171,11 @@ class FitConfig:
     text_dropout: float = option_field(0.0, "Withhold the whole text of a training sample with this probability "
                                             "(seeded per epoch and sample), so that the head also predicts "
                                             "without text; 0 = never (the paper). In [0, 1).")
+    dropout_classifier: str = option_field(
+        "own", "With --text-dropout: own (the samples whose text is withheld train a classifier of their own, "
+               "ζ1's, on the head's projected features, and a prediction without text uses it; the text head "
+               "learns from the samples with text alone) or shared (the text head itself, its attention silent: "
+               "plain text dropout). Runs recorded before the option: shared.")
     seed: int | None = option_field(None, "Seed of the weights, order and augmentation (default: the subset seed).")
     val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
     memory_budget_gb: float = option_field(4.0, "Hold features in memory up to this size, else stream them.")
@@ -200,6 +207,9 @@ class FitConfig:
             raise OptionError(f"view_text must be one of {list(VIEW_TEXTS)}, got {self.view_text!r}", "view_text")
         if not 0.0 <= self.text_dropout < 1.0:
             raise OptionError(f"text_dropout must lie in [0, 1), got {self.text_dropout}", "text_dropout")
+        if self.dropout_classifier not in DROPOUT_CLASSIFIERS:
+            raise OptionError(f"dropout_classifier must be one of {list(DROPOUT_CLASSIFIERS)}, "
+                              f"got {self.dropout_classifier!r}", "dropout_classifier")
 
     def to_json(self) -> dict[str, Any]:
         """The flat layout of ``config.json``'s ``fit`` entry (not ``resume`` and ``device``: how the fit ran, not
@@ -235,11 +245,17 @@ class FitConfig:
         unknown = sorted(set(keys) - cls.flat_keys(keys.get("model", "textdiff")))
         if unknown:
             raise ValueError(f"FitConfig of model {keys.get('model', 'textdiff')!r} has no {unknown}")
-        return cls.from_json(keys)
+        return cls._from_flat(keys)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FitConfig:
         """A config from the flat layout (``config.json``'s ``fit``, older ones too); other keys are ignored."""
+        if d.get("text_dropout") and "dropout_classifier" not in d:
+            d = {**d, "dropout_classifier": "shared"}  # text dropout before the option: the text head alone
+        return cls._from_flat(d)
+
+    @classmethod
+    def _from_flat(cls, d: dict[str, Any]) -> FitConfig:
         d = {k: tuple(v) if k in _TUPLES and isinstance(v, list) else v for k, v in d.items()}
         name = model_name(d.get("model", "textdiff"))
         args = MODEL_ARGS[name](**{f.name: d[f.name] for f in fields(MODEL_ARGS[name]) if f.name in d})

@@ -6,7 +6,9 @@ the model's own weight init; augmentation samples the cached dihedral views when
 (p = 0.5 identity, else one of the 8 views uniformly, as the authors' random rot90 + flip), each with the
 text ``view_text`` says (:func:`view_choices`: the image's, the view's own, or only views whose own text is
 the image's). With ``text_dropout`` p, each training sample's text is withheld with probability p, drawn
-from (seed, epoch, sample) (:mod:`train.textmodes`); validation always gives the text. The same
+from (seed, epoch, sample) (:mod:`train.textmodes`), and those samples train a classifier of their own
+(``dropout_classifier="own"``, :class:`train.model.TextDiffHead`'s ``no_text_classifier``) or the text head
+with its attention silent ("shared"); validation always gives the text. The same
 config and seed give bit-identical weights and metrics on a CPU. Each epoch ends with a checkpoint in
 the run folder; ``resume`` continues a killed fit from it, bit-identically (:mod:`train.resume`). Which
 model, what it reads and how it is built come from the registry (:mod:`train.models`); the run folder
@@ -137,6 +139,8 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     model = spec.build(cfg.model_args, train, store)
     if cfg.text_dropout:
         check_reads_text(spec, model.config, f"text_dropout={cfg.text_dropout}", "text_dropout")
+        if cfg.dropout_classifier == "own":  # a classifier of their own for the samples without text
+            model = spec.rebuild({**model.config, "no_text_classifier": True})
     model.init_weights()  # on the CPU: the same initial weights on every device
     model.to(device)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -156,12 +160,14 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
     write_json(out / rundir.CONFIG, config)
     write_json(out / rundir.CACHE_KEY, store.key)
     resumed = f"resuming after epoch {run.epoch}; " if run.epoch else ""
+    dropout = f"; text withheld with p = {cfg.text_dropout} ({cfg.dropout_classifier} classifier)" \
+        if cfg.text_dropout else ""
     console.print(f"fit {spec.name}: {resumed}{len(train)} training images "
                   f"({'in memory' if train.in_memory else 'streamed'}), "
                   f"validation on {len(val)} {val_split} images; {train.describe()}"
                   f"{'' if cfg.view_text == 'same' else f' (view text: {cfg.view_text})'}; "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters; {device}, {cfg.precision}"
-                  f"{f'; text withheld with p = {cfg.text_dropout}' if cfg.text_dropout else ''}")
+                  f"{dropout}")
 
     progress = stage_progress(console, "fit", "epochs")
     with progress:

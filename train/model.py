@@ -185,6 +185,21 @@ def _masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
     return (tokens * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
+def _classify(classifier: nn.Sequential, maps: Sequence[Tensor], size: tuple[int, int], text: Tensor | None,
+              impl: str) -> Tensor:
+    """``classifier`` over the maps upsampled (bilinear) to ``size`` and concatenated (with ``text``, (B, dim),
+    as one more constant map): "fast" without the full-resolution concat (:mod:`train.fastconv`), "literal"
+    with it."""
+    if impl == "fast":
+        conv = classifier[0]
+        return classifier[1:](fused_first_conv(list(maps), size, conv.weight, conv.bias, text))
+    maps = [F.interpolate(x.contiguous(), size=size, mode="bilinear", align_corners=False)
+            if tuple(x.shape[-2:]) != size else x.contiguous() for x in maps]
+    if text is not None:
+        maps.append(text[:, :, None, None].expand(-1, -1, *size))
+    return classifier(torch.cat(maps, dim=1))
+
+
 def _as_size(size: int | Sequence[int]) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -210,6 +225,10 @@ class TextDiffHead(nn.Module):
         norm: "image" (default): the classifier's BatchNorm layers use each image's statistics in
             training and evaluation (:class:`ImageNorm`; identical to BatchNorm in training at batch 1);
             "batch": BatchNorm with running statistics at evaluation, as the authors' code.
+        no_text_classifier: a second classifier (ζ1's: the projected maps alone) for the samples that
+            have no text (every token withheld), which reads the projections detached: a text-less sample
+            trains only it, a sample with text only the rest. ``fit --text-dropout``'s default (``own``).
+            Default False (a text-less sample goes through the text path with silent attention).
 
     The attribute ``impl`` ("fast", the default, or "literal") picks how :meth:`forward` computes the
     first classifier conv; it is not part of the config or the state_dict.
@@ -220,7 +239,7 @@ class TextDiffHead(nn.Module):
     def __init__(self, in_channels: Sequence[int], text_dim: int = 768, dim: int = 768, heads: int = 8,
                  head_dim: int = 64, head_channels: Sequence[int] = (128, 32), num_classes: int = 2,
                  dropout: float = 0.0, fusion: str = "cross-attn", shared_block: bool = True,
-                 pos_enc: bool = False, norm: str = "image"):
+                 pos_enc: bool = False, norm: str = "image", no_text_classifier: bool = False):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -230,11 +249,13 @@ class TextDiffHead(nn.Module):
             raise ValueError("in_channels needs at least one scale")
         if pos_enc and dim % 4:
             raise ValueError(f"pos_enc needs dim divisible by 4, got {dim}")
+        if no_text_classifier and fusion == "none":
+            raise ValueError("no_text_classifier needs a head that reads text (fusion 'none' reads none)")
         self._config: dict[str, Any] = dict(
             in_channels=[int(c) for c in in_channels], text_dim=int(text_dim), dim=int(dim), heads=int(heads),
             head_dim=int(head_dim), head_channels=[int(c) for c in head_channels], num_classes=int(num_classes),
             dropout=float(dropout), fusion=fusion, shared_block=bool(shared_block), pos_enc=bool(pos_enc),
-            norm=norm)
+            norm=norm, no_text_classifier=bool(no_text_classifier))
         n = len(in_channels)
         self.fusion, self.dim, self.pos_enc = fusion, dim, pos_enc
         self.proj = nn.ModuleList(nn.Identity() if c == dim else nn.Conv2d(c, dim, 1) for c in in_channels)
@@ -243,6 +264,8 @@ class TextDiffHead(nn.Module):
         self.text_proj = nn.Linear(text_dim, dim) if fusion == "concat" else None
         n_maps = n + (fusion == "concat")
         self.classifier = _conv_classifier(n_maps * dim, head_channels, num_classes, norm)
+        self.no_text_classifier = _conv_classifier(n * dim, head_channels, num_classes, norm) \
+            if no_text_classifier else None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -285,17 +308,40 @@ class TextDiffHead(nn.Module):
             (tuple(f.shape[-2:]) for f in feats), key=lambda s: s[0] * s[1])
         if tokens is not None:
             tokens = tokens.to(dtype)
-        maps = [self._scale(i, f.to(dtype), tokens, token_mask, impl == "fast") for i, f in enumerate(feats)]
+        feats = [f.to(dtype) for f in feats]
+        has_text = self._routed(token_mask, len(feats[0]))
+        if has_text is None:
+            return self._text_path(feats, tokens, token_mask, size, impl)
+        out = feats[0].new_empty((len(has_text), self.classifier[-1].out_channels, *size))
+        none = ~has_text
+        if bool(none.any()):
+            out[none] = self._no_text_path([f[none] for f in feats], size, impl)
+        if bool(has_text.any()):
+            out[has_text] = self._text_path([f[has_text] for f in feats], tokens[has_text], token_mask[has_text],
+                                            size, impl)
+        return out
+
+    def _routed(self, token_mask: Tensor | None, batch: int) -> Tensor | None:
+        """With a no-text classifier: (B,) bool, which samples have a text (on the CPU); None when every sample
+        takes the text path (no such classifier, or every sample has a text)."""
+        if self.no_text_classifier is None or token_mask is None:
+            return None
+        has_text = token_mask.detach().to("cpu", torch.bool).reshape(batch, -1).any(dim=1)
+        return None if bool(has_text.all()) else has_text
+
+    def _text_path(self, feats: Sequence[Tensor], tokens: Tensor | None, token_mask: Tensor | None,
+                   size: tuple[int, int], impl: str) -> Tensor:
+        maps = [self._scale(i, f, tokens, token_mask, impl == "fast") for i, f in enumerate(feats)]
         text = self.text_proj(_masked_mean(tokens, token_mask)) if self.text_proj is not None else None
-        if impl == "fast":
-            conv = self.classifier[0]
-            return self.classifier[1:](fused_first_conv(maps, size, conv.weight, conv.bias, text))
-        # literal: channels-first maps, upsampled and concatenated at full resolution
-        maps = [F.interpolate(x.contiguous(), size=size, mode="bilinear", align_corners=False)
-                if tuple(x.shape[-2:]) != size else x.contiguous() for x in maps]
-        if text is not None:
-            maps.append(text[:, :, None, None].expand(-1, -1, *size))
-        return self.classifier(torch.cat(maps, dim=1))
+        return _classify(self.classifier, maps, size, text, impl)
+
+    def _no_text_path(self, feats: Sequence[Tensor], size: tuple[int, int], impl: str) -> Tensor:
+        """ζ1's computation with the head's projections (detached: no gradient reaches them from here) and
+        the no-text classifier."""
+        maps = [self.proj[i](f).detach() for i, f in enumerate(feats)]
+        if self.pos_enc:
+            maps = [x + sinusoidal_2d(*x.shape[-2:], self.dim, x.device, x.dtype) for x in maps]
+        return _classify(self.no_text_classifier, maps, size, None, impl)
 
     def _scale(self, i: int, f: Tensor, tokens: Tensor | None, token_mask: Tensor | None, fast: bool) -> Tensor:
         """Scale i at its native resolution: projection, position code, text block (B, dim, h, w).
