@@ -79,3 +79,22 @@ def test_resume_on_cuda(store_path: Path, tmp_path: Path, monkeypatch: pytest.Mo
     resumed = fit(FitConfig.flat(cache=store_path, out=tmp_path / "cut", resume=True, **FLAT), console=quiet())
     assert resumed["best_epoch"] >= 1 and abs(resumed["best_val_dice"] - reference["best_val_dice"]) < 0.02
     shutil.rmtree(tmp_path / "cut")
+
+
+def test_a_mixed_batch_routes_on_cuda_as_on_the_cpu() -> None:
+    """A head with a no-text classifier (``fit --text-dropout``): a batch with and without text gives on CUDA
+    what it gives on the CPU, token mask on either device."""
+    from train.model import TextDiffHead
+
+    torch.manual_seed(0)
+    head = TextDiffHead([16, 32], text_dim=24, dim=32, heads=2, head_dim=8, head_channels=(8, 4),
+                        no_text_classifier=True).eval()
+    feats = [torch.randn(3, 16, 8, 8), torch.randn(3, 32, 16, 16)]
+    tokens, mask = torch.randn(3, 5, 24), torch.ones(3, 5, dtype=torch.bool)
+    mask[1] = False
+    with torch.no_grad():
+        want = head(feats, tokens, mask, out_size=16)
+        head.cuda()
+        for m in (mask, mask.cuda()):
+            got = head([f.cuda() for f in feats], tokens.cuda(), m, out_size=16)
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)

@@ -313,12 +313,13 @@ class TextDiffHead(nn.Module):
         if has_text is None:
             return self._text_path(feats, tokens, token_mask, size, impl)
         out = feats[0].new_empty((len(has_text), self.classifier[-1].out_channels, *size))
-        none = ~has_text
-        if bool(none.any()):
-            out[none] = self._no_text_path([f[none] for f in feats], size, impl)
-        if bool(has_text.any()):
-            out[has_text] = self._text_path([f[has_text] for f in feats], tokens[has_text], token_mask[has_text],
-                                            size, impl)
+        device = feats[0].device
+        none, text = (~has_text).nonzero().flatten().to(device), has_text.nonzero().flatten().to(device)
+        if len(none):
+            out[none] = self._no_text_path([f[none] for f in feats], size, impl).to(out.dtype)
+        if len(text):
+            out[text] = self._text_path([f[text] for f in feats], tokens[text.to(tokens.device)],
+                                        token_mask[text.to(token_mask.device)], size, impl).to(out.dtype)
         return out
 
     def _routed(self, token_mask: Tensor | None, batch: int) -> Tensor | None:
