@@ -216,6 +216,26 @@ def test_text_dropout_is_recorded_and_validated(store_path: Path, tmp_path: Path
     assert not rundir.read_json(tmp_path / "p0" / rundir.CONFIG)["head"]["no_text_classifier"]
 
 
+def test_the_no_text_classifier_keeps_its_own_best_epoch(store_path: Path, tmp_path: Path) -> None:
+    """With a classifier of their own, each epoch is validated with and without text; the head keeps the text
+    path of its best epoch with text and the no-text classifier of its best epoch without: evaluating the
+    saved run on the validation split gives back both best scores."""
+    fit(tiny_fit(store_path, tmp_path / "r", text_dropout=0.5, epochs=6, batch_size=2, lr=3e-3), console=quiet())
+    metrics = rundir.read_json(tmp_path / "r" / rundir.METRICS)
+    with (tmp_path / "r" / rundir.HISTORY).open() as f:
+        history = list(csv.DictReader(f))
+    free = [float(r["val_dice_no_text"]) for r in history]
+    assert metrics["best_val_dice_no_text"] == max(free)
+    assert metrics["best_epoch_no_text"] == 1 + free.index(max(free))
+    assert metrics["best_epoch_no_text"] != metrics["best_epoch"]  # the two choices differ in this fit
+    for text, key in (("as-is", "best_val_dice"), ("none", "best_val_dice_no_text")):
+        scored = evaluate(tmp_path / "r", split="val", text=text, overlays=False, console=quiet())
+        assert scored["dice"] == pytest.approx(metrics[key], abs=1e-6), text
+    plain = tmp_path / "p"
+    fit(tiny_fit(store_path, plain, text_dropout=0.5, dropout_classifier="shared"), console=quiet())
+    assert "best_epoch_no_text" not in rundir.read_json(plain / rundir.METRICS)  # one head: one choice
+
+
 def test_text_dropout_is_refused_for_models_without_text(store_path: Path, tmp_path: Path) -> None:
     with pytest.raises(OptionError, match="text_dropout=0.5 needs a model that reads text; this model "
                                           r"\(textdiff, fusion 'none'\) reads none"):
@@ -235,7 +255,8 @@ def test_text_dropout_withholds_the_drawn_samples_and_is_seeded(store_path: Path
     withhold = Sample.withhold_text
 
     def spy(self: Sample, withheld: torch.Tensor | None = None) -> Sample:
-        seen.append(withheld.clone())
+        if withheld is not None:  # None: the validation without text
+            seen.append(withheld.clone())
         return withhold(self, withheld)
 
     with monkeypatch.context() as m:

@@ -8,7 +8,8 @@ text ``view_text`` says (:func:`view_choices`: the image's, the view's own, or o
 the image's). With ``text_dropout`` p, each training sample's text is withheld with probability p, drawn
 from (seed, epoch, sample) (:mod:`train.textmodes`), and those samples train a classifier of their own
 (``dropout_classifier="own"``, :class:`train.model.TextDiffHead`'s ``no_text_classifier``) or the text head
-with its attention silent ("shared"); validation always gives the text. The same
+with its attention silent ("shared"); validation gives the text, and for a classifier of their own also
+withholds it: that classifier's weights are kept from its own best epoch without text. The same
 config and seed give bit-identical weights and metrics on a CPU. Each epoch ends with a checkpoint in
 the run folder; ``resume`` continues a killed fit from it, bit-identically (:mod:`train.resume`). Which
 model, what it reads and how it is built come from the registry (:mod:`train.models`); the run folder
@@ -60,14 +61,30 @@ def _split_train_val(store: FeatureStore, cfg: FitConfig) -> tuple[np.ndarray, s
 
 
 def validate(model: torch.nn.Module, data: SplitData, size: int, batch_size: int = 4,
-             precision: str = "fp32") -> dict[str, float]:
-    """Mean per-image Dice / IoU of argmax predictions on ``data`` (view 0), on the model's device."""
+             precision: str = "fp32", text: bool = True) -> dict[str, float]:
+    """Mean per-image Dice / IoU of argmax predictions on ``data`` (view 0), on the model's device;
+    ``text=False``: with every token withheld."""
     metrics = SegMetrics()
     for start in range(0, len(data), batch_size):
         sample = data.batch(list(range(start, min(start + batch_size, len(data)))))
+        if not text:
+            sample = sample.withhold_text()
         metrics.update(probabilities(model, sample, size, precision).argmax(1).cpu(), sample.target)
     agg = metrics.aggregate()
     return {"dice": float(agg["dice"]), "iou": float(agg["iou"])}
+
+
+def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _best_weights(run: FitState) -> dict[str, torch.Tensor]:
+    """The weights to keep: the best epoch's on validation with text; a no-text classifier's own from its best
+    epoch on validation without text (its parameters are its own: the two selections are independent)."""
+    state = run.best["state"]
+    if "state" not in run.best_no_text:
+        return state
+    return {**state, **{f"no_text_classifier.{k}": v for k, v in run.best_no_text["state"].items()}}
 
 
 def check_view_text(store: FeatureStore, view_text: str) -> None:
@@ -141,6 +158,7 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
         check_reads_text(spec, model.config, f"text_dropout={cfg.text_dropout}", "text_dropout")
         if cfg.dropout_classifier == "own":  # a classifier of their own for the samples without text
             model = spec.rebuild({**model.config, "no_text_classifier": True})
+    own = bool(model.config.get("no_text_classifier"))  # validated, and its best epoch chosen, without text too
     model.init_weights()  # on the CPU: the same initial weights on every device
     model.to(device)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -196,14 +214,21 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
             t1 = time.perf_counter()
             validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
             scores = validate(model, val, size, precision=cfg.precision) if validated else {"dice": "", "iou": ""}
+            free = validate(model, val, size, precision=cfg.precision, text=False) if validated and own else \
+                {"dice": "", "iou": ""}
             t2 = time.perf_counter()
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice": scores["dice"],
                    "val_iou": scores["iou"], "seconds": round(t2 - t0, 3), "train_seconds": round(t1 - t0, 3),
                    "val_seconds": round(t2 - t1, 3), "data_wait_seconds": round(feed.waited, 3)}
+            if own:
+                row |= {"val_dice_no_text": free["dice"], "val_iou_no_text": free["iou"]}
             run.history.append(row)
             if validated and scores["dice"] > run.best["val_dice"]:
                 run.best = {"val_dice": scores["dice"], "val_iou": scores["iou"], "epoch": epoch,
-                            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                            "state": _cpu_copy(model.state_dict())}
+            if validated and own and free["dice"] > run.best_no_text["val_dice"]:
+                run.best_no_text = {"val_dice": free["dice"], "val_iou": free["iou"], "epoch": epoch,
+                                    "state": _cpu_copy(model.no_text_classifier.state_dict())}
             run.epoch = epoch
             rundir.save_checkpoint(out, checkpoint_state(run, model, optim, schedule, rng, cfg, store, scaler))
             pause_after(epoch)
@@ -213,12 +238,14 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
                             description=f"loss {row['train_loss']:.4f} · val Dice {val_text}{best_text}")
 
     history, best = run.history, run.best
-    rundir.save_weights(out, best["state"])
+    rundir.save_weights(out, _best_weights(run))
     rundir.write_csv(out / rundir.HISTORY, history, list(history[0]))
     metrics = {"best_epoch": best["epoch"], "best_val_dice": best["val_dice"], "best_val_iou": best["val_iou"],
                "final_train_loss": history[-1]["train_loss"], "n_train": len(train), "n_val": len(val),
                "val_split": val_split, "epochs": cfg.epochs, "cache_key_hash": key_hash(store.key),
                "seconds": round(sum(r["seconds"] for r in history), 2)}
+    if own:
+        metrics |= {f"best_{k}_no_text": run.best_no_text[k] for k in ("epoch", "val_dice", "val_iou")}
     write_json(out / rundir.METRICS, metrics)
     loss_curve_png(out / rundir.HISTORY, out / rundir.LOSS_PLOT, title=f"fit {out.name}")
     rundir.mark_complete(out)

@@ -37,10 +37,12 @@ class FitState:
     """What a fit's loop carries from epoch to epoch besides the model, optimiser and schedule."""
 
     def __init__(self, epoch: int = 0, best: dict[str, Any] | None = None,
-                 history: list[dict[str, float]] | None = None) -> None:
+                 history: list[dict[str, float]] | None = None, best_no_text: dict[str, Any] | None = None) -> None:
         self.epoch = epoch
         self.best: dict[str, Any] = best or {"val_dice": -1.0}
         self.history: list[dict[str, float]] = history or []
+        #: a head with a no-text classifier: that classifier's best epoch on validation without text
+        self.best_no_text: dict[str, Any] = best_no_text or {"val_dice": -1.0}
 
 
 def checkpoint_state(fit: FitState, model: torch.nn.Module, optim: torch.optim.Optimizer,
@@ -51,7 +53,7 @@ def checkpoint_state(fit: FitState, model: torch.nn.Module, optim: torch.optim.O
     sched = schedule.state_dict()
     sched["milestones"] = dict(sched.get("milestones", {}))  # a Counter: kept as a plain dict
     return {"epoch": fit.epoch, "model": model.state_dict(), "optim": optim.state_dict(), "schedule": sched,
-            "best": fit.best, "history": fit.history,
+            "best": fit.best, "best_no_text": fit.best_no_text, "history": fit.history,
             "torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "fit": cfg.to_json(), "cache_key_hash": key_hash(store.key),
@@ -73,7 +75,8 @@ def restore(state: dict[str, Any], model: torch.nn.Module, optim: torch.optim.Op
     rng.bit_generator.state = json.loads(state["numpy_rng"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return FitState(int(state["epoch"]), copy.deepcopy(state["best"]), list(state["history"]))
+    return FitState(int(state["epoch"]), copy.deepcopy(state["best"]), list(state["history"]),
+                    copy.deepcopy(state.get("best_no_text")))
 
 
 def _check_same(cfg: FitConfig, store: FeatureStore, *recorded: dict[str, Any]) -> None:
