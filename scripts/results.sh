@@ -7,15 +7,15 @@
 # Usage: [SIZE=128] [EPOCHS=100] [SEEDS="0 1 2"] [FLAGS=cpu-64] [BLOCKS=4,6,8] [DIM=768] [AUGMENT=d4]
 #        [PRETRAIN_ITER=5000] [UNET=folder|checkpoint|name] [TEXT=minilm] [WIDTH=64] [SWEEP= (empty: no Fig. 3 sweep)]
 #        [SCHEDULER=local:N|tcp://HOST:PORT (the sweep's fits as dask tasks)]
-#        [METHODS="textdiff notext concat unet"] [DROPOUT="0.25 0.5"] [DROPOUT_CLASSIFIERS="own (and/or shared)"]
+#        [METHODS="textdiff notext concat unet"] [DROPOUT="0.25 0.5"] [DROPOUT_CLASSIFIERS="shared (and/or own)"]
 #        [TEXT_MODES="none shuffled mirrored"]
 #        [VIEW_TEXT="rewrite unchanged" (with AUGMENT=d4: TextDiff with each other view-text policy, validation only)]
 #        scripts/results.sh monuseg|qata [OUT]
 # Without UNET, a domain UNet is pretrained into OUT/unet-pretrained first; with it (e.g. UNET=adm-imagenet-256
 # TEXT=bioclinicalbert SIZE=256 BLOCKS=6,8,12,16 DIM=768: the paper's encoders), that UNet is used as it is.
 # Writes OUT/<method>-<seed>/ run folders (each with eval-test/), OUT/textdrop<P>-<seed>/ (TextDiff fitted with
-# --text-dropout P, for each P in DROPOUT; OUT/textdrop<P>shared-<seed> with --dropout-classifier shared when
-# DROPOUT_CLASSIFIERS has shared), each text-reading run also scored with every --text mode in TEXT_MODES
+# --text-dropout P, for each P in DROPOUT; OUT/textdrop<P>own-<seed> with --dropout-classifier own when
+# DROPOUT_CLASSIFIERS has own), each text-reading run also scored with every --text mode in TEXT_MODES
 # (eval-test-text-<mode>/: how much it relies on its text), OUT/view<policy>-<seed>/ (fit --view-text policy; fitted
 # and validated, never scored on test: the policy is chosen on validation), OUT/sweep/ (Fig. 3, monuseg) and OUT/table.md
 # (scripts/results_table.py). Everything resumes: re-running skips finished work.
@@ -32,7 +32,7 @@ SIZE=${SIZE:-128}; EPOCHS=${EPOCHS:-100}; SEEDS=${SEEDS:-0 1 2}; FLAGS=${FLAGS:-
 BLOCKS=${BLOCKS:-4,6,8}; DIM=${DIM:-768}; AUGMENT=${AUGMENT:-d4}; WIDTH=${WIDTH:-64}
 TEXT=${TEXT:-minilm}
 METHODS=${METHODS:-textdiff notext concat unet}; DROPOUT=${DROPOUT-0.25 0.5}; TEXT_MODES=${TEXT_MODES-none shuffled mirrored}
-DROPOUT_CLASSIFIERS=${DROPOUT_CLASSIFIERS:-own}
+DROPOUT_CLASSIFIERS=${DROPOUT_CLASSIFIERS:-shared}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 if [ -z "${UNET:-}" ]; then
@@ -49,16 +49,16 @@ done_run() { rundir evaluated "$1" test ${2:+"$2"}; }  # fit done, test scored (
 for seed in $SEEDS; do
   common=(--cache "$store" --subset-seed "$seed" --epochs "$EPOCHS")
   runs=()  # this subset's runs that read text: scored again under each text mode
-  for method in $METHODS $(for p in $DROPOUT; do for c in $DROPOUT_CLASSIFIERS; do echo "textdrop$p${c#own}"; done; done); do
+  for method in $METHODS $(for p in $DROPOUT; do for c in $DROPOUT_CLASSIFIERS; do echo "textdrop$p${c#shared}"; done; done); do
     run="$OUT/$method-$seed"
     case $method in
       textdiff) fit=(fit --dim "$DIM"); runs+=("$run") ;;
       notext) fit=(fit --dim "$DIM" --no-text) ;;
       concat) fit=(fit --dim "$DIM" --fusion concat) ;;
       unet) fit=(baseline --width "$WIDTH") ;;
-      textdrop*shared) p=${method#textdrop}
-                       fit=(fit --dim "$DIM" --text-dropout "${p%shared}" --dropout-classifier shared); runs+=("$run") ;;
-      textdrop*) fit=(fit --dim "$DIM" --text-dropout "${method#textdrop}" --dropout-classifier own); runs+=("$run") ;;
+      textdrop*own) p=${method#textdrop}
+                    fit=(fit --dim "$DIM" --text-dropout "${p%own}" --dropout-classifier own); runs+=("$run") ;;
+      textdrop*) fit=(fit --dim "$DIM" --text-dropout "${method#textdrop}" --dropout-classifier shared); runs+=("$run") ;;
       *) echo "unknown method $method (textdiff, notext, concat, unet)" >&2; exit 2 ;;
     esac
     done_run "$run" && continue

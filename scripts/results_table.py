@@ -4,8 +4,8 @@
 
 Reads OUT/<method>-<seed>/eval-test/summary.json and each run's config.json (for what was run),
 OUT/<run>/eval-test-text-<mode>/summary.json (the text-reliance table: ``evaluate --text``, TextDiff and its
-``--text-dropout`` runs OUT/textdrop<P>-<seed>, and OUT/textdrop<P>shared-<seed> fitted with
-``--dropout-classifier shared``) and OUT/sweep/sweep.csv (Fig. 3) when the sweep was run.
+``--text-dropout`` runs OUT/textdrop<P>-<seed>, and OUT/textdrop<P>own-<seed> fitted with
+``--dropout-classifier own``) and OUT/sweep/sweep.csv (Fig. 3) when the sweep was run.
 """
 
 from __future__ import annotations
@@ -84,13 +84,13 @@ def view_text(out: Path) -> list[str]:
     return rows
 
 
-SHARED = "shared"  # textdrop<P>shared: fitted with --dropout-classifier shared
+OWN = "own"  # textdrop<P>own: fitted with --dropout-classifier own
 
 
 def dropout_name(prefix: str) -> str:
-    """The table's name of the runs textdrop<P>[shared]."""
-    p = prefix[8:].removesuffix(SHARED)
-    return f"TextDiff, text dropout {p}" + (", shared classifier" if prefix.endswith(SHARED) else "")
+    """The table's name of the runs textdrop<P>[own]."""
+    p = prefix[8:].removesuffix(OWN)
+    return f"TextDiff, text dropout {p}" + (", own no-text classifier" if prefix.endswith(OWN) else "")
 
 
 def reliance(out: Path) -> list[str]:
@@ -99,7 +99,7 @@ def reliance(out: Path) -> list[str]:
     if not any(out.glob("*-*/eval-test-text-*")):
         return []
     drops = sorted({r.name.rsplit("-", 1)[0] for r in out.glob("textdrop*-*")},
-                   key=lambda p: (p.endswith(SHARED), float(p[8:].removesuffix(SHARED))))
+                   key=lambda p: (p.endswith(OWN), float(p[8:].removesuffix(OWN))))
     models = [("textdiff", "TextDiff")] + [(p, dropout_name(p)) for p in drops]
     rows = ["", "Reliance on text: test Dice % given its own text, none (every token withheld), another image's "
                 "(`--text shuffled`), or its own with left ↔ right and upper ↔ lower swapped (`--text mirrored`); "

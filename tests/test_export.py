@@ -158,6 +158,7 @@ def test_export_refuses_a_folder_that_is_not_a_model_folder(tiny: dict, tmp_path
      "shared_block": False, "pos_enc": True, "attend_padding": True, "seed": 3, "train_count": 2, "lr": 3e-4,
      "precision": "bf16", "memory_budget_gb": 1.5},
     {"dim": 16, "text_dropout": 0.25},
+    {"dim": 16, "text_dropout": 0.5, "dropout_classifier": "own"},
 ])
 def test_card_fit_command_parses_to_the_run_settings(flat: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                       ) -> None:

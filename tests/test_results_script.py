@@ -98,18 +98,18 @@ def test_second_run_skips_finished_work(stub, tmp_path):
 
 
 def test_dropout_runs_with_either_classifier(stub, tmp_path):
-    """DROPOUT_CLASSIFIERS="own shared": textdrop<P>-<seed> with --dropout-classifier own, textdrop<P>shared-<seed>
-    with shared; each scored under the text modes and named apart in the table."""
-    calls = run(stub, tmp_path / "out", METHODS="textdiff", DROPOUT="0.5", DROPOUT_CLASSIFIERS="own shared",
+    """DROPOUT_CLASSIFIERS="shared own": textdrop<P>-<seed> with --dropout-classifier shared, textdrop<P>own-<seed>
+    with own; each scored under the text modes and named apart in the table."""
+    calls = run(stub, tmp_path / "out", METHODS="textdiff", DROPOUT="0.5", DROPOUT_CLASSIFIERS="shared own",
                 TEXT_MODES="none")
     fits = {Path(c[c.index("--out") + 1]).name: c[c.index("--dropout-classifier") + 1]
             for c in calls if c[0] == "fit" and "--text-dropout" in c}
-    assert fits == {f"textdrop0.5{c}-{s}": c or "own" for c in ("", "shared") for s in (0, 1)}
+    assert fits == {f"textdrop0.5{c}-{s}": c or "shared" for c in ("", "own") for s in (0, 1)}
     assert {Path(c[1]).name for c in calls if c[0] == "evaluate" and "--text" in c} == {
-        f"{r}-{s}" for r in ("textdiff", "textdrop0.5", "textdrop0.5shared") for s in (0, 1)}
+        f"{r}-{s}" for r in ("textdiff", "textdrop0.5", "textdrop0.5own") for s in (0, 1)}
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| TextDiff, text dropout 0.5 | 50.00 ± 0.00 | 30.00 ± 0.00 | — | — | 0,1 |" in table
-    assert "| TextDiff, text dropout 0.5, shared classifier | 50.00 ± 0.00 | 30.00 ± 0.00 | — | — | 0,1 |" in table
+    assert "| TextDiff, text dropout 0.5, own no-text classifier | 50.00 ± 0.00 | 30.00 ± 0.00 | — | — | 0,1 |" in table
 
 
 def test_an_interrupted_pretraining_is_resumed(stub, tmp_path):

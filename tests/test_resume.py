@@ -106,17 +106,19 @@ def test_streamed_resume_equals_in_memory(store_path: Path, reference: Path, tmp
     assert_same_run(run, reference)
 
 
-def test_resume_with_text_dropout_is_bit_identical(store_path: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The dropout draws are a function of (seed, epoch, sample): a resumed fit withholds the same texts.
-    Another dropout probability is another setting: refused."""
+@pytest.mark.parametrize("classifier", ["shared", "own"])
+def test_resume_with_text_dropout_is_bit_identical(store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   classifier: str) -> None:
+    """The dropout draws are a function of (seed, epoch, sample): a resumed fit withholds the same texts (and,
+    with a classifier of their own, keeps that classifier's best epoch so far). Another dropout probability is
+    another setting: refused."""
     reference = tmp_path / "reference"
-    fit(cfg(store_path, reference, text_dropout=0.5))
+    fit(cfg(store_path, reference, text_dropout=0.5, dropout_classifier=classifier))
     run = tmp_path / "run"
-    interrupted(cfg(store_path, run, text_dropout=0.5), seeded_epoch(3), monkeypatch)
+    interrupted(cfg(store_path, run, text_dropout=0.5, dropout_classifier=classifier), seeded_epoch(3), monkeypatch)
     with pytest.raises(ValueError, match=r"other settings \(text_dropout: 0\.5 there, 0\.25 now"):
-        fit(cfg(store_path, run, text_dropout=0.25, resume=True))
-    fit(cfg(store_path, run, text_dropout=0.5, resume=True))
+        fit(cfg(store_path, run, text_dropout=0.25, dropout_classifier=classifier, resume=True))
+    fit(cfg(store_path, run, text_dropout=0.5, dropout_classifier=classifier, resume=True))
     assert_same_run(run, reference)
 
 

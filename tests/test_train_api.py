@@ -59,9 +59,7 @@ def test_fit_config_keeps_its_flat_layout_and_reads_old_ones(tmp_path: Path) -> 
     back = FitConfig.from_json(old)
     assert back.model == "plain-unet" and back.model_args == PlainUNetArgs(width=8, depth=3)
     assert not back.attend_padding and back.view_text == "same" and back.text_dropout == 0.0
-    assert back.dropout_classifier == "own"
-    dropout = {k: v for k, v in flat.items() if k != "dropout_classifier"} | {"text_dropout": 0.5}
-    assert FitConfig.from_json(dropout).dropout_classifier == "shared"  # text dropout before the option
+    assert back.dropout_classifier == "shared"  # the text head alone, as text dropout was before the option
     assert back.to_json()["model"] == "plain-unet"
     with pytest.raises(ValueError, match="dim"):
         FitConfig.flat(cache=tmp_path, out=tmp_path, model="plain-unet", dim=16)

@@ -29,7 +29,7 @@ FUSIONS = ("cross-attn", "concat", "none")
 NORMS = ("image", "batch")
 VIEW_TEXTS = ("same", "rewrite", "unchanged")  # what text a cached view is trained with (FitConfig.view_text)
 #: what the samples whose text is withheld train (FitConfig.dropout_classifier)
-DROPOUT_CLASSIFIERS = ("own", "shared")
+DROPOUT_CLASSIFIERS = ("shared", "own")
 #: the text an evaluation gives the head (:mod:`train.textmodes`)
 TEXT_MODES = ("as-is", "none", "shuffled", "mirrored")
 
@@ -172,10 +172,10 @@ class FitConfig:
                                             "(seeded per epoch and sample), so that the head also predicts "
                                             "without text; 0 = never (the paper). In [0, 1).")
     dropout_classifier: str = option_field(
-        "own", "With --text-dropout: own (the samples whose text is withheld train a classifier of their own, "
-               "ζ1's, on the head's projected features, and a prediction without text uses it; the text head "
-               "learns from the samples with text alone) or shared (the text head itself, its attention silent: "
-               "plain text dropout). Runs recorded before the option: shared.")
+        "shared", "With --text-dropout: shared (the text head itself, its attention silent for a sample without "
+                  "text: plain text dropout) or own (those samples train a classifier of their own, ζ1's, on the "
+                  "head's projected features, chosen on validation without text, and a prediction without text "
+                  "uses it; the text head learns from the samples with text alone).")
     seed: int | None = option_field(None, "Seed of the weights, order and augmentation (default: the subset seed).")
     val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
     memory_budget_gb: float = option_field(4.0, "Hold features in memory up to this size, else stream them.")
@@ -245,17 +245,11 @@ class FitConfig:
         unknown = sorted(set(keys) - cls.flat_keys(keys.get("model", "textdiff")))
         if unknown:
             raise ValueError(f"FitConfig of model {keys.get('model', 'textdiff')!r} has no {unknown}")
-        return cls._from_flat(keys)
+        return cls.from_json(keys)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FitConfig:
         """A config from the flat layout (``config.json``'s ``fit``, older ones too); other keys are ignored."""
-        if d.get("text_dropout") and "dropout_classifier" not in d:
-            d = {**d, "dropout_classifier": "shared"}  # text dropout before the option: the text head alone
-        return cls._from_flat(d)
-
-    @classmethod
-    def _from_flat(cls, d: dict[str, Any]) -> FitConfig:
         d = {k: tuple(v) if k in _TUPLES and isinstance(v, list) else v for k, v in d.items()}
         name = model_name(d.get("model", "textdiff"))
         args = MODEL_ARGS[name](**{f.name: d[f.name] for f in fields(MODEL_ARGS[name]) if f.name in d})

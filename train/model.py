@@ -227,7 +227,7 @@ class TextDiffHead(nn.Module):
             "batch": BatchNorm with running statistics at evaluation, as the authors' code.
         no_text_classifier: a second classifier (ζ1's: the projected maps alone) for the samples that
             have no text (every token withheld), which reads the projections detached: a text-less sample
-            trains only it, a sample with text only the rest. ``fit --text-dropout``'s default (``own``).
+            trains only it, a sample with text only the rest (``fit --text-dropout P --dropout-classifier own``).
             Default False (a text-less sample goes through the text path with silent attention).
 
     The attribute ``impl`` ("fast", the default, or "literal") picks how :meth:`forward` computes the
