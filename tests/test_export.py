@@ -19,7 +19,7 @@ from cache.errors import OptionError
 from cache.store import FeatureStore, StoreError
 from train.config import FitConfig
 from train.evaluate import evaluate
-from train.export import export_run, fit_command
+from train.export import export_run, fit_command, push_model_dir
 from train.fit import fit
 from train.predict import Predictor, WeightsMismatchError
 from train.predict_batch import predict_batch
@@ -139,6 +139,49 @@ def test_push_offline_is_refused_in_one_line(tiny: dict, tmp_path: Path, monkeyp
     lines = res.output.strip().splitlines()
     assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: --push: HF_HUB_OFFLINE"), res.output
     assert not out.exists()  # refused before any work
+
+
+class _FakeHub:
+    """Records what HfApi is asked to do; ``fail`` makes the upload raise as a network error would."""
+    calls: list[tuple] = []
+    fail = False
+
+    def create_repo(self, repo_id: str, **kw: object) -> None:
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def upload_folder(self, **kw: object) -> None:
+        if self.fail:
+            raise ConnectionError("Max retries exceeded\nwith url: https://huggingface.co")
+        self.calls.append(("upload_folder", kw))
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_push_uploads_the_folder_where_a_network_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: bool) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(_FakeHub, "calls", [])
+    monkeypatch.setattr(_FakeHub, "fail", fail)
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeHub)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    if fail:
+        with pytest.raises(OSError) as info:
+            push_model_dir(folder, "someone/textdiff")
+        message = str(info.value)
+        assert "\n" not in message and "someone/textdiff" in message and str(folder) in message
+        assert "ConnectionError: Max retries exceeded with url" in message
+        assert (folder / "config.json").read_text() == "{}"  # the written folder is kept
+    else:
+        assert push_model_dir(folder, "someone/textdiff") == "https://huggingface.co/someone/textdiff"
+        assert _FakeHub.calls == [
+            ("create_repo", "someone/textdiff", {"repo_type": "model", "exist_ok": True}),
+            ("upload_folder", {"folder_path": str(folder), "repo_id": "someone/textdiff", "repo_type": "model",
+                               "commit_message": "textdiff export"})]
 
 
 def test_export_refuses_a_folder_that_is_not_a_model_folder(tiny: dict, tmp_path: Path) -> None:
