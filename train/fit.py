@@ -74,8 +74,13 @@ def validate(model: torch.nn.Module, data: SplitData, size: int, batch_size: int
     return {"dice": float(agg["dice"]), "iou": float(agg["iou"])}
 
 
-def _cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
+_UNSCORED = {"dice": "", "iou": ""}  # an epoch not validated: blank cells in history.csv
+
+
+def _best(scores: dict[str, float], epoch: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A best-epoch record: its validation scores, the epoch and a CPU copy of ``state``."""
+    return {"val_dice": scores["dice"], "val_iou": scores["iou"], "epoch": epoch,
+            "state": {k: v.detach().cpu().clone() for k, v in state.items()}}
 
 
 def _best_weights(run: FitState) -> dict[str, torch.Tensor]:
@@ -213,9 +218,8 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
             schedule.step()
             t1 = time.perf_counter()
             validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
-            scores = validate(model, val, size, precision=cfg.precision) if validated else {"dice": "", "iou": ""}
-            free = validate(model, val, size, precision=cfg.precision, text=False) if validated and own else \
-                {"dice": "", "iou": ""}
+            scores = validate(model, val, size, precision=cfg.precision) if validated else _UNSCORED
+            free = validate(model, val, size, precision=cfg.precision, text=False) if validated and own else _UNSCORED
             t2 = time.perf_counter()
             row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice": scores["dice"],
                    "val_iou": scores["iou"], "seconds": round(t2 - t0, 3), "train_seconds": round(t1 - t0, 3),
@@ -224,11 +228,9 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
                 row |= {"val_dice_no_text": free["dice"], "val_iou_no_text": free["iou"]}
             run.history.append(row)
             if validated and scores["dice"] > run.best["val_dice"]:
-                run.best = {"val_dice": scores["dice"], "val_iou": scores["iou"], "epoch": epoch,
-                            "state": _cpu_copy(model.state_dict())}
+                run.best = _best(scores, epoch, model.state_dict())
             if validated and own and free["dice"] > run.best_no_text["val_dice"]:
-                run.best_no_text = {"val_dice": free["dice"], "val_iou": free["iou"], "epoch": epoch,
-                                    "state": _cpu_copy(model.no_text_classifier.state_dict())}
+                run.best_no_text = _best(free, epoch, model.no_text_classifier.state_dict())
             run.epoch = epoch
             rundir.save_checkpoint(out, checkpoint_state(run, model, optim, schedule, rng, cfg, store, scaler))
             pause_after(epoch)

@@ -339,10 +339,15 @@ class TextDiffHead(nn.Module):
     def _no_text_path(self, feats: Sequence[Tensor], size: tuple[int, int], impl: str) -> Tensor:
         """ζ1's computation with the head's projections (detached: no gradient reaches them from here) and
         the no-text classifier."""
-        maps = [self.proj[i](f).detach() for i, f in enumerate(feats)]
-        if self.pos_enc:
-            maps = [x + sinusoidal_2d(*x.shape[-2:], self.dim, x.device, x.dtype) for x in maps]
+        maps = [self._projected(i, f).detach() for i, f in enumerate(feats)]
         return _classify(self.no_text_classifier, maps, size, None, impl)
+
+    def _projected(self, i: int, f: Tensor) -> Tensor:
+        """Scale i's projection and position code, channels first (B, dim, h, w)."""
+        x = self.proj[i](f)
+        if self.pos_enc:
+            x = x + sinusoidal_2d(*x.shape[-2:], self.dim, x.device, x.dtype)
+        return x
 
     def _scale(self, i: int, f: Tensor, tokens: Tensor | None, token_mask: Tensor | None, fast: bool) -> Tensor:
         """Scale i at its native resolution: projection, position code, text block (B, dim, h, w).
@@ -353,9 +358,7 @@ class TextDiffHead(nn.Module):
         """
         b, _, h, w = f.shape
         if not (fast and len(self.blocks)):
-            x = self.proj[i](f)
-            if self.pos_enc:
-                x = x + sinusoidal_2d(h, w, self.dim, x.device, x.dtype)
+            x = self._projected(i, f)
             if not len(self.blocks):
                 return x
             x = x.flatten(2).transpose(1, 2)
