@@ -17,7 +17,10 @@ from typing import Any
 
 from cache.errors import OptionError
 
-FORMAT_VERSION = 1
+#: 2: text tokens encoded one text per forward (batch-independent bits); 1: in batches of up to 32 texts
+FORMAT_VERSION = 2
+#: versions this textdiff reads; it writes only FORMAT_VERSION, so no store mixes two encodings
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 _KEY_FIELDS = ("dataset", "preprocessing", "unet", "noise_seed", "text", "dtype", "compute_dtype")
 

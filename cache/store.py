@@ -23,7 +23,7 @@ from zarr.errors import ContainsGroupError
 from cache.backends import (BACKENDS, Backend, Location, as_location, backend_for, basename, is_url,
                             remove_local)
 from cache.integrity import DamagedDataError
-from cache.key import FORMAT_VERSION, key_hash
+from cache.key import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, key_hash
 from cache.schema import (BASE_ARRAYS, MARKER, TOKEN_ROWS_PER_DASK_CHUNK, VIEW_TEXT_ARRAYS, VIEW_TEXT_CRC,
                           SplitLayout, StoreError, base_specs, crc_rel, done_rel, feat_rel, layout_problems, numbered,
                           pair_name, root_attrs, split_attrs, split_layout, split_rels, validate_layout,
@@ -173,9 +173,13 @@ class FeatureStore(StoreWriter):
         if attrs.get("textdiff") != MARKER or "key" not in attrs:
             backend.close()
             raise StoreError(f"{path}: a {kind.format} store but not a textdiff feature store")
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{path}: store format_version {attrs.get('format_version')} but this "
-                             f"textdiff reads format_version {FORMAT_VERSION}; re-extract into a new store")
+        version = attrs.get("format_version")
+        if version not in READABLE_FORMAT_VERSIONS or (mode == "r+" and version != FORMAT_VERSION):
+            backend.close()
+            does = "reads" if version not in READABLE_FORMAT_VERSIONS else "adds to"
+            allowed = READABLE_FORMAT_VERSIONS if does == "reads" else (FORMAT_VERSION,)
+            raise StoreError(f"{path}: store format_version {version} but this textdiff {does} format_version "
+                             f"{' or '.join(map(str, allowed))} only; re-extract into a new store")
         if key_hash(attrs["key"]) != attrs.get("key_hash"):
             raise StoreError(f"{path}: stored key does not match its stored key_hash (edited?)")
         return cls(path, backend, mode)

@@ -74,27 +74,26 @@ class TextEncoder:
         ids = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         return [len(row) for row in ids]
 
-    def encode(self, texts: Sequence[str], max_length: int,
-               batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
         """Return (last_hidden_state float32 (N, L, dim), attention_mask bool (N, L)), L = max_length.
 
         Texts are padded to ``max_length`` and truncated beyond it (see :func:`choose_max_length`).
         Padding positions keep the model's outputs; the mask says which positions are tokens.
+        Every forward has the one shape (1, max_length), so a text's tokens are the same bits whatever else
+        is encoded with it (a resumed extraction, a cluster shard and ``predict`` see other batches than
+        the first run did, and matmul kernels round by shape).
         """
         texts = _check_texts(texts)
         _check_max_length(self, max_length)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         hidden = np.zeros((len(texts), max_length, self.dim), dtype=np.float32)
         mask = np.zeros((len(texts), max_length), dtype=bool)
-        for start in range(0, len(texts), batch_size):
-            batch = texts[start:start + batch_size]
-            inputs = self.tokenizer(batch, padding="max_length", truncation=True, max_length=max_length,
+        for i, text in enumerate(texts):
+            inputs = self.tokenizer([text], padding="max_length", truncation=True, max_length=max_length,
                                     return_tensors="pt")
             with torch.inference_mode():
                 out = self.model(**{k: v.to(self.device) for k, v in inputs.items()})
-            hidden[start:start + len(batch)] = out.last_hidden_state.float().cpu().numpy()
-            mask[start:start + len(batch)] = inputs["attention_mask"].numpy().astype(bool)
+            hidden[i] = out.last_hidden_state[0].float().cpu().numpy()
+            mask[i] = inputs["attention_mask"][0].numpy().astype(bool)
         return hidden, mask
 
 

@@ -246,6 +246,16 @@ def test_open_refuses_foreign_and_old_stores(tmp_path):
         FeatureStore.open(store.path)
 
 
+def test_a_format_1_store_is_read_but_never_added_to(tmp_path):
+    """Format 1 encoded texts in batches: its tokens stay readable (fits, evaluations), but nothing of format 2
+    is written into it, so no store holds tokens of both encodings."""
+    store = _new(tmp_path / "s.zarr")
+    zarr.open_group(store.path, mode="r+").attrs["format_version"] = 1
+    assert FeatureStore.open(store.path).attrs["format_version"] == 1
+    with pytest.raises(StoreError, match="format_version 1 but this textdiff adds to format_version 2 only"):
+        FeatureStore.open(store.path, mode="r+")
+
+
 def test_read_only_refuses_writes(store):
     reader = FeatureStore.open(store.path)
     with pytest.raises(StoreError, match="read-only"):
