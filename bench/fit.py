@@ -42,7 +42,7 @@ from extract.pretrain import PRETRAIN_PRESETS
 from extract.run import ExtractConfig, run_extract
 from extract.shared import to_unit_range
 from extract.unet import load_unet
-from train.data import SplitFeatures
+from train.data import READERS, SplitFeatures
 
 STEPS = (50, 150, 250)
 BLOCKS = (4, 6, 8, 12)
@@ -55,8 +55,10 @@ def recomputing_split(extractor: FeatureExtractor) -> type[SplitFeatures]:
 
     class Recomputed(SplitFeatures):
         def __init__(self, store: FeatureStore, split: str, blocks: Sequence[int], steps: Sequence[int],
-                     indices=None, memory_budget: float = 0, attend_padding: bool = False):
-            super().__init__(store, split, blocks, steps, indices, 0, attend_padding)  # nothing preloaded
+                     indices=None, memory_budget: float = 0, attend_padding: bool = False,
+                     view_tokens: bool = False):
+            super().__init__(store, split, blocks, steps, indices, 0, attend_padding,  # nothing preloaded
+                             view_tokens=view_tokens)
             self._images = store.images(split)
 
         def features(self, rows: Sequence[int], views: Sequence[int]) -> list[torch.Tensor]:
@@ -100,7 +102,7 @@ def main() -> None:
     def one_fit(name: str, how: str) -> tuple[float, float]:
         cfg = fit_module.FitConfig.flat(cache=store, out=work / f"{how}-{name}", epochs=epochs, dim=args.dim,
                                    **CONFIGS[name])
-        patch = (mock.patch.object(fit_module, "SplitFeatures", recomputing_split(extractor)) if how == "authors"
+        patch = (mock.patch.dict(READERS, {"features": recomputing_split(extractor)}) if how == "authors"
                  else contextlib.nullcontext())
         t = time.perf_counter()
         with patch:

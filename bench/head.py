@@ -38,6 +38,7 @@ from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 
 from extract.checkpoints import PRESETS
+from extract.pretrain import PRETRAIN_PRESETS
 from extract.devices import keep_freed_memory
 from extract.run import ExtractConfig, run_extract
 from train.fit import FitConfig, fit
@@ -47,6 +48,7 @@ from train.rundir import HISTORY
 CONFIGS = {"MoNuSeg": ([1536, 1536, 768, 768], [32, 64, 128, 256]),
            "QaTa": ([3072, 1536, 1536, 768], [16, 32, 64, 128])}
 SIZE, TOKENS, TEXT_DIM = 256, 12, 768
+UNETS = {"paper": PRESETS["adm-imagenet-256"].flags, "gpu-256": PRETRAIN_PRESETS["gpu-256"]}
 
 
 def matmul_rate(n: int = 2048, repeats: int = 3) -> float:
@@ -56,24 +58,25 @@ def matmul_rate(n: int = 2048, repeats: int = 3) -> float:
     return 2 * n**3 / seconds
 
 
-def make(config: str, dim: int) -> tuple[TextDiffHead, list[torch.Tensor], torch.Tensor]:
+def make(config: str, dim: int, size: int = SIZE) -> tuple[TextDiffHead, list[torch.Tensor], torch.Tensor]:
+    """A seeded head of ``config``'s channels and random features of its shapes for ``size`` px images."""
     torch.manual_seed(0)
     channels, sizes = CONFIGS[config]
     head = TextDiffHead(channels, text_dim=TEXT_DIM, dim=dim)
     head.init_weights()
-    feats = [torch.randn(1, c, s, s) for c, s in zip(channels, sizes)]
+    feats = [torch.randn(1, c, s * size // SIZE, s * size // SIZE) for c, s in zip(channels, sizes)]
     return head, feats, torch.randn(1, TOKENS, TEXT_DIM)
 
 
 def step_fn(head: TextDiffHead, feats: list[torch.Tensor], tokens: torch.Tensor, impl: str, bf16: bool,
-            train: bool) -> Callable[[], None]:
+            train: bool, size: int = SIZE) -> Callable[[], None]:
     """One training step (forward, cross-entropy, backward, Adam) or one eval forward."""
     opt = torch.optim.Adam(head.parameters(), lr=1e-4)
-    target = torch.randint(0, 2, (1, SIZE, SIZE))
+    target = torch.randint(0, 2, (1, size, size))
 
     def run() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(train):
-            logits = head(feats, tokens, out_size=SIZE, impl=impl)
+            logits = head(feats, tokens, out_size=size, impl=impl)
             loss = torch.nn.functional.cross_entropy(logits.float(), target)
         if train:
             opt.zero_grad(set_to_none=True)
@@ -82,13 +85,13 @@ def step_fn(head: TextDiffHead, feats: list[torch.Tensor], tokens: torch.Tensor,
     return run
 
 
-def flops(head: TextDiffHead, feats: list[torch.Tensor], tokens: torch.Tensor, impl: str) -> int:
+def flops(head: TextDiffHead, feats: list[torch.Tensor], tokens: torch.Tensor, impl: str, size: int = SIZE) -> int:
     """FLOPs of one training step's forward and backward."""
     counter = FlopCounterMode(display=False)
     with counter:
         head.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(head(feats, tokens, out_size=SIZE, impl=impl),
-                                          torch.zeros(1, SIZE, SIZE, dtype=torch.long)).backward()
+        torch.nn.functional.cross_entropy(head(feats, tokens, out_size=size, impl=impl),
+                                          torch.zeros(1, size, size, dtype=torch.long)).backward()
     return counter.get_total_flops()
 
 
@@ -100,12 +103,13 @@ def faulted_time(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
     return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats
 
 
-def streamed_fit(data_root: Path, train_images: int, epochs: int, dim: int) -> tuple[float, float, float]:
+def streamed_fit(data_root: Path, train_images: int, epochs: int, dim: int, size: int = SIZE,
+                 unet_flags: str = "paper") -> tuple[float, float, float]:
     """(data_wait fraction, fit seconds, seconds per training step) of a streamed fit at the paper's MoNuSeg shapes."""
     work, quiet = work_dir(), Console(stderr=True, quiet=True)
-    unet = random_unet_dir(PRESETS["adm-imagenet-256"].flags, work / "unet")
+    unet = random_unet_dir(UNETS[unet_flags], work / "unet")
     store = run_extract(ExtractConfig(dataset="monuseg", data_root=data_root, unet=str(unet), text_encoder="minilm",
-                                      size=SIZE, steps=(50, 150, 250), blocks=(6, 8, 12, 16), splits=("train", "val"),
+                                      size=size, steps=(50, 150, 250), blocks=(6, 8, 12, 16), splits=("train", "val"),
                                       limit=train_images, cache_dir=work / "cache", device="cpu"), console=quiet)
     out = work / "fit"
     t0 = time.perf_counter()
@@ -124,25 +128,30 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, help="timed repeats per measurement [quick: 3 for the fp32 training "
                                                 "step, 1 otherwise; full: 3]")
     ap.add_argument("--monuseg", type=Path, default=SHARED_DATA / "MoNuSeg", help="MoNuSeg for the streamed fit")
+    ap.add_argument("--size", type=int, default=SIZE, help="image size: the output and the feature maps scale "
+                                                           "with it [256, the paper's]")
+    ap.add_argument("--unet-flags", choices=sorted(UNETS), default="paper",
+                    help="the streamed fit's random UNet: paper (ADM-256's flags) or gpu-256 (a quarter of the width)")
     args = ap.parse_args()
+    size = args.size
     mode = "quick" if args.quick else "full"
     configs = ["MoNuSeg"] if args.quick else list(CONFIGS)
     rate = matmul_rate()
     rows, flop_rows, malloc_rows, res = [], [], [], {}
-    head, feats, tokens = make("MoNuSeg", args.dim)
+    head, feats, tokens = make("MoNuSeg", args.dim, size)
     for allocator in ("glibc default", "keep_freed_memory"):  # the default first: the switch is one-way
         if allocator != "glibc default" and not keep_freed_memory():
             break
         for impl in ("literal", "fast"):
-            med, faults = faulted_time(step_fn(head, feats, tokens, impl, False, True), args.repeats or 3)
+            med, faults = faulted_time(step_fn(head, feats, tokens, impl, False, True, size), args.repeats or 3)
             print(f"MoNuSeg fp32 {impl} train, {allocator}: median {med:.2f} s, {faults:.0f} page faults",
                   file=sys.stderr, flush=True)
             malloc_rows.append(["MoNuSeg", impl, allocator, med, faults])
             res[("malloc", allocator, impl)] = med
     for config in configs:
-        head, feats, tokens = make(config, args.dim)
+        head, feats, tokens = make(config, args.dim, size)
         for impl in ("literal", "fast"):
-            f = flops(head, feats, tokens, impl)
+            f = flops(head, feats, tokens, impl, size)
             flop_rows.append([config, impl, count_parameters(head), f / 1e9, f / rate])
             res[(config, impl, "flops")] = f
         for precision in ("fp32", "bf16"):
@@ -152,7 +161,7 @@ def main() -> None:
                     main_case = precision == "fp32" and train
                     reps = args.repeats or (3 if main_case or not args.quick else 1)
                     t0 = time.perf_counter()
-                    med, _ = median_time(step_fn(head, feats, tokens, impl, precision == "bf16", train), reps)
+                    med, _ = median_time(step_fn(head, feats, tokens, impl, precision == "bf16", train, size), reps)
                     print(f"{config} {precision} {impl} {'train' if train else 'eval'}: median {med:.2f} s "
                           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
                     res[(config, precision, impl, train)] = med
@@ -168,20 +177,20 @@ def main() -> None:
     default = ("malloc", "glibc default")
     speedup_default = res[(*default, "literal")] / res[(*default, "fast")]
     n_stream, e_stream = (1, 2) if args.quick else (5, 3)
-    wait, fit_s, stream_step = streamed_fit(args.monuseg, n_stream, e_stream, args.dim)
+    wait, fit_s, stream_step = streamed_fit(args.monuseg, n_stream, e_stream, args.dim, size, args.unet_flags)
     print(f"streamed fit: {fit_s:.0f} s, data wait {wait:.3f}", file=sys.stderr, flush=True)
     tables = {
-        f"Steps (batch 1, width {args.dim}, output {SIZE} px; median seconds)": (
+        f"Steps (batch 1, width {args.dim}, output {size} px; median seconds)": (
             ["config", "precision", "head", "training step s", "eval forward s"], rows),
         f"FLOPs per training step (forward + backward) and the floor at {rate / 1e9:.1f} GFLOP/s (fp32 matmul)": (
             ["config", "head", "parameters", "GFLOP", "floor s"], flop_rows),
         "The allocator (fp32 training step, width 768; median seconds, minor page faults per step)": (
             ["config", "head", "malloc", "training step s", "page faults"], malloc_rows),
-        f"A streamed fit ({n_stream} train + {n_stream} val MoNuSeg images at {SIZE} px, {e_stream} epochs, "
+        f"A streamed fit ({n_stream} train + {n_stream} val MoNuSeg images at {size} px, {e_stream} epochs, "
         f"width {args.dim}, features read from the store by the background feed)": (
             ["fit s", "training step s", "data wait / wall"], [[fit_s, stream_step, wait]]),
     }
-    meta = {"dim": args.dim, "size": SIZE, "tokens": TOKENS, "configs": {c: CONFIGS[c] for c in configs},
+    meta = {"dim": args.dim, "size": size, "unet_flags": args.unet_flags, "tokens": TOKENS, "configs": {c: CONFIGS[c] for c in configs},
             "matmul_gflops": rate / 1e9, "repeats": args.repeats}
     report("head", mode, args.out, tables, {"fast_speedup": speedup, "data_wait": wait, "step_s": step,
                                             "over_floor": over, "fast_speedup_default_malloc": speedup_default,
