@@ -16,7 +16,8 @@ import torch
 
 from cache.errors import OptionError
 
-__all__ = ["PRECISIONS", "autocast_dtype", "keep_freed_memory", "precision_context", "resolve_device"]
+__all__ = ["PRECISIONS", "autocast_device", "autocast_dtype", "compute_dtype", "deterministic_kernels",
+           "keep_freed_memory", "precision_context", "resolve_device"]
 
 #: autocast dtypes by precision name (fp32: no autocast)
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,9 +83,47 @@ def autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
+def compute_dtype(device: torch.device, autocast: bool) -> str:
+    """The ``compute_dtype`` of a store's key: float32, or with ``autocast`` :func:`autocast_dtype`'s name."""
+    return str(autocast_dtype(device)).removeprefix("torch.") if autocast else "float32"
+
+
+def autocast_device(dtype: str) -> str | None:
+    """The device type whose ``--autocast`` computes in ``dtype`` (a key's ``compute_dtype``); None: no autocast."""
+    return next((d for d in ("cpu", "cuda") if dtype != "float32" and compute_dtype(torch.device(d), True) == dtype),
+                None)
+
+
 def precision_context(device: torch.device, precision: str = "fp32") -> Any:
     """The autocast context of ``precision`` on ``device`` (fp32: none); refuses an unknown name."""
     if precision not in PRECISIONS:
         raise OptionError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}", "precision")
     dtype = PRECISIONS[precision]
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device) -> Any:
+    """Within it, on CUDA, the deterministic kernels torch has (cuDNN's, cuBLAS's with a fixed workspace) with
+    ``device`` the current CUDA device; the rest (e.g. the backward of bilinear upsampling, which adds
+    atomically) run with a warning, not an error. Every setting is restored on leaving it. On a CPU it does
+    nothing and touches no CUDA state (CPU kernels are deterministic at a fixed thread count)."""
+    if device.type != "cuda":
+        yield
+        return
+    env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch.cuda.device(device):
+            yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[0], before[1]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+        if env is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = env

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,9 @@ from cache.key import key_hash, make_key, store_path
 from cache.lock import writer_lock
 from cache.store import FeatureStore, SplitLayout, StoreError, remove_leftovers
 from extract.checkpoints import PRESETS, UNetSource, resolve_unet
-from extract.config import AUGMENTATIONS, STORE_DTYPE, ExtractConfig
+from extract.config import AUGMENTATIONS, RUN_OPTIONS, STORE_DTYPE, ExtractConfig
 from extract.datasets import Dataset, Item, check_files, check_mask_resize, open_dataset, preprocessing
-from extract.devices import autocast_dtype, resolve_device
+from extract.devices import compute_dtype, resolve_device
 from extract.shared import stage_progress
 from extract.text import TextEncoder, choose_max_length, load_text_encoder
 from extract.textviews import TEXT_VIEWS_VERSION, rewrite_text
@@ -51,13 +51,14 @@ Tokens = tuple[np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
 
 
 def _provenance(cfg: ExtractConfig, unet_src: UNetSource) -> dict[str, Any]:
-    """How the store was made (not its identity): to rebuild `pipeline extract` commands and for `predict`."""
-    return {"dataset": cfg.dataset, "data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
-            "unet": cfg.unet if cfg.unet in PRESETS else str(unet_src.checkpoint),
-            "unet_flags": str(Path(cfg.unet_flags).resolve()) if cfg.unet_flags else None,
-            "text_encoder": cfg.text_encoder,
-            "size": cfg.size, "seed": cfg.seed, "max_length": cfg.max_length, "augment": cfg.augment,
-            "color_order": cfg.color_order, "mask_resize": cfg.mask_resize, "dataset_options": cfg.dataset_options}
+    """How the store was made (not its identity): every option but :data:`RUN_OPTIONS`, its paths resolved, to
+    rebuild its `pipeline extract` command (:func:`extract.command.extract_command`) and for `predict`."""
+    made = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in RUN_OPTIONS}
+    made.update(data_root=str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
+                unet=cfg.unet if cfg.unet in PRESETS else str(unet_src.checkpoint),
+                unet_flags=str(Path(cfg.unet_flags).resolve()) if cfg.unet_flags else None,
+                splits=list(cfg.splits) if cfg.splits else None)
+    return made
 
 
 @dataclass
@@ -194,8 +195,7 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
         prep["view_text"] = TEXT_VIEWS_VERSION
     key = make_key(dataset=ds.fingerprint(), preprocessing=prep, unet=unet_src.identity(),
                    noise_seed=cfg.seed, text={**encoder.identity(), "max_length": max_length},
-                   dtype=STORE_DTYPE,
-                   compute_dtype=str(autocast_dtype(device)).removeprefix("torch.") if cfg.autocast else "float32")
+                   dtype=STORE_DTYPE, compute_dtype=compute_dtype(device, cfg.autocast))
     path = store_path(as_location(cfg.cache_dir), ds.name, key, cfg.store_format)
     pairs = [(s, b) for s in steps for b in blocks]
     all_jobs = [Job(split, i, item, True, list(pairs), None if layouts[split].view_texts is None
