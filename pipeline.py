@@ -69,6 +69,7 @@ def _training_options() -> dict[str, tuple[Any, Any]]:
         "device": (Optional[str], option(FitConfig, "device")),
         "precision": (str, option(FitConfig, "precision")),
         "resume": (bool, option(FitConfig, "resume", "--resume")),
+        "overwrite": (bool, option(FitConfig, "overwrite", "--overwrite")),
     }
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from train.fastconv import fused_first_conv, interpolation_matrix, upsample_shift_sum
 from train.fit import FitConfig, fit
 from train.model import TextDiffHead
+from train.rundir import load_weights
 
 from helpers import tiny_store
 
@@ -140,7 +141,7 @@ def test_a_short_fit_gives_the_same_metrics_with_either_path(tiny_unet: Path, tm
     for impl in ("literal", "fast"):
         monkeypatch.setattr(TextDiffHead, "impl", impl)
         metrics[impl] = fit(FitConfig.flat(cache=store, out=tmp_path / impl, epochs=2, dim=16, head_channels=(8, 4)))
-        weights[impl] = torch.load(tmp_path / impl / "head.pt", weights_only=True)
+        weights[impl] = load_weights(tmp_path / impl)
     for key in ("best_val_dice", "best_epoch"):
         assert metrics["fast"][key] == pytest.approx(metrics["literal"][key], rel=1e-3, abs=1e-4), key
     # a conv bias right before a per-image norm has no effect and gradient 0 up to rounding, which Adam

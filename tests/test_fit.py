@@ -17,7 +17,7 @@ from cache.store import FeatureStore
 from train.data import MissingFeaturesError, SplitFeatures, choose_subset
 from train.fit import FitConfig, fit
 from train.models import load_run
-from train.rundir import INCOMPLETE, CacheMismatchError
+from train.rundir import INCOMPLETE, CacheMismatchError, load_weights
 
 from helpers import tiny_store
 
@@ -38,7 +38,7 @@ def test_fit_writes_a_complete_run(store_path: Path, tmp_path: Path) -> None:
     metrics = fit(cfg)
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == [
-        "cache_key.json", "config.json", "head.pt", "history.csv", "loss.png", "metrics.json"]
+        "cache_key.json", "config.json", "history.csv", "loss.png", "metrics.json", "model.safetensors"]
     config = json.loads((run / "config.json").read_text())
     assert config["blocks"] == [4, 8] and config["steps"] == [50, 250]
     assert config["train_ids"] == FeatureStore.open(store_path).ids("train")  # synthetic: all images
@@ -58,7 +58,7 @@ def test_same_seed_gives_bit_identical_runs(store_path: Path, tmp_path: Path) ->
     a = fit(tiny_fit(store_path, tmp_path / "a"))
     b = fit(tiny_fit(store_path, tmp_path / "b"))
     fit(tiny_fit(store_path, tmp_path / "c", seed=1))
-    wa, wb, wc = (torch.load(tmp_path / n / "head.pt", weights_only=True) for n in "abc")
+    wa, wb, wc = (load_weights(tmp_path / n) for n in "abc")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     strip = lambda m: {k: v for k, v in m.items() if not k.endswith("seconds")}  # noqa: E731
@@ -68,8 +68,8 @@ def test_same_seed_gives_bit_identical_runs(store_path: Path, tmp_path: Path) ->
 def test_streaming_equals_in_memory(store_path: Path, tmp_path: Path) -> None:
     fit(tiny_fit(store_path, tmp_path / "mem"))
     fit(tiny_fit(store_path, tmp_path / "stream", memory_budget_gb=0.0))
-    wm = torch.load(tmp_path / "mem" / "head.pt", weights_only=True)
-    ws = torch.load(tmp_path / "stream" / "head.pt", weights_only=True)
+    wm = load_weights(tmp_path / "mem")
+    ws = load_weights(tmp_path / "stream")
     assert all(torch.equal(wm[k], ws[k]) for k in wm)
     store = FeatureStore.open(store_path)
     assert SplitFeatures(store, "train", [4], [50], memory_budget=0).in_memory is False

@@ -16,7 +16,7 @@ import importlinter  # noqa: F401 - a test dependency (pyproject's `test` extra)
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("cache", "extract", "train")
+PACKAGES = ("common", "cache", "extract", "train")
 CONTRACTS = ("layers", "cli-on-top", "acyclic")
 
 
@@ -50,6 +50,7 @@ def skeleton(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # new modules dropped into the copy (so the cases survive modules being moved), the contract they break,
 # and what its report must name
 VIOLATIONS = {
+    "common-imports-cache": ({"common/_throwaway.py": "import cache"}, "layers", "common._throwaway -> cache"),
     "cache-imports-extract": ({"cache/_throwaway.py": "import extract"}, "layers", "cache._throwaway -> extract"),
     "extract-imports-train": ({"extract/_throwaway.py": "import train"}, "layers", "extract._throwaway -> train"),
     "train-imports-pipeline": ({"train/_throwaway.py": "import pipeline"}, "cli-on-top",

@@ -213,7 +213,7 @@ def test_config_save_load_round_trip(tmp_path):
                        num_classes=2, dropout=0.1, fusion="concat", shared_block=False, pos_enc=True,
                        norm="batch", no_text_classifier=False)
     head.save(tmp_path / "head")
-    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["config.json", "head.pt"]
+    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["config.json", "model.safetensors"]
     loaded = TextDiffHead.load(tmp_path / "head").eval()
     assert loaded.config == cfg
     feats, tokens, mask = inputs()

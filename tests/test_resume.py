@@ -57,8 +57,8 @@ def seeded_epoch(seed: int) -> int:
 
 
 def assert_same_run(run: Path, ref: Path) -> None:
-    """The same head.pt tensors, history.csv apart from seconds, metrics.json apart from seconds."""
-    a, b = (torch.load(p / rundir.WEIGHTS, weights_only=True) for p in (run, ref))
+    """The same weights, history.csv apart from seconds, metrics.json apart from seconds."""
+    a, b = (rundir.load_weights(p) for p in (run, ref))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     def history(p: Path) -> list[dict[str, str]]:

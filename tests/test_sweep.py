@@ -12,6 +12,7 @@ from PIL import Image
 import train.evaluate
 import train.fit
 from helpers import quiet, tiny_store
+from train import rundir
 from train.sweep import CSV_COLUMNS, sweep, sweep_plan
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -183,7 +184,7 @@ def test_a_sweep_on_a_local_cluster_equals_the_serial_one(swept, store_path, tmp
     parallel = sweep(store_path, tmp_path / "sweep", epochs=1, base=BASE, console=con, scheduler="local:2")
     assert rows_of(parallel) == rows_of(serial)
     assert "fit (blocks" in con.file.getvalue()
-    assert all((tmp_path / "sweep" / r["run"] / "head.pt").is_file() for r in rows_of(parallel))
+    assert all((tmp_path / "sweep" / r["run"] / rundir.WEIGHTS).is_file() for r in rows_of(parallel))
 
 
 def test_a_bad_scheduler_is_refused_before_any_fit(store_path, tmp_path, monkeypatch):
@@ -208,7 +209,7 @@ def test_unfinished_fit_is_continued_with_resume_else_redone(swept, store_path, 
             m.setattr(train.fit, "pause_after", stop)
             with pytest.raises(KeyboardInterrupt):
                 train.fit.fit(FitConfig.flat(**BASE, cache=store_path, out=run, blocks=(4, 8), steps=(250,),
-                                             epochs=1), console=console())
+                                             epochs=1, overwrite=True), console=console())
         assert rundir.has_checkpoint(run) and (run / "INCOMPLETE").exists()
 
     for base, said in (({**BASE, "resume": True}, "continuing the unfinished fit"), (BASE, "t250-text: fit (")):

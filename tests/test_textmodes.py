@@ -270,7 +270,7 @@ def test_text_dropout_withholds_the_drawn_samples_and_is_seeded(store_path: Path
     assert 0 < sum(per_epoch) < 12
     fit(tiny_fit(store_path, tmp_path / "b", text_dropout=0.5, epochs=3, batch_size=2), console=quiet())
     fit(tiny_fit(store_path, tmp_path / "p0", epochs=3, batch_size=2), console=quiet())
-    heads = {n: torch.load(tmp_path / n / rundir.WEIGHTS, weights_only=True) for n in ("a", "b", "p0")}
+    heads = {n: rundir.load_weights(tmp_path / n) for n in ("a", "b", "p0")}
     assert all(torch.equal(heads["a"][k], heads["b"][k]) for k in heads["a"])          # same seed, same head
     assert not all(torch.equal(heads["a"][k], heads["p0"][k]) for k in heads["a"])    # the dropout did act
 

@@ -157,7 +157,11 @@ def test_shell_scripts_ask_the_run_folder_owner(tmp_path: Path) -> None:
     assert ask("finished", str(run)).returncode == 1  # still marked INCOMPLETE
     rundir.mark_complete(run)
     assert ask("finished", str(run)).returncode == 0 and ask("evaluated", str(run), "test").returncode == 1
-    rundir.write_json(rundir.eval_dir(run, "test") / rundir.SUMMARY, {"dice": 0.5})
+    (run / rundir.WEIGHTS).write_bytes(b"the weights")
+    rundir.write_json(rundir.eval_dir(run, "test") / rundir.SUMMARY, {"dice": 0.5, "weights_sha256": "0" * 64})
+    assert ask("evaluated", str(run), "test").returncode == 1  # it scored other weights
+    rundir.write_json(rundir.eval_dir(run, "test") / rundir.SUMMARY,
+                      {"dice": 0.5, "weights_sha256": rundir.weights_sha256(run)})
     assert ask("evaluated", str(run), "test").returncode == 0
     assert ask("value", str(run), "best_val_dice").stdout.strip() == "0.71"
     assert ask("value", str(run), "dice", "test").stdout.strip() == "0.5"

@@ -131,7 +131,9 @@ class PredictConfig:
                                               "probability (float16).")
     skip_bad: bool = option_field(False, "With --images: a missing or unreadable image is named and skipped, "
                                          "the rest go on (listed in predictions.csv).")
-    unet: str | None = option_field(None, "The run's UNet checkpoint, if it moved (its sha256 is checked).")
+    unet: str | None = option_field(None, "The run's UNet checkpoint, if it moved, or a model folder's, if it is "
+                                          "neither beside its config.json nor in the models folder (its sha256 is "
+                                          "checked).")
     text_encoder: str | None = option_field(None, "The run's text encoder, if it moved (its hashes are checked).")
     device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast for the head's forward pass.")
@@ -148,6 +150,7 @@ class ExportConfig:
 
 
 _TUPLES = ("blocks", "steps", "head_channels")  # JSON lists read back as tuples
+_HOW = ("model_args", "resume", "overwrite", "device")  # not in the flat layout (model_args is flattened)
 
 
 @dataclass
@@ -190,6 +193,8 @@ class FitConfig:
                                           "validation; recorded in config.json.")
     resume: bool = option_field(False, "Continue a killed fit from its last epoch's checkpoint (the same settings "
                                        "and store only); a finished fit is left as it is.")
+    overwrite: bool = option_field(False, "Fit afresh into a folder that holds a finished (or unfinished) run: its "
+                                          "evaluations (eval-*) and checkpoint are removed first.")
     extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "Free-form notes kept in config.json."})
 
     def __post_init__(self) -> None:
@@ -207,14 +212,17 @@ class FitConfig:
             raise OptionError(f"view_text must be one of {list(VIEW_TEXTS)}, got {self.view_text!r}", "view_text")
         if not 0.0 <= self.text_dropout < 1.0:
             raise OptionError(f"text_dropout must lie in [0, 1), got {self.text_dropout}", "text_dropout")
+        if self.resume and self.overwrite:
+            raise OptionError("resume=True and overwrite=True exclude each other: continue the run, or fit it "
+                              "afresh", "resume", "overwrite")
         if self.dropout_classifier not in DROPOUT_CLASSIFIERS:
             raise OptionError(f"dropout_classifier must be one of {list(DROPOUT_CLASSIFIERS)}, "
                               f"got {self.dropout_classifier!r}", "dropout_classifier")
 
     def to_json(self) -> dict[str, Any]:
-        """The flat layout of ``config.json``'s ``fit`` entry (not ``resume`` and ``device``: how the fit ran, not
-        what it is; the device used is recorded beside it)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model_args", "resume", "device")}
+        """The flat layout of ``config.json``'s ``fit`` entry (not ``resume``, ``overwrite`` and ``device``: how the
+        fit ran, not what it is; the device used is recorded beside it)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _HOW}
         d["cache"], d["out"] = str(self.cache), str(self.out)
         for name, args in MODEL_ARGS.items():
             d.update(asdict(self.model_args if name == self.model else args()))

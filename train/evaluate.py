@@ -5,8 +5,9 @@ image's own: ``text="none" | "shuffled" | "mirrored"``, :mod:`train.textmodes`):
 
     per_image.csv    id, dice, iou, intersection, pred_area, target_area, text (one row per image, store order;
                      the text the head was given, "" for none)
-    summary.json     dice, iou, dice_std, iou_std, global_dice, n_images, split, text (the mode), cache_key_hash
-                     (no paths); text_seed too for shuffled
+    summary.json     dice, iou, dice_std, iou_std, global_dice, n_images, split, text (the mode), cache_key_hash,
+                     weights_sha256 (the weights scored: :func:`train.rundir.evaluated` accepts the evaluation only
+                     while the folder holds them; no paths); text_seed too for shuffled
     predictions.npz  ids (N,) and pred (N, S, S) bool: the argmax masks the metrics were computed from
     overlays/<id>.png  image | ground truth | prediction (``overlays=True``)
 
@@ -37,7 +38,8 @@ from train.textmodes import apply_text_mode, check_reads_text, check_text_mode
 
 __all__ = ["PER_IMAGE_COLUMNS", "SUMMARY_KEYS", "eval_dir", "evaluate", "evaluate_cli"]
 
-SUMMARY_KEYS = ("dice", "iou", "dice_std", "iou_std", "global_dice", "n_images", "split", "text", "cache_key_hash")
+SUMMARY_KEYS = ("dice", "iou", "dice_std", "iou_std", "global_dice", "n_images", "split", "text", "cache_key_hash",
+                "weights_sha256")
 PER_IMAGE_COLUMNS = ("id", "dice", "iou", "intersection", "pred_area", "target_area", "text")
 PROGRESS_AFTER_S = 2.0          # the bar appears only once an evaluation has run this long
 
@@ -76,6 +78,7 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
     console = console or Console(stderr=True)
     run = Path(run)
     check_text_mode(text)
+    weights = rundir.weights_sha256(run)  # before loading them: the summary names what was scored
     config, model, store = load_run(run, cache, device)
     spec = spec_of(config)
     if text != "as-is":
@@ -137,7 +140,7 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
     np.savez_compressed(out / rundir.PREDICTIONS, ids=np.array(data.ids), pred=preds)
     # no paths: the same fit evaluated in two folders gives the same bytes
     summary = {**metrics.aggregate(), "split": split, "text": text, "cache_key_hash": store.key_hash,
-               **({"text_seed": text_seed} if text == "shuffled" else {})}
+               "weights_sha256": weights, **({"text_seed": text_seed} if text == "shuffled" else {})}
     write_json(out / rundir.SUMMARY, summary)
     pct = {k: 100 * summary[k] for k in ("dice", "dice_std", "iou", "iou_std", "global_dice")}
     mode = "" if text == "as-is" else f" (text {text})"

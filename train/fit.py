@@ -18,8 +18,8 @@ from :mod:`train.rundir`.
 
 from __future__ import annotations
 
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from rich.console import Console
 from cache.errors import OptionError
 from cache.key import key_hash
 from cache.store import FeatureStore
-from extract.devices import precision_context, resolve_device
+from extract.devices import deterministic_kernels, precision_context, resolve_device
 from extract.shared import stage_progress
 from train import rundir
 from train.config import FitConfig
@@ -38,7 +38,7 @@ from train.data import GIB, PAPER_TRAIN_COUNT, READERS, Reading, SplitData, choo
 from train.feed import Feed
 from train.losses import segmentation_loss
 from train.metrics import SegMetrics
-from train.models import logits, model_spec, open_split, probabilities
+from train.models import ModelSpec, logits, model_spec, open_split, probabilities
 from train.plots import loss_curve_png
 from train.resume import FitState, checkpoint_state, finished, pause_after, restore, resumable
 from train.rundir import write_json
@@ -124,130 +124,201 @@ def _views(rng: np.random.Generator, rows: list[int], n_views: int, augment: boo
     return out
 
 
-def deterministic(device: torch.device) -> None:
-    """On CUDA, the deterministic kernels torch has (cuDNN's, cuBLAS's with a fixed workspace); the rest
-    (e.g. the backward of bilinear upsampling, which adds atomically) run with a warning, not an error."""
-    if device.type != "cuda":
-        return  # CPU kernels are deterministic at a fixed thread count
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.use_deterministic_algorithms(True, warn_only=True)
+@dataclass
+class _Fit:
+    """What one fit holds from its set-up to its end (:func:`fit`'s steps)."""
+
+    cfg: FitConfig
+    spec: ModelSpec
+    store: FeatureStore
+    train: SplitData
+    val: SplitData
+    choices: list[list[int]] | None
+    device: torch.device
+    seed: int
+    model: torch.nn.Module
+    optim: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    rng: np.random.Generator
+    run: FitState
+    console: Console
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def size(self) -> int:
+        return self.store.size
+
+    @property
+    def no_text_classifier(self) -> bool:
+        """The head has a classifier of its own for samples without text: validated, and its best epoch
+        chosen, without text too."""
+        return bool(self.model.config.get("no_text_classifier"))
 
 
 def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
-    """Train ``cfg.model`` on the store at ``cfg.cache``; write the run folder ``cfg.out``; return metrics."""
+    """Train ``cfg.model`` on the store at ``cfg.cache``; write the run folder ``cfg.out``; return metrics.
+
+    A finished run in ``cfg.out`` is returned as it is with ``resume`` (before any feature is read), refused
+    without it unless ``overwrite``."""
     console = console or Console(stderr=True)
-    spec = model_spec(cfg.model)
     store = FeatureStore.open(cfg.cache)
     if "train" not in store.splits():
         raise ValueError(f"store {store.path} has no train split (it has {store.splits()})")
+    if finished(cfg, store):
+        console.print(f"fit {cfg.out}: finished already; nothing to resume", highlight=False)
+        return rundir.read_json(Path(cfg.out) / rundir.METRICS)
+    device = resolve_device(cfg.device)
+    with deterministic_kernels(device):
+        f = _set_up(cfg, store, device, console)
+        progress = stage_progress(console, "fit", "epochs")
+        with progress:
+            task = progress.add_task("", total=cfg.epochs, completed=f.run.epoch)
+            for epoch in range(f.run.epoch + 1, cfg.epochs + 1):
+                row = _epoch(f, epoch)
+                validated = row["val_dice"] != ""
+                val_text = f"{row['val_dice']:.4f}" if validated else "—"
+                best = f.run.best
+                best_text = f" (best {best['val_dice']:.4f} @ {best['epoch']})" if "epoch" in best else ""
+                progress.update(task, advance=1,
+                                description=f"loss {row['train_loss']:.4f} · val Dice {val_text}{best_text}")
+        return _finish(f)
+
+
+def _set_up(cfg: FitConfig, store: FeatureStore, device: torch.device, console: Console) -> _Fit:
+    """Read the splits, build the model, optimiser and schedule (restored from a checkpoint with ``resume``),
+    and start the run folder (marked incomplete; a fresh fit's earlier evaluations removed)."""
+    spec = model_spec(cfg.model)
     check_view_text(store, cfg.view_text)
     blocks, steps = READERS[spec.reads].select(store, cfg.blocks, cfg.steps)
     reading = Reading(blocks, steps, cfg.attend_padding, cfg.memory_budget_gb * GIB, cfg.view_text == "rewrite")
     train_idx, val_split, val_idx = _split_train_val(store, cfg)
     train = open_split(spec, store, "train", reading, train_idx)
     val = open_split(spec, store, val_split, reading, val_idx)
-    choices = view_choices(train, cfg.view_text)
-    size = store.size
-
-    out = Path(cfg.out)
-    if finished(cfg, store):
-        console.print(f"fit {out}: finished already; nothing to resume", highlight=False)
-        return rundir.read_json(out / rundir.METRICS)
-    device = resolve_device(cfg.device)
-    deterministic(device)
     seed = cfg.subset_seed if cfg.seed is None else cfg.seed
-    torch.manual_seed(seed)
-    model = spec.build(cfg.model_args, train, store)
-    if cfg.text_dropout:
-        check_reads_text(spec, model.config, f"text_dropout={cfg.text_dropout}", "text_dropout")
-        if cfg.dropout_classifier == "own":  # a classifier of their own for the samples without text
-            model = spec.rebuild({**model.config, "no_text_classifier": True})
-    own = bool(model.config.get("no_text_classifier"))  # validated, and its best epoch chosen, without text too
-    model.init_weights()  # on the CPU: the same initial weights on every device
-    model.to(device)
+    model = _build(cfg, spec, train, store, seed).to(device)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")  # fp16 gradients underflow
     milestones = [cfg.lr_drop_epoch] if cfg.lr_drop_epoch else []
     schedule = torch.optim.lr_scheduler.MultiStepLR(optim, milestones=milestones, gamma=0.1)
     rng = np.random.default_rng(seed)
     state = resumable(cfg, store)
-    run = restore(state, model, optim, schedule, rng, scaler) if state is not None else FitState()
+    run = restore(state, model, optim, schedule, rng, scaler, device) if state is not None else FitState()
     del state  # its copies of the weights are not needed any more
+    f = _Fit(cfg, spec, store, train, val, view_choices(train, cfg.view_text), device, seed, model, optim, scaler,
+             schedule, rng, run, console)
+    _start_folder(f, blocks, steps, val_split)
+    return f
 
+
+def _build(cfg: FitConfig, spec: ModelSpec, train: SplitData, store: FeatureStore, seed: int) -> torch.nn.Module:
+    """The model, its weights initialised on the CPU from ``seed`` (the same on every device)."""
+    torch.manual_seed(seed)
+    model = spec.build(cfg.model_args, train, store)
+    if cfg.text_dropout:
+        check_reads_text(spec, model.config, f"text_dropout={cfg.text_dropout}", "text_dropout")
+        if cfg.dropout_classifier == "own":  # a classifier of their own for the samples without text
+            model = spec.rebuild({**model.config, "no_text_classifier": True})
+    model.init_weights()
+    return model
+
+
+def _start_folder(f: _Fit, blocks: tuple[int, ...], steps: tuple[int, ...], val_split: str) -> None:
+    """Mark the run folder incomplete, write its config and store key, and say what is fitted."""
+    cfg, out = f.cfg, f.out
+    if not f.run.epoch:
+        rundir.clear_evaluations(out)  # they scored other weights
     rundir.mark_incomplete(out)
-    config = {"fit": cfg.to_json(), "device": str(device), "head": model.config, "cache": store.location,
-              "dataset": store.key["dataset"].get("name", ""), "size": size, "blocks": list(blocks),
-              "steps": list(steps), "train_split": "train", "train_ids": train.ids,
-              "val": {"split": val_split, "ids": val.ids}}
+    config = {"fit": cfg.to_json(), "device": str(f.device), "head": f.model.config, "cache": f.store.location,
+              "dataset": f.store.key["dataset"].get("name", ""), "size": f.size, "blocks": list(blocks),
+              "steps": list(steps), "train_split": "train", "train_ids": f.train.ids,
+              "val": {"split": val_split, "ids": f.val.ids}}
     write_json(out / rundir.CONFIG, config)
-    write_json(out / rundir.CACHE_KEY, store.key)
-    resumed = f"resuming after epoch {run.epoch}; " if run.epoch else ""
+    write_json(out / rundir.CACHE_KEY, f.store.key)
+    resumed = f"resuming after epoch {f.run.epoch}; " if f.run.epoch else ""
     dropout = f"; text withheld with p = {cfg.text_dropout} ({cfg.dropout_classifier} classifier)" \
         if cfg.text_dropout else ""
-    console.print(f"fit {spec.name}: {resumed}{len(train)} training images "
-                  f"({'in memory' if train.in_memory else 'streamed'}), "
-                  f"validation on {len(val)} {val_split} images; {train.describe()}"
-                  f"{'' if cfg.view_text == 'same' else f' (view text: {cfg.view_text})'}; "
-                  f"{sum(p.numel() for p in model.parameters()):,} parameters; {device}, {cfg.precision}"
-                  f"{dropout}")
+    f.console.print(f"fit {f.spec.name}: {resumed}{len(f.train)} training images "
+                    f"({'in memory' if f.train.in_memory else 'streamed'}), "
+                    f"validation on {len(f.val)} {val_split} images; {f.train.describe()}"
+                    f"{'' if cfg.view_text == 'same' else f' (view text: {cfg.view_text})'}; "
+                    f"{sum(p.numel() for p in f.model.parameters()):,} parameters; {f.device}, {cfg.precision}"
+                    f"{dropout}")
 
-    progress = stage_progress(console, "fit", "epochs")
-    with progress:
-        task = progress.add_task("", total=cfg.epochs, completed=run.epoch)
-        for epoch in range(run.epoch + 1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            model.train()
-            order = rng.permutation(len(train)).tolist()
-            chunks = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-            batches = [(rows, _views(rng, rows, train.views, cfg.augment, choices)) for rows in chunks]
-            feed = Feed(train, batches, device)
-            withheld = dropped(seed, epoch, len(train), cfg.text_dropout) if cfg.text_dropout else None
-            losses = []
-            for (rows, _), (sample, target) in zip(batches, feed):
-                if withheld is not None:
-                    sample = sample.withhold_text(withheld[rows])
-                with precision_context(device, cfg.precision):
-                    scores_map = logits(model, sample, size)
-                loss = segmentation_loss(scores_map.float(), target, dice_on_logits=cfg.dice_on_logits)
-                optim.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optim)
-                scaler.update()
-                losses.append(loss.item())
-            schedule.step()
-            t1 = time.perf_counter()
-            validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
-            scores = validate(model, val, size, precision=cfg.precision) if validated else _UNSCORED
-            free = validate(model, val, size, precision=cfg.precision, text=False) if validated and own else _UNSCORED
-            t2 = time.perf_counter()
-            row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice": scores["dice"],
-                   "val_iou": scores["iou"], "seconds": round(t2 - t0, 3), "train_seconds": round(t1 - t0, 3),
-                   "val_seconds": round(t2 - t1, 3), "data_wait_seconds": round(feed.waited, 3)}
-            if own:
-                row |= {"val_dice_no_text": free["dice"], "val_iou_no_text": free["iou"]}
-            run.history.append(row)
-            if validated and scores["dice"] > run.best["val_dice"]:
-                run.best = _best(scores, epoch, model.state_dict())
-            if validated and own and free["dice"] > run.best_no_text["val_dice"]:
-                run.best_no_text = _best(free, epoch, model.no_text_classifier.state_dict())
-            run.epoch = epoch
-            rundir.save_checkpoint(out, checkpoint_state(run, model, optim, schedule, rng, cfg, store, scaler))
-            pause_after(epoch)
-            val_text = f"{scores['dice']:.4f}" if validated else "—"
-            best_text = f" (best {run.best['val_dice']:.4f} @ {run.best['epoch']})" if "epoch" in run.best else ""
-            progress.update(task, advance=1,
-                            description=f"loss {row['train_loss']:.4f} · val Dice {val_text}{best_text}")
 
-    history, best = run.history, run.best
-    rundir.save_weights(out, _best_weights(run))
+def _epoch(f: _Fit, epoch: int) -> dict[str, Any]:
+    """One epoch: train, validate (every ``val_every``), keep the best weights, checkpoint; its history row."""
+    t0 = time.perf_counter()
+    loss, waited = _train_epoch(f, epoch)
+    t1 = time.perf_counter()
+    validated = epoch % f.cfg.val_every == 0 or epoch == f.cfg.epochs
+    scores, no_text = _validation_epoch(f) if validated else (_UNSCORED, _UNSCORED)
+    t2 = time.perf_counter()
+    row = {"epoch": epoch, "train_loss": loss, "val_dice": scores["dice"], "val_iou": scores["iou"],
+           "seconds": round(t2 - t0, 3), "train_seconds": round(t1 - t0, 3), "val_seconds": round(t2 - t1, 3),
+           "data_wait_seconds": round(waited, 3)}
+    if f.no_text_classifier:
+        row |= {"val_dice_no_text": no_text["dice"], "val_iou_no_text": no_text["iou"]}
+    run = f.run
+    run.history.append(row)
+    if validated and scores["dice"] > run.best["val_dice"]:
+        run.best = _best(scores, epoch, f.model.state_dict())
+    if validated and f.no_text_classifier and no_text["dice"] > run.best_no_text["val_dice"]:
+        run.best_no_text = _best(no_text, epoch, f.model.no_text_classifier.state_dict())
+    run.epoch = epoch
+    rundir.save_checkpoint(f.out, checkpoint_state(run, f.model, f.optim, f.schedule, f.rng, f.cfg, f.store,
+                                                   f.scaler, f.device))
+    pause_after(epoch)
+    return row
+
+
+def _train_epoch(f: _Fit, epoch: int) -> tuple[float, float]:
+    """One pass over the training rows in a seeded order, each at a sampled view; (mean loss, data wait s)."""
+    cfg, model = f.cfg, f.model
+    model.train()
+    order = f.rng.permutation(len(f.train)).tolist()
+    chunks = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    batches = [(rows, _views(f.rng, rows, f.train.views, cfg.augment, f.choices)) for rows in chunks]
+    feed = Feed(f.train, batches, f.device)
+    withheld = dropped(f.seed, epoch, len(f.train), cfg.text_dropout) if cfg.text_dropout else None
+    losses = []
+    for (rows, _), (sample, target) in zip(batches, feed):
+        if withheld is not None:
+            sample = sample.withhold_text(withheld[rows])
+        with precision_context(f.device, cfg.precision):
+            scores_map = logits(model, sample, f.size)
+        loss = segmentation_loss(scores_map.float(), target, dice_on_logits=cfg.dice_on_logits)
+        f.optim.zero_grad(set_to_none=True)
+        f.scaler.scale(loss).backward()
+        f.scaler.step(f.optim)
+        f.scaler.update()
+        losses.append(loss.item())
+    f.schedule.step()
+    return float(np.mean(losses)), feed.waited
+
+
+def _validation_epoch(f: _Fit) -> tuple[dict[str, float], dict[str, float]]:
+    """Validation scores with text, and without (a head with a no-text classifier; else unscored)."""
+    scores = validate(f.model, f.val, f.size, precision=f.cfg.precision)
+    if not f.no_text_classifier:
+        return scores, _UNSCORED
+    return scores, validate(f.model, f.val, f.size, precision=f.cfg.precision, text=False)
+
+
+def _finish(f: _Fit) -> dict[str, Any]:
+    """Write the best weights, the history, the metrics (last) and the loss curve; mark the run complete."""
+    out, history, best = f.out, f.run.history, f.run.best
+    rundir.save_weights(out, _best_weights(f.run))
     rundir.write_csv(out / rundir.HISTORY, history, list(history[0]))
     metrics = {"best_epoch": best["epoch"], "best_val_dice": best["val_dice"], "best_val_iou": best["val_iou"],
-               "final_train_loss": history[-1]["train_loss"], "n_train": len(train), "n_val": len(val),
-               "val_split": val_split, "epochs": cfg.epochs, "cache_key_hash": key_hash(store.key),
+               "final_train_loss": history[-1]["train_loss"], "n_train": len(f.train), "n_val": len(f.val),
+               "val_split": f.val.split, "epochs": f.cfg.epochs, "cache_key_hash": key_hash(f.store.key),
                "seconds": round(sum(r["seconds"] for r in history), 2)}
-    if own:
-        metrics |= {f"best_{k}_no_text": run.best_no_text[k] for k in ("epoch", "val_dice", "val_iou")}
+    if f.no_text_classifier:
+        metrics |= {f"best_{k}_no_text": f.run.best_no_text[k] for k in ("epoch", "val_dice", "val_iou")}
     write_json(out / rundir.METRICS, metrics)
     loss_curve_png(out / rundir.HISTORY, out / rundir.LOSS_PLOT, title=f"fit {out.name}")
     rundir.mark_complete(out)

@@ -375,7 +375,7 @@ class TextDiffHead(nn.Module):
         return block(x, tokens, token_mask).transpose(1, 2).unflatten(2, (h, w))
 
     def save(self, directory: str | Path) -> Path:
-        """Write the head in a run folder's layout (``config.json``'s ``head``, ``head.pt``); returns it."""
+        """Write the head in a run folder's layout (``config.json``'s ``head``, ``model.safetensors``); returns it."""
         write_model_files(Path(directory), self.config, self.state_dict())
         return Path(directory)
 

@@ -3,7 +3,7 @@
 After every epoch :func:`train.fit.fit` saves (atomically, :func:`train.rundir.save_checkpoint`) the
 model's state dict (BatchNorm statistics included), Adam's state (moments and step counts), the
 learning-rate schedule, the best epoch so far (its weights, epoch and validation scores), the random
-states (torch's CPU generator, CUDA's when present, the numpy Generator of order and augmentation,
+states (torch's CPU generator, the fit's CUDA device's on a GPU, the numpy Generator of order and augmentation,
 as JSON text), the history rows so far, and the fit's settings and store key, to refuse a resume with
 other ones. Tensors and plain values only: it is loaded with ``weights_only=True``. On a CPU a resumed
 fit is bit-identical to an uninterrupted one.
@@ -28,7 +28,8 @@ from cache.store import FeatureStore
 from train import rundir
 from train.config import FitConfig
 
-__all__ = ["PAUSE_ENV", "FitState", "checkpoint_state", "finished", "pause_after", "restore", "resumable"]
+__all__ = ["PAUSE_ENV", "FitState", "check_same", "checkpoint_state", "finished", "pause_after", "restore",
+           "resumable"]
 
 PAUSE_ENV = "TEXTDIFF_TEST_PAUSE_AFTER_EPOCH"
 
@@ -45,33 +46,41 @@ class FitState:
         self.best_no_text: dict[str, Any] = best_no_text or {"val_dice": -1.0}
 
 
+def _cuda_rng(device: torch.device) -> list[torch.Tensor]:
+    """The random state of the fit's own CUDA device (none on a CPU: CUDA is not initialised for it)."""
+    return [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+
+
 def checkpoint_state(fit: FitState, model: torch.nn.Module, optim: torch.optim.Optimizer,
                      schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator,
-                     cfg: FitConfig, store: FeatureStore, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+                     cfg: FitConfig, store: FeatureStore, scaler: torch.amp.GradScaler | None = None,
+                     device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """Everything :func:`restore` needs to continue after ``fit.epoch``, as tensors and plain values
-    (``scaler``: fp16's loss scale)."""
+    (``scaler``: fp16's loss scale; ``device``: the fit's, whose CUDA random state is kept, one device's only,
+    so that the checkpoint resumes on a machine with another GPU count)."""
     sched = schedule.state_dict()
     sched["milestones"] = dict(sched.get("milestones", {}))  # a Counter: kept as a plain dict
     return {"epoch": fit.epoch, "model": model.state_dict(), "optim": optim.state_dict(), "schedule": sched,
             "best": fit.best, "best_no_text": fit.best_no_text, "history": fit.history,
             "torch_rng": torch.get_rng_state(), "numpy_rng": json.dumps(rng.bit_generator.state),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda_rng": _cuda_rng(device),
             "fit": cfg.to_json(), "cache_key_hash": key_hash(store.key),
             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else {}}
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module, optim: torch.optim.Optimizer,
             schedule: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator,
-            scaler: torch.amp.GradScaler | None = None) -> FitState:
-    """Load ``state`` (a checkpoint) into the freshly built model, optimiser, schedule and generators."""
+            scaler: torch.amp.GradScaler | None = None, device: torch.device = torch.device("cpu")) -> FitState:
+    """Load ``state`` (a checkpoint) into the freshly built model, optimiser, schedule and generators; a CUDA
+    random state goes to the fit's own device (an older checkpoint's first one)."""
     model.load_state_dict(state["model"])
     optim.load_state_dict(state["optim"])
     sched = dict(state["schedule"])
     sched["milestones"] = Counter({int(k): v for k, v in sched.get("milestones", {}).items()})
     schedule.load_state_dict(sched)
     torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if state["cuda_rng"] and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"][0], device)
     rng.bit_generator.state = json.loads(state["numpy_rng"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
@@ -79,12 +88,15 @@ def restore(state: dict[str, Any], model: torch.nn.Module, optim: torch.optim.Op
                     copy.deepcopy(state.get("best_no_text")))
 
 
-def _check_same(cfg: FitConfig, store: FeatureStore, *recorded: dict[str, Any]) -> None:
-    """Refuse to continue ``cfg.out`` with settings other than ``recorded`` (fit entries) or another store."""
+def check_same(cfg: FitConfig, store: FeatureStore, *recorded: dict[str, Any], doing: str = "resume") -> None:
+    """The one reuse check (``resume`` here, a sweep's finished cells): refuse to ``doing`` ``cfg.out`` with
+    settings other than its ``config.json``'s (and ``recorded``: other ``fit`` entries, e.g. a checkpoint's), or
+    from a store other than its ``cache_key.json``'s (:class:`train.rundir.CacheMismatchError`). An older run's
+    settings are read as today's config reads them: options added since count at their defaults."""
     out = Path(cfg.out)
-    differ = sorted({d for fit_json in recorded for d in cfg.differences(fit_json)})
+    differ = sorted({d for fit_json in (_recorded(out), *recorded) for d in cfg.differences(fit_json)})
     if differ:
-        raise ValueError(f"cannot resume {out}: it was fitted with other settings ({', '.join(differ)}); "
+        raise ValueError(f"cannot {doing} {out}: it was fitted with other settings ({', '.join(differ)}); "
                          f"fit with those, or into another out folder")
     if (out / rundir.CACHE_KEY).is_file():
         rundir.check_cache_key(out, store)
@@ -95,11 +107,18 @@ def _recorded(out: Path) -> dict[str, Any]:
 
 
 def finished(cfg: FitConfig, store: FeatureStore) -> bool:
-    """With ``resume``: ``cfg.out`` holds a finished fit of the same settings and store (nothing to do)."""
+    """With ``resume``: ``cfg.out`` holds a finished fit of the same settings and store (nothing to do). Without
+    it, a finished fit there is refused unless ``overwrite`` (:class:`OptionError`): its weights and evaluations
+    would silently give way to another fit's."""
     out = Path(cfg.out)
-    if not (cfg.resume and rundir.fit_finished(out)):
+    if not rundir.fit_finished(out):
         return False
-    _check_same(cfg, store, _recorded(out))
+    if not cfg.resume:
+        if cfg.overwrite:
+            return False
+        raise OptionError(f"{out} holds a finished run: pass overwrite=True to fit it again (its evaluations are "
+                          f"removed), resume=True to keep it, or choose another out=DIR", "overwrite", "resume", "out")
+    check_same(cfg, store)
     rundir.remove_checkpoint(out)  # left by a fit killed as it finished, if any
     return True
 
@@ -112,14 +131,14 @@ def resumable(cfg: FitConfig, store: FeatureStore) -> dict[str, Any] | None:
     ``config.json`` and the checkpoint's own record) and store key, or the differences are named. A
     folder without a checkpoint (a fit killed in its first epoch, or none yet) starts afresh."""
     out = Path(cfg.out)
-    if not rundir.has_checkpoint(out) or rundir.fit_finished(out):
-        rundir.remove_checkpoint(out)  # none, or left by a fit killed as it finished
+    if not rundir.has_checkpoint(out) or rundir.fit_finished(out) or cfg.overwrite:
+        rundir.remove_checkpoint(out)  # none, left by a fit killed as it finished, or to be fitted afresh
         return None
     if not cfg.resume:
         raise OptionError(f"{out} holds an unfinished fit (checkpoint after an epoch): pass resume=True to "
                           f"continue it, or remove the folder, or choose another out=DIR", "resume", "out")
     state = rundir.load_checkpoint(out)
-    _check_same(cfg, store, _recorded(out), state["fit"])
+    check_same(cfg, store, state["fit"])
     if state["cache_key_hash"] != key_hash(store.key):
         raise rundir.CacheMismatchError(
             f"cannot resume {out}: it was fitted on store key {state['cache_key_hash'][:12]}, not "

@@ -5,14 +5,15 @@ A run folder (``pipeline fit`` / ``pipeline baseline``) holds::
     config.json      {"fit": the FitConfig (flat), "head": the model's constructor arguments, "cache",
                       "dataset", "size", "blocks", "steps", "train_split", "train_ids", "val"}
     cache_key.json   the key of the store it was trained on
-    head.pt          the model's state dict (best epoch)
+    model.safetensors  the model's state dict (best epoch); runs made before it hold ``head.pt`` (still read)
     history.csv      one row per epoch
     loss.png         the loss curve
     metrics.json     the fit's result (written last)
     INCOMPLETE       present while a fit runs
     checkpoint.pt    while a fit runs: its state after the last finished epoch (``fit --resume``); removed
                      once the fit finishes
-    eval-<split>/    per_image.csv, summary.json (written last), predictions.npz, overlays/<id>.png
+    eval-<split>/    per_image.csv, summary.json (written last; it names the sha256 of the weights it scored),
+                     predictions.npz, overlays/<id>.png
     eval-<split>-text-<mode>/   the same, the head given other text (``evaluate --text none|shuffled|mirrored``)
 
 This module is the only one that names these files; everything else asks it for a path. It imports
@@ -24,26 +25,35 @@ torch and the store are imported by the functions that need them.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+if __package__ in (None, ""):  # run as a script (python3 train/rundir.py): the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import atomic
 
 if TYPE_CHECKING:
     import torch
 
     from cache.store import FeatureStore
 
-__all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "CHECKPOINT",
+__all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "LEGACY_WEIGHTS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "CHECKPOINT",
            "PER_IMAGE", "SUMMARY", "PREDICTIONS", "OVERLAYS", "CacheMismatchError", "check_cache_key", "eval_dir",
-           "evaluated", "evaluated_splits", "fit_finished", "has_checkpoint", "load_checkpoint", "mark_complete",
+           "clear_evaluations", "evaluated", "evaluated_splits", "fit_finished", "has_checkpoint", "load_checkpoint", "mark_complete",
            "mark_incomplete",
            "open_run", "read_json", "read_model_files", "remove_checkpoint", "save_checkpoint", "save_weights",
-           "write_csv", "write_json", "write_model_files"]
+           "load_weights", "weights_file", "weights_sha256", "write_csv", "write_json", "write_model_files"]
 
 CONFIG = "config.json"
 CACHE_KEY = "cache_key.json"
-WEIGHTS = "head.pt"
+WEIGHTS = "model.safetensors"
+LEGACY_WEIGHTS = "head.pt"  # torch.save, before the run folder stored safetensors
 HISTORY = "history.csv"
 LOSS_PLOT = "loss.png"
 METRICS = "metrics.json"
@@ -61,22 +71,19 @@ class CacheMismatchError(ValueError):
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then rename): a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    """Write JSON atomically (:mod:`common.atomic`): a reader never sees half a file."""
+    atomic.write_json(path, obj)
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     """Write a CSV (a header, then ``rows``) atomically, as :func:`write_json`."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic.atomic_write(path, write)
 
 
 def read_json(path: Path) -> Any:
@@ -91,11 +98,20 @@ def eval_dir(run: Path, split: str, text: str = "as-is") -> Path:
 
 
 def evaluated_splits(run: Path) -> list[str]:
-    """The splits whose plain evaluation of ``run`` (the text as it is) completed (:func:`evaluated`), sorted;
-    not the evaluations with other text (``eval-<split>-text-<mode>``, whose summary names its mode)."""
+    """The splits whose plain evaluation of ``run`` (the text as it is) completed for the weights now in the folder
+    (:func:`evaluated`), sorted; not the evaluations with other text (``eval-<split>-text-<mode>``, whose summary
+    names its mode)."""
     splits = (d.name.removeprefix(EVAL_PREFIX) for d in Path(run).glob(f"{EVAL_PREFIX}*") if d.is_dir())
     return sorted(split for split in splits if evaluated(run, split)
                   and read_json(eval_dir(run, split) / SUMMARY).get("text", "as-is") == "as-is")
+
+
+def clear_evaluations(run: Path) -> list[Path]:
+    """Remove every ``eval-*`` folder of ``run`` (before a fit overwrites its weights); returns them."""
+    gone = sorted(d for d in Path(run).glob(f"{EVAL_PREFIX}*") if d.is_dir())
+    for d in gone:
+        shutil.rmtree(d)
+    return gone
 
 
 def mark_incomplete(run: Path) -> None:
@@ -117,8 +133,13 @@ def fit_finished(run: Path) -> bool:
 
 def evaluated(run: Path, split: str, text: str = "as-is") -> bool:
     """A finished fit whose evaluation on ``split`` (with text mode ``text``) completed (its ``summary.json``
-    is written last)."""
-    return fit_finished(run) and (eval_dir(run, split, text) / SUMMARY).is_file()
+    is written last) and scored the weights now in the folder (the summary's ``weights_sha256``; a summary
+    without one, or of other weights, is stale)."""
+    summary = eval_dir(run, split, text) / SUMMARY
+    if not (fit_finished(run) and summary.is_file()):
+        return False
+    recorded = read_json(summary).get("weights_sha256")
+    return recorded is not None and recorded == weights_sha256(run)
 
 
 def check_cache_key(run: Path, store: FeatureStore) -> None:
@@ -148,18 +169,52 @@ def open_run(run: Path, cache: Path | str | None = None) -> tuple[dict[str, Any]
 
 def write_model_files(directory: Path, head: dict[str, Any], state: dict[str, torch.Tensor],
                       config: dict[str, Any] | None = None) -> None:
-    """``head.pt`` and ``config.json`` (``config`` with ``head`` set, as in a run) into ``directory``."""
+    """The weights and ``config.json`` (``config`` with ``head`` set, as in a run) into ``directory``."""
     save_weights(directory, state)
     write_json(Path(directory) / CONFIG, {**(config or {}), "head": head})
 
 
 def save_weights(directory: Path, state: dict[str, torch.Tensor]) -> None:
-    """The model's state dict as ``head.pt`` in ``directory`` (created if need be)."""
-    import torch
+    """The model's state dict as ``model.safetensors`` in ``directory`` (created if need be), atomically; an
+    older run's ``head.pt`` is removed, so the folder holds one set of weights."""
+    from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state, directory / WEIGHTS)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic.atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    (directory / LEGACY_WEIGHTS).unlink(missing_ok=True)
+
+
+def weights_file(directory: Path) -> Path:
+    """The weights of a run folder: ``model.safetensors``, or an older run's ``head.pt`` (the first if neither)."""
+    directory = Path(directory)
+    legacy = directory / LEGACY_WEIGHTS
+    return legacy if legacy.is_file() and not (directory / WEIGHTS).is_file() else directory / WEIGHTS
+
+
+def weights_sha256(directory: Path) -> str | None:
+    """Hex sha256 of the run folder's weights file (None when it has none): what an evaluation scored."""
+    path = weights_file(directory)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_weights(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict of a run folder (:func:`weights_file`): safetensors, or ``torch.load(weights_only=True)``."""
+    path = weights_file(directory)
+    if path.name == LEGACY_WEIGHTS:
+        import torch
+
+        return torch.load(path, map_location=map_location, weights_only=True)
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device=str(map_location))
 
 
 def save_checkpoint(run: Path, state: dict[str, Any]) -> None:
@@ -167,10 +222,7 @@ def save_checkpoint(run: Path, state: dict[str, Any]) -> None:
     and plain values only, so that :func:`load_checkpoint` can refuse anything else."""
     import torch
 
-    path = Path(run) / CHECKPOINT
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    atomic.atomic_write(Path(run) / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
 def has_checkpoint(run: Path) -> bool:
@@ -195,7 +247,7 @@ def load_checkpoint(run: Path) -> dict[str, Any]:
 def remove_checkpoint(run: Path) -> None:
     """Remove the checkpoint of ``run`` (and a temporary one left by a kill), if any."""
     path = Path(run) / CHECKPOINT
-    path.with_suffix(path.suffix + ".tmp").unlink(missing_ok=True)
+    atomic.tmp_path(path).unlink(missing_ok=True)
     path.unlink(missing_ok=True)
 
 
@@ -205,12 +257,10 @@ def read_model_files(directory: Path, map_location: str | torch.device = "cpu"
 
     A ``config.json`` without a ``head`` entry is the older layout of ``TextDiffHead.save``: the
     arguments themselves."""
-    import torch
-
     directory = Path(directory)
     config = read_json(directory / CONFIG)
     head = config["head"] if isinstance(config.get("head"), dict) else config
-    return head, torch.load(directory / WEIGHTS, map_location=map_location, weights_only=True)
+    return head, load_weights(directory, map_location)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,9 +13,10 @@ each in ``OUT/runs/<name>`` and evaluated on the test split (no overlays). ``OUT
 row per run (kind, block, step, text, test_dice, test_iou, val_dice, run; Dice and IoU as fractions;
 block or step empty where the run uses all of them), ``OUT/sweep.png`` the heat-map of test Dice % per
 single block and step, and with the grid ``OUT/grid.png`` the block × step heat-map. A run whose
-``metrics.json`` and ``eval-<split>/summary.json`` exist is reused (after checking it was made with the
-same settings and store); a fit that did not finish is redone (with ``resume`` in ``base``: continued
-from its last checkpoint), and a finished fit missing its evaluation is only evaluated.
+``metrics.json`` and ``eval-<split>/summary.json`` (of the weights now in it) exist is reused (after
+:func:`train.resume.check_same`: made with the same settings and store); a fit that did not finish is redone
+(with ``resume`` in ``base``: continued from its last checkpoint), a finished fit missing its evaluation is only
+evaluated, and with ``overwrite`` in ``base`` every cell is fitted afresh.
 """
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ from rich.console import Console
 import train.evaluate as evaluate_mod
 import train.fit as fit_mod
 from cache.backends import is_url
-from cache.key import key_hash
 from cache.store import FeatureStore
 from train import rundir
 from train.config import FitConfig
 from train.data import resolve_selection
+from train.resume import check_same
 from train.plots import heatmap_png
 
 __all__ = ["CSV_COLUMNS", "SweepRun", "cell_label", "sweep", "sweep_cli", "sweep_plan"]
@@ -96,20 +97,6 @@ def _fit_config(item: SweepRun, cache: Path, out: Path, epochs: int, base: dict[
                                 "steps": item.steps, "fusion": FUSION[item.text], "epochs": epochs})
 
 
-def _check_reusable(run: Path, cfg: FitConfig, store: FeatureStore) -> None:
-    """Refuse to reuse a finished run made with other settings or from another store (an older run's
-    settings are read as today's config reads them: options added since count at their defaults)."""
-    differ = cfg.differences(rundir.read_json(run / rundir.CONFIG).get("fit", {}))
-    if differ:
-        raise ValueError(f"sweep: {run} was fitted with other settings ({', '.join(differ)}); "
-                         f"use another out folder or remove that run")
-    stored = rundir.read_json(run / rundir.CACHE_KEY)
-    if key_hash(stored) != store.key_hash:
-        raise rundir.CacheMismatchError(
-            f"sweep: {run} was fitted on store key {key_hash(stored)[:12]}, not {store.key_hash[:12]} "
-            f"({store.path}); use another out folder")
-
-
 def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = None,
           console: Console | None = None, split: str = "test", grid: bool = False,
           scheduler: str | None = None, threads: int | None = None) -> Path:
@@ -159,9 +146,10 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
     todo: dict[int, str] = {}  # cell → what it still needs, said when it starts
     for i, (item, cfg) in enumerate(zip(plan, cells)):
         run, label = Path(cfg.out), f"[{i + 1}/{len(plan)}] {item.name}"
-        fitted, evaluated = rundir.fit_finished(run), rundir.evaluated(run, split)
+        fitted = rundir.fit_finished(run) and not cfg.overwrite
+        evaluated = fitted and rundir.evaluated(run, split)
         if fitted:
-            _check_reusable(run, cfg, store)
+            check_same(cfg, store, doing="reuse")
         if evaluated:
             console.print(f"{label}: reusing the finished run {run}", highlight=False)
         elif fitted:
@@ -230,7 +218,7 @@ def run_cell(cfg: FitConfig, cache: str, split: str, console: Console | None = N
     if threads:
         torch.set_num_threads(threads)
     console = console or Console(quiet=True)
-    if not rundir.fit_finished(Path(cfg.out)):
+    if cfg.overwrite or not rundir.fit_finished(Path(cfg.out)):
         fit_mod.fit(cfg, console=console)
     evaluate_mod.evaluate(Path(cfg.out), split=split, cache=cache, overlays=False, console=console,
                           device=cfg.device, precision=cfg.precision)

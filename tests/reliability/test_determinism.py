@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from train.rundir import WEIGHTS
 from tests.reliability.conftest import cli, digest, extract_args, mini_monuseg, stores
 
 
@@ -36,5 +37,5 @@ def test_two_fits_write_identical_results(tmp_path: Path) -> None:
         outputs.append(run)
     a, b = outputs
     assert (a / "eval-test" / "summary.json").read_bytes() == (b / "eval-test" / "summary.json").read_bytes()
-    assert (a / "head.pt").read_bytes() == (b / "head.pt").read_bytes()
+    assert (a / WEIGHTS).read_bytes() == (b / WEIGHTS).read_bytes()
     assert (a / "eval-test" / "per_image.csv").read_bytes() == (b / "eval-test" / "per_image.csv").read_bytes()

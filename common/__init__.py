@@ -1,0 +1,4 @@
+"""Helpers every layer shares, below ``cache``: they import nothing of the project.
+
+- ``atomic``: write a file through a temporary file renamed over it (a reader never sees half a file).
+"""
