@@ -127,3 +127,10 @@ def deterministic_kernels(device: torch.device) -> Any:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = env
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA runs asynchronously; a timer read without this measures the
+    queueing, not the work); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

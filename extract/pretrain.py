@@ -33,7 +33,7 @@ from cache.errors import OptionError
 from extract.config import PretrainConfig
 from extract.datasets import open_dataset
 from extract.diffusion import NUM_TIMESTEPS, q_sample, sample_grid
-from extract.devices import resolve_device
+from extract.devices import resolve_device, synchronize
 from extract.shared import dihedral, stage_progress, to_unit_range
 from extract.unet import UNetModel, create_unet, normalize_flags, read_flags
 
@@ -176,6 +176,7 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
             loss.backward()
             optim.step()
             _ema_update(ema, model, min(cfg.ema, (1 + it) / (10 + it)))
+            synchronize(device)  # the iteration's work, not its queueing
             dt = time.perf_counter() - t0
             rows.append([it + 1, f"{loss.item():.6f}", cfg.lr, f"{cfg.batch_size / dt:.2f}", f"{dt:.4f}"])
             progress.update(task, advance=1, description=f"loss {loss.item():.4f} · {1 / dt:.2f} it/s")

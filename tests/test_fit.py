@@ -113,10 +113,10 @@ def test_d4_store_trains_on_sampled_views(tiny_unet: Path, tmp_path: Path, monke
     seen: list[int] = []
     real = SplitFeatures.batch
 
-    def spy(self, rows, views=None):
+    def spy(self, rows, views=None, **kw):
         if self.split == "train":
             seen.extend(views or [0])
-        return real(self, rows, views)
+        return real(self, rows, views, **kw)
 
     monkeypatch.setattr(SplitFeatures, "batch", spy)
     fit(replace(tiny_fit(store, tmp_path / "run"), epochs=6))
@@ -134,8 +134,8 @@ def _given_tokens(monkeypatch) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
     seen: list[tuple[str, int, np.ndarray, np.ndarray]] = []
     real = SplitFeatures.batch
 
-    def spy(self, rows, views=None):
-        sample = real(self, rows, views)
+    def spy(self, rows, views=None, **kw):
+        sample = real(self, rows, views, **kw)
         if self.split == "train":
             for n, (k, v) in enumerate(zip(rows, views or [0] * len(rows))):
                 seen.append((self.ids[k], v, sample.tokens[n].numpy(), sample.token_mask[n].numpy()))

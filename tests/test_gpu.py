@@ -98,3 +98,38 @@ def test_a_mixed_batch_routes_on_cuda_as_on_the_cpu() -> None:
         for m in (mask, mask.cuda()):
             got = head([f.cuda() for f in feats], tokens.cuda(), m, out_size=16)
             torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_feed_sends_float16_features_and_pins_on_the_fits_device(store_path: Path) -> None:
+    from cache.store import FeatureStore
+    from train.data import SplitFeatures
+    from train.feed import Feed
+
+    data = SplitFeatures(FeatureStore.open(store_path), "train", (4, 8), (50, 250))
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: not the current one
+    batches = [([0, 1], [0, 0]), ([2], [0])]
+    for (rows, views), (sample, target) in zip(batches, Feed(data, batches, device)):
+        want = data.batch(rows, views)
+        for got, cpu in zip(sample.feats, want.feats):
+            assert got.device == device and got.dtype == torch.float32 and torch.equal(got.cpu(), cpu)
+        assert target.device == device
+
+
+def test_a_fit_restores_the_determinism_settings_and_keeps_its_devices_random_state(
+        store_path: Path, tmp_path: Path) -> None:
+    from train.fit import FitConfig, fit
+
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled())
+    saved: list[dict] = []
+    from train import rundir
+
+    real = rundir.save_checkpoint
+    rundir.save_checkpoint = lambda run, state: (saved.append(state), real(run, state))[1]
+    try:
+        fit(FitConfig.flat(cache=store_path, out=tmp_path / "run", **{**FLAT, "epochs": 1}), console=quiet())
+    finally:
+        rundir.save_checkpoint = real
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+            torch.are_deterministic_algorithms_enabled()) == before
+    assert len(saved[-1]["cuda_rng"]) == 1  # one device's state, whatever the GPU count

@@ -81,7 +81,7 @@ class Reading:
 class Sample:
     """One image (one view) as the TextDiff head takes it, batch dimension included."""
 
-    feats: list[torch.Tensor]    # per block (B, len(steps)·C, h, w) float32
+    feats: list[torch.Tensor]    # per block (B, len(steps)·C, h, w) float32 (float16 before .to(device))
     tokens: torch.Tensor         # (B, L, D) float32
     token_mask: torch.Tensor     # (B, L) bool
     target: torch.Tensor         # (B, S, S) int64 in {0, 1}
@@ -101,8 +101,9 @@ class Sample:
         return Sample(self.feats, self.tokens, keep, self.target)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Sample:
-        """The inputs on ``device`` (the target stays where it is)."""
-        return Sample([f.to(device, non_blocking=non_blocking) for f in self.feats],
+        """The inputs on ``device``, features as float32 (converted there: float16 ones travel as float16); the
+        target stays where it is."""
+        return Sample([f.to(device, non_blocking=non_blocking).float() for f in self.feats],
                       self.tokens.to(device, non_blocking=non_blocking),
                       self.token_mask.to(device, non_blocking=non_blocking), self.target)
 
@@ -153,7 +154,8 @@ class SplitData(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batch(self, rows: Sequence[int], views: Sequence[int] | None = None) -> Sample | ImageSample: ...
+    def batch(self, rows: Sequence[int], views: Sequence[int] | None = None,
+              half: bool = False) -> Sample | ImageSample: ...
 
     def describe(self) -> str: ...
 
@@ -284,8 +286,9 @@ class SplitFeatures(SplitRows):
         """What is read, for a fit's first line."""
         return f"blocks {list(self.blocks)} × steps {list(self.steps)}"
 
-    def batch(self, rows: Sequence[int], views: Sequence[int] | None = None) -> Sample:
-        """Rows ``rows`` (positions in this selection), each at its view (default 0)."""
+    def batch(self, rows: Sequence[int], views: Sequence[int] | None = None, half: bool = False) -> Sample:
+        """Rows ``rows`` (positions in this selection), each at its view (default 0); with ``half`` the features
+        stay float16 as stored (half the bytes to a GPU; :meth:`Sample.to` converts them there)."""
         views = list(views) if views is not None else [0] * len(rows)
         if self.view_tokens and self._tokens is None:
             tokens = torch.from_numpy(np.stack([self._row("view_tokens", k, v) for k, v in zip(rows, views)])).float()
@@ -293,7 +296,8 @@ class SplitFeatures(SplitRows):
         else:
             tokens = torch.from_numpy(np.stack([self._token_row(k) for k in rows])).float()
             token_mask = torch.from_numpy(self._token_mask[list(rows)])
-        return Sample(self.features(rows, views), tokens, token_mask, self.targets(rows, views))
+        feats = self.features(rows, views)
+        return Sample(feats if half else [f.float() for f in feats], tokens, token_mask, self.targets(rows, views))
 
     def _token_row(self, k: int) -> np.ndarray:
         return self._row("tokens", k) if self._tokens is None else self._tokens[k]
@@ -315,12 +319,12 @@ class SplitFeatures(SplitRows):
         self.texts = list(texts)
 
     def features(self, rows: Sequence[int], views: Sequence[int]) -> list[torch.Tensor]:
-        """Per block, (B, len(steps)·C, h, w) float32: the steps concatenated on channels."""
+        """Per block, (B, len(steps)·C, h, w) as stored (float16): the steps concatenated on channels."""
         feats = []
         for b in self.blocks:
             per_row = [np.concatenate([self._row((s, b), k, v) for s in self.steps], axis=0)
                        for k, v in zip(rows, views)]
-            feats.append(torch.from_numpy(np.stack(per_row)).float())
+            feats.append(torch.from_numpy(np.stack(per_row)))
         return feats
 
     def channels(self) -> list[int]:
@@ -355,8 +359,9 @@ class SplitImages(SplitRows):
         """What is read, for a fit's first line."""
         return "images"
 
-    def batch(self, rows: Sequence[int], views: Sequence[int] | None = None) -> ImageSample:
-        """Rows ``rows`` (positions in this selection), each at its view (default 0), in [-1, 1]."""
+    def batch(self, rows: Sequence[int], views: Sequence[int] | None = None, half: bool = False) -> ImageSample:
+        """Rows ``rows`` (positions in this selection), each at its view (default 0), in [-1, 1] float32
+        (``half`` is :class:`SplitFeatures`'; the images are small)."""
         views = list(views) if views is not None else [0] * len(rows)
         image = to_unit_range(np.stack([self._row("image", k, v) for k, v in zip(rows, views)]))
         return ImageSample(torch.from_numpy(image), self.targets(rows, views))

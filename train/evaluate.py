@@ -103,6 +103,7 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
         overlay_dir.rmdir()
 
     metrics = SegMetrics()
+    half = next(model.parameters()).device.type == "cuda"  # float16 features travel, converted there
     preds = np.zeros((len(data), size, size), dtype=bool)
     started = time.perf_counter()
     progress = stage_progress(console, "evaluate", "images", description=split, transient=True)
@@ -111,7 +112,7 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
     try:
         for start in range(0, len(data), batch):
             rows = list(range(start, min(start + batch, len(data))))
-            sample = data.batch(rows)
+            sample = data.batch(rows, half=half)
             if text == "none":
                 sample = sample.withhold_text()
             pred = probabilities(model, sample, size, precision).argmax(1).cpu()

@@ -1,5 +1,6 @@
 """Stage two's data feed: the next batches are made on a thread (read from memory or streamed from the
-store) while the model computes, pinned when bound for a GPU and copied there without blocking.
+store) while the model computes, pinned when bound for a GPU (features as stored, float16, converted to
+float32 there) and copied there without blocking.
 
 :class:`Feed` yields (sample, target) on the device in the order given; the values are the ones
 ``data.batch`` gives in the loop itself, so a fed fit equals an unfed one bit for bit. ``waited``
@@ -29,8 +30,13 @@ class Feed:
         self.waited = 0.0
 
     def _make(self, rows: list[int], views: list[int]) -> Sample | ImageSample:
-        sample = self.data.batch(rows, views)
-        return sample.pin() if self.device.type == "cuda" else sample
+        """A batch as it travels: on the CPU as the loop reads it; for a GPU with float16 features (converted
+        there), pinned with the fit's device current (this thread's own: pinned memory belongs to a device)."""
+        if self.device.type != "cuda":
+            return self.data.batch(rows, views)
+        sample = self.data.batch(rows, views, half=True)
+        with torch.cuda.device(self.device):
+            return sample.pin()
 
     def __iter__(self) -> Iterator[tuple[Sample | ImageSample, torch.Tensor]]:
         with ThreadPoolExecutor(1, thread_name_prefix="textdiff-feed") as pool:

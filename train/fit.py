@@ -65,8 +65,9 @@ def validate(model: torch.nn.Module, data: SplitData, size: int, batch_size: int
     """Mean per-image Dice / IoU of argmax predictions on ``data`` (view 0), on the model's device;
     ``text=False``: with every token withheld."""
     metrics = SegMetrics()
+    half = next(model.parameters()).device.type == "cuda"  # float16 features travel, converted there
     for start in range(0, len(data), batch_size):
-        sample = data.batch(list(range(start, min(start + batch_size, len(data)))))
+        sample = data.batch(list(range(start, min(start + batch_size, len(data)))), half=half)
         if not text:
             sample = sample.withhold_text()
         metrics.update(probabilities(model, sample, size, precision).argmax(1).cpu(), sample.target)

@@ -258,6 +258,7 @@ class TextDiffHead(nn.Module):
             norm=norm, no_text_classifier=bool(no_text_classifier))
         n = len(in_channels)
         self.fusion, self.dim, self.pos_enc = fusion, dim, pos_enc
+        self._codes: dict[tuple[int, int, torch.device, torch.dtype], Tensor] = {}  # position codes by shape
         self.proj = nn.ModuleList(nn.Identity() if c == dim else nn.Conv2d(c, dim, 1) for c in in_channels)
         n_blocks = 0 if fusion != "cross-attn" else (1 if shared_block else n)
         self.blocks = nn.ModuleList(TextCrossBlock(dim, text_dim, heads, head_dim, dropout) for _ in range(n_blocks))
@@ -346,8 +347,17 @@ class TextDiffHead(nn.Module):
         """Scale i's projection and position code, channels first (B, dim, h, w)."""
         x = self.proj[i](f)
         if self.pos_enc:
-            x = x + sinusoidal_2d(*x.shape[-2:], self.dim, x.device, x.dtype)
+            x = x + self._position_code(*x.shape[-2:], x.device, x.dtype)
         return x
+
+    def _position_code(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """:func:`sinusoidal_2d` (dim, h, w), computed once per shape, device and dtype (a constant: no grad, and
+        a normal tensor even when first asked for under inference mode)."""
+        key = (h, w, device, dtype)
+        if key not in self._codes:
+            with torch.inference_mode(False), torch.no_grad():
+                self._codes[key] = sinusoidal_2d(h, w, self.dim, device, dtype)
+        return self._codes[key]
 
     def _scale(self, i: int, f: Tensor, tokens: Tensor | None, token_mask: Tensor | None, fast: bool) -> Tensor:
         """Scale i at its native resolution: projection, position code, text block (B, dim, h, w).
@@ -370,7 +380,7 @@ class TextDiffHead(nn.Module):
             else:
                 x = x.contiguous()
             if self.pos_enc:
-                x = x + sinusoidal_2d(h, w, self.dim, x.device, x.dtype).flatten(1).t()
+                x = x + self._position_code(h, w, x.device, x.dtype).flatten(1).t()
         block = self.blocks[i if len(self.blocks) > 1 else 0]
         return block(x, tokens, token_mask).transpose(1, 2).unflatten(2, (h, w))
 
