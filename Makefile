@@ -9,9 +9,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# torch==2.13.0 first: it resolves to the local CPU wheel, so nothing pulls CUDA packages.
+# The exact torch of our CPU machines (and CI's), installed first: it resolves to the local CPU wheel, so nothing
+# pulls CUDA packages. pyproject.toml declares the range the code supports (torch>=2.6), which keeps it.
+TORCH := torch==2.13.0
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 

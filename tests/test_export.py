@@ -17,14 +17,16 @@ from typer.testing import CliRunner
 import pipeline
 from cache.errors import OptionError
 from cache.store import FeatureStore, StoreError
+from train import rundir
 from train.config import FitConfig
 from train.evaluate import evaluate
-from train.export import export_run, fit_command, push_model_dir
+from extract.checkpoints import UNetNotFoundError
+from train.export import export_run, fit_command, push_model_dir, shareable_command
 from train.fit import fit
 from train.predict import Predictor, WeightsMismatchError
 from train.predict_batch import predict_batch
 
-from helpers import quiet, tiny_store_own_unet
+from helpers import error_line, quiet, tiny_store_own_unet
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -63,7 +65,7 @@ def test_folder_layout_and_weights_load_with_safetensors_alone(tiny: dict) -> No
     model = tiny["model"]
     assert sorted(p.name for p in model.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     weights = load_file(model / "model.safetensors")  # numpy only: no torch, no pickle
-    head = torch.load(tiny["run"] / "head.pt", weights_only=True)
+    head = rundir.load_weights(tiny["run"])
     assert weights.keys() == head.keys()
     for name, tensor in head.items():
         np.testing.assert_array_equal(weights[name], tensor.numpy(), err_msg=name)
@@ -72,7 +74,7 @@ def test_folder_layout_and_weights_load_with_safetensors_alone(tiny: dict) -> No
     assert config["format"] == "textdiff-model" and config["model"] == "textdiff"
     assert config["head"]["pos_enc"] is True and config["blocks"] == [4, 8] and config["steps"] == [50, 250]
     assert config["preprocessing"] == key["preprocessing"]
-    assert config["unet"] == {"source": str(tiny["ckpt"].resolve()), **key["unet"]}  # flags and sha256
+    assert config["unet"] == {"file": "adm_tiny.pt", "preset": None, **key["unet"]}  # name, flags, sha256: no path
     assert config["text_encoder"] == {"source": "minilm", **key["text"]}
     assert config["forward_batch"] == 4 and config["noise_seed"] == key["noise_seed"]
     assert "cache" not in config and "cache" not in config["fit"] and "out" not in config["fit"]
@@ -90,13 +92,15 @@ def test_model_card_front_matter_and_metrics(tiny: dict) -> None:
     dice = next(r for r in results if r["metrics"][0]["type"] == "dice")
     assert dice["dataset"]["split"] == "test" and dice["metrics"][0]["value"] == round(summary["dice"], 6)
     text = card.text
-    assert f"{100 * summary['dice']:.2f}" in text and f"pipeline evaluate {tiny['run']} --split test" in text
+    assert f"{100 * summary['dice']:.2f}" in text and "pipeline evaluate <run> --split test" in text
     assert "pipeline extract" in text and "--pos-enc" in text and "Intended use and limits" in text
     config = json.loads((tiny["run"] / "config.json").read_text())
     assert all(f"`{i}`" in text for i in config["train_ids"])
 
 
-def test_predict_model_dir_without_the_store_equals_the_run(tiny: dict, tmp_path: Path) -> None:
+def test_predict_model_dir_without_the_store_equals_the_run(tiny: dict, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEXTDIFF_MODELS_DIR", str(tiny["ckpt"].parent))  # where the model folder finds its UNet
     from_run = predict_batch(tiny["run"], tiny["images"], tmp_path / "run", tiny["texts"], probabilities=True,
                              device="cpu", console=quiet())
     store, moved = Path(tiny["store"]), tmp_path / "elsewhere.zarr"
@@ -235,9 +239,11 @@ def test_no_torch_load_without_weights_only_anywhere() -> None:
 
 @pytest.mark.parametrize("flat", [{"fusion": "none", "dim": 16, "head_channels": (8, 4)},
                                   {"model": "plain-unet", "width": 4, "depth": 2}], ids=["no-text", "plain-unet"])
-def test_every_model_kind_exports_and_predicts_as_its_run(tiny: dict, tmp_path: Path, flat: dict) -> None:
+def test_every_model_kind_exports_and_predicts_as_its_run(tiny: dict, tmp_path: Path, flat: dict,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from extract.datasets import read_image
 
+    monkeypatch.setenv("TEXTDIFF_MODELS_DIR", str(tiny["ckpt"].parent))
     run = tmp_path / "run"
     fit(FitConfig.flat(cache=tiny["store"], out=run, epochs=1, **flat), console=quiet())
     folder = Path(export_run(run, tmp_path / "model", console=quiet()))
@@ -247,3 +253,114 @@ def test_every_model_kind_exports_and_predicts_as_its_run(tiny: dict, tmp_path: 
     from_run, from_dir = (Predictor.from_run(p, device="cpu") for p in (run, folder))
     assert from_dir.encoder is None and from_dir.fingerprint() == from_run.fingerprint()
     np.testing.assert_array_equal(from_dir.probabilities(image, ""), from_run.probabilities(image, ""))
+
+
+def test_card_and_config_name_no_place_of_the_machine(tiny: dict) -> None:
+    """The exported folder shares nothing of the machine it was made on: names and placeholders only."""
+    card, config = ((tiny["model"] / name).read_text() for name in ("README.md", "config.json"))
+    for text in (card, config):
+        for local in (str(tiny["root"]), str(tiny["ckpt"].parent), "/tmp/", "/home/", "/work/", "--cache-dir"):
+            assert local not in text, local
+    assert "--unet <adm_tiny.pt> --unet-flags <adm_tiny_flags.json>" in card
+    assert f"--cache <{Path(tiny['store']).name}> --out <run>" in card and "`<adm_tiny.pt>`, sha256" in card
+    unet = json.loads(config)["unet"]
+    assert "source" not in unet and unet["file"] == "adm_tiny.pt" and unet["preset"] is None
+
+
+def test_shareable_command_writes_names_and_placeholders() -> None:
+    command = ("pipeline extract --dataset monuseg --data-root /data/x/MoNuSeg --unet /home/me/256x256_diffusion_"
+               "uncond.pt --text-encoder minilm --size 64 --steps 50,250 --blocks 4,8 --cache-dir /tmp/c")
+    assert shareable_command(command) == ("pipeline extract --dataset monuseg --data-root <MoNuSeg> --unet "
+                                          "<256x256_diffusion_uncond.pt> --text-encoder minilm --size 64 --steps "
+                                          "50,250 --blocks 4,8")
+    assert shareable_command("pipeline extract --unet adm-imagenet-256 --text-encoder a/b") == \
+        "pipeline extract --unet adm-imagenet-256 --text-encoder a/b"  # a preset, a Hub id: names
+
+
+def _copy_model(tiny: dict, to: Path) -> Path:
+    shutil.copytree(tiny["model"], to)
+    return to
+
+
+def test_model_dir_finds_its_unet_by_name_or_says_where_it_looked(tiny: dict, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "models"
+    empty.mkdir()
+    monkeypatch.setenv("TEXTDIFF_MODELS_DIR", str(empty))
+    model, image = _copy_model(tiny, tmp_path / "model"), next(tiny["images"].iterdir())
+    with pytest.raises(UNetNotFoundError) as info:
+        Predictor.from_run(model, device="cpu")
+    message, sha = str(info.value), json.loads((model / "config.json").read_text())["unet"]["weights_sha256"]
+    assert "\n" not in message and "adm_tiny.pt" in message and sha in message
+    assert str(model) in message and str(empty) in message and "unet=PATH" in message
+    line = error_line(["predict", str(model), "--image", str(image), "--text", "two lesions",
+                       "--out", str(tmp_path / "m.png")])
+    assert "adm_tiny.pt" in line and str(empty) in line and "--unet PATH" in line, line
+    by_run = Predictor.from_run(tiny["run"], device="cpu")
+    pixels = by_run.probabilities(np.zeros((3, 32, 32), np.uint8), "two lesions")
+    given = Predictor.from_run(model, device="cpu", unet=str(tiny["ckpt"]))  # --unet
+    np.testing.assert_array_equal(given.probabilities(np.zeros((3, 32, 32), np.uint8), "two lesions"), pixels)
+    shutil.copyfile(tiny["ckpt"], model / "adm_tiny.pt")  # beside config.json
+    beside = Predictor.from_run(model, device="cpu")
+    assert beside.fingerprint() == by_run.fingerprint()
+
+
+def test_model_dir_refuses_a_unet_of_its_name_with_other_bytes(tiny: dict, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEXTDIFF_MODELS_DIR", str(tiny["ckpt"].parent))  # the right one, found second
+    model = _copy_model(tiny, tmp_path / "model")
+    original = tiny["ckpt"].read_bytes()
+    (model / "adm_tiny.pt").write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(WeightsMismatchError) as info:
+        Predictor.from_run(model, device="cpu")
+    message = str(info.value)
+    assert "\n" not in message and str(model / "adm_tiny.pt") in message and "config.json" in message
+
+
+def test_an_older_model_dir_recording_the_unet_path_still_loads(tiny: dict, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folders exported before the UNet was recorded by name hold its absolute path in ``unet.source``: read
+    from there while it exists, else found by that path's file name as a new folder's is."""
+    empty = tmp_path / "models"
+    empty.mkdir()
+    monkeypatch.setenv("TEXTDIFF_MODELS_DIR", str(empty))
+    model = _copy_model(tiny, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    unet = {k: v for k, v in config["unet"].items() if k not in ("file", "preset")}
+    moved = tmp_path / "gone" / "adm_tiny.pt"
+    expected = Predictor.from_run(tiny["run"], device="cpu").fingerprint()
+    for source in (str(tiny["ckpt"].resolve()), str(moved)):
+        (model / "config.json").write_text(json.dumps({**config, "unet": {"source": source, **unet}}))
+        if source == str(moved):
+            with pytest.raises(UNetNotFoundError, match=f"nor at {moved}"):
+                Predictor.from_run(model, device="cpu")
+            monkeypatch.setenv("TEXTDIFF_MODELS_DIR", str(tiny["ckpt"].parent))  # found there by its name
+        loaded = Predictor.from_run(model, device="cpu")
+        assert loaded.stage_one.unet_source == source and loaded.fingerprint() == expected
+
+
+def test_a_preset_unet_is_named_and_looked_for_in_the_models_folder(tiny: dict, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preset is recorded by name and file (no path); a model folder looks for its file beside config.json and
+    in the models folder, and says where it is published when it is in neither. A text encoder read from a
+    local folder is recorded by its ``source_name`` alone."""
+    import dataclasses
+
+    from extract.checkpoints import PRESETS
+    from train.modeldir import StageOne
+
+    monkeypatch.setenv("TEXTDIFF_MODELS_DIR", str(tmp_path / "models"))
+    stage = dataclasses.replace(StageOne.of_store(FeatureStore.open(tiny["store"])), unet_source="adm-imagenet-256",
+                                unet_file=PRESETS["adm-imagenet-256"].filename, text_encoder_source=str(tmp_path))
+    config = stage.to_json()
+    assert {k: v for k, v in config["unet"].items() if k in ("file", "preset")} == {
+        "file": "256x256_diffusion_uncond.pt", "preset": "adm-imagenet-256"}
+    assert config["text_encoder"]["source"] is None and str(tmp_path) not in json.dumps(config)
+    read = StageOne.from_json(config, tmp_path / "model")
+    with pytest.raises(UNetNotFoundError) as info:
+        read.unet_spec()
+    message = str(info.value)
+    assert "\n" not in message and PRESETS["adm-imagenet-256"].url in message and str(tmp_path / "models") in message
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "256x256_diffusion_uncond.pt").write_bytes(b"")
+    assert read.unet_spec() == str(tmp_path / "models" / "256x256_diffusion_uncond.pt")

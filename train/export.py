@@ -5,13 +5,17 @@ The folder (:mod:`train.modeldir`) follows the Hugging Face Hub's model-reposito
 datasets, metrics, pipeline_tag, model-index) the Hub reads. The card says what the model was trained on
 and how (data, protocol, training ids), its scores with the commands that made them, and its intended use
 and limits. ``pipeline predict MODEL_DIR`` needs no store: config.json records everything stage one needs,
-and the UNet and text encoder (not in the folder) are found as for a run and refused unless their sha256
-are the recorded ones. ``push`` uploads the folder with ``huggingface_hub``; offline it is refused.
+and the UNet and text encoder (not exported with it) are found by name (the UNet's file beside config.json or in
+the models folder, or ``--unet``) and refused unless their sha256 are the recorded ones. Neither the card nor
+config.json names a place on the machine that wrote them: its commands hold placeholders (``<run>``,
+``--unet <adm_tiny.pt>``, ``--data-root <MoNuSeg>``). ``push`` uploads the folder with ``huggingface_hub``;
+offline it is refused.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -25,10 +29,11 @@ from extract.command import extract_command
 from extract.text import hub_offline
 from train import rundir
 from train.config import MODEL_ARGS, ExportConfig, FitConfig
-from train.modeldir import MODEL_CARD, MODEL_CONFIG, MODEL_WEIGHTS, StageOne, is_model_dir, write_model_dir
+from train.modeldir import (MODEL_CARD, MODEL_CONFIG, MODEL_WEIGHTS, StageOne, is_local, is_model_dir, placeholder,
+                            write_model_dir)
 from train.models import load_run, spec_of
 
-__all__ = ["export_run", "fit_command", "model_card", "push_model_dir"]
+__all__ = ["export_run", "fit_command", "model_card", "push_model_dir", "shareable_command"]
 
 #: what each command takes of FitConfig's flat keys besides cache and out (others: the Python API only)
 _COMMAND_KEYS = {
@@ -41,6 +46,9 @@ _NEGATED = {("fusion", "none"): "--no-text", ("shared_block", False): "--per-sca
             ("augment", False): "--no-augment", ("lr_drop_epoch", None): "--lr-drop-epoch 0"}
 _NAMES = {"textdiff": "TextDiff head (cross-attention on frozen diffusion features and text)",
           "plain-unet": "plain U-Net baseline (on the images alone)"}
+RUN = "<run>"  #: the run folder, in the card's commands
+#: the ``pipeline extract`` options whose value may be a local path (shown as :func:`train.modeldir.placeholder`)
+_PATH_FLAGS = ("--data-root", "--unet", "--unet-flags", "--text-encoder")
 
 
 def fit_command(fit: dict[str, Any], cache: str, out: str) -> str:
@@ -73,6 +81,28 @@ def _shareable(config: dict[str, Any]) -> dict[str, Any]:
             **{k: v for k, v in config.items() if k not in ("cache", "device", "fit")}, "fit": fit}
 
 
+def shareable_command(command: str) -> str:
+    """A command line as another machine may read it: the values of :data:`_PATH_FLAGS` and every absolute
+    path as their names in angle brackets (``--data-root <MoNuSeg>``), no ``--cache-dir``."""
+    words, out = shlex.split(command), []
+    for before, word in zip([""] + words, words):
+        if "--cache-dir" in (before, word):
+            continue
+        local = Path(word).is_absolute() or (before in _PATH_FLAGS and is_local(word))
+        out.append(placeholder(word) if local else shlex.quote(word))
+    return " ".join(out)
+
+
+def _unet_file(stage: StageOne) -> str:
+    """The UNet's checkpoint file name (a store that did not record it: a stand-in)."""
+    return stage.unet_file or "checkpoint.pt"
+
+
+def _unet_name(stage: StageOne) -> str:
+    """The UNet as the card names it: its preset, or its file name in angle brackets."""
+    return stage.unet_preset or f"<{_unet_file(stage)}>"
+
+
 def _pct(value: Any) -> str:
     return f"{100 * float(value):.2f}" if value not in (None, "") else "—"
 
@@ -92,9 +122,39 @@ def _card_data(config: dict[str, Any], dataset: str, scores: list[tuple[str, dic
     return data.to_yaml()
 
 
+def _stage_one_lines(stage: StageOne, texts: bool) -> list[str]:
+    """The card's lines on the (not included) UNet and text encoder of a features-reading model, by name."""
+    unet, text = stage.unet, stage.text
+    encoder = placeholder(stage.text_encoder_source) if stage.text_encoder_source else f"<{text.get('source_name')}>"
+    return [
+        f"- diffusion UNet (not included): `{_unet_name(stage)}`"
+        + (f" (`{stage.unet_file}`)" if stage.unet_preset else "") + f", sha256 `{unet['weights_sha256']}`; flags "
+        f"in `{MODEL_CONFIG}`; noise seed {stage.noise_seed}, compute dtype {stage.compute_dtype}, "
+        f"{stage.forward_batch} samples per forward",
+        f"- text encoder (not included): `{encoder}` ({text.get('source_name')}), weights "
+        f"sha256 `{text['weights_sha256']}`, tokenizer sha256 `{text['tokenizer_sha256']}`, "
+        f"{text['max_length']} tokens" + ("" if texts else " (this model does not read the text)"),
+    ]
+
+
+def _use_lines(stage: StageOne, features: bool, texts: bool) -> list[str]:
+    """The card's ``## Use`` section: the predict commands and where predict finds the UNet and text encoder."""
+    text = ' --text "..."' if texts else ""
+    lines = ["## Use", "", "```bash", f"pipeline predict MODEL_DIR --image scan.png{text} --out mask.png",
+             "pipeline predict MODEL_DIR --images scans/" + (" --texts texts.csv" if texts else "") + " --out masks/"]
+    if not features:
+        return [*lines, "```", ""]
+    return [*lines, f"pipeline predict MODEL_DIR --image scan.png{text} --out mask.png --unet <{_unet_file(stage)}>",
+            "```", "",
+            f"`predict` finds the UNet `{_unet_file(stage)}` beside `{MODEL_CONFIG}`, then in the models folder "
+            "(`$TEXTDIFF_MODELS_DIR`, default `~/.cache/textdiff/models`); `--unet PATH` where it is elsewhere, "
+            "`--text-encoder NAME_OR_DIR` where the text encoder named above is. One whose sha256 differs from the "
+            "recorded one is refused (its features would not be the ones the model was trained on).", ""]
+
+
 def model_card(run: Path, config: dict[str, Any], stage: StageOne, store: FeatureStore, parameters: int) -> str:
     """The model card (README.md): front matter, then the model, data, protocol, metrics with their
-    commands, how to use it, and its intended use and limits."""
+    commands, how to use it, and its intended use and limits; local paths as placeholders (``<run>``)."""
     run = Path(run)
     spec, fit = spec_of(config), config.get("fit", {})
     dataset = store.key["dataset"]
@@ -102,20 +162,19 @@ def model_card(run: Path, config: dict[str, Any], stage: StageOne, store: Featur
     metrics = rundir.read_json(run / rundir.METRICS)
     scores = [(split, rundir.read_json(rundir.eval_dir(run, split) / rundir.SUMMARY))
               for split in rundir.evaluated_splits(run)]
-    fit_cmd = fit_command(fit, str(config.get("cache", store.path)), str(run))
+    fit_cmd = fit_command(fit, f"<{Path(str(store.path)).name}>", RUN)
     val = config.get("val", {})
-    texts = spec.needs_text(config["head"])
+    texts, features = spec.needs_text(config["head"]), spec.reads == "features"
     rows = [f"| {val.get('split', 'val')} (validation, best epoch {metrics.get('best_epoch')}) | "
             f"{_pct(metrics.get('best_val_dice'))} | {_pct(metrics.get('best_val_iou'))} | — | "
             f"{metrics.get('n_val', '—')} | `{fit_cmd}` |"]
     rows += [f"| {split} | {_pct(s['dice'])} ± {_pct(s['dice_std'])} | {_pct(s['iou'])} ± {_pct(s['iou_std'])} | "
-             f"{_pct(s['global_dice'])} | {s['n_images']} | `pipeline evaluate {run} --split {split}` |"
+             f"{_pct(s['global_dice'])} | {s['n_images']} | `pipeline evaluate {RUN} --split {split}` |"
              for split, s in scores]
-    unet, text = stage.unet, stage.text
+    text = stage.text
     reads = (f"the UNet's decoder blocks {config['blocks']} at diffusion steps {config['steps']}"
              + (f" and the text's tokens ({text.get('source_name')}, {text['max_length']} tokens)" if texts else "")
-             if spec.reads == "features" else "the image alone")
-    usage_text = ' --text "..."' if texts else ""
+             if features else "the image alone")
     lines = [
         "---", _card_data(config, name, scores).rstrip(), "---", "",
         f"# textdiff: {_NAMES.get(spec.name, spec.name)}, {name}", "",
@@ -126,17 +185,7 @@ def model_card(run: Path, config: dict[str, Any], stage: StageOne, store: Featur
         "## Model", "",
         f"- constructor arguments: `{json.dumps(config['head'])}`",
         f"- preprocessing: `{json.dumps(stage.preprocessing)}`",
-    ]
-    if spec.reads == "features":
-        lines += [
-            f"- diffusion UNet (not included): `{stage.unet_source}`, sha256 `{unet['weights_sha256']}`; flags "
-            f"in `{MODEL_CONFIG}`; noise seed {stage.noise_seed}, compute dtype {stage.compute_dtype}, "
-            f"{stage.forward_batch} samples per forward",
-            f"- text encoder (not included): `{stage.text_encoder_source}` ({text.get('source_name')}), weights "
-            f"sha256 `{text['weights_sha256']}`, tokenizer sha256 `{text['tokenizer_sha256']}`, "
-            f"{text['max_length']} tokens" + ("" if texts else " (this model does not read the text)"),
-        ]
-    lines += [
+        *(_stage_one_lines(stage, texts) if features else []),
         "", "## Data", "",
         f"- dataset `{name}` ({dataset.get('layout', 'generated')}), images per split "
         f"`{json.dumps(dataset.get('counts', {}))}`, texts sha256 `{dataset.get('texts_sha256', '')}`",
@@ -146,31 +195,31 @@ def model_card(run: Path, config: dict[str, Any], stage: StageOne, store: Featur
         f"- validation ({len(val.get('ids', []))} images, split `{val.get('split', '')}`): the best epoch's weights "
         "are kept", "",
         "## Protocol", "",
-        f"- stage one: `{extract_command(store)}`",
+        f"- stage one: `{shareable_command(extract_command(store))}`",
         f"- stage two: `{fit_cmd}`",
         f"- settings: `{json.dumps({k: v for k, v in fit.items() if k not in ('cache', 'out')})}`", "",
         "## Metrics", "",
         "Dice and IoU per image, averaged (%, ± standard deviation over images); global Dice pools all pixels.", "",
         "| split | Dice | IoU | global Dice | images | command |", "|---|---|---|---|---|---|", *rows, "",
-        "## Use", "",
-        "```bash",
-        f"pipeline predict MODEL_DIR --image scan.png{usage_text} --out mask.png",
-        "pipeline predict MODEL_DIR --images scans/" + (" --texts texts.csv" if texts else "") + " --out masks/",
-        "```", "",
-        "`--unet PATH` / `--text-encoder NAME_OR_DIR` where the ones named above are elsewhere; one whose sha256 "
-        "differs from the recorded one is refused (its features would not be the ones the model was trained on).",
-        "",
+        *_use_lines(stage, features, texts),
+        *_limits_lines(config, stage, name, texts),
+    ]
+    return "\n".join(lines)
+
+
+def _limits_lines(config: dict[str, Any], stage: StageOne, name: str, texts: bool) -> list[str]:
+    """The card's ``## Intended use and limits`` section."""
+    return [
         "## Intended use and limits", "",
         f"- Research on label-efficient segmentation: trained on {len(config.get('train_ids', []))} labelled "
         f"`{name}` images; not a medical device, not validated for diagnosis or any clinical decision.",
-        f"- Inputs like the training images (modality, {stage.preprocessing.get('color_order', 'rgb').upper()}, "
-        f"resized to {stage.size} px)" + (", and texts written like the training captions: the head attends to "
-        "them, and texts unlike them (or empty) give other masks" if texts else "") + ".",
+        f"- Inputs like the training images (modality, {stage.color_order.upper()}, resized to {stage.size} px)"
+        + (", and texts written like the training captions: the head attends to them, and texts unlike them (or "
+           "empty) give other masks" if texts else "") + ".",
         "- The scores above are on this dataset's splits; expect lower ones on other scanners, sites or populations.",
         "- The license of the weights follows that of the training data and of the diffusion UNet and text encoder "
         "used for stage one (hence `license: other`).", "",
     ]
-    return "\n".join(lines)
 
 
 def push_model_dir(folder: Path, repo_id: str) -> str:

@@ -67,15 +67,15 @@ def mask_path(out: Path, image: Path) -> Path:
 
 
 def _resolve_checked_unet(spec: str | None, stage: StageOne) -> UNetSource:
-    """The UNet source for ``spec`` with the recorded flags, refused unless its bytes are the recorded ones."""
+    """The UNet source for ``spec`` (None: where ``stage`` finds it, :meth:`StageOne.unet_spec`) with the recorded
+    flags, refused unless its bytes are the recorded ones."""
     expected = stage.unet["weights_sha256"]
-    if not spec:
-        raise UNetNotFoundError(f"{stage.where} does not record which UNet checkpoint made it; pass unet=PATH "
-                                f"to the checkpoint with sha256 {expected}")
+    spec = spec or stage.unet_spec()
     try:
         src = resolve_unet(spec, stage.unet["flags"])
     except UNetNotFoundError as e:
-        raise UNetNotFoundError(f"{e}\n  ({stage.where} was made with UNet {spec!r}, sha256 {expected}; if the "
+        made = stage.unet_source or stage.unet_file
+        raise UNetNotFoundError(f"{e}\n  ({stage.where} was made with UNet {made!r}, sha256 {expected}; if the "
                                 f"file moved, pass unet=PATH)") from None
     got = src.identity()["weights_sha256"]
     if got != expected:
@@ -151,7 +151,7 @@ class FeatureInputs:
         """The run's UNet and text encoder, verified against what made its features."""
         encoder = (_load_checked_encoder(text_encoder or stage.text_encoder_source, stage, str(device))
                    if spec_of(config).needs_text(config["head"]) else None)
-        src = _resolve_checked_unet(unet or stage.unet_source, stage)
+        src = _resolve_checked_unet(unet, stage)
         compute = stage.compute_dtype
         extractor = FeatureExtractor(src.load(), shared_noise(stage.size, stage.noise_seed), device=device,
                                      autocast=compute != "float32")
