@@ -28,11 +28,11 @@ from rich.console import Console
 from cache.backends import is_url
 from extract.checkpoints import UNetSource
 from extract.diffusion import shared_noise
-from extract.devices import resolve_device
+from extract.devices import dtype_named, resolve_device
 from extract.features import FeatureExtractor
 from extract.config import ExtractConfig
 from extract.execute import execute
-from extract.plan import Job, Prepared, encode_tokens, open_source, replan
+from extract.plan import Job, Prepared, check_device_type, encode_tokens, open_source, replan
 from extract.shared import stage_progress
 from extract.text import TextEncoder, load_text_encoder
 
@@ -114,10 +114,12 @@ def _state(spec: WorkerSpec) -> _WorkerState:
                 torch.set_num_threads(spec.torch_threads)
             cfg = spec.cfg
             device = resolve_device(cfg.device)
-            prepared = Prepared(FeatureStore.open(spec.store, "r+"), open_source(cfg), [], spec.views,
-                                spec.batch, spec.unet, spec.max_length)
+            store = FeatureStore.open(spec.store, "r+")
+            check_device_type(store, device)
+            prepared = Prepared(store, open_source(cfg), [], spec.views, spec.batch, spec.unet, spec.max_length)
+            # the store key's compute dtype, not this worker's device's choice: every row computed alike
             extractor = FeatureExtractor(spec.unet.load(), shared_noise(cfg.size, cfg.seed), device=device,
-                                         autocast=cfg.autocast)
+                                         compute_dtype=dtype_named(store.key["compute_dtype"]))
             encoder = load_text_encoder(cfg.text_encoder, device=str(device))
             state = _STATE[spec.run_id] = _WorkerState(spec, prepared, encoder, extractor)
         return state

@@ -95,11 +95,43 @@ def autocast_device(dtype: str) -> str | None:
 
 
 def precision_context(device: torch.device, precision: str = "fp32") -> Any:
-    """The autocast context of ``precision`` on ``device`` (fp32: none); refuses an unknown name."""
+    """The context of ``precision`` on ``device``: fp32 is full float32 (:func:`full_precision`: no TF32 on a
+    GPU), bf16 / fp16 autocast; refuses an unknown name."""
     if precision not in PRECISIONS:
         raise OptionError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}", "precision")
     dtype = PRECISIONS[precision]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    return full_precision(device) if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """The torch dtype a store's key names (``compute_dtype``: float32, bfloat16, float16)."""
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"not a torch dtype: {name!r}")
+    return dtype
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Any:
+    """Float32 matmuls and convolutions at full precision within it: on CUDA no TF32 (torch lets cuDNN's
+    convolutions use it by default, which rounds their inputs to 10 mantissa bits); the settings are restored on
+    leaving it. On a CPU nothing to do (and no CUDA state touched)."""
+    if device.type != "cuda":
+        yield
+        return
+    backends = torch.backends
+    if hasattr(getattr(backends.cudnn, "conv", None), "fp32_precision"):  # torch >= 2.9: one API, not both
+        flags = [(backends.cuda.matmul, "fp32_precision", "ieee"), (backends.cudnn.conv, "fp32_precision", "ieee")]
+    else:
+        flags = [(backends.cuda.matmul, "allow_tf32", False), (backends.cudnn, "allow_tf32", False)]
+    before = [getattr(owner, name) for owner, name, _ in flags]
+    for owner, name, value in flags:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for (owner, name, _), value in zip(flags, before):
+            setattr(owner, name, value)
 
 
 @contextlib.contextmanager

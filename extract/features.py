@@ -8,12 +8,11 @@ Shapes (256 px, ImageNet ADM): block 6 → (512, 32, 32), 8 → (512, 64, 64), 1
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
-from extract.devices import autocast_dtype, resolve_device
+from extract.devices import autocast_dtype, full_precision, resolve_device
 from extract.diffusion import q_sample
 from extract.unet import UNetModel
 
@@ -22,12 +21,17 @@ class FeatureExtractor:
     """Runs a frozen UNet (``eval``, ``no_grad``) and returns chosen decoder activations."""
 
     def __init__(self, unet: UNetModel, noise: torch.Tensor, *, device: torch.device | str | None = None,
-                 autocast: bool = False):
+                 autocast: bool = False, compute_dtype: torch.dtype | None = None):
+        """``compute_dtype``: the forward's, as a store's key names it (float32 at full precision, or bfloat16 /
+        float16 autocast), whatever this device's default; None: ``autocast``'s choice for the device
+        (:func:`extract.devices.autocast_dtype`), else float32."""
         self.device = resolve_device(device)
         self.unet = unet.eval().requires_grad_(False).to(self.device)
         self.noise = noise.to(self.device)
-        self.autocast = autocast
-        self.compute_dtype = autocast_dtype(self.device) if autocast else torch.float32
+        if compute_dtype is None:
+            compute_dtype = autocast_dtype(self.device) if autocast else torch.float32
+        self.compute_dtype = compute_dtype
+        self.autocast = compute_dtype != torch.float32
 
     def block_shapes(self) -> list[tuple[int, int, int]]:
         """(C, h, w) of each ``output_blocks[k]`` for this extractor's input size."""
@@ -57,7 +61,7 @@ class FeatureExtractor:
         hooks = [self.unet.output_blocks[k].register_forward_hook(
             lambda _m, _i, out, k=k: captured.__setitem__(k, out)) for k in set(blocks)]
         ctx = (torch.autocast(self.device.type, dtype=self.compute_dtype) if self.autocast
-               else contextlib.nullcontext())
+               else full_precision(self.device))
         try:
             with ctx:
                 self.unet(xt, t, stop_after=max(blocks))

@@ -215,7 +215,9 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
     try:
         store = FeatureStore.create(path, key, size=cfg.size, splits=layouts, token_len=max_length,
                                     token_dim=encoder.dim, extra_attrs={"forward_batch": cfg.batch_size,
+                                                                        "device_type": device.type,
                                                                         "extract": _provenance(cfg, unet_src)})
+        check_device_type(store, device)
         store.ensure_pairs([(s, b, shapes[b][0], shapes[b][1:]) for s, b in pairs])
     except OSError as e:
         raise OSError(e.errno, f"creating the arrays of {path} failed: {e.strerror or e} ({e.filename}); no image "
@@ -228,6 +230,16 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
     if not jobs:  # another process finished it while this one waited for the lock
         console.print(nothing)
     return Prepared(store, ds, jobs, views, batch, unet_src, max_length), encoder, model
+
+
+def check_device_type(store: FeatureStore, device: torch.device) -> None:
+    """Refuse to add rows computed on another device type than the store's (``attrs["device_type"]``; older
+    stores record none): float32 on a CPU and on a GPU round differently, so one store keeps one."""
+    recorded = store.attrs.get("device_type")
+    if recorded is not None and recorded != device.type:
+        raise OptionError(f"device: {store.path} was computed on {recorded}, this run would compute on "
+                          f"{device.type} (float32 results differ between device types); pass device='{recorded}' "
+                          f"or extract into another cache folder", "device")
 
 
 def _complete_store(path: Path | str, key: dict, pairs: list[tuple[int, int]],

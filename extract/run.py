@@ -20,7 +20,7 @@ from extract.cluster import check_scheduler, run_on_cluster
 from extract.config import ExtractConfig
 from extract.diffusion import shared_noise
 from extract.execute import execute
-from extract.devices import resolve_device
+from extract.devices import dtype_named, resolve_device
 from extract.features import FeatureExtractor
 from extract.plan import Prepared, encode_tokens, prepare
 from extract.text import TextEncoder
@@ -67,7 +67,7 @@ def _run_serial(prepared: Prepared, encoder: TextEncoder, model: torch.nn.Module
         device = resolve_device(cfg.device)
         assert model is not None  # loaded whenever there are jobs
         extractor = FeatureExtractor(model, shared_noise(cfg.size, cfg.seed), device=device,
-                                     autocast=cfg.autocast)
+                                     compute_dtype=dtype_named(prepared.store.key["compute_dtype"]))
         execute(prepared, extractor, tokens, cfg, console, on_batch)
     finally:
         torch.set_num_threads(before)

@@ -140,9 +140,42 @@ def test_no_text_run_needs_no_text(tiny: dict, tmp_path: Path) -> None:
     np.testing.assert_allclose(p.probabilities(read_image(png, SIZE)[0], ""), want, rtol=0, atol=1e-6)
 
 
+def test_an_image_without_text_gets_the_same_mask_through_every_path(tiny: dict, tmp_path: Path) -> None:
+    """"No text" means one thing: ``predict --image`` with an empty text, ``predict --images`` without a texts
+    row, and ``evaluate --text none`` withhold every token alike, and give the same masks (with a note saying
+    that the run was not fitted with text dropout)."""
+    from typer.testing import CliRunner
+
+    import pipeline
+    from train import rundir
+    from train.evaluate import evaluate
+    from helpers import quiet
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run)
+    evaluate(run, split="test", text="none", overlays=False, console=quiet())
+    saved = np.load(rundir.eval_dir(run, "test", "none") / rundir.PREDICTIONS)
+    store = FeatureStore.open(tiny["store"])
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pngs = [_write_png(store, "test", i, folder / f"{image_id}.png") for i, image_id in enumerate(saved["ids"])]
+    runner = CliRunner()
+    res = runner.invoke(pipeline.app, ["predict", str(run), "--images", str(folder), "--out", str(tmp_path / "many"),
+                                       "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert f"{len(pngs)} image(s) have no text" in res.stderr and "not fitted with text dropout" in res.stderr
+    for png, want in zip(pngs, saved["pred"]):
+        one = tmp_path / f"{png.stem}-one.png"
+        res = runner.invoke(pipeline.app, ["predict", str(run), "--image", str(png), "--text", "", "--out", str(one),
+                                           "--device", "cpu"])
+        assert res.exit_code == 0 and "1 image(s) have no text" in res.stderr, res.output
+        assert np.array_equal(np.asarray(Image.open(one)) > 0, want)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "many" / f"{png.stem}_mask.png")) > 0, want)
+
+
 def test_text_dropout_run_predicts_without_text(tiny: dict, predictor: Predictor, tmp_path: Path) -> None:
-    """A run fitted with text dropout takes an empty text as no text: the probabilities of its head with every
-    token withheld (``evaluate --text none``); a run fitted without dropout refuses an empty text."""
+    """An empty (or blank) text is the head with every token withheld (``evaluate --text none``), for a run
+    fitted with text dropout as for one fitted without."""
     from helpers import quiet
 
     run = tmp_path / "dropout"
@@ -151,13 +184,17 @@ def test_text_dropout_run_predicts_without_text(tiny: dict, predictor: Predictor
     config, head, store = load_run(run)
     data = SplitFeatures(store, "test", config["blocks"], config["steps"])
     p = Predictor.from_run(run, device="cpu")
+    assert "was fitted with text dropout" in p.inputs.no_text_note(["", "a text"])
+    assert "not fitted with text dropout" in predictor.inputs.no_text_note([" "])
+    assert p.inputs.no_text_note(["a text"]) is None
     for i in range(len(data)):
         image = read_image(_write_png(store, "test", i, tmp_path / f"{data.ids[i]}.png"), SIZE)[0]
         want = head_predict(head, data.batch([i]).withhold_text(), SIZE)[0].numpy()
         np.testing.assert_allclose(p.probabilities(image, ""), want, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(p.probabilities(image, " \t"), want, rtol=0, atol=1e-4)
         assert not np.allclose(p.probabilities(image, data.texts[i]), want, rtol=0, atol=1e-4)
-    with pytest.raises(ValueError, match="text is empty.*text dropout"):
-        predictor.probabilities(image, " ")
+    tokens, mask = predictor.tokens(["", data.texts[0]])
+    assert not mask[0].any() and not tokens[0].any() and mask[1].any()
 
 
 def test_cli(tiny: dict, tmp_path: Path) -> None:

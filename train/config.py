@@ -119,11 +119,11 @@ class PredictConfig:
     images: Path | None = option_field(None, "Many images: a folder (its image files), or a .csv/.xlsx table with "
                                              "a column image (paths relative to the table's folder).")
     text: str = option_field("", "With --image: its description (what the head attends to; not needed by --no-text "
-                                 "runs and the plain U-Net baseline; left empty, a --text-dropout run predicts "
-                                 "without text).")
+                                 "runs and the plain U-Net baseline). Left empty: no text, every token withheld "
+                                 "as by evaluate --text none (a note says whether the run was fitted for it).")
     texts: Path | None = option_field(None, "With --images: a .csv/.xlsx table with columns image, text (an image is "
                                             "matched by its path as listed, its file name or its stem); an image "
-                                            "without a row gets the empty text.")
+                                            "without a row, or with an empty text, gets no text.")
     cache: str | None = option_field(None, "The run's store, if it moved (default: the one the run recorded).")
     original_size: bool = option_field(False, "Resize the mask (nearest) and probabilities (bilinear) back to the "
                                               "image's size.")

@@ -88,6 +88,7 @@ class StageOne:
     where: str                         # "store PATH" / "model folder PATH", for messages
     recorded_by: str                   # who records the hashes, for messages
     folder: Path | None = None         # the model folder it was read from (None: a store)
+    device_type: str | None = None     # where the features were computed (cpu, cuda; None: older stores)
 
     @property
     def size(self) -> int:
@@ -112,7 +113,8 @@ class StageOne:
                    forward_batch=int(batch) if batch else None, token_dim=int(store.attrs["token_dim"]),
                    unet_source=made.get("unet"), unet_file=_unet_file(made.get("unet")),
                    text_encoder_source=made.get("text_encoder"),
-                   key_hash=store.key_hash, where=f"store {store.path}", recorded_by="the run's cache key")
+                   key_hash=store.key_hash, where=f"store {store.path}", recorded_by="the run's cache key",
+                   device_type=store.attrs.get("device_type"))
 
     def to_json(self) -> dict[str, Any]:
         """Its entries of a model folder's config.json: names, never a local path (the UNet by its file name,
@@ -123,7 +125,7 @@ class StageOne:
                 "text_encoder": {"source": None if text is None or is_local(text) else text, **self.text},
                 "noise_seed": self.noise_seed,
                 "compute_dtype": self.compute_dtype, "forward_batch": self.forward_batch,
-                "token_dim": self.token_dim, "store_key_hash": self.key_hash}
+                "token_dim": self.token_dim, "store_key_hash": self.key_hash, "device_type": self.device_type}
 
     @classmethod
     def from_json(cls, config: dict[str, Any], folder: Path) -> StageOne:
@@ -138,7 +140,7 @@ class StageOne:
                        unet_source=path or preset, unet_file=file or _unet_file(path or preset),
                        text_encoder_source=text.pop("source", None), key_hash=config.get("store_key_hash", ""),
                        where=f"model folder {folder}", recorded_by=f"{Path(folder) / MODEL_CONFIG}",
-                       folder=Path(folder))
+                       folder=Path(folder), device_type=config.get("device_type"))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{Path(folder) / MODEL_CONFIG}: not a textdiff model config ({e!r} missing or "
                              f"malformed); export the run again with `pipeline export`") from None

@@ -37,7 +37,7 @@ from cache.store import FeatureStore
 from extract.checkpoints import UNetNotFoundError, UNetSource, resolve_unet
 from extract.datasets import read_image
 from extract.diffusion import shared_noise
-from extract.devices import resolve_device
+from extract.devices import dtype_named, resolve_device
 from extract.features import FeatureExtractor
 from extract.shared import to_unit_range
 from extract.text import TextEncoder, load_text_encoder, tokenizer_files, weight_files
@@ -48,7 +48,7 @@ from train.models import load_model_dir, load_run, probabilities, spec_of
 
 
 __all__ = ["FeatureInputs", "ImageInputs", "Predictor", "WeightsMismatchError", "mask_path", "predict", "resize_to",
-           "store_text_encoder"]
+           "store_text_encoder", "warn_device", "withheld"]
 
 _MISMATCH = "features computed with it would not match the ones the head was trained on"
 
@@ -128,12 +128,17 @@ def _texts(texts: str | Sequence[str]) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
 
+def withheld(text: str) -> bool:
+    """An empty (or blank) text: no text, every token withheld (the one meaning of "no text")."""
+    return not text.strip()
+
+
 @dataclass
 class FeatureInputs:
     """New images as a features-reading model takes them: their features from the run's UNet, their texts
-    through the run's encoder (None when the model takes no text), the run's token mask. ``text_optional``:
-    the run was fitted with text dropout, so an empty text means no text (every token withheld, as
-    ``evaluate --text none``)."""
+    through the run's encoder (None when the model takes no text), the run's token mask. An empty text is no
+    text: every token withheld, as ``evaluate --text none`` withholds it (``text_dropout``: the run was fitted
+    to predict without text as well)."""
 
     extractor: FeatureExtractor
     encoder: TextEncoder | None
@@ -143,7 +148,7 @@ class FeatureInputs:
     token_dim: int
     pad_to: int | None
     attend_padding: bool
-    text_optional: bool = False
+    text_dropout: bool = False
 
     @classmethod
     def for_run(cls, config: dict[str, Any], stage: StageOne, unet: str | None, text_encoder: str | None,
@@ -152,16 +157,13 @@ class FeatureInputs:
         encoder = (_load_checked_encoder(text_encoder or stage.text_encoder_source, stage, str(device))
                    if spec_of(config).needs_text(config["head"]) else None)
         src = _resolve_checked_unet(unet, stage)
-        compute = stage.compute_dtype
         extractor = FeatureExtractor(src.load(), shared_noise(stage.size, stage.noise_seed), device=device,
-                                     autocast=compute != "float32")
-        if compute != "float32":
-            extractor.compute_dtype = getattr(torch, compute)  # the store's, whatever this device's default
+                                     compute_dtype=dtype_named(stage.compute_dtype))  # the store's, on any device
         return cls(extractor=extractor, encoder=encoder, blocks=tuple(int(b) for b in config["blocks"]),
                    steps=tuple(int(s) for s in config["steps"]), max_length=int(stage.text["max_length"]),
                    token_dim=stage.token_dim, pad_to=stage.forward_batch,
                    attend_padding=bool(config.get("fit", {}).get("attend_padding", False)),
-                   text_optional=float(config.get("fit", {}).get("text_dropout", 0.0)) > 0)
+                   text_dropout=float(config.get("fit", {}).get("text_dropout", 0.0)) > 0)
 
     def images_per_forward(self) -> int:
         """Images whose steps fill one UNet forward of the store's batch shape."""
@@ -190,20 +192,19 @@ class FeatureInputs:
             feats.append(f16.reshape(n, k * f16.shape[1], *f16.shape[2:]).float())
         return feats
 
-    def tokens(self, texts: str | Sequence[str], allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, L, D) float32 tokens rounded through float16, and the (N, L) bool mask the model attends with.
-        An empty text is refused unless ``allow_empty`` (then it is encoded as it is: the special tokens alone)."""
+    def tokens(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L, D) float32 tokens rounded through float16, and the (N, L) bool mask the model attends with. An
+        empty text (and every text, for a model that reads none) is no text: zero tokens, none attended
+        (:func:`withheld`), as ``evaluate --text none`` gives it."""
         texts = _texts(texts)
-        if self.encoder is None:
-            emb = np.zeros((len(texts), self.max_length, self.token_dim), dtype=np.float16)
-            mask = np.zeros((len(texts), self.max_length), dtype=bool)
-        elif not allow_empty and not all(t.strip() for t in texts):
-            raise ValueError("the text is empty, but this run's head attends to the text (a run fitted with "
-                             "text dropout predicts without it)")
-        else:
-            emb, mask = self.encoder.encode(texts, self.max_length)
-        return (torch.from_numpy(emb.astype(np.float16)).float(),
-                torch.from_numpy(visible_tokens(np.asarray(mask, dtype=bool), self.attend_padding)))
+        emb = np.zeros((len(texts), self.max_length, self.token_dim), dtype=np.float16)
+        mask = np.zeros((len(texts), self.max_length), dtype=bool)
+        given = [i for i, t in enumerate(texts) if not withheld(t)] if self.encoder is not None else []
+        if given:
+            got, real = self.encoder.encode([texts[i] for i in given], self.max_length)
+            emb[given] = got.astype(np.float16)
+            mask[given] = visible_tokens(np.asarray(real, dtype=bool), self.attend_padding)
+        return torch.from_numpy(emb).float(), torch.from_numpy(mask)
 
     def truncations(self, texts: Sequence[str]) -> list[bool]:
         """Per text, True when it has more tokens than the run's max_length (the rest is cut, as in extraction)."""
@@ -211,13 +212,20 @@ class FeatureInputs:
             return [False] * len(texts)
         return [n > self.max_length for n in self.encoder.token_counts(list(texts))]
 
-    def sample(self, images: np.ndarray, texts: str | Sequence[str], allow_empty: bool = False) -> Sample:
-        """The model's input for uint8 images (N, 3, S, S) (or one) and their texts; a ``text_optional`` run
-        reads an empty text as no text (:meth:`train.data.Sample.withhold_text`)."""
-        images, texts = _batch(images), _texts(texts)
-        sample = Sample(self.features(images), *self.tokens(texts, allow_empty or self.text_optional),
-                        _target(len(images), images.shape[-1]))
-        return sample.withhold_text(torch.tensor([not t.strip() for t in texts])) if self.text_optional else sample
+    def sample(self, images: np.ndarray, texts: str | Sequence[str]) -> Sample:
+        """The model's input for uint8 images (N, 3, S, S) (or one) and their texts (an empty one: no text)."""
+        images = _batch(images)
+        return Sample(self.features(images), *self.tokens(texts), _target(len(images), images.shape[-1]))
+
+    def no_text_note(self, texts: Sequence[str]) -> str | None:
+        """What to tell a user whose images have no text, for a head that reads text: predicted without it, and
+        how well this run does that (fitted with text dropout or not); None when every image has a text."""
+        n = sum(withheld(t) for t in texts)
+        if not n or self.encoder is None:
+            return None
+        how = ("this run was fitted with text dropout to predict without text too" if self.text_dropout else
+               "this run was not fitted with text dropout, so expect a worse mask than with a text")
+        return f"{n} image(s) have no text: predicted with every token withheld, as evaluate's text mode none; {how}"
 
 
 @dataclass
@@ -240,7 +248,11 @@ class ImageInputs:
         """The texts are not read."""
         return [False] * len(texts)
 
-    def sample(self, images: np.ndarray, texts: str | Sequence[str], allow_empty: bool = False) -> ImageSample:
+    def no_text_note(self, texts: Sequence[str]) -> str | None:
+        """The texts are not read: nothing to say."""
+        return None
+
+    def sample(self, images: np.ndarray, texts: str | Sequence[str]) -> ImageSample:
         """The model's input for uint8 images (N, 3, S, S) (or one) (the texts are not read)."""
         images = _batch(images)
         return ImageSample(torch.from_numpy(to_unit_range(images)), _target(len(images), images.shape[-1]))
@@ -293,6 +305,15 @@ class Predictor:
         inputs = INPUTS[spec_of(config).reads](config, stage, unet, text_encoder, dev)
         return cls(config=config, model=model, stage_one=stage, inputs=inputs, precision=precision)
 
+    def device_note(self) -> str | None:
+        """A warning when this predictor computes on another device type than the store's features were (float32
+        rounds differently on a CPU and a GPU: masks may differ from the store's in a few pixels); else None."""
+        made, here = self.stage_one.device_type, next(self.model.parameters()).device.type
+        if made is None or made == here:
+            return None
+        return (f"{self.stage_one.where} computed its features on {made}, this prediction runs on {here}: float32 "
+                f"rounds differently there, so a mask may differ from the store's in a few pixels")
+
     @property
     def size(self) -> int:
         """The store's image size: the model's input and output size."""
@@ -339,19 +360,18 @@ class Predictor:
         digest = hashlib.sha256(canonical_json({
             "head": self.config["head"], "blocks": self.config.get("blocks"), "steps": self.config.get("steps"),
             "attend_padding": bool(self.config.get("fit", {}).get("attend_padding", False)),
-            "store": self.stage_one.key_hash}).encode())
+            "store": self.stage_one.key_hash, "empty_text": "withheld"}).encode())
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    def probabilities(self, images: np.ndarray, texts: str | Sequence[str], allow_empty: bool = False
-                      ) -> np.ndarray:
+    def probabilities(self, images: np.ndarray, texts: str | Sequence[str]) -> np.ndarray:
         """float32 (K, S, S) class probabilities for one uint8 (3, S, S) image and its text, or (N, K, S, S) for
         images (N, 3, S, S) and N texts: stage one for all of them (:meth:`FeatureInputs.features`), then the
-        model :meth:`head_batch` images at a time. ``allow_empty``: encode an empty text rather than refuse it."""
+        model :meth:`head_batch` images at a time. An empty text is no text (:func:`withheld`)."""
         one = images.ndim == 3
-        sample = self.inputs.sample(images, texts, allow_empty)
+        sample = self.inputs.sample(images, texts)
         n, batch = len(_batch(images)), self.head_batch()
         out = np.concatenate([probabilities(self.model, sample.part(i, i + batch), self.size, self.precision)
                               .cpu().numpy() for i in range(0, n, batch)])
@@ -364,6 +384,9 @@ class Predictor:
         if console is not None and self.truncated(text):
             console.print(f"[yellow]note[/]: the text is longer than the run's {self.stage_one.text['max_length']} "
                           "tokens and is truncated, as during extraction")
+        note = self.inputs.no_text_note([text])
+        if console is not None and note:
+            console.print(f"[yellow]note[/]: {note}", highlight=False, soft_wrap=True)
         mask = self.probabilities(img, text).argmax(0).astype(np.uint8)
         if original_size:
             mask = resize_to(mask, hw, "L")
@@ -390,4 +413,12 @@ def predict(run: Path, image: Path, text: str, out: Path, cache: Path | None = N
         raise FileNotFoundError(f"image not found: {image}")
     predictor = Predictor.from_run(run, cache, unet=unet, text_encoder=text_encoder, device=device,
                                    precision=precision)
+    warn_device(predictor, console)
     return predictor(image, text, out, original_size=original_size, console=console)
+
+
+def warn_device(predictor: Predictor, console: Console | None) -> None:
+    """Print :meth:`Predictor.device_note`, if any."""
+    note = predictor.device_note()
+    if console is not None and note:
+        console.print(f"[yellow]warning[/]: {note}", highlight=False, soft_wrap=True)

@@ -9,7 +9,7 @@ after its stem; two images with one stem are refused before anything is read)::
     <stem>_prob.npy   with probabilities: float16 (H, W), the foreground probability, at the mask's size
                       (bilinear with original_size)
     predictions.csv   one row per image, in input order: image (as listed), text (the one used; an image
-                      without a row in the texts table gets the empty text), foreground_fraction (of the mask
+                      without a row in the texts table gets the empty text: no text, every token withheld), foreground_fraction (of the mask
                       written), truncated (the text had more tokens than the run's max length and was cut),
                       mask, probabilities (file names), error (why a bad image was skipped)
     predict.json      the model (:meth:`~train.predict.Predictor.fingerprint`), original_size and precision they
@@ -41,7 +41,7 @@ from cache.errors import OptionError, naming
 from extract.datasets import IMAGE_EXTS, DatasetError, quiet_decoders, read_column, read_image, read_table
 from extract.shared import stage_progress
 from train.config import PredictConfig
-from train.predict import Predictor, mask_path, predict, resize_to
+from train.predict import Predictor, mask_path, predict, resize_to, warn_device
 from train.rundir import read_json, write_json
 
 __all__ = ["COLUMNS", "PREDICTIONS", "SETTINGS", "BatchResult", "ImageJob", "list_images", "predict_batch",
@@ -63,7 +63,6 @@ class ImageJob:
     name: str
     path: Path
     text: str
-    has_text: bool = True  # False: no row in the texts table (the empty text is used)
 
     def mask_file(self, out: Path) -> Path:
         return Path(out) / f"{self.path.stem}{MASK_SUFFIX}"
@@ -125,7 +124,7 @@ def _jobs(images: Path, texts: Path | None, out: Path, console: Console) -> list
     for name, path in listed:
         key = next((k for k in (name, Path(name).name, Path(name).stem) if k in table), None)
         used.add(key)
-        jobs.append(ImageJob(name, path, table.get(key, "") if key is not None else "", key is not None))
+        jobs.append(ImageJob(name, path, table.get(key, "") if key is not None else ""))
     unused = [k for k in table if k not in used]
     if unused:
         console.print(f"[yellow]note[/]: {len(unused)} row(s) of {escape(str(texts))} name no listed image "
@@ -238,6 +237,7 @@ def predict_batch(run: Path, images: Path, out: Path, texts: Path | None = None,
                      "skip_bad")
     predictor = Predictor.from_run(run, cache, unet=unet, text_encoder=text_encoder, device=device,
                                    precision=precision)
+    warn_device(predictor, console)
     out.mkdir(parents=True, exist_ok=True)
     for pattern in (f"*{MASK_SUFFIX}{_TMP}", f"*{PROB_SUFFIX}{_TMP}", f"{PREDICTIONS}{_TMP}"):
         for leftover in out.glob(pattern):  # a killed run's half-written files
@@ -264,11 +264,9 @@ def predict_batch(run: Path, images: Path, out: Path, texts: Path | None = None,
             result.kept += 1
         else:
             todo.append(job)
-    untexted = sum(not j.has_text for j in todo)
-    if untexted and predictor.encoder is not None:
-        console.print(f"[yellow]note[/]: {untexted} image(s) have no text{' row' if texts else ''}: segmented with "
-                      f"the empty text, though this run's head attends to the text", highlight=False,
-                      soft_wrap=True)
+    note = predictor.inputs.no_text_note([j.text for j in todo])
+    if note:
+        console.print(f"[yellow]note[/]: {note}", highlight=False, soft_wrap=True)
 
     group, truncated = predictor.group_size(), 0
     progress = stage_progress(console, "predict", "images")
@@ -286,7 +284,7 @@ def predict_batch(run: Path, images: Path, out: Path, texts: Path | None = None,
                         loaded.append((job, *got))
                 if loaded:
                     probs = predictor.probabilities(np.stack([img for _, img, _ in loaded]),
-                                                    [job.text for job, _, _ in loaded], allow_empty=True)
+                                                    [job.text for job, _, _ in loaded])
                     cut = predictor.truncations([job.text for job, _, _ in loaded])
                     for (job, _, hw), p, was_cut in zip(loaded, probs, cut):
                         mask = _write_outputs(job, out, p, hw, original_size, probabilities)
