@@ -1,6 +1,6 @@
 """The import contracts of pyproject.toml ([tool.importlinter]) hold, and they catch a broken layer.
 
-Layers (docs/design.md §2): cache ← extract ← train ← pipeline, an arrow pointing at what may be imported;
+Layers (docs/architecture.md): common ← cache ← extract ← train ← pipeline, an arrow pointing at what may be imported;
 no import cycles between the modules of a package. Checked by import-linter, as ``lint-imports`` does.
 """
 
