@@ -9,9 +9,9 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "write_bytes", "write_json", "write_text", "tmp_path"]
+__all__ = ["TMP_SUFFIX", "atomic_write", "write_bytes", "write_json", "write_stream", "write_text", "tmp_path"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -34,6 +34,16 @@ def atomic_write(path: Path | str, write: Callable[[Path], Any]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_stream(path: Path | str, write: Callable[[IO[bytes]], Any]) -> Path:
+    """``write(f)`` into ``path`` through an open binary file (for writers that add a suffix to a file name,
+    as ``np.save`` does), atomically."""
+    def fill(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            write(f)
+
+    return atomic_write(path, fill)
 
 
 def write_bytes(path: Path | str, data: bytes) -> Path:

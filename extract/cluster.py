@@ -10,7 +10,6 @@ reschedules it) redoes only what was not committed. The client shows one progres
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ from rich.console import Console
 from cache.backends import is_url
 from extract.checkpoints import UNetSource
 from extract.diffusion import shared_noise
-from extract.devices import dtype_named, resolve_device
+from extract.devices import dtype_named, resolve_device, set_malloc_thresholds
 from extract.features import FeatureExtractor
 from extract.config import ExtractConfig
 from extract.execute import execute
@@ -84,21 +83,12 @@ class _WorkerState:
 
 _STATE: dict[str, _WorkerState] = {}
 _STATE_LOCK = threading.Lock()
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
 def _undo_malloc_trim() -> None:
     """dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap
     threshold at 128 kB: every large tensor is then mmap'ed and page-faulted anew, and the UNet runs
     1.5x slower (bench/cluster.py). Give glibc generous thresholds again (Linux only; else a no-op)."""
-    if not os.environ.get("MALLOC_TRIM_THRESHOLD_"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
-    libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        set_malloc_thresholds(mmap=32 * 2**20, trim=64 * 2**20)
 
 
 def _state(spec: WorkerSpec) -> _WorkerState:

@@ -27,6 +27,18 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _INT_MAX = -1, -3, 2**31 - 1
 _kept: bool | None = None
 
 
+def set_malloc_thresholds(mmap: int, trim: int) -> bool:
+    """The one way textdiff tunes glibc's malloc: its mmap and trim thresholds, in bytes (``mallopt``); True if
+    both took (False: a libc other than glibc, which is left as it is)."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap)) and bool(mallopt(_M_TRIM_THRESHOLD, trim))
+
+
 def keep_freed_memory() -> bool:
     """Let glibc's malloc keep freed blocks for reuse (once per process; True if in effect).
 
@@ -39,13 +51,8 @@ def keep_freed_memory() -> bool:
     """
     global _kept
     if _kept is None:
-        _kept = False
-        if os.environ.get("TEXTDIFF_MALLOC", "").lower() != "system" and platform.libc_ver()[0] == "glibc":
-            try:
-                mallopt = ctypes.CDLL(None).mallopt
-                _kept = bool(mallopt(_M_MMAP_THRESHOLD, _INT_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
-            except (AttributeError, OSError):
-                pass
+        _kept = os.environ.get("TEXTDIFF_MALLOC", "").lower() != "system" and \
+            set_malloc_thresholds(_INT_MAX, _INT_MAX)
     return _kept
 
 

@@ -44,7 +44,7 @@ class _Pending:
         read-only or vanished folder) names the store and the image; every row committed before it stays."""
         job = self.job
         try:
-            if job.base:
+            if job.base_arrays:
                 store.write_base(job.split, job.index, self.imgs, self.masks, *tokens[(job.split, job.index)])
             for (s, b), arr in self.feats.items():
                 store.write_features(job.split, job.index, s, b, arr)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from cache.backends import FORMATS, as_location
+from cache.backends import FORMATS, Location, as_location
 from cache.errors import OptionError
 from cache.key import key_hash, make_key, store_path
 from cache.lock import writer_lock
@@ -35,12 +35,13 @@ from extract.unet import create_unet
 
 @dataclass
 class Job:
-    """One image: what it still needs; ``view_texts``: its text for each view, where views have their own."""
+    """One image: what it still needs (``base_arrays``: its image, mask, tokens and view tokens; ``pairs``: the
+    (step, block) features); ``view_texts``: its text for each view, where views have their own."""
 
     split: str
     index: int
     item: Item
-    base: bool
+    base_arrays: bool
     pairs: list[tuple[int, int]]
     view_texts: list[str] | None = None
 
@@ -111,16 +112,16 @@ def replan(store: FeatureStore, jobs: Sequence[Job]) -> list[Job]:
                 pair_done[(job.split, *p)] = store.done(job.split, *p)
             if not pair_done[(job.split, *p)][job.index]:
                 missing.append(p)
-        needs_base = job.base and not base[job.split][job.index]
+        needs_base = job.base_arrays and not base[job.split][job.index]
         if missing or needs_base:
-            out.append(replace(job, base=needs_base, pairs=missing))
+            out.append(replace(job, base_arrays=needs_base, pairs=missing))
     return out
 
 
 def encode_tokens(encoder: TextEncoder, jobs: Sequence[Job], max_length: int) -> dict[tuple[str, int], Tokens]:
     """Token embeddings and masks of the jobs that still need their base arrays, by (split, row): of each
     image's text and of each view's text. The encoder runs once per distinct text."""
-    base_jobs = [j for j in jobs if j.base]
+    base_jobs = [j for j in jobs if j.base_arrays]
     if not base_jobs:
         return {}
     texts = list(dict.fromkeys(t for j in base_jobs for t in (j.item.text, *(j.view_texts or ()))))
@@ -148,6 +149,43 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
     """Check the arguments and every input (dataset files, texts, UNet weights) before anything is
     written; then take the store's writer lock (into ``held``), open (or create) the store, and list
     what it lacks."""
+    _check_options(cfg)
+    ds, splits, blocks, steps = _selection(cfg, console)
+    device = resolve_device(cfg.device)
+    unet_src, shapes = _unet_shapes(cfg, blocks)
+    items = {s: ds.by_split(s) for s in ds.splits()}
+    views = {s: AUGMENTATIONS[cfg.augment] if s == "train" else 1 for s in ds.splits()}
+    layouts = {s: SplitLayout(ids=[it.id for it in items[s]], texts=[it.text for it in items[s]], views=views[s],
+                              view_texts=view_texts(ds, s, views[s])) for s in ds.splits()}
+    encoder = load_text_encoder(cfg.text_encoder, device=str(device))
+    max_length = _max_length(cfg, encoder, ds, layouts, console)
+    key = _key(cfg, ds, unet_src, encoder, max_length, device)
+    path = store_path(as_location(cfg.cache_dir), ds.name, key, cfg.store_format)
+    pairs = [(s, b) for s in steps for b in blocks]
+    all_jobs = [Job(split, i, item, True, list(pairs), None if layouts[split].view_texts is None
+                    else layouts[split].view_texts[i]) for split in splits for i, item in enumerate(items[split])]
+    nothing = (f"nothing to do: {sum(len(items[s]) for s in splits)} images × {len(pairs)} (step, block) pairs "
+               f"already in the store")
+    complete = _complete_store(path, key, pairs, all_jobs)
+    if complete is not None:  # read-only is enough: no lock, no UNet (its folder may be read-only)
+        console.print(nothing)
+        return Prepared(complete, ds, [], views, cfg.batch_size, unet_src, max_length), encoder, None
+    model = unet_src.load()  # a checkpoint for other flags, or with NaN weights, stops here: nothing written
+    _lock(path, console, held)
+    store = _open_for_writing(cfg, path, key, layouts, max_length, encoder.dim, device, unet_src,
+                              [(s, b, shapes[b][0], shapes[b][1:]) for s, b in pairs])
+    batch = int(store.attrs.get("forward_batch", cfg.batch_size))
+    if batch != cfg.batch_size:
+        console.print(f"note: this store was made with --batch-size {batch}; using it, so that every image's "
+                      f"features are computed identically")
+    jobs = replan(store, all_jobs)
+    if not jobs:  # another process finished it while this one waited for the lock
+        console.print(nothing)
+    return Prepared(store, ds, jobs, views, batch, unet_src, max_length), encoder, model
+
+
+def _check_options(cfg: ExtractConfig) -> None:
+    """Refuse an option outside its values (before any input is read)."""
     if cfg.augment not in AUGMENTATIONS:
         raise OptionError(f"augment must be one of {sorted(AUGMENTATIONS)}, got {cfg.augment!r}", "augment")
     if cfg.threads is not None and cfg.threads < 1:
@@ -155,6 +193,10 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
     if cfg.store_format not in FORMATS:
         raise OptionError(f"store_format must be one of {list(FORMATS)}, got {cfg.store_format!r}", "store_format")
     check_mask_resize(cfg.mask_resize)
+
+
+def _selection(cfg: ExtractConfig, console: Console) -> tuple[Dataset, list[str], tuple[int, ...], tuple[int, ...]]:
+    """The checked dataset (bad items skipped with ``skip_bad``), and the splits, blocks and steps to extract."""
     ds = check_inputs(open_source(cfg), cfg.skip_bad, console)
     if ds.skipped:
         console.print(f"[yellow]skipped {len(ds.skipped)} bad item(s)[/]: "
@@ -168,68 +210,68 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
     steps = tuple(cfg.steps)
     if any(not 0 <= s < 1000 for s in steps):
         raise OptionError(f"steps must lie in [0, 999], got {list(steps)}", "steps")
-    device = resolve_device(cfg.device)
+    return ds, splits, blocks, steps
 
+
+def _unet_shapes(cfg: ExtractConfig, blocks: tuple[int, ...]) -> tuple[UNetSource, list[tuple[int, int, int]]]:
+    """The UNet's source and each decoder block's (C, h, w) at the size (no weights read), the blocks checked."""
     unet_src = resolve_unet(cfg.unet, cfg.unet_flags)
     with torch.device("meta"):
         shapes = create_unet(**unet_src.flags).output_block_shapes(cfg.size)
     bad = [b for b in blocks if not 0 <= b < len(shapes)]
     if bad:
         raise OptionError(f"blocks {bad} out of range: this UNet has output_blocks 0..{len(shapes) - 1}", "blocks")
+    return unet_src, shapes
 
-    items = {s: ds.by_split(s) for s in ds.splits()}
-    views = {s: AUGMENTATIONS[cfg.augment] if s == "train" else 1 for s in ds.splits()}
-    layouts = {s: SplitLayout(ids=[it.id for it in items[s]], texts=[it.text for it in items[s]], views=views[s],
-                              view_texts=view_texts(ds, s, views[s])) for s in ds.splits()}
-    encoder = load_text_encoder(cfg.text_encoder, device=str(device))
+
+def _max_length(cfg: ExtractConfig, encoder: TextEncoder, ds: Dataset, layouts: dict[str, SplitLayout],
+                console: Console) -> int:
+    """The token length of every text (the images' and the views' own), truncations reported."""
     all_texts = [it.text for it in ds.items] + [t for lay in layouts.values() for row in lay.view_texts or ()
                                                 for t in row[1:]]
     max_length, n_trunc = choose_max_length(encoder, all_texts, cfg.max_length)
     if n_trunc:
         console.print(f"[yellow]note[/]: {n_trunc} of {len(all_texts)} texts are longer than "
                       f"{max_length} tokens and are truncated (--max-length)", soft_wrap=True)
+    return max_length
 
+
+def _key(cfg: ExtractConfig, ds: Dataset, unet_src: UNetSource, encoder: TextEncoder, max_length: int,
+         device: torch.device) -> dict[str, Any]:
+    """The store's key: everything that determines its arrays."""
     prep = preprocessing(cfg.size, cfg.color_order, cfg.mask_resize)
     prep["augment"] = cfg.augment
     if AUGMENTATIONS[cfg.augment] > 1:  # each view keeps its own text, rewritten as this version says
         prep["view_text"] = TEXT_VIEWS_VERSION
-    key = make_key(dataset=ds.fingerprint(), preprocessing=prep, unet=unet_src.identity(),
-                   noise_seed=cfg.seed, text={**encoder.identity(), "max_length": max_length},
-                   dtype=STORE_DTYPE, compute_dtype=compute_dtype(device, cfg.autocast))
-    path = store_path(as_location(cfg.cache_dir), ds.name, key, cfg.store_format)
-    pairs = [(s, b) for s in steps for b in blocks]
-    all_jobs = [Job(split, i, item, True, list(pairs), None if layouts[split].view_texts is None
-                    else layouts[split].view_texts[i]) for split in splits for i, item in enumerate(items[split])]
-    nothing = (f"nothing to do: {sum(len(items[s]) for s in splits)} images × {len(pairs)} (step, block) pairs "
-               f"already in the store")
-    complete = _complete_store(path, key, pairs, all_jobs)
-    if complete is not None:  # read-only is enough: no lock, no UNet (its folder may be read-only)
-        console.print(nothing)
-        return Prepared(complete, ds, [], views, cfg.batch_size, unet_src, max_length), encoder, None
-    model = unet_src.load()  # a checkpoint for other flags, or with NaN weights, stops here: nothing written
+    return make_key(dataset=ds.fingerprint(), preprocessing=prep, unet=unet_src.identity(),
+                    noise_seed=cfg.seed, text={**encoder.identity(), "max_length": max_length},
+                    dtype=STORE_DTYPE, compute_dtype=compute_dtype(device, cfg.autocast))
+
+
+def _lock(path: Location, console: Console, held: contextlib.ExitStack) -> None:
+    """Take the store's writer lock (into ``held``); a killed writer's half-written files are removed."""
     note = lambda msg: console.print(f"[yellow]note[/]: {msg}", highlight=False, soft_wrap=True)  # noqa: E731
     if held.enter_context(writer_lock(path, note)):
         removed = remove_leftovers(path)
         note(f"the last extract of this store was killed; {removed} half-written temporary file(s) removed, "
              f"its committed images kept")
+
+
+def _open_for_writing(cfg: ExtractConfig, path: Location, key: dict[str, Any], layouts: dict[str, SplitLayout],
+                      max_length: int, token_dim: int, device: torch.device, unet_src: UNetSource,
+                      pair_arrays: list[tuple[int, int, int, tuple[int, int]]]) -> FeatureStore:
+    """The store at ``path``, created if need be (recording how it was made), with arrays for every pair."""
     try:
         store = FeatureStore.create(path, key, size=cfg.size, splits=layouts, token_len=max_length,
-                                    token_dim=encoder.dim, extra_attrs={"forward_batch": cfg.batch_size,
-                                                                        "device_type": device.type,
-                                                                        "extract": _provenance(cfg, unet_src)})
+                                    token_dim=token_dim, extra_attrs={"forward_batch": cfg.batch_size,
+                                                                      "device_type": device.type,
+                                                                      "extract": _provenance(cfg, unet_src)})
         check_device_type(store, device)
-        store.ensure_pairs([(s, b, shapes[b][0], shapes[b][1:]) for s, b in pairs])
+        store.ensure_pairs(pair_arrays)
     except OSError as e:
         raise OSError(e.errno, f"creating the arrays of {path} failed: {e.strerror or e} ({e.filename}); no image "
                                f"was written yet: free the space (or fix the folder) and re-run") from e
-    batch = int(store.attrs.get("forward_batch", cfg.batch_size))
-    if batch != cfg.batch_size:
-        console.print(f"note: this store was made with --batch-size {batch}; using it, so that every image's "
-                      f"features are computed identically")
-    jobs = replan(store, all_jobs)
-    if not jobs:  # another process finished it while this one waited for the lock
-        console.print(nothing)
-    return Prepared(store, ds, jobs, views, batch, unet_src, max_length), encoder, model
+    return store
 
 
 def check_device_type(store: FeatureStore, device: torch.device) -> None:

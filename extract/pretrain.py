@@ -33,6 +33,7 @@ from cache.errors import OptionError
 from extract.config import PretrainConfig
 from extract.datasets import open_dataset
 from extract.diffusion import NUM_TIMESTEPS, q_sample, sample_grid
+from common.atomic import atomic_write
 from extract.devices import resolve_device, synchronize
 from extract.shared import dihedral, stage_progress, to_unit_range
 from extract.unet import UNetModel, create_unet, normalize_flags, read_flags
@@ -152,13 +153,11 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
                   f"{sum(p.numel() for p in model.parameters()):,} parameters, {device}")
 
     def checkpoint(iteration: int) -> None:
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optim": optim.state_dict(),
-                    "numpy_rng": json.dumps(rng.bit_generator.state), "torch_rng": gen.get_state(),
-                    "iteration": iteration,
-                    "flags": flags, "size": cfg.size, "crop": cfg.crop}, out / "state.pt.tmp")
-        (out / "state.pt.tmp").replace(state_path)
-        torch.save(ema.state_dict(), out / "model.pt.tmp")
-        (out / "model.pt.tmp").replace(out / "model.pt")
+        state = {"model": model.state_dict(), "ema": ema.state_dict(), "optim": optim.state_dict(),
+                 "numpy_rng": json.dumps(rng.bit_generator.state), "torch_rng": gen.get_state(),
+                 "iteration": iteration, "flags": flags, "size": cfg.size, "crop": cfg.crop}
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        atomic_write(out / "model.pt", lambda tmp: torch.save(ema.state_dict(), tmp))
 
     model.train()
     progress = stage_progress(console, "pretrain", "iterations")
@@ -167,15 +166,8 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
         task = progress.add_task("", total=cfg.iterations, completed=start)
         for it in range(start, cfg.iterations):
             t0 = time.perf_counter()
-            x0 = _batch(images, rng, cfg.batch_size, cfg.crop).to(device)
-            t = torch.randint(0, NUM_TIMESTEPS, (cfg.batch_size,), generator=gen).to(device)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
-            eps = model(q_sample(x0, t, noise), t)[:, :3]
-            loss = F.mse_loss(eps, noise)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            _ema_update(ema, model, min(cfg.ema, (1 + it) / (10 + it)))
+            loss = _step(model, ema, optim, _batch(images, rng, cfg.batch_size, cfg.crop).to(device), gen,
+                         min(cfg.ema, (1 + it) / (10 + it)))
             synchronize(device)  # the iteration's work, not its queueing
             dt = time.perf_counter() - t0
             rows.append([it + 1, f"{loss.item():.6f}", cfg.lr, f"{cfg.batch_size / dt:.2f}", f"{dt:.4f}"])
@@ -189,6 +181,21 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
         checkpoint(start)
     write_samples(ema, cfg, out, device)
     return out
+
+
+def _step(model: UNetModel, ema: UNetModel, optim: torch.optim.Optimizer, x0: torch.Tensor,
+          gen: torch.Generator, decay: float) -> torch.Tensor:
+    """One DDPM step on the batch ``x0``: a random step and noise from ``gen``, the ε loss, AdamW, the EMA."""
+    device = x0.device
+    t = torch.randint(0, NUM_TIMESTEPS, (x0.shape[0],), generator=gen).to(device)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    eps = model(q_sample(x0, t, noise), t)[:, :3]
+    loss = F.mse_loss(eps, noise)
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    optim.step()
+    _ema_update(ema, model, decay)
+    return loss
 
 
 def write_samples(model: UNetModel, cfg: PretrainConfig, out: Path, device: torch.device) -> Path:

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cache.errors import OptionError, naming
+from common import atomic
 from extract.datasets import IMAGE_EXTS, DatasetError, quiet_decoders, read_column, read_image, read_table
 from extract.shared import stage_progress
 from train.config import PredictConfig
@@ -52,7 +53,7 @@ PREDICTIONS = "predictions.csv"
 SETTINGS = "predict.json"
 MASK_SUFFIX = "_mask.png"
 PROB_SUFFIX = "_prob.npy"
-_TMP = ".tmp"
+_TMP = atomic.TMP_SUFFIX
 _TABLES = (".csv", ".xlsx")
 
 
@@ -166,15 +167,7 @@ def _write_table(out: Path, jobs: Sequence[ImageJob], rows: dict[str, dict[str, 
     path = out / PREDICTIONS
     if path.is_file() and path.read_text(encoding="utf-8") == buffer.getvalue():
         return
-    _atomic(path, lambda f: f.write(buffer.getvalue().encode("utf-8")))
-
-
-def _atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``path`` through a temporary file renamed over it: a reader never sees half a file."""
-    tmp = path.with_name(path.name + _TMP)
-    with tmp.open("wb") as f:
-        write(f)
-    tmp.replace(path)
+    atomic.write_text(path, buffer.getvalue())
 
 
 def _row(job: ImageJob, out: Path, mask: np.ndarray | None = None, truncated: bool = False, error: str = ""
@@ -196,10 +189,10 @@ def _write_outputs(job: ImageJob, out: Path, probs: np.ndarray, height_width: tu
         mask = resize_to(mask, height_width, "L")
         foreground = resize_to(foreground.astype(np.float32), height_width, "F")
     if with_probabilities:
-        _atomic(job.prob_file(out), lambda f: np.save(f, foreground.astype(np.float16)))
+        atomic.write_stream(job.prob_file(out), lambda f: np.save(f, foreground.astype(np.float16)))
     else:
         job.prob_file(out).unlink(missing_ok=True)  # an earlier run's, for another text: stale
-    _atomic(job.mask_file(out), lambda f: Image.fromarray(mask * 255, "L").save(f, format="PNG"))
+    atomic.write_stream(job.mask_file(out), lambda f: Image.fromarray(mask * 255, "L").save(f, format="PNG"))
     return mask
 
 
