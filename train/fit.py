@@ -75,7 +75,7 @@ def validate(model: torch.nn.Module, data: SplitData, size: int, batch_size: int
     return {"dice": float(agg["dice"]), "iou": float(agg["iou"])}
 
 
-_UNSCORED = {"dice": "", "iou": ""}  # an epoch not validated: blank cells in history.csv
+_NOT_VALIDATED = {"dice": "", "iou": ""}  # an epoch not validated: blank cells in history.csv
 
 
 def _best(scores: dict[str, float], epoch: int, state: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -171,7 +171,7 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
         raise ValueError(f"store {store.path} has no train split (it has {store.splits()})")
     if finished(cfg, store):
         console.print(f"fit {cfg.out}: finished already; nothing to resume", highlight=False)
-        return rundir.read_json(Path(cfg.out) / rundir.METRICS)
+        return rundir.read_run_json(Path(cfg.out) / rundir.METRICS)
     device = resolve_device(cfg.device)
     with deterministic_kernels(device):
         f = _set_up(cfg, store, device, console)
@@ -256,7 +256,7 @@ def _epoch(f: _Fit, epoch: int) -> dict[str, Any]:
     loss, waited = _train_epoch(f, epoch)
     t1 = time.perf_counter()
     validated = epoch % f.cfg.val_every == 0 or epoch == f.cfg.epochs
-    scores, no_text = _validation_epoch(f) if validated else (_UNSCORED, _UNSCORED)
+    scores, no_text = _validation_epoch(f) if validated else (_NOT_VALIDATED, _NOT_VALIDATED)
     t2 = time.perf_counter()
     row = {"epoch": epoch, "train_loss": loss, "val_dice": scores["dice"], "val_iou": scores["iou"],
            "seconds": round(t2 - t0, 3), "train_seconds": round(t1 - t0, 3), "val_seconds": round(t2 - t1, 3),
@@ -305,7 +305,7 @@ def _validation_epoch(f: _Fit) -> tuple[dict[str, float], dict[str, float]]:
     """Validation scores with text, and without (a head with a no-text classifier; else unscored)."""
     scores = validate(f.model, f.val, f.size, precision=f.cfg.precision)
     if not f.no_text_classifier:
-        return scores, _UNSCORED
+        return scores, _NOT_VALIDATED
     return scores, validate(f.model, f.val, f.size, precision=f.cfg.precision, text=False)
 
 
