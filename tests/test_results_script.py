@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STUB = '''import json, sys
+STUB = '''import hashlib, json, sys
 from pathlib import Path
 args = sys.argv[1:]
 with open(LOG, "a") as f:
@@ -34,13 +34,16 @@ elif cmd in ("fit", "baseline"):
     (Path(opt("--out")) / "INCOMPLETE").unlink(missing_ok=True)
     (Path(opt("--out")) / "config.json").write_text(json.dumps({"fit": {"epochs": 1, "dim": 8}, "size": 32,
         "blocks": [1], "steps": [50], "train_ids": ["a"], "cache": "store.zarr"}))
+    (Path(opt("--out")) / "model.safetensors").write_text("weights of " + opt("--out"))
     (Path(opt("--out")) / "metrics.json").write_text(json.dumps({"best_val_dice": 0.5}))
 elif cmd == "evaluate":
     mode = opt("--text") if "--text" in args else "as-is"
     folder = Path(args[1]) / ("eval-test" if mode == "as-is" else f"eval-test-text-{mode}")
     folder.mkdir(exist_ok=True)
     dice = {"as-is": 0.5, "none": 0.3, "shuffled": 0.35, "mirrored": 0.45}[mode]
-    (folder / "summary.json").write_text(json.dumps({"dice": dice, "iou": 0.4, "text": mode}))
+    weights = hashlib.sha256((Path(args[1]) / "model.safetensors").read_bytes()).hexdigest()
+    (folder / "summary.json").write_text(json.dumps({"dice": dice, "iou": 0.4, "text": mode,
+                                                     "weights_sha256": weights}))
 '''
 
 
@@ -95,6 +98,16 @@ def test_second_run_skips_finished_work(stub, tmp_path):
     assert [c[0] for c in calls] == ["extract", "evaluate", "fit", "evaluate"]
     assert calls[1][1].endswith("textdiff-0") and calls[1][calls[1].index("--text") + 1] == "shuffled"
     assert calls[2][calls[2].index("--out") + 1].endswith("concat-1")
+
+
+def test_an_evaluation_of_other_weights_is_redone(stub, tmp_path):
+    """A run whose weights changed after its evaluations (a swapped model.safetensors) is evaluated again, in
+    every text mode: the committed scores are of the weights in the folder."""
+    run(stub, tmp_path / "out")
+    (tmp_path / "out" / "textdiff-1" / "model.safetensors").write_text("other weights")
+    calls = run(stub, tmp_path / "out")
+    assert [c[0] for c in calls[1:]] == ["evaluate"] * 4
+    assert {Path(c[1]).name for c in calls[1:]} == {"textdiff-1"}
 
 
 def test_dropout_runs_with_either_classifier(stub, tmp_path):
