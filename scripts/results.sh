@@ -62,7 +62,7 @@ for seed in $SEEDS; do
       *) echo "unknown method $method (textdiff, notext, concat, unet)" >&2; exit 2 ;;
     esac
     done_run "$run" && continue
-    $P "${fit[@]}" "${common[@]}" --out "$run" > /dev/null
+    rundir finished "$run" || $P "${fit[@]}" "${common[@]}" --out "$run" > /dev/null  # a finished fit is kept
     $P evaluate "$run" > /dev/null
   done
   for run in "${runs[@]}"; do
