@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.statedict import mismatch
+
 NUM_CLASSES = 1000
 
 #: guided-diffusion's ``model_and_diffusion_defaults()`` (model part): missing flags take these.
@@ -503,18 +505,9 @@ def read_flags(flags: Mapping[str, Any] | str | Path) -> dict[str, Any]:
 def _mismatch_report(model_sd: Mapping[str, torch.Tensor], ckpt: Mapping[str, torch.Tensor],
                      checkpoint: Path, flags: Mapping[str, Any], limit: int = 3) -> str | None:
     """One line: which keys are missing, unexpected or mis-shaped (the first ``limit`` of each), and the flags."""
-    missing = [k for k in model_sd if k not in ckpt]
-    unexpected = [k for k in ckpt if k not in model_sd]
-    misshaped = [f"{k}: checkpoint {tuple(ckpt[k].shape)} vs model {tuple(model_sd[k].shape)}"
-                 for k in model_sd if k in ckpt and tuple(ckpt[k].shape) != tuple(model_sd[k].shape)]
-    if not (missing or unexpected or misshaped):
+    parts = mismatch(model_sd, ckpt, "checkpoint", limit)
+    if not parts:
         return None
-
-    def part(title: str, rows: list[str]) -> list[str]:
-        more = f", ... {len(rows) - limit} more" if len(rows) > limit else ""
-        return [f"{title} keys ({len(rows)}): {', '.join(rows[:limit])}{more}"] if rows else []
-
-    parts = part("missing", missing) + part("unexpected", unexpected) + part("mis-shaped", misshaped)
     return (f"checkpoint {checkpoint} does not fit the UNet flags ({len(model_sd)} keys expected, {len(ckpt)} "
             f"in the file): {'; '.join(parts)}; flags used: {json.dumps(dict(flags), sort_keys=True)}")
 

@@ -14,6 +14,7 @@ reads that layout, older ones included (``"model": "unet"``, missing newer optio
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,42 @@ from cache.errors import OptionError
 from extract.config import DEVICE_HELP
 from extract.shared import option_field
 
-__all__ = ["ALIASES", "DROPOUT_CLASSIFIERS", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS",
-           "NORMS", "PlainUNetArgs", "TextDiffArgs", "TEXT_MODES", "VIEW_TEXTS", "model_name"]
+__all__ = ["ALIASES", "MEMORY_BUDGET_GB", "DROPOUT_CLASSIFIERS", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS",
+           "NORMS", "PRECISION_NAMES", "PlainUNetArgs", "TextDiffArgs", "TEXT_MODES", "VIEW_TEXTS", "check_range",
+           "model_name"]
 
 FUSIONS = ("cross-attn", "concat", "none")
+#: how many GB of a split's features a fit holds in memory before it streams them (the one default)
+MEMORY_BUDGET_GB = 4.0
 NORMS = ("image", "batch")
 VIEW_TEXTS = ("same", "rewrite", "unchanged")  # what text a cached view is trained with (FitConfig.view_text)
 #: what the samples whose text is withheld train (FitConfig.dropout_classifier)
 DROPOUT_CLASSIFIERS = ("shared", "own")
 #: the text an evaluation gives the head (:mod:`train.textmodes`)
 TEXT_MODES = ("as-is", "none", "shuffled", "mirrored")
+#: the names of :data:`extract.devices.PRECISIONS` (no torch here): what ``precision`` takes
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+
+
+def check_range(owner: Any, name: str, low: float, high: float = math.inf, *, above: bool = False,
+                below: bool = True) -> None:
+    """Refuse ``owner.<name>`` unless None or a finite number from ``low`` (excluded with ``above``) to ``high``
+    (excluded with ``below``): an :class:`OptionError` naming the keyword."""
+    value = getattr(owner, name)
+    if value is None or (math.isfinite(value) and (value > low if above else value >= low)
+                         and (value < high if below else value <= high)):
+        return
+    span = (f"{'>' if above else '>='} {low:g}" if high == math.inf
+            else f"in {'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}")
+    verb = "be a finite number" if not math.isfinite(value) else "be" if high == math.inf else "lie"
+    raise OptionError(f"{name} must {verb} {span}, got {value}", name)
+
+
+def check_choice(owner: Any, name: str, choices: tuple[str, ...]) -> None:
+    """Refuse ``owner.<name>`` unless one of ``choices`` (an :class:`OptionError` naming the keyword)."""
+    value = getattr(owner, name)
+    if value not in choices:
+        raise OptionError(f"{name} must be one of {list(choices)}, got {value!r}", name)
 
 
 @dataclass(frozen=True)
@@ -51,9 +78,15 @@ class TextDiffArgs:
         "help": "One transformer block shared by all scales (False: one per scale)."})
 
     def __post_init__(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {list(FUSIONS)}, got {self.fusion!r}")
+        check_choice(self, "fusion", FUSIONS)
+        check_choice(self, "norm", NORMS)
         object.__setattr__(self, "head_channels", tuple(int(c) for c in self.head_channels))
+        check_range(self, "dim", 1)
+        if any(c < 1 for c in self.head_channels):
+            raise OptionError(f"head_channels must be >= 1 each, got {list(self.head_channels)}", "head_channels")
+        if self.pos_enc and self.dim % 4:
+            raise OptionError(f"dim must be divisible by 4 with pos_enc=True (the 2-D position code), got {self.dim}",
+                              "dim", "pos_enc")
 
 
 @dataclass(frozen=True)
@@ -62,6 +95,10 @@ class PlainUNetArgs:
 
     width: int = field(default=64, metadata={"help": "Channels of the first level (64: the classic 31.0 M-parameter U-Net)."})
     depth: int = field(default=4, metadata={"help": "Down-sampling levels (the size must be divisible by 2^depth)."})
+
+    def __post_init__(self) -> None:
+        check_range(self, "width", 1)
+        check_range(self, "depth", 1)
 
 
 #: each registered model's constructor-argument dataclass (:data:`train.models.MODELS` builds on it)
@@ -107,6 +144,10 @@ class EvaluateConfig:
     text_encoder: str | None = option_field(None, "With --text mirrored: the store's text encoder, if it moved "
                                                   "(its hashes are checked).")
 
+    def __post_init__(self) -> None:
+        check_choice(self, "precision", PRECISION_NAMES)
+        check_range(self, "text_seed", 0)
+
 
 @dataclass(frozen=True)
 class PredictConfig:
@@ -137,6 +178,9 @@ class PredictConfig:
     text_encoder: str | None = option_field(None, "The run's text encoder, if it moved (its hashes are checked).")
     device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast for the head's forward pass.")
+
+    def __post_init__(self) -> None:
+        check_choice(self, "precision", PRECISION_NAMES)
 
 
 @dataclass(frozen=True)
@@ -181,7 +225,8 @@ class FitConfig:
                   "uses it; the text head learns from the samples with text alone).")
     seed: int | None = option_field(None, "Seed of the weights, order and augmentation (default: the subset seed).")
     val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
-    memory_budget_gb: float = option_field(4.0, "Hold features in memory up to this size, else stream them.")
+    memory_budget_gb: float = option_field(MEMORY_BUDGET_GB, "Hold features in memory up to this size (GB), else "
+                                                             "stream them.")
     augment: bool = option_field(True, "Sample the cached dihedral views (p = 0.5 the original, else one of 8).")
     view_text: str = option_field(
         "same", "The text a cached view is trained with: same (the image's, for every view), rewrite (the view's "
@@ -204,20 +249,24 @@ class FitConfig:
             self.model_args = args()
         elif not isinstance(self.model_args, args):
             raise ValueError(f"model {self.model!r} takes {args.__name__}, got {type(self.model_args).__name__}")
-        if self.val_every < 1:
-            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if self.view_text not in VIEW_TEXTS:
-            raise OptionError(f"view_text must be one of {list(VIEW_TEXTS)}, got {self.view_text!r}", "view_text")
-        if not 0.0 <= self.text_dropout < 1.0:
-            raise OptionError(f"text_dropout must lie in [0, 1), got {self.text_dropout}", "text_dropout")
+        self._check_numbers()
+        check_choice(self, "view_text", VIEW_TEXTS)
+        check_choice(self, "dropout_classifier", DROPOUT_CLASSIFIERS)
+        check_choice(self, "precision", PRECISION_NAMES)
         if self.resume and self.overwrite:
             raise OptionError("resume=True and overwrite=True exclude each other: continue the run, or fit it "
                               "afresh", "resume", "overwrite")
-        if self.dropout_classifier not in DROPOUT_CLASSIFIERS:
-            raise OptionError(f"dropout_classifier must be one of {list(DROPOUT_CLASSIFIERS)}, "
-                              f"got {self.dropout_classifier!r}", "dropout_classifier")
+
+    def _check_numbers(self) -> None:
+        """Refuse a number out of its range, or not finite (an :class:`OptionError` naming it), before a fit
+        reads or writes anything."""
+        for name in ("epochs", "batch_size", "val_every", "train_count"):
+            check_range(self, name, 1)
+        for name in ("subset_seed", "seed", "lr_drop_epoch", "memory_budget_gb"):  # lr_drop_epoch 0: never
+            check_range(self, name, 0)
+        check_range(self, "lr", 0, above=True)
+        check_range(self, "text_dropout", 0, 1)
+        check_range(self, "val_fraction", 0, 1, above=True)
 
     def to_json(self) -> dict[str, Any]:
         """The flat layout of ``config.json``'s ``fit`` entry (not ``resume``, ``overwrite`` and ``device``: how the

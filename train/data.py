@@ -21,10 +21,12 @@ from cache.integrity import DamagedDataError, base_arrays, first_damaged, pair_a
 from cache.store import FeatureStore
 from extract.command import extract_command
 from extract.shared import to_unit_range
+from train.config import MEMORY_BUDGET_GB
 
 #: few-shot protocol of the paper: training images per dataset (others: all)
 PAPER_TRAIN_COUNT = {"monuseg": 5, "qata": 150}
 GIB = 1 << 30
+MEMORY_BUDGET = MEMORY_BUDGET_GB * GIB  # bytes: FitConfig's default
 
 
 class MissingFeaturesError(ValueError):
@@ -73,7 +75,7 @@ class Reading:
     blocks: tuple[int, ...] = ()
     steps: tuple[int, ...] = ()
     attend_padding: bool = False
-    memory_budget: float = 4 * GIB
+    memory_budget: float = MEMORY_BUDGET
     view_tokens: bool = False
 
 
@@ -168,7 +170,7 @@ class SplitRows:
     authors' code does."""
 
     def __init__(self, store: FeatureStore, split: str, indices: Sequence[int] | None = None,
-                 memory_budget: float = 4 * GIB, attend_padding: bool = False):
+                 memory_budget: float = MEMORY_BUDGET, attend_padding: bool = False):
         if split not in store.splits():
             raise ValueError(f"store {store.path} has no split {split!r} (it has {store.splits()})")
         self.store, self.split = store, split
@@ -255,7 +257,7 @@ class SplitFeatures(SplitRows):
     view gets the image's."""
 
     def __init__(self, store: FeatureStore, split: str, blocks: Sequence[int], steps: Sequence[int],
-                 indices: Sequence[int] | None = None, memory_budget: float = 4 * GIB,
+                 indices: Sequence[int] | None = None, memory_budget: float = MEMORY_BUDGET,
                  attend_padding: bool = False, view_tokens: bool = False):
         self.blocks, self.steps = tuple(blocks), tuple(steps)
         self.view_tokens = view_tokens and store.view_texts(split) is not None
@@ -337,7 +339,7 @@ class SplitImages(SplitRows):
     view) and masks (:class:`SplitRows` for memory, streaming and the row checks)."""
 
     def __init__(self, store: FeatureStore, split: str, indices: Sequence[int] | None = None,
-                 memory_budget: float = 4 * GIB):
+                 memory_budget: float = MEMORY_BUDGET):
         super().__init__(store, split, indices, memory_budget)
 
     def _arrays(self) -> dict[Any, Any]:

@@ -20,16 +20,19 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from extract.shared import stage_progress
 from train import rundir
 from train.config import EvaluateConfig
 from train.metrics import SegMetrics
+from train.data import SplitData
 from train.models import load_run, open_split, probabilities, reading_of, spec_of
 from train.plots import overlay_png
 from train.rundir import eval_dir, write_json
@@ -77,6 +80,9 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
     """
     console = console or Console(stderr=True)
     run = Path(run)
+    EvaluateConfig(split=split, cache=None if cache is None else str(cache), overlays=overlays, device=device,
+                   precision=precision, text=text, text_seed=text_seed,
+                   text_encoder=text_encoder)  # its options checked before anything is read or written
     check_text_mode(text)
     weights = rundir.weights_sha256(run)  # before loading them: the summary names what was scored
     config, model, store = load_run(run, cache, device)
@@ -87,21 +93,56 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
     apply_text_mode(data, text, store, seed=text_seed, text_encoder=text_encoder,
                     device=str(next(model.parameters()).device))
     texts = [""] * len(data) if text == "none" else data.texts  # what the head was given
-    size = store.size
-    batch = batch_size or spec.batch_size(config["head"], size)
-    images = store.images(split) if overlays else None
+    batch = batch_size or spec.batch_size(config["head"], store.size)
+    out = _clear(eval_dir(run, split, text), overlays)
+    draw = _overlays(store.images(split), data, texts, out / rundir.OVERLAYS) if overlays else None
+    metrics, preds = _score(model, data, store.size, batch, precision, text == "none", console, split, draw)
+    # no paths: the same fit evaluated in two folders gives the same bytes
+    summary = {**metrics.aggregate(), "split": split, "text": text, "cache_key_hash": store.key_hash,
+               "weights_sha256": weights, **({"text_seed": text_seed} if text == "shuffled" else {})}
+    _write(out, data.ids, texts, metrics, preds, summary)
+    pct = {k: 100 * summary[k] for k in ("dice", "dice_std", "iou", "iou_std", "global_dice")}
+    mode = "" if text == "as-is" else f" (text {text})"
+    console.print(f"evaluate {split}{mode}: {summary['n_images']} images, Dice {pct['dice']:.2f} ± {pct['dice_std']:.2f} %, "
+                  f"IoU {pct['iou']:.2f} ± {pct['iou_std']:.2f} %, global Dice {pct['global_dice']:.2f} % → {out}",
+                  highlight=False)
+    return summary
 
-    out = eval_dir(run, split, text)
+
+def _clear(out: Path, overlays: bool) -> Path:
+    """The evaluation folder, emptied of the last evaluation's summary (written last, so removed first) and
+    overlays: it holds this evaluation only."""
     out.mkdir(parents=True, exist_ok=True)
     (out / rundir.SUMMARY).unlink(missing_ok=True)
     overlay_dir = out / rundir.OVERLAYS
-    for stale in overlay_dir.glob("*.png"):  # the folder holds this evaluation only
+    for stale in overlay_dir.glob("*.png"):
         stale.unlink()
     if overlays:
         overlay_dir.mkdir(exist_ok=True)
     elif overlay_dir.is_dir() and not any(overlay_dir.iterdir()):
         overlay_dir.rmdir()
+    return out
 
+
+_Draw = Callable[[list[int], torch.Tensor, torch.Tensor, list[dict[str, float]]], None]
+
+
+def _overlays(images: Any, data: SplitData, texts: list[str], folder: Path) -> _Draw:
+    """What writes a batch's overlays (image | ground truth | prediction, titled with its scores and text)."""
+    def draw(rows: list[int], target: torch.Tensor, pred: torch.Tensor, scores: list[dict[str, float]]) -> None:
+        for k, row in enumerate(rows):
+            image_id = data.ids[row]
+            image = np.asarray(images[int(data.indices[row]), 0].compute())
+            overlay_png(image, target[k].numpy(), pred[k].numpy(), folder / f"{_safe_name(image_id)}.png",
+                        title=f"{image_id} — Dice {scores[k]['dice']:.3f}, IoU {scores[k]['iou']:.3f}",
+                        text=texts[row])
+    return draw
+
+
+def _score(model: torch.nn.Module, data: SplitData, size: int, batch: int, precision: str, no_text: bool,
+           console: Console, split: str, draw: _Draw | None) -> tuple[SegMetrics, np.ndarray]:
+    """Every row's argmax prediction, ``batch`` at a time, into metrics; (metrics, the (N, S, S) bool masks).
+    A progress bar appears once it has run :data:`PROGRESS_AFTER_S` seconds."""
     metrics = SegMetrics()
     half = next(model.parameters()).device.type == "cuda"  # float16 features travel, converted there
     preds = np.zeros((len(data), size, size), dtype=bool)
@@ -113,20 +154,14 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
         for start in range(0, len(data), batch):
             rows = list(range(start, min(start + batch, len(data))))
             sample = data.batch(rows, half=half)
-            if text == "none":
+            if no_text:
                 sample = sample.withhold_text()
             pred = probabilities(model, sample, size, precision).argmax(1).cpu()
             target = sample.target.cpu()
             metrics.update(pred, target)
             preds[rows] = pred.numpy() != 0
-            if overlays:
-                scores = metrics.per_image()[-len(rows):]
-                for k, row in enumerate(rows):
-                    image_id = data.ids[row]
-                    image = np.asarray(images[int(data.indices[row]), 0].compute())
-                    overlay_png(image, target[k].numpy(), pred[k].numpy(), overlay_dir / f"{_safe_name(image_id)}.png",
-                                title=f"{image_id} — Dice {scores[k]['dice']:.3f}, IoU {scores[k]['iou']:.3f}",
-                                text=texts[row])
+            if draw is not None:
+                draw(rows, target, pred, metrics.per_image()[-len(rows):])
             progress.update(task, completed=rows[-1] + 1)
             if not shown and time.perf_counter() - started > PROGRESS_AFTER_S and rows[-1] + 1 < len(data):
                 progress.start()
@@ -134,21 +169,17 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
     finally:
         if shown:
             progress.stop()
+    return metrics, preds
 
+
+def _write(out: Path, ids: list[str], texts: list[str], metrics: SegMetrics, preds: np.ndarray,
+           summary: dict[str, Any]) -> None:
+    """per_image.csv, predictions.npz, then summary.json (last: its presence means a complete evaluation)."""
     per_image = [{"id": image_id, **scores, "text": given}
-                 for image_id, given, scores in zip(data.ids, texts, metrics.per_image())]
+                 for image_id, given, scores in zip(ids, texts, metrics.per_image())]
     rundir.write_csv(out / rundir.PER_IMAGE, per_image, PER_IMAGE_COLUMNS)
-    np.savez_compressed(out / rundir.PREDICTIONS, ids=np.array(data.ids), pred=preds)
-    # no paths: the same fit evaluated in two folders gives the same bytes
-    summary = {**metrics.aggregate(), "split": split, "text": text, "cache_key_hash": store.key_hash,
-               "weights_sha256": weights, **({"text_seed": text_seed} if text == "shuffled" else {})}
+    np.savez_compressed(out / rundir.PREDICTIONS, ids=np.array(ids), pred=preds)
     write_json(out / rundir.SUMMARY, summary)
-    pct = {k: 100 * summary[k] for k in ("dice", "dice_std", "iou", "iou_std", "global_dice")}
-    mode = "" if text == "as-is" else f" (text {text})"
-    console.print(f"evaluate {split}{mode}: {summary['n_images']} images, Dice {pct['dice']:.2f} ± {pct['dice_std']:.2f} %, "
-                  f"IoU {pct['iou']:.2f} ± {pct['iou_std']:.2f} %, global Dice {pct['global_dice']:.2f} % → {out}",
-                  highlight=False)
-    return summary
 
 
 def evaluate_cli(run: Path, console: Console | None = None, **options: Any) -> dict[str, Any]:

@@ -159,10 +159,11 @@ def model_card(run: Path, config: dict[str, Any], stage: StageOne, store: Featur
     spec, fit = spec_of(config), config.get("fit", {})
     dataset = store.key["dataset"]
     name = str(config.get("dataset") or dataset.get("name") or "unknown")
-    metrics = rundir.read_json(run / rundir.METRICS)
-    scores = [(split, rundir.read_json(rundir.eval_dir(run, split) / rundir.SUMMARY))
+    metrics = rundir.read_metrics(run)
+    scores = [(split, rundir.read_summary(run, split, entries=rundir.SCORE_ENTRIES))
               for split in rundir.evaluated_splits(run)]
-    fit_cmd = fit_command(fit, f"<{Path(str(store.path)).name}>", RUN)
+    with rundir.reading(run / rundir.CONFIG):  # its fit settings, read as today's FitConfig reads them
+        fit_cmd = fit_command(fit, f"<{Path(str(store.path)).name}>", RUN)
     val = config.get("val", {})
     texts, features = spec.needs_text(config["head"]), spec.reads == "features"
     rows = [f"| {val.get('split', 'val')} (validation, best epoch {metrics.get('best_epoch')}) | "

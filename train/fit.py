@@ -171,7 +171,7 @@ def fit(cfg: FitConfig, console: Console | None = None) -> dict[str, Any]:
         raise ValueError(f"store {store.path} has no train split (it has {store.splits()})")
     if finished(cfg, store):
         console.print(f"fit {cfg.out}: finished already; nothing to resume", highlight=False)
-        return rundir.read_run_json(Path(cfg.out) / rundir.METRICS)
+        return rundir.read_metrics(Path(cfg.out))
     device = resolve_device(cfg.device)
     with deterministic_kernels(device):
         f = _set_up(cfg, store, device, console)

@@ -22,21 +22,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from train.rundir import read_json, write_json
+from common import atomic
+from train.rundir import RUN_ENTRIES, WEIGHTS, load_state_file, read_json, read_run_json, save_weights, write_json
 
 if TYPE_CHECKING:
     import torch
 
     from cache.store import FeatureStore
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_CARD", "MODEL_CONFIG", "MODEL_WEIGHTS", "StageOne", "is_local",
-           "is_model_dir", "placeholder", "read_model_dir", "write_model_dir"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MODEL_CARD", "MODEL_CONFIG", "MODEL_WEIGHTS", "StageOne", "export_again",
+           "is_local", "is_model_dir", "placeholder", "read_model_dir", "write_model_dir"]
 
 FORMAT = "textdiff-model"
 FORMAT_VERSION = 1
 MODEL_CONFIG = "config.json"
-MODEL_WEIGHTS = "model.safetensors"
+MODEL_WEIGHTS = WEIGHTS  # model.safetensors, as in a run folder
 MODEL_CARD = "README.md"
+#: how the model card's front matter names its library (:func:`is_model_dir` of a folder whose config is damaged)
+CARD_LIBRARY = "library_name: textdiff"
 
 
 def is_local(spec: str) -> bool:
@@ -143,7 +146,7 @@ class StageOne:
                        folder=Path(folder), device_type=config.get("device_type"))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{Path(folder) / MODEL_CONFIG}: not a textdiff model config ({e!r} missing or "
-                             f"malformed); export the run again with `pipeline export`") from None
+                             f"malformed); {export_again(folder)}") from None
 
     def unet_places(self) -> list[Path]:
         """Where a model folder looks for a file of the UNet's recorded name: beside its config.json, then in
@@ -177,47 +180,49 @@ class StageOne:
                 f"$TEXTDIFF_MODELS_DIR){gone}; put it there or pass unet=PATH")
 
 
+def export_again(folder: Path) -> str:
+    """What to do about a damaged file of the model folder ``folder``."""
+    return f"export the run again (`pipeline export RUN --out {folder}`)"
+
+
 def is_model_dir(path: Path) -> bool:
-    """``path`` is a folder written by ``pipeline export`` (its config.json says so)."""
-    config = Path(path) / MODEL_CONFIG
-    if not config.is_file():
-        return False
+    """``path`` is a folder written by ``pipeline export``: its config.json says so, or (that file damaged or
+    gone, an export cut short) its model card's front matter names textdiff as its library."""
+    path = Path(path)
     try:
-        return read_json(config).get("format") == FORMAT
-    except ValueError:
+        if read_json(path / MODEL_CONFIG).get("format") == FORMAT:
+            return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    card = path / MODEL_CARD
+    try:
+        return card.is_file() and CARD_LIBRARY in card.read_text(errors="replace").split("\n---", 1)[0]
+    except OSError:
         return False
 
 
 def read_model_dir(path: Path) -> tuple[dict[str, Any], StageOne, dict[str, torch.Tensor]]:
-    """A model folder's config, its :class:`StageOne` and its state dict (CPU tensors, from safetensors)."""
-    from safetensors.torch import load_file
-
+    """A model folder's config, its :class:`StageOne` and its state dict (CPU tensors, from safetensors); a file
+    missing or damaged is one :class:`train.rundir.RunFileError` naming it."""
     path = Path(path)
     if not is_model_dir(path):
         raise FileNotFoundError(f"{path / MODEL_CONFIG} not found or not a textdiff model config: is {path} a "
                                 f"`pipeline export` folder?")
-    config = read_json(path / MODEL_CONFIG)
+    remedy = export_again(path)
+    config = read_run_json(path / MODEL_CONFIG, {k: v for k, v in RUN_ENTRIES.items() if k != "cache"}, remedy)
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path / MODEL_CONFIG}: format_version {config.get('format_version')}, this textdiff "
                          f"reads {FORMAT_VERSION}")
-    weights = path / MODEL_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found: the model folder {path} is incomplete")
-    return config, StageOne.from_json(config, path), load_file(weights)
+    stage = StageOne.from_json(config, path)
+    return config, stage, load_state_file(path / MODEL_WEIGHTS, remedy=remedy)
 
 
 def write_model_dir(out: Path, config: dict[str, Any], state: dict[str, torch.Tensor], card: str) -> None:
     """Write a model folder: ``config`` (with the format marked), the weights and the card, each atomically
     (temporary file, then rename); the config last, so that a folder without it was not finished."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_CONFIG).unlink(missing_ok=True)
-    tmp = out / (MODEL_WEIGHTS + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / MODEL_WEIGHTS)
-    tmp = out / (MODEL_CARD + ".tmp")
-    tmp.write_text(card)
-    tmp.replace(out / MODEL_CARD)
+    save_weights(out, state)  # model.safetensors, as a run folder's
+    atomic.write_text(out / MODEL_CARD, card)
     write_json(out / MODEL_CONFIG, {"format": FORMAT, "format_version": FORMAT_VERSION, **config})

@@ -21,14 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from cache.errors import OptionError
 from cache.store import FeatureStore
+from common.statedict import mismatch
 from extract.devices import precision_context, resolve_device
-from train.config import ALIASES, MODEL_ARGS, TextDiffArgs, model_name
+from train.config import ALIASES, MEMORY_BUDGET_GB, MODEL_ARGS, TextDiffArgs, model_name
+from train import rundir
 from train.data import GIB, READERS, ImageSample, Reading, Sample, SplitData
 from train.model import TextDiffHead
-from train.modeldir import StageOne, read_model_dir
+from train.modeldir import MODEL_CONFIG, MODEL_WEIGHTS, StageOne, export_again, read_model_dir
 from train.plain_unet import PlainUNet
-from train.rundir import open_run, read_model_files
+from train.rundir import Malformed, open_run, read_model_files, reading
 
 __all__ = ["ALIASES", "MODELS", "ModelSpec", "load_model_dir", "load_run", "logits", "model_spec", "open_split", "probabilities",
            "reading_of", "spec_of"]
@@ -64,11 +67,21 @@ def _rebuild_unet(head: dict[str, Any]) -> PlainUNet:
     return PlainUNet(**{k: v for k, v in head.items() if k != "kind"})
 
 
+def _build_unet(args: Any, data: Any, store: FeatureStore) -> PlainUNet:
+    """The plain U-Net of ``args``, refused (before anything is written) where the store's size cannot be halved
+    ``depth`` times."""
+    if store.size % 2 ** args.depth:
+        raise OptionError(f"depth {args.depth} needs an image size divisible by 2^{args.depth} = {2 ** args.depth}, "
+                          f"but {store.path} holds {store.size} px images: pass a depth=N with 2^N dividing "
+                          f"{store.size}", "depth")
+    return PlainUNet(**asdict(args))
+
+
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("textdiff", MODEL_ARGS["textdiff"], "features", _build_head, lambda head: TextDiffHead(**head), _head_batch,
               lambda head: head.get("fusion", "cross-attn") != "none"),
-    ModelSpec("plain-unet", MODEL_ARGS["plain-unet"], "images", lambda args, data, store: PlainUNet(**asdict(args)),
-              _rebuild_unet, lambda head, size: 4, lambda head: False),
+    ModelSpec("plain-unet", MODEL_ARGS["plain-unet"], "images", _build_unet, _rebuild_unet, lambda head, size: 4,
+              lambda head: False),
 )}
 assert MODELS.keys() == MODEL_ARGS.keys()  # one registry: train.config names each model's arguments
 
@@ -87,7 +100,7 @@ def reading_of(config: dict[str, Any]) -> Reading:
     """What a run reads, as it was trained: its blocks, steps, padding attention and memory budget."""
     fit = config.get("fit", {})
     return Reading(tuple(config["blocks"]), tuple(config["steps"]), bool(fit.get("attend_padding", False)),
-                   float(fit.get("memory_budget_gb", 4.0)) * GIB)
+                   float(fit.get("memory_budget_gb", MEMORY_BUDGET_GB)) * GIB)
 
 
 def open_split(spec: ModelSpec, store: FeatureStore, split: str, reading: Reading,
@@ -112,10 +125,19 @@ def probabilities(model: nn.Module, sample: Sample | ImageSample, size: int, pre
     return torch.softmax(out.float(), dim=1)
 
 
-def _model(config: dict[str, Any], state: dict[str, torch.Tensor], device: str | torch.device | None) -> nn.Module:
-    """The model of ``config`` (its ``head`` entry) with ``state``, in eval mode, on ``device``."""
-    model = spec_of(config).rebuild(config["head"])
-    model.load_state_dict(state)
+def _model(config: dict[str, Any], state: dict[str, torch.Tensor], device: str | torch.device | None,
+           files: tuple[Path, Path], remedy: str) -> nn.Module:
+    """The model of ``config`` (its ``head`` entry) with ``state``, in eval mode, on ``device``; ``files``: the
+    config and weights files they were read from, one named (with ``remedy``) when they do not make a model."""
+    with reading(files[0], remedy):
+        model = spec_of(config).rebuild(config["head"])
+    with reading(files[1], remedy):
+        expected = model.state_dict()
+        wrong = mismatch(expected, state)
+        if wrong:
+            raise Malformed(f"its tensors are not those of the model its {files[0].name} describes ({len(expected)} "
+                            f"expected, {len(state)} in the file): {'; '.join(wrong)}")
+        model.load_state_dict(state)
     return model.to(resolve_device(device)).eval()
 
 
@@ -124,13 +146,17 @@ def load_run(run: Path, cache: Path | str | None = None, device: str | torch.dev
     """A finished run's config, its model (best weights, eval mode, on ``device``: a name for
     :func:`extract.devices.resolve_device`, None = auto) and the store it was trained on (``cache``, or the one
     it recorded; a store with another key is refused)."""
-    config, store = open_run(Path(run), cache)
-    head, state = read_model_files(Path(run))
-    return config, _model({**config, "head": head}, state, device), store
+    run = Path(run)
+    config, store = open_run(run, cache)
+    head, state = read_model_files(run)
+    files = (run / rundir.CONFIG, rundir.weights_file(run))
+    return config, _model({**config, "head": head}, state, device, files, rundir.REFIT), store
 
 
 def load_model_dir(path: Path, device: str | torch.device | None = "cpu") -> tuple[dict[str, Any], nn.Module, StageOne]:
     """An exported model folder's config, its model (eval mode, on ``device``) and what made its features
     (:class:`train.modeldir.StageOne`): all :class:`train.predict.Predictor` needs, without a store."""
-    config, stage, state = read_model_dir(Path(path))
-    return config, _model(config, state, device), stage
+    path = Path(path)
+    config, stage, state = read_model_dir(path)
+    files = (path / MODEL_CONFIG, path / MODEL_WEIGHTS)
+    return config, _model(config, state, device, files, export_again(path)), stage

@@ -32,6 +32,10 @@ __all__ = ["PAUSE_ENV", "FitState", "check_same", "checkpoint_state", "finished"
            "resumable"]
 
 PAUSE_ENV = "TEXTDIFF_TEST_PAUSE_AFTER_EPOCH"
+#: the entries of a checkpoint (:func:`checkpoint_state`) that :func:`resumable` and :func:`restore` read
+CHECKPOINT_ENTRIES: dict[str, type] = {"epoch": int, "model": dict, "optim": dict, "schedule": dict, "best": dict,
+                                       "history": list, "torch_rng": torch.Tensor, "numpy_rng": str,
+                                       "cuda_rng": list, "fit": dict, "cache_key_hash": str}
 
 
 class FitState:
@@ -94,7 +98,8 @@ def check_same(cfg: FitConfig, store: FeatureStore, *recorded: dict[str, Any], d
     from a store other than its ``cache_key.json``'s (:class:`train.rundir.CacheMismatchError`). An older run's
     settings are read as today's config reads them: options added since count at their defaults."""
     out = Path(cfg.out)
-    differ = sorted({d for fit_json in (_recorded(out), *recorded) for d in cfg.differences(fit_json)})
+    with rundir.reading(out / rundir.CONFIG):  # settings it cannot read: one line naming it
+        differ = sorted({d for fit_json in (_recorded(out), *recorded) for d in cfg.differences(fit_json)})
     if differ:
         raise ValueError(f"cannot {doing} {out}: it was fitted with other settings ({', '.join(differ)}); "
                          f"fit with those, or into another out folder")
@@ -103,7 +108,10 @@ def check_same(cfg: FitConfig, store: FeatureStore, *recorded: dict[str, Any], d
 
 
 def _recorded(out: Path) -> dict[str, Any]:
-    return rundir.read_json(out / rundir.CONFIG).get("fit", {}) if (out / rundir.CONFIG).is_file() else {}
+    """The ``fit`` entry of ``out``'s config.json ({} without one; a damaged one: :class:`rundir.RunFileError`)."""
+    if not (out / rundir.CONFIG).is_file():
+        return {}
+    return rundir.read_run_json(out / rundir.CONFIG).get("fit", {})
 
 
 def finished(cfg: FitConfig, store: FeatureStore) -> bool:
@@ -137,7 +145,7 @@ def resumable(cfg: FitConfig, store: FeatureStore) -> dict[str, Any] | None:
     if not cfg.resume:
         raise OptionError(f"{out} holds an unfinished fit (checkpoint after an epoch): pass resume=True to "
                           f"continue it, or remove the folder, or choose another out=DIR", "resume", "out")
-    state = rundir.load_checkpoint(out)
+    state = rundir.load_checkpoint(out, CHECKPOINT_ENTRIES)
     check_same(cfg, store, state["fit"])
     if state["cache_key_hash"] != key_hash(store.key):
         raise rundir.CacheMismatchError(

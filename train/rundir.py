@@ -24,12 +24,14 @@ torch and the store are imported by the functions that need them.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
+import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,10 +46,11 @@ if TYPE_CHECKING:
     from cache.store import FeatureStore
 
 __all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "LEGACY_WEIGHTS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "CHECKPOINT",
-           "PER_IMAGE", "SUMMARY", "PREDICTIONS", "OVERLAYS", "CacheMismatchError", "check_cache_key", "eval_dir",
+           "PER_IMAGE", "SUMMARY", "PREDICTIONS", "OVERLAYS", "REFIT", "RESTART", "RUN_ENTRIES", "METRIC_ENTRIES",
+           "SCORE_ENTRIES", "CacheMismatchError", "Malformed", "RunFileError", "check_cache_key", "eval_dir",
            "clear_evaluations", "evaluated", "evaluated_splits", "fit_finished", "has_checkpoint", "load_checkpoint", "mark_complete",
-           "mark_incomplete",
-           "open_run", "read_json", "read_model_files", "remove_checkpoint", "save_checkpoint", "save_weights",
+           "mark_incomplete", "open_run", "read_json", "read_metrics", "read_model_files", "read_run_json",
+           "read_summary", "reading", "remove_checkpoint", "save_checkpoint", "save_weights", "load_state_file",
            "load_weights", "weights_file", "weights_sha256", "write_csv", "write_json", "write_model_files"]
 
 CONFIG = "config.json"
@@ -66,8 +69,87 @@ OVERLAYS = "overlays"
 EVAL_PREFIX = "eval-"
 
 
+#: what to do about a damaged file of a finished run (``overwrite=True``: the CLI's ``--overwrite``)
+REFIT = "fit the run again with overwrite=True"
+#: what to do about a damaged checkpoint
+RESTART = "remove it (the fit then starts afresh) or pass overwrite=True instead of resume=True"
+#: the entries a finished run's config.json holds that reading it needs, with their JSON types
+RUN_ENTRIES: dict[str, type] = {"fit": dict, "head": dict, "cache": str, "blocks": list, "steps": list}
+#: the entries of metrics.json and of an evaluation's summary.json that their readers need
+METRIC_ENTRIES: dict[str, type] = {"best_epoch": int, "best_val_dice": float}
+SCORE_ENTRIES: dict[str, type] = {"dice": float, "iou": float, "dice_std": float, "iou_std": float,
+                                  "global_dice": float, "n_images": int}
+
+
 class CacheMismatchError(ValueError):
     """A run evaluated or continued against a store other than the one it was trained on."""
+
+
+class RunFileError(ValueError):
+    """A file of a run or model folder is missing, damaged or not one textdiff wrote: the one line names it,
+    what is wrong and what to do."""
+
+    options = ("overwrite", "resume")  # the keywords its remedies may name (cache.errors)
+
+
+class Malformed(ValueError):
+    """Raised within :func:`reading`: what is wrong with the file, in a few words (used as it is)."""
+
+
+@contextlib.contextmanager
+def reading(path: Path, remedy: str = REFIT) -> Iterator[None]:
+    """Read or use the file ``path`` within it: any failure (missing, empty, truncated, not JSON, an entry
+    missing, tensors not the model's) becomes one :class:`RunFileError` naming it, what is wrong and ``remedy``."""
+    try:
+        yield
+    except RunFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - JSON, pickle, zip, safetensors, a missing entry: one line naming the file
+        raise RunFileError(f"{path}: {_trouble(Path(path), e)}; {remedy}") from None
+
+
+def _trouble(path: Path, e: Exception) -> str:
+    """What is wrong with the file ``path``, in a few words, from what reading it raised."""
+    if isinstance(e, Malformed):
+        return str(e)
+    if not path.exists():
+        return "not found"
+    if isinstance(e, PermissionError):
+        return f"not readable ({e.strerror})"
+    if path.is_file() and path.stat().st_size == 0:
+        return "empty (0 bytes)"
+    if isinstance(e, KeyError):
+        return f"has no {e} entry"
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON ({e})"
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    if found:
+        return f"holds a {found[1]}, not only tensors and plain values, so it is not loaded (it could run code)"
+    detail = " ".join(str(e).split()).split(". ")[0]
+    detail = detail if len(detail) <= 150 else detail[:150] + "..."
+    return f"damaged or not a file textdiff wrote ({type(e).__name__}{': ' + detail if detail else ''})"
+
+
+def _check_entries(data: Any, entries: dict[str, type]) -> None:
+    """Refuse ``data`` unless it is a mapping holding ``entries`` (name → type) (:class:`Malformed`)."""
+    if not isinstance(data, dict):
+        raise Malformed(f"holds a {type(data).__name__}, not a mapping of entries")
+    missing = [name for name in entries if name not in data]
+    if missing:
+        raise Malformed(f"has no {', '.join(map(repr, missing))} entr{'y' if len(missing) == 1 else 'ies'}")
+    wrong = [f"{name!r} is a {type(data[name]).__name__}, not a {kind.__name__}"
+             for name, kind in entries.items() if not isinstance(data[name], kind)]
+    if wrong:
+        raise Malformed(f"its entry {'; '.join(wrong)}")
+
+
+def read_run_json(path: Path, entries: dict[str, type] | None = None, remedy: str = REFIT) -> dict[str, Any]:
+    """The JSON object in ``path``, a file of a run or model folder, holding ``entries`` (name → type); else one
+    :class:`RunFileError` naming it, what is wrong and ``remedy``."""
+    with reading(path, remedy):
+        data = json.loads(Path(path).read_text())
+        _check_entries(data, entries or {})
+        return data
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -103,7 +185,7 @@ def evaluated_splits(run: Path) -> list[str]:
     names its mode)."""
     splits = (d.name.removeprefix(EVAL_PREFIX) for d in Path(run).glob(f"{EVAL_PREFIX}*") if d.is_dir())
     return sorted(split for split in splits if evaluated(run, split)
-                  and read_json(eval_dir(run, split) / SUMMARY).get("text", "as-is") == "as-is")
+                  and read_summary(run, split).get("text", "as-is") == "as-is")
 
 
 def clear_evaluations(run: Path) -> list[Path]:
@@ -135,18 +217,31 @@ def evaluated(run: Path, split: str, text: str = "as-is") -> bool:
     """A finished fit whose evaluation on ``split`` (with text mode ``text``) completed (its ``summary.json``
     is written last) and scored the weights now in the folder (the summary's ``weights_sha256``; a summary
     without one, or of other weights, is stale)."""
-    summary = eval_dir(run, split, text) / SUMMARY
-    if not (fit_finished(run) and summary.is_file()):
+    if not (fit_finished(run) and (eval_dir(run, split, text) / SUMMARY).is_file()):
         return False
-    recorded = read_json(summary).get("weights_sha256")
+    recorded = read_summary(run, split, text).get("weights_sha256")
     return recorded is not None and recorded == weights_sha256(run)
+
+
+def read_summary(run: Path, split: str, text: str = "as-is", entries: dict[str, type] | None = None
+                 ) -> dict[str, Any]:
+    """The ``summary.json`` of ``run``'s evaluation on ``split``, holding ``entries`` (e.g. :data:`SCORE_ENTRIES`;
+    a damaged one: :class:`RunFileError`)."""
+    mode = "" if text == "as-is" else f" --text {text}"
+    again = f"evaluate the run again (`pipeline evaluate {run} --split {split}{mode}`)"
+    return read_run_json(eval_dir(run, split, text) / SUMMARY, entries, again)
+
+
+def read_metrics(run: Path) -> dict[str, Any]:
+    """A finished fit's ``metrics.json`` (a damaged one: :class:`RunFileError`)."""
+    return read_run_json(Path(run) / METRICS, METRIC_ENTRIES)
 
 
 def check_cache_key(run: Path, store: FeatureStore) -> None:
     """Refuse ``store`` unless its key is the one ``run`` was trained on (:class:`CacheMismatchError`)."""
     from cache.key import key_hash
 
-    expected = read_json(Path(run) / CACHE_KEY)
+    expected = read_run_json(Path(run) / CACHE_KEY)
     if key_hash(store.key) != key_hash(expected):
         raise CacheMismatchError(f"store {store.path} (key {key_hash(store.key)[:12]}) is not the one run {run} "
                                  f"was trained on (key {key_hash(expected)[:12]}); its features would not match")
@@ -158,10 +253,13 @@ def open_run(run: Path, cache: Path | str | None = None) -> tuple[dict[str, Any]
     if (run / INCOMPLETE).exists():
         raise ValueError(f"run {run} is incomplete (its fit did not finish); fit it again")
     if not (run / CONFIG).is_file():
-        raise FileNotFoundError(f"{run / CONFIG} not found: is {run} a fit run folder?")
+        from cache.errors import naming
+
+        raise naming(FileNotFoundError(f"{run / CONFIG} not found: is {run} a fit run folder? (If it is, {REFIT}.)"),
+                     "overwrite")
     from cache.store import FeatureStore
 
-    config = read_json(run / CONFIG)
+    config = read_run_json(run / CONFIG, RUN_ENTRIES)
     store = FeatureStore.open(cache or config["cache"])
     check_cache_key(run, store)
     return config, store
@@ -205,16 +303,29 @@ def weights_sha256(directory: Path) -> str | None:
     return digest.hexdigest()
 
 
-def load_weights(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The state dict of a run folder (:func:`weights_file`): safetensors, or ``torch.load(weights_only=True)``."""
-    path = weights_file(directory)
-    if path.name == LEGACY_WEIGHTS:
-        import torch
+def load_weights(directory: Path, map_location: str | torch.device = "cpu", remedy: str = REFIT
+                 ) -> dict[str, torch.Tensor]:
+    """The state dict of a run folder (:func:`weights_file`; a damaged one: :class:`RunFileError`)."""
+    return load_state_file(weights_file(directory), map_location, remedy)
 
-        return torch.load(path, map_location=map_location, weights_only=True)
-    from safetensors.torch import load_file
 
-    return load_file(str(path), device=str(map_location))
+def load_state_file(path: Path, map_location: str | torch.device = "cpu", remedy: str = REFIT
+                    ) -> dict[str, torch.Tensor]:
+    """A weights file's state dict: safetensors, or an older run's ``head.pt`` (``torch.load(weights_only=True)``);
+    one that is missing, damaged or not a mapping of names to tensors is one :class:`RunFileError` (``remedy``)."""
+    import torch
+
+    path = Path(path)
+    with reading(path, remedy):
+        if path.name == LEGACY_WEIGHTS:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        else:
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device=str(map_location))
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise Malformed("holds no state dict (a mapping of names to tensors)")
+        return state
 
 
 def save_checkpoint(run: Path, state: dict[str, Any]) -> None:
@@ -230,18 +341,16 @@ def has_checkpoint(run: Path) -> bool:
     return (Path(run) / CHECKPOINT).is_file()
 
 
-def load_checkpoint(run: Path) -> dict[str, Any]:
-    """The checkpoint of ``run``, on the CPU, loaded with ``weights_only=True`` (nothing in it can run code)."""
-    import pickle
-
+def load_checkpoint(run: Path, entries: dict[str, type] | None = None) -> dict[str, Any]:
+    """The checkpoint of ``run``, on the CPU, loaded with ``weights_only=True`` (nothing in it can run code),
+    holding ``entries`` (name → type); a damaged one is one :class:`RunFileError` naming it."""
     import torch
 
     path = Path(run) / CHECKPOINT
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: holds more than tensors and plain values, so it is not loaded (it could "
-                         f"run code); remove it and fit again ({e.__class__.__name__})") from None
+    with reading(path, RESTART):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        _check_entries(state, entries or {})
+        return state
 
 
 def remove_checkpoint(run: Path) -> None:
@@ -258,7 +367,7 @@ def read_model_files(directory: Path, map_location: str | torch.device = "cpu"
     A ``config.json`` without a ``head`` entry is the older layout of ``TextDiffHead.save``: the
     arguments themselves."""
     directory = Path(directory)
-    config = read_json(directory / CONFIG)
+    config = read_run_json(directory / CONFIG)
     head = config["head"] if isinstance(config.get("head"), dict) else config
     return head, load_weights(directory, map_location)
 

@@ -31,6 +31,7 @@ from rich.console import Console
 import train.evaluate as evaluate_mod
 import train.fit as fit_mod
 from cache.backends import is_url
+from cache.errors import OptionError
 from cache.store import FeatureStore
 from train import rundir
 from train.config import FitConfig
@@ -126,7 +127,7 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
         raise ValueError(f"sweep: base cannot set {bad} (the sweep sets {sorted(_OWN_FIELDS)}; "
                          f"other FitConfig fields are {sorted(known - _OWN_FIELDS)})")
     if epochs < 1:
-        raise ValueError(f"sweep: epochs must be >= 1, got {epochs}")
+        raise OptionError(f"epochs must be >= 1, got {epochs}", "epochs")
     if scheduler:
         from extract.cluster import check_scheduler
 
@@ -136,31 +137,14 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
         raise ValueError(f"sweep: store {store.path} has no {split!r} split to evaluate on (it has {store.splits()})")
     blocks, steps = resolve_selection(store, None, None)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     plan = sweep_plan(blocks, steps, grid)
+    cells = [_fit_config(item, cache, out, epochs, base) for item in plan]  # their options checked: nothing written yet
+    out.mkdir(parents=True, exist_ok=True)
     pairs = ", every pair" if grid else ""
     console.print(f"sweep: {len(plan)} runs ({len(blocks)} blocks × {len(steps)} steps{pairs}, "
                   f"with and without text), {epochs} epoch(s) each → {out}", highlight=False)
 
-    cells = [_fit_config(item, cache, out, epochs, base) for item in plan]
-    todo: dict[int, str] = {}  # cell → what it still needs, said when it starts
-    for i, (item, cfg) in enumerate(zip(plan, cells)):
-        run, label = Path(cfg.out), f"[{i + 1}/{len(plan)}] {item.name}"
-        fitted = rundir.fit_finished(run) and not cfg.overwrite
-        evaluated = fitted and rundir.evaluated(run, split)
-        if fitted:
-            check_same(cfg, store, doing="reuse")
-        if evaluated:
-            console.print(f"{label}: reusing the finished run {run}", highlight=False)
-        elif fitted:
-            todo[i] = f"{label}: reusing the fit, evaluating on {split}"
-        else:
-            again = rundir.has_checkpoint(run)
-            if again and not cfg.resume:
-                rundir.remove_checkpoint(run)  # without resume, an unfinished fit is redone
-            verb = "continuing the unfinished fit" if again and cfg.resume else "fit"
-            todo[i] = f"{label}: {verb} (blocks {list(item.blocks)}, steps {list(item.steps)}, text {item.text})"
-
+    todo = _todo(plan, cells, store, out, split, console)
     rows: list[dict[str, Any]] = []
 
     def finished() -> None:  # rows in plan order, written after each run: a partial sweep is readable
@@ -180,6 +164,41 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
     finished()
 
     dice = {(item.row_label, item.text): 100 * row["test_dice"] for item, row in zip(plan, rows)}
+    _figures(dice, store, blocks, steps, out, split, epochs, grid)
+    figures = f"{out / 'sweep.png'}" + (f", {out / 'grid.png'}" if grid else "")
+    console.print(f"sweep: {out / 'sweep.csv'}, {figures}", highlight=False)
+    return out / "sweep.csv"
+
+
+def _todo(plan: list[SweepRun], cells: list[FitConfig], store: FeatureStore, out: Path, split: str,
+          console: Console) -> dict[int, str]:
+    """What each cell still needs (cell → the line said when it starts): a reused cell is checked (same settings
+    and store; its files read, so that a damaged one is named before any fit) and said now; an unfinished fit's
+    checkpoint is removed unless it is continued."""
+    todo: dict[int, str] = {}
+    for i, (item, cfg) in enumerate(zip(plan, cells)):
+        run, label = Path(cfg.out), f"[{i + 1}/{len(plan)}] {item.name}"
+        fitted = rundir.fit_finished(run) and not cfg.overwrite
+        evaluated = fitted and rundir.evaluated(run, split)
+        if fitted:
+            check_same(cfg, store, doing="reuse")
+        if evaluated:
+            _row(item, run, out, split)
+            console.print(f"{label}: reusing the finished run {run}", highlight=False)
+        elif fitted:
+            todo[i] = f"{label}: reusing the fit, evaluating on {split}"
+        else:
+            again = rundir.has_checkpoint(run)
+            if again and not cfg.resume:
+                rundir.remove_checkpoint(run)  # without resume, an unfinished fit is redone
+            verb = "continuing the unfinished fit" if again and cfg.resume else "fit"
+            todo[i] = f"{label}: {verb} (blocks {list(item.blocks)}, steps {list(item.steps)}, text {item.text})"
+    return todo
+
+
+def _figures(dice: dict[tuple[str, str], float], store: FeatureStore, blocks: tuple[int, ...],
+             steps: tuple[int, ...], out: Path, split: str, epochs: int, grid: bool) -> None:
+    """sweep.png (test Dice % per single block and single step) and, with ``grid``, grid.png (block × step)."""
     dataset = store.key["dataset"].get("name", "") if isinstance(store.key.get("dataset"), dict) else ""
     about = f"{epochs} epoch{'s' if epochs > 1 else ''} per fit · store {store.key_hash[:12]}"
     labels = [cell_label(b, None) for b in blocks] + [cell_label(None, s) for s in steps]
@@ -194,15 +213,12 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
                     [f"t{s}\n{'text' if t == 'yes' else 'no text'}" for s, t in cols], out / "grid.png", fmt=".1f",
                     title=f"{dataset} {split} Dice (%): one block × one step, with text (left) and without (right)"
                           f"\n{about}", colorbar_label="Dice (%)", col_breaks=[len(steps)])
-    figures = f"{out / 'sweep.png'}" + (f", {out / 'grid.png'}" if grid else "")
-    console.print(f"sweep: {out / 'sweep.csv'}, {figures}", highlight=False)
-    return out / "sweep.csv"
 
 
 def _row(item: SweepRun, run: Path, out: Path, split: str) -> dict[str, Any]:
     """The CSV row of a finished, evaluated cell."""
-    metrics = rundir.read_json(run / rundir.METRICS)
-    summary = rundir.read_json(rundir.eval_dir(run, split) / rundir.SUMMARY)
+    metrics = rundir.read_metrics(run)
+    summary = rundir.read_summary(run, split, entries=rundir.SCORE_ENTRIES)
     return {"kind": item.kind, "block": "" if item.block is None else item.block,
             "step": "" if item.step is None else item.step, "text": item.text,
             "test_dice": round(float(summary["dice"]), 6), "test_iou": round(float(summary["iou"]), 6),

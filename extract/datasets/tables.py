@@ -45,7 +45,13 @@ def _read_rows(path: Path) -> list[list[str]]:
         finally:
             wb.close()
     except Exception as e:  # noqa: BLE001
-        raise DatasetError(f"{path}: cannot read text table ({e})") from e
+        raise DatasetError(f"{path}: cannot read text table ({e}); save it as a UTF-8 .csv or an .xlsx") from e
+
+
+def _no_column(path: Path, column: str, rows: list[list[str]], columns: str) -> DatasetError:
+    """The error of a table without ``column``: its header as read, and the columns its first row must name."""
+    return DatasetError(f"{path}: no {column} column (header: {rows[0] if rows else 'empty'}); its first row must "
+                        f"name the columns: {columns}")
 
 
 def read_table(path: Path, image_column: str = "image") -> list[Row]:
@@ -56,7 +62,7 @@ def read_table(path: Path, image_column: str = "image") -> list[Row]:
     def col(names: Sequence[str], required: bool = True) -> int | None:
         idx = next((header.index(n) for n in names if n in header), None)
         if idx is None and required:
-            raise DatasetError(f"{path}: no {'/'.join(names)} column (header: {rows[0] if rows else 'empty'})")
+            raise _no_column(path, "/".join(names), rows, f"{image_column}, text [, split]")
         return idx
 
     i_img, i_txt, i_split = col((image_column,)), col(_TEXT_COLUMNS), col(("split",), required=False)
@@ -73,7 +79,7 @@ def read_column(path: Path, column: str) -> list[str]:
     rows = _read_rows(path)
     header = [h.lower() for h in rows[0]] if rows else []
     if column not in header:
-        raise DatasetError(f"{path}: no {column} column (header: {rows[0] if rows else 'empty'})")
+        raise _no_column(path, column, rows, column)
     i = header.index(column)
     out = [r[i] for r in rows[1:] if i < len(r) and r[i]]
     if not out:
