@@ -110,6 +110,14 @@ def tiny_unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_unet(tmp_path_factory.mktemp("tiny_unet"))
 
 
+@pytest.fixture(scope="module")
+def store_path(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic store of the tiny UNet (:func:`helpers.tiny_store`), one per test module."""
+    from helpers import tiny_store
+
+    return tiny_store(tiny_unet, tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread, and do not stall when other jobs share the cores."""

@@ -23,12 +23,7 @@ from train.fit import FitConfig, fit
 from train.model import TextDiffHead
 from train.resume import FitState, checkpoint_state, restore
 
-from helpers import quiet, tiny_store
-
-
-@pytest.fixture(scope="module")
-def store_path(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_store(tiny_unet, tmp_path_factory.mktemp("cache"))
+from helpers import quiet
 
 
 def tiny_fit(store: Path, out: Path, **kw) -> FitConfig:

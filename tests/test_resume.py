@@ -21,15 +21,9 @@ from train import rundir
 from train.fit import FitConfig, fit
 from train.resume import PAUSE_ENV
 
-from helpers import tiny_store
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6
-
-
-@pytest.fixture(scope="module")
-def store_path(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_store(tiny_unet, tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

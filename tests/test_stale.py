@@ -16,12 +16,7 @@ from train.evaluate import evaluate
 from train.fit import FitConfig, fit
 from train.models import load_run
 
-from helpers import error_line, quiet, tiny_store
-
-
-@pytest.fixture(scope="module")
-def store_path(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_store(tiny_unet, tmp_path_factory.mktemp("cache"))
+from helpers import error_line, quiet
 
 
 @pytest.fixture(scope="module")

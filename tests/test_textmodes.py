@@ -26,11 +26,6 @@ from train.textmodes import derangement, dropped
 from helpers import error_line, quiet, tiny_store
 
 
-@pytest.fixture(scope="module")
-def store_path(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_store(tiny_unet, tmp_path_factory.mktemp("cache"))
-
-
 def tiny_fit(store: Path, out: Path, **kw) -> FitConfig:
     return FitConfig.flat(**{"cache": store, "out": out, "epochs": 2, "dim": 16, "head_channels": (8, 4), **kw})
 

@@ -19,18 +19,13 @@ from train.model import TextDiffHead
 from train.models import load_run
 from train.plain_unet import NoStoreError, baseline_store
 
-from helpers import quiet, tiny_store
+from helpers import quiet
 
 # config.json's "fit" keys before the registry (commit e7cf02c): the flat layout stays
 OLD_FIT_KEYS = {"cache", "out", "blocks", "steps", "train_count", "subset_seed", "epochs", "batch_size", "lr",
                 "lr_drop_epoch", "norm", "fusion", "dim", "head_channels", "pos_enc", "shared_block",
                 "dice_on_logits", "attend_padding", "seed", "val_fraction", "memory_budget_gb", "augment",
                 "model", "width", "depth", "extra"}
-
-
-@pytest.fixture(scope="module")
-def store_path(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_store(tiny_unet, tmp_path_factory.mktemp("cache"))
 
 
 def test_a_run_folder_loads_as_a_head(store_path: Path, tmp_path: Path) -> None:
