@@ -106,6 +106,13 @@ def _cli_type(hint: Any) -> Any:
     return str if typing.get_origin(hint) is tuple else hint
 
 
+def field_option(config: type, name: str) -> tuple[Any, Any]:
+    """A :func:`shared_options` entry for field ``name`` of ``config``: the type typer parses and the option, a
+    bool field a single flag (``--resume``, not ``--resume/--no-resume``)."""
+    hint = typing.get_type_hints(config)[name]
+    return _cli_type(hint), option(config, name, *((flag(name),) if hint is bool else ()))
+
+
 def config_options(config: type, *, skip: tuple[str, ...] = (), flags: Optional[dict[str, Any]] = None,
                    **own: tuple[Any, Any]) -> dict[str, tuple[Any, Any]]:
     """:func:`shared_options` entries for every field of dataclass ``config`` but ``skip``, in field order: the

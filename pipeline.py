@@ -15,12 +15,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cli_support import (config_options, config_values, err, friendly, ints, option, run_app, shared_options,
-                         state)
+from cli_support import (config_options, config_values, err, field_option, flag, friendly, option, run_app,
+                         shared_options, state)
 
 from extract.config import ExtractConfig, PretrainConfig
-from train.config import (DemoConfig, EvaluateConfig, ExportConfig, FitConfig, PlainUNetArgs, PredictConfig,
-                          TextDiffArgs)
+from train.config import (COMMAND_OPTIONS, MODEL_ARGS, SWITCHES, DemoConfig, EvaluateConfig, ExportConfig, FitConfig,
+                          PredictConfig, flat_from_options, option_home)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TextDiff: segmentation from a frozen diffusion UNet + free text, via a feature cache.")
@@ -56,78 +56,40 @@ def extract(common: Optional[dict] = None) -> None:
     typer.echo(str(path))
 
 
-def _training_options() -> dict[str, tuple[Any, Any]]:
-    """Options `fit`, `baseline` and `sweep` share: the few-shot subset, epochs, seed, augmentation, resume."""
-    return {
-        "train_count": (Optional[int], option(FitConfig, "train_count")),
-        "subset_seed": (int, option(FitConfig, "subset_seed")),
-        "epochs": (int, option(FitConfig, "epochs")),
-        "seed": (Optional[int], option(FitConfig, "seed")),
-        "no_augment": (bool, option(FitConfig, "augment", "--no-augment", default=False,
-                                    help="Do not sample the cached dihedral views.")),
-        "val_every": (int, option(FitConfig, "val_every")),
-        "device": (Optional[str], option(FitConfig, "device")),
-        "precision": (str, option(FitConfig, "precision")),
-        "resume": (bool, option(FitConfig, "resume", "--resume")),
-        "overwrite": (bool, option(FitConfig, "overwrite", "--overwrite")),
-    }
+def _train_options(command: str) -> dict[str, tuple[Any, Any]]:
+    """The options of train command ``command`` as :data:`train.config.COMMAND_OPTIONS` declares them: each
+    field's type, default and help from its dataclass (a bool field a single flag), each switch its own."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for name in COMMAND_OPTIONS[command]:
+        if name in SWITCHES:
+            out[name] = (bool, typer.Option(False, flag(name), help=SWITCHES[name].help))
+        else:
+            out[name] = field_option(option_home(name), name)
+    return out
 
 
-def _optimiser_options() -> dict[str, tuple[Any, Any]]:
-    """Options `fit` and `baseline` share: the optimiser's."""
-    return {"batch_size": (int, option(FitConfig, "batch_size")), "lr": (float, option(FitConfig, "lr")),
-            "lr_drop_epoch": (int, option(FitConfig, "lr_drop_epoch"))}
+def _train_flat(command: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A train command's parsed options as FitConfig flat keys (:func:`train.config.flat_from_options`)."""
+    fields = {k: v for config in (FitConfig, *MODEL_ARGS.values()) for k, v in config_values(config, values).items()}
+    switches = {k: v for k, v in values.items() if k in SWITCHES}
+    return flat_from_options(command, {**fields, **switches})
 
 
-def _head_options() -> dict[str, tuple[Any, Any]]:
-    """Options `fit` and `sweep` share: the TextDiff head's width, the features' memory budget and the text a
-    cached view is trained with."""
-    return {"dim": (int, option(TextDiffArgs, "dim")), "head_channels": (str, option(TextDiffArgs, "head_channels")),
-            "memory_budget_gb": (float, option(FitConfig, "memory_budget_gb")),
-            "view_text": (str, option(FitConfig, "view_text"))}
-
-
-def _flat(common: dict[str, Any]) -> dict[str, Any]:
-    """Shared options as FitConfig's flat keys (a negated flag, 0 = never, comma-separated integers)."""
-    flat = dict(common)
-    if "no_augment" in flat:
-        flat["augment"] = not flat.pop("no_augment")
-    if "lr_drop_epoch" in flat:
-        flat["lr_drop_epoch"] = flat["lr_drop_epoch"] or None
-    if "head_channels" in flat:
-        flat["head_channels"] = ints(flat["head_channels"], "--head-channels") or ()
-    return flat
+def _train_config(command: str, values: dict[str, Any], **own: Any) -> FitConfig:
+    """The FitConfig of a train command's parsed options and its own arguments (cache, out)."""
+    return FitConfig.flat(**_train_flat(command, values), **own)
 
 
 @app.command()
 @friendly
-@shared_options(**_training_options(), **_optimiser_options(), **_head_options())
+@shared_options(**_train_options("fit"))
 def fit(
     cache: str = option(FitConfig, "cache"),
     out: Path = option(FitConfig, "out"),
-    blocks: Optional[str] = option(FitConfig, "blocks"),
-    steps: Optional[str] = option(FitConfig, "steps"),
-    norm: str = option(TextDiffArgs, "norm"),
-    no_text: bool = typer.Option(False, "--no-text", help="Ablation ζ1: no cross-attention, text unused."),
-    fusion: str = option(TextDiffArgs, "fusion"),
-    pos_enc: bool = option(TextDiffArgs, "pos_enc", "--pos-enc"),
-    per_scale_blocks: bool = option(TextDiffArgs, "shared_block", "--per-scale-blocks", default=False,
-                                    help="One transformer block per scale instead of one shared."),
-    dice_on_logits: bool = option(FitConfig, "dice_on_logits", "--dice-on-logits"),
-    attend_padding: bool = option(FitConfig, "attend_padding", "--attend-padding"),
-    text_dropout: float = option(FitConfig, "text_dropout"),
-    dropout_classifier: str = option(FitConfig, "dropout_classifier"),
     common: Optional[dict] = None,
 ) -> None:
     """Stage two: train the cross-attention and pixel classifier from the cache."""
-    if no_text and fusion != "cross-attn":
-        raise typer.BadParameter("--no-text and --fusion are exclusive")
-    cfg = FitConfig.flat(cache=cache, out=out, blocks=ints(blocks, "--blocks"), steps=ints(steps, "--steps"),
-                         norm=norm, fusion="none" if no_text else fusion, pos_enc=pos_enc,
-                         shared_block=not per_scale_blocks, dice_on_logits=dice_on_logits,
-                         attend_padding=attend_padding, text_dropout=text_dropout,
-                         dropout_classifier=dropout_classifier, **_flat(common or {}))
-    _fit_and_report(cfg)
+    _fit_and_report(_train_config("fit", common or {}, cache=cache, out=out))
 
 
 def _fit_and_report(cfg: FitConfig) -> None:
@@ -141,7 +103,7 @@ def _fit_and_report(cfg: FitConfig) -> None:
 
 @app.command()
 @friendly
-@shared_options(**_training_options(), **_optimiser_options())
+@shared_options(**_train_options("baseline"))
 def baseline(
     out: Path = option(FitConfig, "out", help="The run folder to write (`pipeline evaluate` scores it)."),
     cache: Optional[str] = option(FitConfig, "cache", default=None, help="A store of the dataset (from `pipeline extract`): its images, masks, splits and views are used; no features needed."),
@@ -149,8 +111,6 @@ def baseline(
     data_root: Optional[Path] = typer.Option(None, help="With --dataset: only a store made from this folder."),
     size: Optional[int] = typer.Option(None, help="With --dataset: only a store of this image size."),
     cache_dir: Optional[str] = typer.Option(None, help="With --dataset: where to look (default: $TEXTDIFF_CACHE_DIR or ~/.cache/textdiff)."),
-    width: int = option(PlainUNetArgs, "width"),
-    depth: int = option(PlainUNetArgs, "depth"),
     common: Optional[dict] = None,
 ) -> None:
     """The plain U-Net baseline: trained on the same few labelled images as `fit` (same subset, views,
@@ -166,34 +126,26 @@ def baseline(
         except NoStoreError as e:
             raise NoStoreError(f"{e}, or pass --cache STORE") from None
         err.print(f"baseline: images of {cache}", highlight=False, soft_wrap=True)
-    _fit_and_report(FitConfig.flat(cache=cache, out=out, model="plain-unet", width=width, depth=depth,
-                                   **_flat(common or {})))
+    _fit_and_report(_train_config("baseline", common or {}, cache=cache, out=out))
 
 
 @app.command()
 @friendly
+@shared_options(**config_options(EvaluateConfig, flags={"overlays": ("--overlays/--no-overlays",)}))
 def evaluate(
     run: Path = typer.Argument(..., help="A `pipeline fit` run folder."),
-    split: str = option(EvaluateConfig, "split"),
-    cache: Optional[str] = option(EvaluateConfig, "cache"),
-    overlays: bool = option(EvaluateConfig, "overlays", "--overlays/--no-overlays"),
-    device: Optional[str] = option(EvaluateConfig, "device"),
-    precision: str = option(EvaluateConfig, "precision"),
-    text: str = option(EvaluateConfig, "text"),
-    text_seed: int = option(EvaluateConfig, "text_seed"),
-    text_encoder: Optional[str] = option(EvaluateConfig, "text_encoder"),
+    common: Optional[dict] = None,
 ) -> None:
     """Score a run on one split: per_image.csv, summary.json, predictions.npz and overlays in RUN/eval-<split>/
     (RUN/eval-<split>-text-<mode>/ with --text none|shuffled|mirrored)."""
     from train.evaluate import evaluate_cli
 
-    evaluate_cli(run, split=split, cache=cache, overlays=overlays, device=device, precision=precision, text=text,
-                 text_seed=text_seed, text_encoder=text_encoder, console=err)
+    evaluate_cli(run, EvaluateConfig(**config_values(EvaluateConfig, common or {})), console=err)
 
 
 @app.command()
 @friendly
-@shared_options(**_training_options(), **_head_options())
+@shared_options(**_train_options("sweep"))
 def sweep(
     cache: str = option(FitConfig, "cache", help="A store written by `pipeline extract`; every block and step in it is swept."),
     out: Path = option(FitConfig, "out", help="The sweep folder (runs/<name>, sweep.csv, sweep.png); run again to resume."),
@@ -205,28 +157,19 @@ def sweep(
     """Fig. 3: one fit per single block and per single step, with and without text, each scored on test."""
     from train.sweep import sweep_cli
 
-    base = _flat(common or {})
+    base = _train_flat("sweep", common or {})
+    del base["model"]  # the sweep's own
     epochs = base.pop("epochs")
     sweep_cli(cache, out, epochs, base, console=err, grid=grid, scheduler=scheduler, threads=threads)
 
 
 @app.command()
 @friendly
+@shared_options(**config_options(PredictConfig, flags={name: (flag(name),) for name in
+                                                       ("original_size", "probabilities", "skip_bad")}))
 def predict(
     run: Path = typer.Argument(..., help="A `pipeline fit` run folder, or a model folder from `pipeline export`."),
-    image: Optional[Path] = option(PredictConfig, "image", "--image"),
-    images: Optional[Path] = option(PredictConfig, "images", "--images"),
-    text: str = option(PredictConfig, "text", "--text"),
-    texts: Optional[Path] = option(PredictConfig, "texts", "--texts"),
-    out: Path = option(PredictConfig, "out", "--out"),
-    cache: Optional[str] = option(PredictConfig, "cache"),
-    original_size: bool = option(PredictConfig, "original_size", "--original-size"),
-    probabilities: bool = option(PredictConfig, "probabilities", "--probabilities"),
-    skip_bad: bool = option(PredictConfig, "skip_bad", "--skip-bad"),
-    unet: Optional[str] = option(PredictConfig, "unet"),
-    text_encoder: Optional[str] = option(PredictConfig, "text_encoder"),
-    device: Optional[str] = option(PredictConfig, "device"),
-    precision: str = option(PredictConfig, "precision"),
+    common: Optional[dict] = None,
 ) -> None:
     """Segment new images: stage one for them with the run's own UNet and text encoder, then the head.
 
@@ -235,26 +178,24 @@ def predict(
     """
     from train.predict_batch import predict_cli
 
-    cfg = PredictConfig(out=out, image=image, images=images, text=text, texts=texts, cache=cache,
-                        original_size=original_size, probabilities=probabilities, skip_bad=skip_bad, unet=unet,
-                        text_encoder=text_encoder, device=device, precision=precision)
+    cfg = PredictConfig(**config_values(PredictConfig, common or {}))
     typer.echo(str(predict_cli(run, cfg, console=err)))  # friendly() names the flags of the keywords it names
 
 
 @app.command()
 @friendly
+@shared_options(**config_options(ExportConfig))
 def export(
     run: Path = typer.Argument(..., help="A finished `pipeline fit` (or `baseline`) run folder."),
-    out: Path = option(ExportConfig, "out", "--out"),
-    cache: Optional[str] = option(ExportConfig, "cache"),
-    push: Optional[str] = option(ExportConfig, "push"),
+    common: Optional[dict] = None,
 ) -> None:
     """Write a model folder to share (config.json, model.safetensors, a model card README.md), the Hugging Face
     Hub's model-repository layout; `pipeline predict MODEL_DIR` uses it without the store. The last line printed
     is the folder (or the Hub URL with --push)."""
     from train.export import export_run
 
-    typer.echo(export_run(run, out, cache=cache, push=push, console=err))
+    cfg = ExportConfig(**config_values(ExportConfig, common or {}))
+    typer.echo(export_run(run, cfg.out, cache=cfg.cache, push=cfg.push, console=err))
 
 
 @app.command()

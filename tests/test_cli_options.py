@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -72,3 +73,50 @@ def test_config_options_take_every_field_with_its_type_and_give_the_values_back(
     assert CliRunner().invoke(app, ["--size", "x"]).exit_code == 2  # typed: an int option refuses text
     bad = CliRunner().invoke(app, ["--steps", "a"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2 and "--steps takes comma-separated integers" in bad.output
+
+
+FIT_CASES = [
+    {},
+    {"fusion": "none", "blocks": (4,), "steps": (50, 250), "dim": 16, "head_channels": (8, 4), "norm": "batch"},
+    {"fusion": "concat", "shared_block": False, "pos_enc": True, "augment": False, "lr_drop_epoch": None,
+     "text_dropout": 0.5, "dropout_classifier": "own", "view_text": "rewrite", "lr": 0.001, "batch_size": 2,
+     "dice_on_logits": True, "attend_padding": True, "seed": 3, "train_count": 4, "val_every": 2,
+     "precision": "bf16", "memory_budget_gb": 0.5, "subset_seed": 2, "epochs": 7},
+    {"model": "plain-unet", "width": 16, "depth": 3, "augment": False, "lr_drop_epoch": None, "epochs": 2},
+]
+
+
+@pytest.mark.parametrize("case", range(len(FIT_CASES)))
+def test_a_runs_command_parses_back_to_its_config(case: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The card's command (train.export.fit_command, from the declarations) parsed by the CLI (options from the
+    same declarations) gives the run's config back: no hand-kept table can drift."""
+    import shlex
+
+    import pipeline
+    from train.config import FitConfig
+    from train.export import fit_command
+
+    cfg = FitConfig.flat(cache="s.zarr", out="run", **FIT_CASES[case])
+    command = fit_command(cfg.to_json(), "s.zarr", "run")
+    assert "Python API" not in command
+    got: list[FitConfig] = []
+    monkeypatch.setattr(pipeline, "_fit_and_report", got.append)
+    res = CliRunner().invoke(pipeline.app, shlex.split(command)[1:])
+    assert res.exit_code == 0, res.output
+    assert got[0].to_json() == cfg.to_json()
+
+
+def test_every_train_option_is_declared_once() -> None:
+    from train.config import COMMAND_OPTIONS, SWITCHES, option_home
+
+    for command, names in COMMAND_OPTIONS.items():
+        assert len(set(names)) == len(names), command
+        for name in names:
+            assert name in SWITCHES or option_home(name)  # a field of FitConfig or a model's arguments
+
+
+def test_a_switch_and_its_own_option_exclude_each_other() -> None:
+    import pipeline
+
+    res = CliRunner().invoke(pipeline.app, ["fit", "--cache", "s", "--out", "o", "--no-text", "--fusion", "concat"])
+    assert res.exit_code == 1 and "--no-text and --fusion concat exclude each other" in res.stderr, res.output

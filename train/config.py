@@ -23,7 +23,8 @@ from cache.errors import OptionError
 from extract.config import DEVICE_HELP
 from extract.shared import option_field
 
-__all__ = ["ALIASES", "MEMORY_BUDGET_GB", "DROPOUT_CLASSIFIERS", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS",
+__all__ = ["ALIASES", "COMMAND_MODEL", "COMMAND_OPTIONS", "MEMORY_BUDGET_GB", "SWITCHES", "Switch", "ZERO_IS_NONE",
+           "flat_from_options", "option_default", "option_home", "DROPOUT_CLASSIFIERS", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS",
            "NORMS", "PRECISION_NAMES", "PlainUNetArgs", "TextDiffArgs", "TEXT_MODES", "VIEW_TEXTS", "check_range",
            "model_name"]
 
@@ -313,3 +314,66 @@ class FitConfig:
         own = {f.name: d[f.name] for f in fields(cls) if f.name in d and f.name not in ("model", "model_args")}
         return cls(model=name, model_args=args, **own)
 
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A command-line flag that sets FitConfig flat key ``key`` to ``value`` (``--no-augment``: augment=False)."""
+
+    key: str
+    value: Any
+    help: str
+
+
+#: the train commands' switches, by parameter name (the flag is ``--`` + the name with hyphens)
+SWITCHES: dict[str, Switch] = {
+    "no_augment": Switch("augment", False, "Do not sample the cached dihedral views."),
+    "per_scale_blocks": Switch("shared_block", False, "One transformer block per scale instead of one shared."),
+    "no_text": Switch("fusion", "none", "Ablation ζ1: no cross-attention, text unused (as --fusion none)."),
+}
+#: flat keys whose 0 on the command line means None (never)
+ZERO_IS_NONE = ("lr_drop_epoch",)
+_TRAINING = ("train_count", "subset_seed", "epochs", "seed", "no_augment", "val_every", "device", "precision",
+             "resume", "overwrite")
+_OPTIMISER = ("batch_size", "lr", "lr_drop_epoch")
+_HEAD = ("dim", "head_channels", "memory_budget_gb", "view_text")
+#: what each train command takes on its command line besides its own arguments: FitConfig flat keys and switches
+#: (the rest only through the Python API); the model each trains
+COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "fit": ("blocks", "steps", "norm", "no_text", "fusion", "pos_enc", "per_scale_blocks", "dice_on_logits",
+            "attend_padding", "text_dropout", "dropout_classifier", *_TRAINING, *_OPTIMISER, *_HEAD),
+    "baseline": ("width", "depth", *_TRAINING, *_OPTIMISER),
+    "sweep": (*_TRAINING, *_HEAD),
+}
+COMMAND_MODEL = {"fit": "textdiff", "baseline": "plain-unet", "sweep": "textdiff"}
+
+
+def option_home(key: str) -> type:
+    """The dataclass that declares flat key ``key`` (its default and help): FitConfig or a model's arguments."""
+    for config in (FitConfig, *MODEL_ARGS.values()):
+        if any(f.name == key for f in fields(config)):
+            return config
+    raise KeyError(f"no train config declares {key!r}")
+
+
+def option_default(key: str) -> Any:
+    """The default of flat key ``key``, as its dataclass declares it."""
+    return next(f.default for f in fields(option_home(key)) if f.name == key)
+
+
+def flat_from_options(command: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A command's parsed options (:data:`COMMAND_OPTIONS`; tuples as tuples) as FitConfig flat keys: a switch
+    sets its key, 0 is None where :data:`ZERO_IS_NONE`; a switch and its key's own option are exclusive."""
+    flat = {k: v for k, v in values.items() if k not in SWITCHES}
+    for name, switch in SWITCHES.items():
+        if not values.get(name):
+            continue
+        given = flat.get(switch.key, option_default(switch.key))
+        if given not in (option_default(switch.key), switch.value):
+            raise OptionError(f"{name}=True and {switch.key}={given!r} exclude each other: pass one", name,
+                              switch.key)
+        flat[switch.key] = switch.value
+    for key in ZERO_IS_NONE:
+        if key in flat:
+            flat[key] = flat[key] or None
+    return {**flat, "model": COMMAND_MODEL[command]}

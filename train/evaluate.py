@@ -57,9 +57,11 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
              device: str | None = EvaluateConfig.device,
              precision: str = EvaluateConfig.precision, text: str = EvaluateConfig.text,
              text_seed: int = EvaluateConfig.text_seed,
-             text_encoder: str | None = EvaluateConfig.text_encoder) -> dict[str, Any]:
+             text_encoder: str | None = EvaluateConfig.text_encoder,
+             config: EvaluateConfig | None = None) -> dict[str, Any]:
     """Evaluate the run's best head on every image of ``split`` (view 0); write ``RUN/eval-<split>/``
-    (``RUN/eval-<split>-text-<mode>/`` with a ``text`` other than "as-is").
+    (``RUN/eval-<split>-text-<mode>/`` with a ``text`` other than "as-is"). The options are
+    :class:`train.config.EvaluateConfig`'s: given one by one, or as ``config`` (which then wins).
 
     Args:
         run: a finished ``fit`` run folder.
@@ -80,9 +82,11 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
     """
     console = console or Console(stderr=True)
     run = Path(run)
-    EvaluateConfig(split=split, cache=None if cache is None else str(cache), overlays=overlays, device=device,
-                   precision=precision, text=text, text_seed=text_seed,
-                   text_encoder=text_encoder)  # its options checked before anything is read or written
+    cfg = config or EvaluateConfig(split=split, cache=None if cache is None else str(cache), overlays=overlays,
+                                   device=device, precision=precision, text=text, text_seed=text_seed,
+                                   text_encoder=text_encoder)  # its options checked before anything is read
+    split, cache, overlays, device = cfg.split, cfg.cache, cfg.overlays, cfg.device
+    precision, text, text_seed, text_encoder = cfg.precision, cfg.text, cfg.text_seed, cfg.text_encoder
     check_text_mode(text)
     weights = rundir.weights_sha256(run)  # before loading them: the summary names what was scored
     config, model, store = load_run(run, cache, device)
@@ -182,8 +186,8 @@ def _write(out: Path, ids: list[str], texts: list[str], metrics: SegMetrics, pre
     write_json(out / rundir.SUMMARY, summary)
 
 
-def evaluate_cli(run: Path, console: Console | None = None, **options: Any) -> dict[str, Any]:
-    """The body of ``pipeline evaluate``: :func:`evaluate` with ``options``, then the summary as JSON on stdout."""
-    summary = evaluate(run, console=console or Console(stderr=True), **options)
+def evaluate_cli(run: Path, config: EvaluateConfig, console: Console | None = None) -> dict[str, Any]:
+    """The body of ``pipeline evaluate``: :func:`evaluate` with ``config``, then the summary as JSON on stdout."""
+    summary = evaluate(run, config=config, console=console or Console(stderr=True))
     print(json.dumps(summary, indent=1))
     return summary

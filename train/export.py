@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +27,13 @@ from cache.store import FeatureStore
 from extract.command import extract_command
 from extract.text import hub_offline
 from train import rundir
-from train.config import MODEL_ARGS, ExportConfig, FitConfig
+from train.config import COMMAND_MODEL, COMMAND_OPTIONS, SWITCHES, ZERO_IS_NONE, ExportConfig, FitConfig
 from train.modeldir import (MODEL_CARD, MODEL_CONFIG, MODEL_WEIGHTS, StageOne, is_local, is_model_dir, placeholder,
                             write_model_dir)
 from train.models import load_run, spec_of
 
 __all__ = ["export_run", "fit_command", "model_card", "push_model_dir", "shareable_command"]
 
-#: what each command takes of FitConfig's flat keys besides cache and out (others: the Python API only)
-_COMMAND_KEYS = {
-    "fit": {f.name for f in fields(FitConfig)} - {"cache", "out", "model", "model_args", "val_fraction", "extra",
-                                                   "resume", "device"} | {f.name for f in fields(MODEL_ARGS["textdiff"])},
-    "baseline": {"train_count", "subset_seed", "epochs", "seed", "augment", "val_every", "precision", "batch_size",
-                 "lr", "lr_drop_epoch"} | {f.name for f in fields(MODEL_ARGS["plain-unet"])},
-}
-_NEGATED = {("fusion", "none"): "--no-text", ("shared_block", False): "--per-scale-blocks",
-            ("augment", False): "--no-augment", ("lr_drop_epoch", None): "--lr-drop-epoch 0"}
 _NAMES = {"textdiff": "TextDiff head (cross-attention on frozen diffusion features and text)",
           "plain-unet": "plain U-Net baseline (on the images alone)"}
 RUN = "<run>"  #: the run folder, in the card's commands
@@ -53,25 +43,35 @@ _PATH_FLAGS = ("--data-root", "--unet", "--unet-flags", "--text-encoder")
 
 def fit_command(fit: dict[str, Any], cache: str, out: str) -> str:
     """The ``pipeline fit`` (or ``baseline``) command of a run's ``config.json`` ``fit`` entry: the options that
-    differ from the defaults; any the command line lacks are named after it, as Python keywords."""
+    differ from the defaults, spelled as :data:`train.config.COMMAND_OPTIONS` declares them (the switches of
+    :data:`train.config.SWITCHES`, 0 for None where :data:`train.config.ZERO_IS_NONE`); any the command line lacks
+    are named after it, as Python keywords."""
     cfg = FitConfig.from_json({**fit, "cache": cache, "out": out})
     have, default = cfg.to_json(), FitConfig(cache=cfg.cache, out=cfg.out, model=cfg.model).to_json()
-    command = "baseline" if cfg.model == "plain-unet" else "fit"
+    command = next(c for c, model in COMMAND_MODEL.items() if model == cfg.model)
+    takes = COMMAND_OPTIONS[command]
     parts, api = [f"pipeline {command} --cache {cache} --out {out}"], []
     for key, value in have.items():
         if key in ("cache", "out", "model") or value == default.get(key):
             continue
-        if key not in _COMMAND_KEYS[command]:
+        switch = next((n for n in takes if n in SWITCHES and SWITCHES[n].key == key and SWITCHES[n].value == value),
+                      None)
+        if switch is not None:
+            parts.append(_flag(switch))
+        elif key not in takes:
             api.append(f"{key}={value!r}")
-        elif not isinstance(value, list) and (key, value) in _NEGATED:
-            parts.append(_NEGATED[(key, value)])
+        elif value is None and key in ZERO_IS_NONE:
+            parts.append(f"{_flag(key)} 0")
         elif isinstance(value, bool):
-            parts.append(f"--{key.replace('_', '-')}")
-        elif isinstance(value, list):
-            parts.append(f"--{key.replace('_', '-')} {','.join(map(str, value))}")
+            parts.append(_flag(key))
         else:
-            parts.append(f"--{key.replace('_', '-')} {value}")
+            parts.append(f"{_flag(key)} {','.join(map(str, value)) if isinstance(value, list) else value}")
     return " ".join(parts) + (f"  (and, through the Python API: {', '.join(api)})" if api else "")
+
+
+def _flag(name: str) -> str:
+    """The flag of an option or switch name (``lr_drop_epoch`` → ``--lr-drop-epoch``)."""
+    return "--" + name.replace("_", "-")
 
 
 def _shareable(config: dict[str, Any]) -> dict[str, Any]:
