@@ -42,7 +42,8 @@ from extract.pretrain import PRETRAIN_PRESETS
 from extract.run import ExtractConfig, run_extract
 from extract.shared import to_unit_range
 from extract.unet import load_unet
-from train.data import READERS, SplitFeatures
+from train.data import SplitFeatures
+from train.models import MODELS
 
 STEPS = (50, 150, 250)
 BLOCKS = (4, 6, 8, 12)
@@ -102,8 +103,8 @@ def main() -> None:
     def one_fit(name: str, how: str) -> tuple[float, float]:
         cfg = fit_module.FitConfig.flat(cache=store, out=work / f"{how}-{name}", epochs=epochs, dim=args.dim,
                                    **CONFIGS[name])
-        patch = (mock.patch.dict(READERS, {"features": recomputing_split(extractor)}) if how == "authors"
-                 else contextlib.nullcontext())
+        recomputed = replace(MODELS["textdiff"], reader=recomputing_split(extractor))
+        patch = (mock.patch.dict(MODELS, {"textdiff": recomputed}) if how == "authors" else contextlib.nullcontext())
         t = time.perf_counter()
         with patch:
             metrics = fit_module.fit(cfg, console=quiet)

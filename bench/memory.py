@@ -39,7 +39,10 @@ def child(store: str, count: int, budget_gb: float, out: str) -> None:
     from rich.console import Console
 
     import train.fit as fit_module
-    from train.data import READERS, SplitFeatures
+    from dataclasses import replace
+
+    from train.data import SplitFeatures
+    from train.models import MODELS
 
     seen = {}
 
@@ -48,7 +51,7 @@ def child(store: str, count: int, budget_gb: float, out: str) -> None:
             super().__init__(*a, **k)
             seen.setdefault(self.split, (self.in_memory, self.nbytes))
 
-    READERS["features"] = Recorded  # the reader fit opens its splits with (train.models.open_split)
+    MODELS["textdiff"] = replace(MODELS["textdiff"], reader=Recorded)  # fit opens its splits with the spec's reader
     before = peak_rss_mb()
     fit_module.fit(fit_module.FitConfig.flat(cache=Path(store), out=Path(out), epochs=1, dim=64, train_count=count,
                                         memory_budget_gb=budget_gb), console=Console(stderr=True, quiet=True))

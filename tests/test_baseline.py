@@ -49,7 +49,7 @@ def test_baseline_trains_on_fits_subset_and_evaluates_alike(store: Path, tmp_pat
     cfg_b, cfg_h = (json.loads((r / "config.json").read_text()) for r in (base, head))
     assert cfg_b["train_ids"] == cfg_h["train_ids"] and len(cfg_b["train_ids"]) == 3  # the same few labels
     assert cfg_b["val"] == cfg_h["val"]
-    assert cfg_b["head"]["kind"] == "plain-unet" and cfg_b["blocks"] == []
+    assert cfg_b["head"]["_class_name"] == "PlainUNet" and cfg_b["blocks"] == []
     losses = [float(r.split(",")[1]) for r in (base / "history.csv").read_text().splitlines()[1:]]
     assert losses[-1] < losses[0]  # it learns
     summaries = []

@@ -130,7 +130,12 @@ def test_features_are_read_as_the_head_was_trained(store_path, tmp_path, monkeyp
             super().__init__(store, split, blocks, steps, indices, memory_budget, attend_padding, view_tokens)
             seen.append(attend_padding)
 
-    monkeypatch.setitem(train.data.READERS, "features", Spy)  # evaluate builds its data through train.data.READERS
+    import dataclasses
+
+    import train.models
+
+    spec = dataclasses.replace(train.models.MODELS["textdiff"], reader=Spy)
+    monkeypatch.setitem(train.models.MODELS, "textdiff", spec)  # evaluate builds its data with the spec's reader
     evaluate(run, overlays=False, console=quiet())
     assert seen == [True]
     config, head, store = load_run(run)

@@ -37,7 +37,9 @@ def test_a_run_folder_loads_as_a_head(store_path: Path, tmp_path: Path) -> None:
     assert head.config == model.config
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), model.state_dict().values()))
     saved = head.save(tmp_path / "saved")  # and what save writes is a run folder's layout
-    assert json.loads((saved / "config.json").read_text())["head"] == head.config
+    # the model's identity beside its constructor arguments, as a fit records it
+    assert json.loads((saved / "config.json").read_text())["head"] == {"_class_name": "TextDiffHead", **head.config}
+    assert json.loads((run / "config.json").read_text())["head"] == {"_class_name": "TextDiffHead", **head.config}
     assert TextDiffHead.load(saved).config == head.config
 
 
@@ -162,3 +164,23 @@ def test_shell_scripts_ask_the_run_folder_owner(tmp_path: Path) -> None:
     assert ask("value", str(run), "dice", "test").stdout.strip() == "0.5"
     assert ask("nonsense").returncode == 2
     assert json.loads((run / rundir.METRICS).read_text()) == {"best_val_dice": 0.71}
+
+
+def test_a_models_identity_is_its_class_name_and_its_arguments() -> None:
+    """As diffusers' ``_class_name`` + config: a run's ``head`` names its class; older runs' ``kind`` (the plain
+    U-Net) or nothing (the TextDiff head) still read; the registry entry holds the reader and the new-image inputs."""
+    from train.data import SplitFeatures, SplitImages
+    from train.models import MODELS, spec_of
+    from train.plain_unet import PlainUNet
+
+    assert spec_of({"head": {"_class_name": "PlainUNet", "width": 8}}).name == "plain-unet"
+    assert spec_of({"head": {"kind": "plain-unet", "width": 8}}).name == "plain-unet"
+    assert spec_of({"head": {"dim": 16}}).name == "textdiff"
+    with pytest.raises(ValueError, match="'Other' is not registered"):
+        spec_of({"head": {"_class_name": "Other"}})
+    unet = MODELS["plain-unet"]
+    assert unet.identity(PlainUNet(width=8, depth=2)) == {"_class_name": "PlainUNet", "width": 8, "depth": 2,
+                                                          "in_channels": 3, "num_classes": 2}
+    assert isinstance(unet.rebuild({"kind": "plain-unet", "width": 8, "depth": 2}), PlainUNet)
+    assert unet.reader is SplitImages and MODELS["textdiff"].reader is SplitFeatures
+    assert [spec.new_image_inputs().__name__ for spec in MODELS.values()] == ["FeatureInputs", "ImageInputs"]

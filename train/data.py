@@ -3,7 +3,8 @@
 Nothing here loads the UNet or a text encoder: everything comes from a :class:`cache.store.FeatureStore`.
 A model reads a split through one of two readers with one interface (:class:`SplitData`: rows → a
 sample): :class:`SplitFeatures` (cached features + text tokens, a :class:`Sample`) or
-:class:`SplitImages` (the store's images, an :class:`ImageSample`); :data:`READERS` names them.
+:class:`SplitImages` (the store's images, an :class:`ImageSample`); each model's registry entry names its
+reader (:attr:`train.models.ModelSpec.reader`).
 Per scale (one block), the chosen steps are concatenated on channels in ascending order, so a
 block with C channels gives a (len(steps)·C, h, w) map, as in the authors' code.
 """
@@ -368,6 +369,3 @@ class SplitImages(SplitRows):
         image = to_unit_range(np.stack([self._row("image", k, v) for k, v in zip(rows, views)]))
         return ImageSample(torch.from_numpy(image), self.targets(rows, views))
 
-
-#: the store readers, by what a model reads (:attr:`train.models.ModelSpec.reads`)
-READERS: dict[str, type[SplitFeatures] | type[SplitImages]] = {"features": SplitFeatures, "images": SplitImages}

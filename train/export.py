@@ -165,7 +165,7 @@ def model_card(run: Path, config: dict[str, Any], stage: StageOne, store: Featur
     with rundir.reading(run / rundir.CONFIG):  # its fit settings, read as today's FitConfig reads them
         fit_cmd = fit_command(fit, f"<{Path(str(store.path)).name}>", RUN)
     val = config.get("val", {})
-    texts, features = spec.needs_text(config["head"]), spec.reads == "features"
+    texts, features = spec.needs_text(config["head"]), spec.reads_features
     rows = [f"| {val.get('split', 'val')} (validation, best epoch {metrics.get('best_epoch')}) | "
             f"{_pct(metrics.get('best_val_dice'))} | {_pct(metrics.get('best_val_iou'))} | — | "
             f"{metrics.get('n_val', '—')} | `{fit_cmd}` |"]

@@ -34,7 +34,7 @@ from extract.devices import deterministic_kernels, precision_context, resolve_de
 from extract.shared import stage_progress
 from train import rundir
 from train.config import FitConfig
-from train.data import GIB, PAPER_TRAIN_COUNT, READERS, Reading, SplitData, choose_subset
+from train.data import GIB, PAPER_TRAIN_COUNT, Reading, SplitData, choose_subset
 from train.feed import Feed
 from train.losses import segmentation_loss
 from train.metrics import SegMetrics
@@ -194,7 +194,7 @@ def _set_up(cfg: FitConfig, store: FeatureStore, device: torch.device, console: 
     and start the run folder (marked incomplete; a fresh fit's earlier evaluations removed)."""
     spec = model_spec(cfg.model)
     check_view_text(store, cfg.view_text)
-    blocks, steps = READERS[spec.reads].select(store, cfg.blocks, cfg.steps)
+    blocks, steps = spec.reader.select(store, cfg.blocks, cfg.steps)
     reading = Reading(blocks, steps, cfg.attend_padding, cfg.memory_budget_gb * GIB, cfg.view_text == "rewrite")
     train_idx, val_split, val_idx = _split_train_val(store, cfg)
     train = open_split(spec, store, "train", reading, train_idx)
@@ -233,7 +233,7 @@ def _start_folder(f: _Fit, blocks: tuple[int, ...], steps: tuple[int, ...], val_
     if not f.run.epoch:
         rundir.clear_evaluations(out)  # they scored other weights
     rundir.mark_incomplete(out)
-    config = {"fit": cfg.to_json(), "device": str(f.device), "head": f.model.config, "cache": f.store.location,
+    config = {"fit": cfg.to_json(), "device": str(f.device), "head": f.spec.identity(f.model), "cache": f.store.location,
               "dataset": f.store.key["dataset"].get("name", ""), "size": f.size, "blocks": list(blocks),
               "steps": list(steps), "train_split": "train", "train_ids": f.train.ids,
               "val": {"split": val_split, "ids": f.val.ids}}

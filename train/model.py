@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from train.config import FUSIONS, NORMS
 from train.fastconv import fused_first_conv
-from train.rundir import read_model_files, write_model_files
+from train.rundir import IDENTITY_KEYS, read_model_files, write_model_files
 
 __all__ = ["TextDiffHead", "TextCrossBlock", "CrossAttention", "FUSIONS", "NORMS",
            "count_parameters", "sinusoidal_2d", "IMPLS"]
@@ -386,15 +386,16 @@ class TextDiffHead(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write the head in a run folder's layout (``config.json``'s ``head``, ``model.safetensors``); returns it."""
-        write_model_files(Path(directory), self.config, self.state_dict())
+        write_model_files(Path(directory), {"_class_name": type(self).__name__, **self.config}, self.state_dict())
         return Path(directory)
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> TextDiffHead:
         """Rebuild a head from a fitted run folder or :meth:`save`'s (strict state-dict load)."""
         config, state = read_model_files(Path(directory), map_location)
-        if "kind" in config:
-            raise ValueError(f"{directory} holds a {config['kind']} model, not a TextDiff head")
-        model = cls(**config)
+        named = config.get("_class_name", config.get("kind", cls.__name__))
+        if named != cls.__name__:
+            raise ValueError(f"{directory} holds a {named} model, not a TextDiff head")
+        model = cls(**{k: v for k, v in config.items() if k not in IDENTITY_KEYS})
         model.load_state_dict(state)
         return model

@@ -2,7 +2,7 @@
 
 Each :class:`ModelSpec` declares how its model is built (from its constructor-argument dataclass and
 the training data, or from a run's ``config.json``), what it reads from a store (``"features"``:
-cached features + text tokens; ``"images"``: the store's images; see :data:`train.data.READERS`),
+cached features + text tokens, :class:`train.data.SplitFeatures`, or the store's images, ``SplitImages``),
 its evaluation batch-size rule and whether it needs text. fit, evaluate and predict ask the registry
 and never name a model. :func:`logits` / :func:`probabilities` are the forward pass (training,
 validation, evaluation and prediction alike); :func:`load_run` loads a finished run, :func:`load_model_dir` an exported model folder.
@@ -13,6 +13,7 @@ validation, evaluation and prediction alike); :func:`load_run` loads a finished 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,13 +28,13 @@ from common.statedict import mismatch
 from extract.devices import precision_context, resolve_device
 from train.config import ALIASES, MEMORY_BUDGET_GB, MODEL_ARGS, TextDiffArgs, model_name
 from train import rundir
-from train.data import GIB, READERS, ImageSample, Reading, Sample, SplitData
+from train.data import GIB, ImageSample, Reading, Sample, SplitData, SplitFeatures, SplitImages
 from train.model import TextDiffHead
 from train.modeldir import MODEL_CONFIG, MODEL_WEIGHTS, StageOne, export_again, read_model_dir
 from train.plain_unet import PlainUNet
-from train.rundir import Malformed, open_run, read_model_files, reading
+from train.rundir import IDENTITY_KEYS, Malformed, open_run, read_model_files, reading
 
-__all__ = ["ALIASES", "MODELS", "ModelSpec", "load_model_dir", "load_run", "logits", "model_spec", "open_split", "probabilities",
+__all__ = ["ALIASES", "IDENTITY_KEYS", "MODELS", "ModelSpec", "load_model_dir", "load_run", "logits", "model_spec", "open_split", "probabilities",
            "reading_of", "spec_of"]
 
 _ACTIVATION_BUDGET = 1 * GIB    # per forward batch, for the upsampled, concatenated maps
@@ -41,15 +42,36 @@ _ACTIVATION_BUDGET = 1 * GIB    # per forward batch, for the upsampled, concaten
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model of the registry."""
+    """One model of the registry: its class, its constructor-argument dataclass, the reader of a store split it
+    trains and is evaluated on, and how ``predict`` reads a new image for it (``inputs``, ``module:name``, imported
+    on first use: it loads the UNet's code, which a fit never needs)."""
 
     name: str
-    args: type                                              # its constructor-argument dataclass
-    reads: str                                              # a key of train.data.READERS
+    model_class: type[nn.Module]
+    args: type
+    reader: type[SplitFeatures] | type[SplitImages]
+    inputs: str
     build: Callable[[Any, SplitData, FeatureStore], nn.Module]   # untrained, from args + training data
-    rebuild: Callable[[dict[str, Any]], nn.Module]         # untrained, from a run config's "head"
     batch_size: Callable[[dict[str, Any], int], int]        # evaluation images per forward (head, size)
     needs_text: Callable[[dict[str, Any]], bool]            # whether a new image needs its text (head)
+
+    @property
+    def reads_features(self) -> bool:
+        """It reads cached features and text tokens (else the store's images)."""
+        return issubclass(self.reader, SplitFeatures)
+
+    def identity(self, model: nn.Module) -> dict[str, Any]:
+        """What a run's ``config.json`` records of ``model``: its class name and constructor arguments."""
+        return {"_class_name": self.model_class.__name__, **model.config}
+
+    def rebuild(self, head: dict[str, Any]) -> nn.Module:
+        """An untrained model from a run config's ``head`` (:meth:`identity`, or an older run's arguments)."""
+        return self.model_class(**{k: v for k, v in head.items() if k not in IDENTITY_KEYS})
+
+    def new_image_inputs(self) -> Any:
+        """What reads a new image as the store did (:class:`train.predict.FeatureInputs` / ``ImageInputs``)."""
+        module, name = self.inputs.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 def _head_batch(head: dict[str, Any], size: int) -> int:
@@ -63,10 +85,6 @@ def _build_head(args: TextDiffArgs, data: Any, store: FeatureStore) -> TextDiffH
     return TextDiffHead(in_channels=data.channels(), text_dim=int(store.attrs["token_dim"]), **asdict(args))
 
 
-def _rebuild_unet(head: dict[str, Any]) -> PlainUNet:
-    return PlainUNet(**{k: v for k, v in head.items() if k != "kind"})
-
-
 def _build_unet(args: Any, data: Any, store: FeatureStore) -> PlainUNet:
     """The plain U-Net of ``args``, refused (before anything is written) where the store's size cannot be halved
     ``depth`` times."""
@@ -78,10 +96,10 @@ def _build_unet(args: Any, data: Any, store: FeatureStore) -> PlainUNet:
 
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
-    ModelSpec("textdiff", MODEL_ARGS["textdiff"], "features", _build_head, lambda head: TextDiffHead(**head), _head_batch,
-              lambda head: head.get("fusion", "cross-attn") != "none"),
-    ModelSpec("plain-unet", MODEL_ARGS["plain-unet"], "images", _build_unet, _rebuild_unet, lambda head, size: 4,
-              lambda head: False),
+    ModelSpec("textdiff", TextDiffHead, MODEL_ARGS["textdiff"], SplitFeatures, "train.predict:FeatureInputs",
+              _build_head, _head_batch, lambda head: head.get("fusion", "cross-attn") != "none"),
+    ModelSpec("plain-unet", PlainUNet, MODEL_ARGS["plain-unet"], SplitImages, "train.predict:ImageInputs",
+              _build_unet, lambda head, size: 4, lambda head: False),
 )}
 assert MODELS.keys() == MODEL_ARGS.keys()  # one registry: train.config names each model's arguments
 
@@ -92,8 +110,16 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def spec_of(config: dict[str, Any]) -> ModelSpec:
-    """The model of a run's ``config.json`` (its ``head`` entry names it; none: the TextDiff head)."""
-    return model_spec(config["head"].get("kind", "textdiff"))
+    """The model of a run's ``config.json``: the class its ``head`` entry names (``_class_name``; an older run's
+    ``kind``, or none: the TextDiff head)."""
+    head = config["head"]
+    if "_class_name" in head:
+        found = [spec for spec in MODELS.values() if spec.model_class.__name__ == head["_class_name"]]
+        if not found:
+            raise ValueError(f"model class {head['_class_name']!r} is not registered (textdiff knows "
+                             f"{[spec.model_class.__name__ for spec in MODELS.values()]})")
+        return found[0]
+    return model_spec(head.get("kind", "textdiff"))
 
 
 def reading_of(config: dict[str, Any]) -> Reading:
@@ -106,7 +132,7 @@ def reading_of(config: dict[str, Any]) -> Reading:
 def open_split(spec: ModelSpec, store: FeatureStore, split: str, reading: Reading,
                indices: Any = None) -> SplitData:
     """Rows ``indices`` (default all) of ``split`` as model ``spec`` reads them."""
-    return READERS[spec.reads].open(store, split, reading, indices)
+    return spec.reader.open(store, split, reading, indices)
 
 
 def logits(model: nn.Module, sample: Sample | ImageSample, size: int) -> torch.Tensor:

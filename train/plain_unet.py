@@ -56,13 +56,13 @@ def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
 
 class PlainUNet(nn.Module):
     """U-Net on RGB in [-1, 1] → class logits: ``model(image, out_size=None)``. ``config`` holds its
-    constructor arguments (and ``kind``: "plain-unet", how a run's ``config.json`` tells it apart)."""
+    constructor arguments (a run's ``config.json`` adds its class name: :meth:`train.models.ModelSpec.identity`)."""
 
     def __init__(self, width: int = 64, depth: int = 4, in_channels: int = 3, num_classes: int = 2):
         super().__init__()
         if width < 1 or depth < 1:
             raise ValueError(f"width and depth must be >= 1, got {width}, {depth}")
-        self.config: dict[str, Any] = {"kind": "plain-unet", "width": width, "depth": depth,
+        self.config: dict[str, Any] = {"width": width, "depth": depth,
                                        "in_channels": in_channels, "num_classes": num_classes}
         chans = [width * 2 ** i for i in range(depth + 1)]
         self.inc = _double_conv(in_channels, chans[0])

@@ -11,7 +11,7 @@ images share each forward). Features and tokens are rounded to float16 and back,
 them. Per block the steps are concatenated on channels in the run's order, as in
 :class:`train.data.SplitFeatures`, and the token mask is the run's (:func:`train.data.visible_tokens`).
 A model that reads images gets the image alone. What a model reads comes from the registry
-(:attr:`train.models.ModelSpec.reads`); the probabilities from :func:`train.models.probabilities`, the
+(:attr:`train.models.ModelSpec.reader`); the probabilities from :func:`train.models.probabilities`, the
 forward pass evaluate uses, in evaluate's batches.
 
 ``Predictor.from_run`` loads the models once; :func:`predict` is the one-shot wrapper;
@@ -21,7 +21,7 @@ forward pass evaluate uses, in evaluate's batches.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,11 +258,6 @@ class ImageInputs:
         return ImageSample(torch.from_numpy(to_unit_range(images)), _target(len(images), images.shape[-1]))
 
 
-#: how a new image is read, by what a model reads (:attr:`train.models.ModelSpec.reads`)
-INPUTS: dict[str, Callable[..., FeatureInputs | ImageInputs]] = {"features": FeatureInputs.for_run,
-                                                                  "images": ImageInputs.for_run}
-
-
 def resize_to(array: np.ndarray, height_width: tuple[int, int], mode: str) -> np.ndarray:
     """A (S, S) mask (``mode`` "L": nearest) or probability map ("F": bilinear) at (height, width)."""
     h, w = height_width
@@ -274,7 +269,8 @@ def resize_to(array: np.ndarray, height_width: tuple[int, int], mode: str) -> np
 
 @dataclass
 class Predictor:
-    """A run's (or an exported model folder's) model with what reads a new image as its store did (:data:`INPUTS`)."""
+    """A run's (or an exported model folder's) model with what reads a new image as its store did (its registry
+    entry's :meth:`train.models.ModelSpec.new_image_inputs`)."""
 
     config: dict[str, Any]
     model: torch.nn.Module
@@ -302,7 +298,7 @@ class Predictor:
             stage = StageOne.of_store(store)
         if stage.preprocessing.get("image_resize") != "pil-bilinear":
             raise ValueError(f"{stage.where}: unsupported image_resize {stage.preprocessing.get('image_resize')!r}")
-        inputs = INPUTS[spec_of(config).reads](config, stage, unet, text_encoder, dev)
+        inputs = spec_of(config).new_image_inputs().for_run(config, stage, unet, text_encoder, dev)
         return cls(config=config, model=model, stage_one=stage, inputs=inputs, precision=precision)
 
     def device_note(self) -> str | None:

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from cache.store import FeatureStore
 
-__all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "LEGACY_WEIGHTS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "CHECKPOINT",
+__all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "LEGACY_WEIGHTS", "IDENTITY_KEYS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "CHECKPOINT",
            "PER_IMAGE", "SUMMARY", "PREDICTIONS", "OVERLAYS", "REFIT", "RESTART", "RUN_ENTRIES", "METRIC_ENTRIES",
            "SCORE_ENTRIES", "CacheMismatchError", "Malformed", "RunFileError", "check_cache_key", "eval_dir",
            "clear_evaluations", "evaluated", "evaluated_splits", "fit_finished", "has_checkpoint", "load_checkpoint", "mark_complete",
@@ -57,6 +57,9 @@ CONFIG = "config.json"
 CACHE_KEY = "cache_key.json"
 WEIGHTS = "model.safetensors"
 LEGACY_WEIGHTS = "head.pt"  # torch.save, before the run folder stored safetensors
+#: a model's identity in ``config.json``'s ``head`` entry, beside its constructor arguments (diffusers' way);
+#: ``kind`` is how older runs named the plain U-Net
+IDENTITY_KEYS = ("_class_name", "kind")
 HISTORY = "history.csv"
 LOSS_PLOT = "loss.png"
 METRICS = "metrics.json"
