@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,6 +261,22 @@ def predict_batch(run: Path, images: Path, out: Path, texts: Path | None = None,
     if note:
         console.print(f"[yellow]note[/]: {note}", highlight=False, soft_wrap=True)
 
+    truncated = _segment(todo, jobs, predictor, out, rows, result, skip, original_size, probabilities, skip_bad,
+                         console)
+    if truncated:
+        console.print(f"[yellow]note[/]: {truncated} text(s) longer than the run's "
+                      f"{predictor.stage_one.text['max_length']} tokens were truncated, as during extraction "
+                      f"(predictions.csv: truncated)", highlight=False, soft_wrap=True)
+    console.print(f"predict: {result.written} image(s) segmented, {result.kept} already done, "
+                  f"{len(result.skipped)} skipped → {escape(str(out))}", highlight=False, soft_wrap=True)
+    return result
+
+
+def _segment(todo: list[ImageJob], jobs: list[ImageJob], predictor: Predictor, out: Path,
+             rows: dict[str, dict[str, Any]], result: BatchResult, skip: Callable[[ImageJob, str], None],
+             original_size: bool, probabilities: bool, skip_bad: bool, console: Console) -> int:
+    """Segment the ``todo`` jobs a group at a time (whole UNet forwards and model batches), writing each image's
+    outputs and predictions.csv after each group; returns how many texts were truncated."""
     group, truncated = predictor.group_size(), 0
     progress = stage_progress(console, "predict", "images")
     try:
@@ -288,13 +304,7 @@ def predict_batch(run: Path, images: Path, out: Path, texts: Path | None = None,
                 _write_table(out, jobs, rows)
     finally:
         _write_table(out, jobs, rows)
-    if truncated:
-        console.print(f"[yellow]note[/]: {truncated} text(s) longer than the run's "
-                      f"{predictor.stage_one.text['max_length']} tokens were truncated, as during extraction "
-                      f"(predictions.csv: truncated)", highlight=False, soft_wrap=True)
-    console.print(f"predict: {result.written} image(s) segmented, {result.kept} already done, "
-                  f"{len(result.skipped)} skipped → {escape(str(out))}", highlight=False, soft_wrap=True)
-    return result
+    return truncated
 
 
 def predict_cli(run: Path, cfg: PredictConfig, console: Console | None = None) -> Path:
