@@ -61,7 +61,7 @@ def test_grid_plan_adds_every_pair_after_the_marginals():
     assert [p.name for p in plan[8:]] == [f"b{b}-t{s}-{t}" for b in (4, 8) for s in (50, 250)
                                           for t in ("text", "notext")]
     assert all(p.kind == "pair" and p.blocks == (p.block,) and p.steps == (p.step,) for p in plan[8:])
-    assert [p.text for p in plan[8:10]] == ["yes", "no"]
+    assert [p.with_text for p in plan[8:10]] == [True, False] and [p.text for p in plan[8:10]] == ["yes", "no"]
 
 
 def test_sweep_writes_eight_rows_and_a_heatmap(swept):

@@ -42,8 +42,7 @@ from train.plots import heatmap_png
 __all__ = ["CSV_COLUMNS", "SweepRun", "cell_label", "sweep", "sweep_cli", "sweep_plan"]
 
 CSV_COLUMNS = ("kind", "block", "step", "text", "test_dice", "test_iou", "val_dice", "run")
-FUSION = {"yes": "cross-attn", "no": "none"}
-TEXTS = tuple(FUSION)  # with text, then without: the order of the plan and of the figures' columns
+TEXTS = (True, False)  # with text, then without: the order of the plan and of the figures' columns
 # FitConfig keys (its flat layout) a sweep sets itself; ``base`` may set any other but the model
 _OWN_FIELDS = {"cache", "out", "blocks", "steps", "fusion", "epochs", "model", "model_args"}
 
@@ -53,7 +52,7 @@ class SweepRun:
     """One cell of the figure."""
 
     kind: str                # "block" (one block, every step), "step" (one step, every block) or "pair"
-    text: str                # "yes" or "no"
+    with_text: bool          # cross-attention on the text, or none (ζ1)
     blocks: tuple[int, ...]
     steps: tuple[int, ...]
 
@@ -74,7 +73,17 @@ class SweepRun:
 
     @property
     def name(self) -> str:
-        return f"{self.row_label}-{'text' if self.text == 'yes' else 'notext'}"
+        return f"{self.row_label}-{'text' if self.with_text else 'notext'}"
+
+    @property
+    def fusion(self) -> str:
+        """The head's fusion: cross-attention on the text, or none."""
+        return "cross-attn" if self.with_text else "none"
+
+    @property
+    def text(self) -> str:
+        """sweep.csv's ``text`` column: "yes" or "no"."""
+        return "yes" if self.with_text else "no"
 
 
 def cell_label(block: int | str | None, step: int | str | None) -> str:
@@ -95,7 +104,7 @@ def sweep_plan(blocks: tuple[int, ...], steps: tuple[int, ...], grid: bool = Fal
 def _fit_config(item: SweepRun, cache: Path, out: Path, epochs: int, base: dict[str, Any]) -> FitConfig:
     """The TextDiff fit of one cell (``base``: flat FitConfig keys, as in ``config.json``)."""
     return FitConfig.flat(**{**base, "cache": cache, "out": out / "runs" / item.name, "blocks": item.blocks,
-                                "steps": item.steps, "fusion": FUSION[item.text], "epochs": epochs})
+                                "steps": item.steps, "fusion": item.fusion, "epochs": epochs})
 
 
 def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = None,
@@ -163,7 +172,7 @@ def sweep(cache: Path, out: Path, epochs: int, base: dict[str, Any] | None = Non
             finished()
     finished()
 
-    dice = {(item.row_label, item.text): 100 * row["test_dice"] for item, row in zip(plan, rows)}
+    dice = {(item.row_label, item.with_text): 100 * row["test_dice"] for item, row in zip(plan, rows)}
     _figures(dice, store, blocks, steps, out, split, epochs, grid)
     figures = f"{out / 'sweep.png'}" + (f", {out / 'grid.png'}" if grid else "")
     console.print(f"sweep: {out / 'sweep.csv'}, {figures}", highlight=False)
@@ -210,7 +219,7 @@ def _figures(dice: dict[tuple[str, str], float], store: FeatureStore, blocks: tu
         cols = [(s, t) for t in TEXTS for s in steps]
         table = [[dice[cell_label(b, s), t] for s, t in cols] for b in blocks]
         heatmap_png(table, [cell_label(b, None) for b in blocks],
-                    [f"t{s}\n{'text' if t == 'yes' else 'no text'}" for s, t in cols], out / "grid.png", fmt=".1f",
+                    [f"t{s}\n{'text' if t else 'no text'}" for s, t in cols], out / "grid.png", fmt=".1f",
                     title=f"{dataset} {split} Dice (%): one block × one step, with text (left) and without (right)"
                           f"\n{about}", colorbar_label="Dice (%)", col_breaks=[len(steps)])
 
