@@ -59,8 +59,7 @@ class ExtractConfig:
         None, "Run on dask.distributed: local:N (N worker processes here) or tcp://HOST:PORT (a running "
               "cluster sharing the filesystem).")
     threads: int | None = option_field(  # None: torch's default here
-        None, "Torch threads per process (and per worker) (default: torch's, here; local:N workers copy it). "
-              "Values are bit-identical only between equal thread counts.")
+        None, "Torch threads per process and per worker (default: torch's); results are bit-identical at equal counts.")
     store_format: str = option_field(
         "zarr", "zarr (a folder; many writers, --scheduler) or h5 (one HDF5 file; one writer).")
     dataset_options: dict[str, Any] = option_field(

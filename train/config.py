@@ -137,10 +137,8 @@ class EvaluateConfig:
                                         "prediction).")
     device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast for the forward passes.")
-    text: str = option_field("as-is", "The text the head is given: as-is; none (every token withheld); shuffled "
-                                      "(each image gets another image's text, seeded); mirrored (left ↔ right, "
-                                      "upper ↔ lower, re-encoded). Other than as-is: written to "
-                                      "eval-<split>-text-<mode>/.")
+    text: str = option_field("as-is", "The text the head is given: as-is, none, shuffled or mirrored (written to "
+                                      "eval-<split>-text-<mode>/).")
     text_seed: int = option_field(0, "Seed of --text shuffled (which image gets which other image's text).")
     text_encoder: str | None = option_field(None, "With --text mirrored: the store's text encoder, if it moved "
                                                   "(its hashes are checked).")
@@ -160,12 +158,10 @@ class PredictConfig:
     image: Path | None = option_field(None, "The image to segment (PNG, JPEG, TIFF, BMP; grey, RGB, 16-bit).")
     images: Path | None = option_field(None, "Many images: a folder (its image files), or a .csv/.xlsx table with "
                                              "a column image (paths relative to the table's folder).")
-    text: str = option_field("", "With --image: its description (what the head attends to; not needed by --no-text "
-                                 "runs and the plain U-Net baseline). Left empty: no text, every token withheld "
-                                 "as by evaluate --text none (a note says whether the run was fitted for it).")
-    texts: Path | None = option_field(None, "With --images: a .csv/.xlsx table with columns image, text (an image is "
-                                            "matched by its path as listed, its file name or its stem); an image "
-                                            "without a row, or with an empty text, gets no text.")
+    text: str = option_field("", "With --image: its description; empty: no text (every token withheld, as evaluate "
+                                 "--text none).")
+    texts: Path | None = option_field(None, "With --images: a .csv/.xlsx table of columns image, text; an image "
+                                            "without a row, or with an empty text, has no text.")
     cache: str | None = option_field(None, "The run's store, if it moved (default: the one the run recorded).")
     original_size: bool = option_field(False, "Resize the mask (nearest) and probabilities (bilinear) back to the "
                                               "image's size.")
@@ -216,23 +212,19 @@ class FitConfig:
     lr_drop_epoch: int | None = option_field(60, "Multiply the learning rate by 0.1 after this epoch (authors: 60; 0 = never).")
     dice_on_logits: bool = option_field(False, "Feed raw logits to the Dice loss, as the authors' code does.")
     attend_padding: bool = option_field(False, "Let the cross-attention attend to padding tokens, as the authors' code does.")
-    text_dropout: float = option_field(0.0, "Withhold the whole text of a training sample with this probability "
-                                            "(seeded per epoch and sample), so that the head also predicts "
-                                            "without text; 0 = never (the paper). In [0, 1).")
+    text_dropout: float = option_field(0.0, "Withhold a training sample's whole text with this probability, in [0, 1); "
+                                            "0 = never (the paper).")
     dropout_classifier: str = option_field(
-        "shared", "With --text-dropout: shared (the text head itself, its attention silent for a sample without "
-                  "text: plain text dropout) or own (those samples train a classifier of their own, ζ1's, on the "
-                  "head's projected features, chosen on validation without text, and a prediction without text "
-                  "uses it; the text head learns from the samples with text alone).")
+        "shared", "With --text-dropout, what the text-less samples train: shared (the text head) or own (a classifier "
+                  "of their own).")
     seed: int | None = option_field(None, "Seed of the weights, order and augmentation (default: the subset seed).")
     val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
     memory_budget_gb: float = option_field(MEMORY_BUDGET_GB, "Hold features in memory up to this size (GB), else "
                                                              "stream them.")
     augment: bool = option_field(True, "Sample the cached dihedral views (p = 0.5 the original, else one of 8).")
     view_text: str = option_field(
-        "same", "The text a cached view is trained with: same (the image's, for every view), rewrite (the view's "
-                "own: its positional words rewritten, e.g. left <-> right under a flip), or unchanged (only views "
-                "whose rewritten text is the image's). rewrite / unchanged need a store made with --augment d4.")
+        "same", "The text a cached view trains with: same (the image's), rewrite (the view's own) or unchanged (only "
+                "views whose own text is the image's); the last two need a d4 store.")
     val_every: int = option_field(1, "Validate every K epochs (and after the last); the authors: every epoch.")
     device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast (mixed precision) for training and "
