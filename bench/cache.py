@@ -29,7 +29,7 @@ import torch
 import zarr
 from rich.console import Console
 
-from cache.integrity import checksum
+from cache.checksums import checksum
 from cache.store import FeatureStore
 from extract.checkpoints import PRESETS
 from extract.pretrain import PRETRAIN_PRESETS

@@ -6,9 +6,10 @@ Modules (each imports only those above it; ``cache`` imports neither ``extract``
 - ``key``: a store's identity (the key dictionary and its hash) and where it lives in a cache folder.
 - ``backends``: zarr folder or URL, or HDF5 file, behind one small interface.
 - ``schema``: the arrays of a store (names, paths, specs), ``SplitLayout``, ``StoreError``.
-- ``integrity``: checksums and the one row checker (``check_rows``); ``DamagedDataError``.
+- ``checksums``: a row's CRC-32 and what is wrong with a row read back; ``DamagedDataError`` (below the store).
 - ``writes``: ``StoreWriter``, the store's write half: pair arrays, rows checked then written atomically, repair.
 - ``store``: ``FeatureStore``: create or open, read (numpy or dask); writes through ``writes``.
+- ``integrity``: the one row checker (``check_rows``), above the store.
 - ``lock``: one writer per local store.
 - ``catalogue``: the stores of a cache folder: list, match a dataset's, remove, collect old ones.
 - ``maintenance``: verify a store's rows, and repair (unmark) the damaged ones.
@@ -21,8 +22,8 @@ from cache.catalogue import (StoreEntry, gc_candidates, last_written, list_store
                              store_bytes, store_paths)
 from cache.errors import OptionError, naming
 from cache.export import export_store, export_target
-from cache.integrity import (DamagedDataError, RowArray, RowCheck, base_arrays, check_rows, checksum,
-                             first_damaged, pair_array)
+from cache.checksums import DamagedDataError, checksum
+from cache.integrity import RowArray, RowCheck, base_arrays, check_rows, first_damaged, pair_array
 from cache.key import (FORMAT_VERSION, canonical_json, default_cache_dir, key_hash, make_key, sha256_file,
                        sha256_files, store_path)
 from cache.lock import writer_lock

@@ -45,20 +45,20 @@ def export_store(src_path: Location, store_format: str, dest: Location | None = 
                                            "exported_from": {"path": str(src.path)}})
     pairs = src.pairs()
     shapes = {p: src.feature_shape(*p) for p in pairs}
-    out.ensure_pairs([(s, b, shapes[s, b][0], shapes[s, b][1:]) for s, b in pairs])
+    out.writer.ensure_pairs([(s, b, shapes[s, b][0], shapes[s, b][1:]) for s, b in pairs])
     for split in src.splits():
         have = out.done(split)
         names = BASE_ARRAYS + (VIEW_TEXT_ARRAYS if src.view_texts(split) is not None else ())
         for i in src.done(split).nonzero()[0]:
             if not have[i]:
-                out.write_base(split, int(i), *(src.read(f"{split}/{name}", int(i)) for name in names))
+                out.writer.write_base(split, int(i), *(src.read(f"{split}/{name}", int(i)) for name in names))
             if progress:
                 progress()
         for step, block in pairs:
             have = out.done(split, step, block)
             for i in src.done(split, step, block).nonzero()[0]:
                 if not have[i]:
-                    out.write_features(split, int(i), step, block, src.read(feat_rel(split, step, block), int(i)))
+                    out.writer.write_features(split, int(i), step, block, src.read(feat_rel(split, step, block), int(i)))
                 if progress:
                     progress()
     out.close()

@@ -1,49 +1,20 @@
-"""Whether a store's rows read back as they were written: checksums, and the one row checker.
+"""Whether a store's rows read back as they were written: the one row checker, above the store.
 
-Writers record a CRC-32 per row and array between the data and its done flag (:func:`checksum`);
-:func:`check_rows` reads rows back and compares. Stage two's loading refuses the first damaged row it
-finds; ``verify_store`` (``cache/maintenance.py``) collects them all.
+Writers record a CRC-32 per row and array between the data and its done flag (:func:`cache.checksums.checksum`);
+:func:`check_rows` reads rows back and compares (:func:`cache.checksums.row_problem`). Stage two's loading refuses
+the first damaged row it finds; ``verify_store`` (``cache/maintenance.py``) collects them all.
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cache.schema import BASE_ARRAYS, VIEW_TEXT_ARRAYS, StoreError, feat_rel
-
-if TYPE_CHECKING:
-    from cache.store import FeatureStore
-
-
-class DamagedDataError(StoreError):
-    """A row that does not read back as it was written: undecodable, NaN/Inf, or not its recorded CRC-32.
-    ``reason`` is the message without the path and array in front."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def checksum(value: np.ndarray) -> int:
-    """CRC-32 of an array's bytes as stored (C order), never 0: 0 in a crc array means "not recorded"."""
-    return zlib.crc32(np.ascontiguousarray(value).tobytes()) or 1
-
-
-def row_problem(value: np.ndarray, recorded: int, float_data: bool) -> str | None:
-    """What is wrong with a row read back (None: nothing): NaN/Inf values (``float_data``; a lost chunk reads
-    as NaN), or a CRC-32 other than ``recorded`` at write time (0: none recorded, not compared). A matching
-    CRC settles it alone: writers refuse non-finite values."""
-    actual = checksum(value) if recorded else None
-    if actual == recorded:
-        return None
-    if float_data and not np.isfinite(value).all():
-        return f"{int((~np.isfinite(value)).sum())} NaN/Inf values (missing chunk or corrupt data)"
-    return None if actual is None else f"checksum {actual:08x} != {recorded:08x} recorded at write time"
+from cache.checksums import DamagedDataError, row_problem
+from cache.schema import BASE_ARRAYS, VIEW_TEXT_ARRAYS, feat_rel
+from cache.store import FeatureStore
 
 
 @dataclass(frozen=True)

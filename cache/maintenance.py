@@ -69,7 +69,7 @@ def repair_store(report: VerifyReport) -> int:
         store = FeatureStore.open(report.path, mode="r+")
         try:
             for split, row, pair in report.damaged:
-                store.unmark(split, row, *(pair or (None, None)))
+                store.writer.unmark(split, row, *(pair or (None, None)))
         finally:
             store.close()
     return len(report.damaged)

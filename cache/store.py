@@ -15,6 +15,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -22,7 +23,7 @@ from zarr.errors import ContainsGroupError
 
 from cache.backends import (BACKENDS, Backend, Location, as_location, backend_for, basename, is_url,
                             remove_local)
-from cache.integrity import DamagedDataError
+from cache.checksums import DamagedDataError
 from cache.key import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, key_hash
 from cache.schema import (BASE_ARRAYS, MARKER, TOKEN_ROWS_PER_DASK_CHUNK, VIEW_TEXT_ARRAYS, VIEW_TEXT_CRC,
                           SplitLayout, StoreError, base_specs, crc_rel, done_rel, feat_rel, layout_problems, numbered,
@@ -38,9 +39,9 @@ def format_of(path: Path | str) -> str:
     return "h5" if Path(path).suffix.lower() in (".h5", ".hdf5") else "zarr"
 
 
-class FeatureStore(StoreWriter):
+class FeatureStore:
     """A textdiff feature store on local disk (zarr folder or HDF5 file). Build with `create`, reopen with `open`;
-    the write methods are :class:`cache.writes.StoreWriter`'s."""
+    it reads; one opened with mode "r+" writes through :attr:`writer` (:class:`cache.writes.StoreWriter`)."""
 
     path: Location  # a Path, or a URL string
     key: dict
@@ -52,6 +53,28 @@ class FeatureStore(StoreWriter):
         self._attrs = backend.attrs()
         self.key = self._attrs["key"]
         self._layouts: dict[str, SplitLayout] = {}
+        self._writer: StoreWriter | None = None
+
+    @property
+    def writer(self) -> StoreWriter:
+        """The write methods (a store opened with mode "r+"; a read-only one refuses, naming itself)."""
+        if self._writer is None:
+            self._writer = StoreWriter(self)
+        return self._writer
+
+    def _exists(self, rel: str) -> bool:
+        return self._backend.exists(rel)
+
+    def _array(self, rel: str) -> Any:
+        if not self._exists(rel):
+            raise StoreError(f"{self.path}: no array {rel!r}")
+        return self._backend.array(rel)
+
+    def _row(self, split: str, i: int) -> int:
+        n = len(self.layout(split).ids)
+        if not 0 <= int(i) < n:
+            raise StoreError(f"{self.path}: row {i} out of range for split {split!r} ({n} images)")
+        return int(i)
 
     @property
     def location(self) -> str:

@@ -1,5 +1,6 @@
-"""The writing half of :class:`cache.store.FeatureStore`: creating pair arrays, writing an image's base
-arrays and features (checked, then checksummed, then flagged done), and clearing a flag for repair.
+"""The writing half of a feature store, by composition (``store.writer``, a :class:`StoreWriter` wrapping a store
+opened with mode "r+"): creating pair arrays, writing an image's base arrays and features (checked, then
+checksummed, then flagged done), and clearing a flag for repair.
 
 Every write checks its values (dtype, shape, finite in float16) before anything is written, writes the data,
 then its CRC-32, then the done flag: a killed writer leaves its row not-done (see :mod:`cache.store`).
@@ -9,57 +10,71 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cache.backends import Backend, Location, Spec
-from cache.integrity import checksum
+from cache.checksums import checksum
 from cache.schema import (BASE_ARRAYS, VIEW_TEXT_ARRAYS, VIEW_TEXT_CRC, SplitLayout, StoreError, crc_rel, crc_spec,
                           done_rel, done_spec, feat_rel, feat_spec)
+
+if TYPE_CHECKING:
+    from cache.store import FeatureStore
 
 __all__ = ["StoreWriter"]
 
 
 class StoreWriter:
-    """The write methods of a feature store; :class:`cache.store.FeatureStore` provides what they use."""
+    """The write methods of a feature store opened for writing (``store.writer``): it wraps the store, which
+    reads; a read-only store has none."""
 
-    path: Location
-    mode: str
-    format: str
-    size: int
-    _backend: Backend
-    _attrs: dict
+    def __init__(self, store: FeatureStore) -> None:
+        if store.mode == "r":
+            raise StoreError(f"{store.path}: opened read-only; open with mode='r+' to write")
+        self.store = store
 
-    def layout(self, split: str) -> SplitLayout:  # FeatureStore's
-        raise NotImplementedError
+    @property
+    def path(self) -> Location:
+        return self.store.path
 
-    def splits(self) -> list[str]:  # FeatureStore's
-        raise NotImplementedError
+    @property
+    def format(self) -> str:
+        return self.store.format
+
+    @property
+    def size(self) -> int:
+        return self.store.size
+
+    @property
+    def _backend(self) -> Backend:
+        return self.store._backend
+
+    @property
+    def _attrs(self) -> dict:
+        return self.store._attrs
+
+    def layout(self, split: str) -> SplitLayout:
+        return self.store.layout(split)
+
+    def splits(self) -> list[str]:
+        return self.store.splits()
 
     def _exists(self, rel: str) -> bool:
-        return self._backend.exists(rel)
+        return self.store._exists(rel)
 
     def _array(self, rel: str) -> Any:
-        if not self._exists(rel):
-            raise StoreError(f"{self.path}: no array {rel!r}")
-        return self._backend.array(rel)
+        return self.store._array(rel)
 
     def unmark(self, split: str, i: int, step: int | None = None, block: int | None = None) -> None:
         """Clear row ``i``'s done flag (the base arrays with ``step=None``, else the pair's features), so
         that the next ``extract`` writes it again: how a damaged row is repaired."""
-        self._writable()
         i = self._row(split, i)
         self._array(done_rel(split, step, block))[i] = False  # zarr: the flag's chunk file is removed
         self._backend.commit()
 
-    def _writable(self) -> None:
-        if self.mode == "r":
-            raise StoreError(f"{self.path}: opened read-only; open with mode='r+' to write")
-
     def ensure_pair(self, step: int, block: int, channels: int, hw: tuple[int, int]) -> None:
         """Create the feature and done arrays of (step, block) in every split; existing ones are checked."""
-        self._writable()
         h, w = hw
         for name, value, low in (("step", step, 0), ("block", block, 0), ("channels", channels, 1),
                                  ("height", h, 1), ("width", w, 1)):
@@ -92,10 +107,7 @@ class StoreWriter:
                              f"requested {spec.shape} {spec.dtype}")
 
     def _row(self, split: str, i: int) -> int:
-        n = len(self.layout(split).ids)
-        if not 0 <= int(i) < n:
-            raise StoreError(f"{self.path}: row {i} out of range for split {split!r} ({n} images)")
-        return int(i)
+        return self.store._row(split, i)
 
     def _check_shape(self, what: str, split: str, value: np.ndarray, shape: tuple[int, ...]) -> None:
         if value.shape != shape:
@@ -114,7 +126,6 @@ class StoreWriter:
                    view_token_mask: np.ndarray | None = None) -> None:
         """Write image (V,3,S,S) uint8, mask (V,S,S) {0,1}, tokens (L,D), token_mask (L,) — and, in a split whose
         views have their own text, each view's view_tokens (V,L,D) and view_token_mask (V,L); then the done flag."""
-        self._writable()
         i = self._row(split, i)
         v, s = self.layout(split).views, self.size
         views = self._view_text_values(split, i, view_tokens, view_token_mask)
@@ -162,7 +173,6 @@ class StoreWriter:
 
     def write_features(self, split: str, i: int, step: int, block: int, feats: np.ndarray) -> None:
         """Write one image's features (V,C,h,w), cast to float16; then the done flag."""
-        self._writable()
         i = self._row(split, i)
         rel = feat_rel(split, step, block)
         if not self._exists(rel):

@@ -45,9 +45,9 @@ class _Pending:
         job = self.job
         try:
             if job.base_arrays:
-                store.write_base(job.split, job.index, self.imgs, self.masks, *tokens[(job.split, job.index)])
+                store.writer.write_base(job.split, job.index, self.imgs, self.masks, *tokens[(job.split, job.index)])
             for (s, b), arr in self.feats.items():
-                store.write_features(job.split, job.index, s, b, arr)
+                store.writer.write_features(job.split, job.index, s, b, arr)
         except OSError as e:
             raise OSError(e.errno, f"writing {store.path} ({job.split}/{job.item.id}) failed: "
                                    f"{e.strerror or e}; every image written before it is kept, free the "

@@ -267,7 +267,7 @@ def _open_for_writing(cfg: ExtractConfig, path: Location, key: dict[str, Any], l
                                                                       "device_type": device.type,
                                                                       "extract": _provenance(cfg, unet_src)})
         check_device_type(store, device)
-        store.ensure_pairs(pair_arrays)
+        store.writer.ensure_pairs(pair_arrays)
     except OSError as e:
         raise OSError(e.errno, f"creating the arrays of {path} failed: {e.strerror or e} ({e.filename}); no image "
                                f"was written yet: free the space (or fix the folder) and re-run") from e

@@ -259,7 +259,7 @@ def test_a_format_1_store_is_read_but_never_added_to(tmp_path):
 def test_read_only_refuses_writes(store):
     reader = FeatureStore.open(store.path)
     with pytest.raises(StoreError, match="read-only"):
-        reader.ensure_pair(50, 6, 8, (4, 4))
+        reader.writer.ensure_pair(50, 6, 8, (4, 4))
 
 
 # ---------------------------------------------------------------- pairs and writes
@@ -267,30 +267,30 @@ def test_read_only_refuses_writes(store):
 
 def test_ensure_pair_idempotent_and_incremental(store):
     rng = np.random.default_rng(0)
-    store.ensure_pair(50, 6, 8, (4, 4))
+    store.writer.ensure_pair(50, 6, 8, (4, 4))
     assert store.pairs() == [(50, 6)]
-    store.write_base("train", 0, **_base_row(rng, 2))
-    store.write_features("train", 0, 50, 6, rng.normal(size=(2, 8, 4, 4)))
+    store.writer.write_base("train", 0, **_base_row(rng, 2))
+    store.writer.write_features("train", 0, 50, 6, rng.normal(size=(2, 8, 4, 4)))
     before = _snapshot(store.path)
-    store.ensure_pair(50, 6, 8, (4, 4))
+    store.writer.ensure_pair(50, 6, 8, (4, 4))
     assert _snapshot(store.path) == before
-    store.ensure_pair(150, 12, 16, (8, 8))
+    store.writer.ensure_pair(150, 12, 16, (8, 8))
     after = _snapshot(store.path)
     assert {name: after[name] for name in before} == before, "adding a pair rewrote existing files"
     assert FeatureStore.open(store.path).pairs() == [(50, 6), (150, 12)]
     with pytest.raises(StoreError, match="t50/b6"):
-        store.ensure_pair(50, 6, 16, (4, 4))
+        store.writer.ensure_pair(50, 6, 16, (4, 4))
     with pytest.raises(StoreError, match="channels"):
-        store.ensure_pair(250, 6, 0, (4, 4))
+        store.writer.ensure_pair(250, 6, 0, (4, 4))
 
 
 def test_writes_set_done_and_read_back(store):
     rng = np.random.default_rng(1)
-    store.ensure_pair(50, 6, 8, (4, 4))
+    store.writer.ensure_pair(50, 6, 8, (4, 4))
     row = _base_row(rng, 2)
     feats = rng.normal(size=(2, 8, 4, 4)).astype(np.float32)
-    store.write_base("train", 1, **row)
-    store.write_features("train", 1, 50, 6, feats)
+    store.writer.write_base("train", 1, **row)
+    store.writer.write_features("train", 1, 50, 6, feats)
 
     reader = FeatureStore.open(store.path)
     assert reader.done("train").tolist() == [False, True, False]
@@ -314,18 +314,18 @@ def test_write_validation(store):
     rng = np.random.default_rng(2)
     row = _base_row(rng, 2)
     with pytest.raises(StoreError, match="row 3 out of range"):
-        store.write_base("train", 3, **row)
+        store.writer.write_base("train", 3, **row)
     with pytest.raises(StoreError, match="uint8"):
-        store.write_base("train", 0, **dict(row, image=row["image"].astype(np.float32)))
+        store.writer.write_base("train", 0, **dict(row, image=row["image"].astype(np.float32)))
     with pytest.raises(StoreError, match="shape"):
-        store.write_base("test", 0, **row)  # test has 1 view
+        store.writer.write_base("test", 0, **row)  # test has 1 view
     with pytest.raises(StoreError, match="0 and 1"):
-        store.write_base("train", 0, **dict(row, mask=row["mask"] * 255))
+        store.writer.write_base("train", 0, **dict(row, mask=row["mask"] * 255))
     with pytest.raises(StoreError, match="ensure_pair"):
-        store.write_features("train", 0, 50, 6, np.zeros((2, 8, 4, 4)))
-    store.ensure_pair(50, 6, 8, (4, 4))
+        store.writer.write_features("train", 0, 50, 6, np.zeros((2, 8, 4, 4)))
+    store.writer.ensure_pair(50, 6, 8, (4, 4))
     with pytest.raises(StoreError, match="not finite"):
-        store.write_features("train", 0, 50, 6, np.full((2, 8, 4, 4), 1e6))
+        store.writer.write_features("train", 0, 50, 6, np.full((2, 8, 4, 4), 1e6))
     with pytest.raises(StoreError, match="no split"):
         store.done("val")
     assert not store.done("train").any() and not store.done("train", 50, 6).any()
@@ -346,14 +346,14 @@ def test_view_texts_round_trip_verify_and_export(tmp_path, fmt):
     views = {"view_tokens": rng.normal(size=(2, L, D)).astype(np.float32),
              "view_token_mask": np.array([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=bool)}
     with pytest.raises(StoreError, match="needs view_tokens and view_token_mask"):
-        store.write_base("train", 0, **_base_row(rng, 2))
+        store.writer.write_base("train", 0, **_base_row(rng, 2))
     with pytest.raises(StoreError, match="keeps no text per view"):
-        store.write_base("test", 0, **_base_row(rng, 1), **views)
+        store.writer.write_base("test", 0, **_base_row(rng, 1), **views)
     with pytest.raises(StoreError, match=r"view_tokens for split 'train' has shape \(1, 5, 4\)"):
-        store.write_base("train", 0, **_base_row(rng, 2), **dict(views, view_tokens=views["view_tokens"][:1]))
+        store.writer.write_base("train", 0, **_base_row(rng, 2), **dict(views, view_tokens=views["view_tokens"][:1]))
     for i in range(2):
-        store.write_base("train", i, **_base_row(rng, 2), **views)
-    store.write_base("test", 0, **_base_row(rng, 1))
+        store.writer.write_base("train", i, **_base_row(rng, 2), **views)
+    store.writer.write_base("test", 0, **_base_row(rng, 1))
     store.close()
 
     reader = FeatureStore.open(tmp_path / f"v.{fmt}")
@@ -379,13 +379,13 @@ def test_view_texts_round_trip_verify_and_export(tmp_path, fmt):
 
 def test_info_counts(store):
     rng = np.random.default_rng(3)
-    store.ensure_pair(50, 6, 8, (4, 4))
-    store.ensure_pair(150, 6, 8, (4, 4))
+    store.writer.ensure_pair(50, 6, 8, (4, 4))
+    store.writer.ensure_pair(150, 6, 8, (4, 4))
     for i in range(3):
-        store.write_base("train", i, **_base_row(rng, 2))
-    store.write_features("train", 0, 50, 6, rng.normal(size=(2, 8, 4, 4)))
-    store.write_features("train", 0, 150, 6, rng.normal(size=(2, 8, 4, 4)))
-    store.write_features("train", 2, 50, 6, rng.normal(size=(2, 8, 4, 4)))
+        store.writer.write_base("train", i, **_base_row(rng, 2))
+    store.writer.write_features("train", 0, 50, 6, rng.normal(size=(2, 8, 4, 4)))
+    store.writer.write_features("train", 0, 150, 6, rng.normal(size=(2, 8, 4, 4)))
+    store.writer.write_features("train", 2, 50, 6, rng.normal(size=(2, 8, 4, 4)))
     info = FeatureStore.open(store.path).info()
     assert info["key_hash"] == store.key_hash and info["size"] == SIZE
     assert info["splits"]["train"] == {"total": 3, "views": 2, "base_done": 3,
@@ -402,8 +402,8 @@ def test_info_counts(store):
 
 def test_simulated_crash_leaves_row_not_done(store, monkeypatch):
     rng = np.random.default_rng(4)
-    store.ensure_pair(50, 6, 8, (4, 4))
-    store.write_base("train", 0, **_base_row(rng, 2))
+    store.writer.ensure_pair(50, 6, 8, (4, 4))
+    store.writer.write_base("train", 0, **_base_row(rng, 2))
     feats = rng.normal(size=(2, 8, 4, 4))
     real_array = FeatureStore._array
 
@@ -415,7 +415,7 @@ def test_simulated_crash_leaves_row_not_done(store, monkeypatch):
     monkeypatch.setattr(FeatureStore, "_array", killed_before_flag)
     writer = FeatureStore.open(store.path, "r+")
     with pytest.raises(KeyboardInterrupt):
-        writer.write_features("train", 0, 50, 6, feats)
+        writer.writer.write_features("train", 0, 50, 6, feats)
     monkeypatch.undo()
 
     reader = FeatureStore.open(store.path)
@@ -424,7 +424,7 @@ def test_simulated_crash_leaves_row_not_done(store, monkeypatch):
     assert reader.complete_indices("train").size == 0
     assert reader.info()["splits"]["train"]["complete"] == 0
     # resuming rewrites the row
-    store.write_features("train", 0, 50, 6, feats)
+    store.writer.write_features("train", 0, 50, 6, feats)
     assert reader.complete_indices("train").tolist() == [0]
     if store.format == "zarr":  # a stray zarr temp file is ignored by the flag reader and the pair listing
         (store.path / "train" / "done" / "t50_b6" / "c").mkdir(parents=True, exist_ok=True)

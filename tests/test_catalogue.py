@@ -26,14 +26,14 @@ def _store(path: Path, seed: int, views: int, data_root: Path, size: int = SIZE)
 
 def _fill(store: FeatureStore, step: int = 50, block: int = 4) -> None:
     rng = np.random.default_rng(0)
-    store.ensure_pair(step, block, 2, (4, 4))
+    store.writer.ensure_pair(step, block, 2, (4, 4))
     for split in store.splits():
         v = store.layout(split).views
         for i in range(len(store.ids(split))):
-            store.write_base(split, i, rng.integers(0, 256, (v, 3, store.size, store.size), dtype=np.uint8),
+            store.writer.write_base(split, i, rng.integers(0, 256, (v, 3, store.size, store.size), dtype=np.uint8),
                              np.zeros((v, store.size, store.size), np.uint8), rng.normal(size=(L, D)),
                              np.ones(L, bool))
-            store.write_features(split, i, step, block, rng.normal(size=(v, 2, 4, 4)))
+            store.writer.write_features(split, i, step, block, rng.normal(size=(v, 2, 4, 4)))
 
 
 def test_matching_stores_describes_each_readable_store_of_the_dataset(tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from cache.integrity import DamagedDataError, base_arrays, first_damaged, pair_array, view_text_arrays
+from cache.checksums import DamagedDataError
+from cache.integrity import base_arrays, first_damaged, pair_array, view_text_arrays
 from cache.store import FeatureStore
 from extract.command import extract_command
 from extract.shared import to_unit_range
