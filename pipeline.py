@@ -116,7 +116,7 @@ def baseline(
     """The plain U-Net baseline: trained on the same few labelled images as `fit` (same subset, views,
     loss, optimiser, best epoch on validation), on the images alone."""
     from cache.key import default_cache_dir
-    from train.plain_unet import NoStoreError, baseline_store
+    from train.data.stores import NoStoreError, baseline_store
 
     if (cache is None) == (dataset is None):
         raise typer.BadParameter("give either --cache STORE or --dataset NAME (to find its store in --cache-dir)")
@@ -176,7 +176,7 @@ def predict(
     --image FILE: one image; --images DIR|TABLE: many (masks, predictions.csv; a rerun skips what is done).
     The last line printed is the mask's path, or predictions.csv's.
     """
-    from train.predict_batch import predict_cli
+    from train.inference.batch import predict_cli
 
     cfg = PredictConfig(**config_values(PredictConfig, common or {}))
     typer.echo(str(predict_cli(run, cfg, console=err)))  # friendly() names the flags of the keywords it names
@@ -222,8 +222,8 @@ def demo(
     extract (MiniLM text) → fit with and without text → evaluate → runs/demo/report.md."""
     from rich.table import Table
 
-    from train.demo import demo_runs, run_demo
-    from train.report import results_table
+    from train.demo.run import demo_runs, run_demo
+    from train.demo.report import results_table
 
     report = run_demo(out, iterations=iterations, epochs=epochs, console=err)
     table = Table("run", "test Dice %", "IoU %", "global Dice %", title="textdiff demo (synthetic, test split)")

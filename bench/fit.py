@@ -42,8 +42,8 @@ from extract.pretrain import PRETRAIN_PRESETS
 from extract.run import ExtractConfig, run_extract
 from extract.shared import to_unit_range
 from extract.unet import load_unet
-from train.data import SplitFeatures
-from train.models import MODELS
+from train.data.readers import SplitFeatures
+from train.registry import MODELS
 
 STEPS = (50, 150, 250)
 BLOCKS = (4, 6, 8, 12)

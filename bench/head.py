@@ -42,8 +42,8 @@ from extract.pretrain import PRETRAIN_PRESETS
 from extract.devices import keep_freed_memory
 from extract.run import ExtractConfig, run_extract
 from train.fit import FitConfig, fit
-from train.model import TextDiffHead, count_parameters
-from train.rundir import HISTORY
+from train.nets.head import TextDiffHead, count_parameters
+from train.runs.rundir import HISTORY
 
 CONFIGS = {"MoNuSeg": ([1536, 1536, 768, 768], [32, 64, 128, 256]),
            "QaTa": ([3072, 1536, 1536, 768], [16, 32, 64, 128])}

@@ -41,8 +41,8 @@ def child(store: str, count: int, budget_gb: float, out: str) -> None:
     import train.fit as fit_module
     from dataclasses import replace
 
-    from train.data import SplitFeatures
-    from train.models import MODELS
+    from train.data.readers import SplitFeatures
+    from train.registry import MODELS
 
     seen = {}
 

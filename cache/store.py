@@ -53,14 +53,13 @@ class FeatureStore:
         self._attrs = backend.attrs()
         self.key = self._attrs["key"]
         self._layouts: dict[str, SplitLayout] = {}
-        self._writer: StoreWriter | None = None
 
     @property
     def writer(self) -> StoreWriter:
-        """The write methods (a store opened with mode "r+"; a read-only one refuses, naming itself)."""
-        if self._writer is None:
-            self._writer = StoreWriter(self)
-        return self._writer
+        """The write methods (a store opened with mode "r+"; a read-only one refuses, naming itself). A new,
+        small wrapper each time: the store holds no reference to it, so no cycle keeps an HDF5 file open
+        after its last user lets go."""
+        return StoreWriter(self)
 
     def _exists(self, rel: str) -> bool:
         return self._backend.exists(rel)

@@ -1,6 +1,6 @@
 """One way to write a file so that a reader never sees half of it: a temporary file beside it, renamed over it.
 
-Standard library only (``train/rundir.py`` runs under a bare ``python3``).
+Standard library only (``train/runs/rundir.py`` runs under a bare ``python3``).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, by a bare python3 too
-from train import rundir  # noqa: E402  (the standard library only)
+from train.runs import rundir  # noqa: E402  (the standard library only)
 
 
 @dataclass(frozen=True)

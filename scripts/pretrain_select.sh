@@ -17,7 +17,7 @@ RND=${2:?usage: scripts/pretrain_select.sh PRETRAINED_DIR RANDOM_DIR [OUT]}
 OUT=${3:-runs/pvr-select}
 DATA=${DATA:-../shared/data/MoNuSeg}
 P=${PIPELINE:-pipeline}
-RUNDIR="$(dirname "$0")/../train/rundir.py"  # asks the run folder's owner what is done
+RUNDIR="$(dirname "$0")/../train/runs/rundir.py"  # asks the run folder's owner what is done
 SIZE=${SIZE:-128}; SEEDS=${SEEDS:-0 1 2}
 BLOCKS=${BLOCKS:-0,1,2,3,4,5,6,7,8,9,10,11}
 export HF_HUB_OFFLINE=1

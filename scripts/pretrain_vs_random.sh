@@ -13,7 +13,7 @@ SIZE=${SIZE:-64}
 SEEDS=${SEEDS:-0 1 2}
 CROP=${CROP:-}
 export HF_HUB_OFFLINE=1
-RUNDIR="$(dirname "$0")/../train/rundir.py"  # asks the run folder's owner what is written
+RUNDIR="$(dirname "$0")/../train/runs/rundir.py"  # asks the run folder's owner what is written
 common=(--dataset monuseg --data-root "$DATA" --size "$SIZE" --flags cpu-64 --batch-size 8)
 $P pretrain "${common[@]}" ${CROP:+--crop "$CROP"} --iterations "$ITER" --out "$OUT/unet-pretrained" --resume
 $P pretrain "${common[@]}" --iterations 0 --out "$OUT/unet-random" --resume   # the initial weights, untrained

@@ -44,7 +44,7 @@ fi
 store=$($P extract --dataset "$DATASET" --data-root "$DATA" --size "$SIZE" --unet "$UNET" --text-encoder "$TEXT" \
         --blocks "$BLOCKS" --augment "$AUGMENT" --cache-dir "$OUT/cache" | tail -1)
 
-rundir() { python3 "$(dirname "$0")/../train/rundir.py" "$@"; }
+rundir() { python3 "$(dirname "$0")/../train/runs/rundir.py" "$@"; }
 done_run() { rundir evaluated "$1" test ${2:+"$2"}; }  # fit done, test scored (with text mode $2)
 for seed in $SEEDS; do
   common=(--cache "$store" --subset-seed "$seed" --epochs "$EPOCHS")

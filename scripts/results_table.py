@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, by a bare python3 too
-from train import rundir  # noqa: E402  (the standard library only)
+from train.runs import rundir  # noqa: E402  (the standard library only)
 
 METHODS = {"textdiff": "TextDiff", "notext": "no text (ζ1)", "concat": "concat fusion (ζ2)", "unet": "U-Net baseline"}
 # The paper's Tables 1 and 2 (Dice / IoU %); Table 2 gives Dice only.

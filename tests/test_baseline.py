@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import pipeline
 from tests.helpers import tiny_store
-from train.plain_unet import PlainUNet
+from train.nets.plain_unet import PlainUNet
 
 runner = CliRunner()
 

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-import train.model
+import train.nets.head
 from extract.devices import deterministic_kernels
 from extract.pretrain import PretrainConfig, pretrain
-from train import rundir
-from train.data import SplitFeatures
+from train.runs import rundir
+from train.data.readers import SplitFeatures
 from train.fit import FitConfig, fit
-from train.model import TextDiffHead
-from train.resume import FitState, checkpoint_state, restore
+from train.nets.head import TextDiffHead
+from train.runs.resume import FitState, checkpoint_state, restore
 
 from helpers import quiet
 
@@ -95,8 +95,8 @@ def test_features_travel_as_float16_and_are_converted_on_the_device(store_path: 
 
 def test_the_position_code_is_computed_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[int, int]] = []
-    code = train.model.sinusoidal_2d
-    monkeypatch.setattr(train.model, "sinusoidal_2d", lambda h, w, *a: (calls.append((h, w)), code(h, w, *a))[1])
+    code = train.nets.head.sinusoidal_2d
+    monkeypatch.setattr(train.nets.head, "sinusoidal_2d", lambda h, w, *a: (calls.append((h, w)), code(h, w, *a))[1])
     torch.manual_seed(0)
     head = TextDiffHead([6, 6], text_dim=8, dim=16, heads=2, head_dim=8, head_channels=(4,), pos_enc=True)
     head.init_weights()

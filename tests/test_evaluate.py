@@ -11,12 +11,12 @@ from PIL import Image
 
 from cache.store import FeatureStore
 from extract.run import ExtractConfig, run_extract
-from train.data import SplitFeatures
+from train.data.readers import SplitFeatures
 from train.evaluate import PER_IMAGE_COLUMNS, SUMMARY_KEYS, evaluate
 from train.fit import FitConfig, fit
-from train.models import load_run
-from train.models import probabilities as predict
-from train.rundir import CacheMismatchError
+from train.runs.loading import load_run
+from train.registry import probabilities as predict
+from train.runs.rundir import CacheMismatchError
 from train.metrics import dice_iou
 from train.plots import GT_COLOR, PRED_COLOR, heatmap_png, loss_curve_png, overlay_dims, overlay_image, panel_size
 
@@ -117,7 +117,7 @@ def test_metrics_recomputed_from_saved_predictions(run, evaluated, store_path):
 
 def test_features_are_read_as_the_head_was_trained(store_path, tmp_path, monkeypatch):
     """A run fitted with the authors' padding attention is evaluated with it too."""
-    import train.data
+    import train.data.readers
 
     run = tmp_path / "padding"
     fit(FitConfig.flat(cache=store_path, out=run, epochs=1, dim=16, head_channels=(8, 4), attend_padding=True),
@@ -132,10 +132,10 @@ def test_features_are_read_as_the_head_was_trained(store_path, tmp_path, monkeyp
 
     import dataclasses
 
-    import train.models
+    import train.registry
 
-    spec = dataclasses.replace(train.models.MODELS["textdiff"], reader=Spy)
-    monkeypatch.setitem(train.models.MODELS, "textdiff", spec)  # evaluate builds its data with the spec's reader
+    spec = dataclasses.replace(train.registry.MODELS["textdiff"], reader=Spy)
+    monkeypatch.setitem(train.registry.MODELS, "textdiff", spec)  # evaluate builds its data with the spec's reader
     evaluate(run, overlays=False, console=quiet())
     assert seen == [True]
     config, head, store = load_run(run)

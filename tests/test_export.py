@@ -11,20 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import pipeline
 from cache.errors import OptionError
 from cache.store import FeatureStore, StoreError
-from train import rundir
+from train.runs import rundir
 from train.config import FitConfig
 from train.evaluate import evaluate
 from extract.checkpoints import UNetNotFoundError
 from train.export import export_run, fit_command, push_model_dir, shareable_command
 from train.fit import fit
-from train.predict import Predictor, WeightsMismatchError
-from train.predict_batch import predict_batch
+from train.inference.predictor import Predictor
+from train.runs.stage_one import WeightsMismatchError
+from train.inference.batch import predict_batch
 
 from helpers import error_line, quiet, tiny_store_own_unet
 
@@ -347,7 +347,7 @@ def test_a_preset_unet_is_named_and_looked_for_in_the_models_folder(tiny: dict, 
     import dataclasses
 
     from extract.checkpoints import PRESETS
-    from train.modeldir import StageOne
+    from train.runs.modeldir import StageOne
 
     monkeypatch.setenv("TEXTDIFF_MODELS_DIR", str(tmp_path / "models"))
     stage = dataclasses.replace(StageOne.of_store(FeatureStore.open(tiny["store"])), unet_source="adm-imagenet-256",

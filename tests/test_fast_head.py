@@ -1,4 +1,4 @@
-"""The fast head (train.fastconv) computes the literal head's function: logits, gradients, fits."""
+"""The fast head (train.nets.fastconv) computes the literal head's function: logits, gradients, fits."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.fastconv import fused_first_conv, interpolation_matrix, upsample_shift_sum
+from train.nets.fastconv import fused_first_conv, interpolation_matrix, upsample_shift_sum
 from train.fit import FitConfig, fit
-from train.model import TextDiffHead
-from train.rundir import load_weights
+from train.nets.head import TextDiffHead
+from train.runs.rundir import load_weights
 
 from helpers import tiny_store
 

@@ -14,10 +14,10 @@ import torch
 
 from cache.schema import SplitLayout
 from cache.store import FeatureStore
-from train.data import MissingFeaturesError, SplitFeatures, choose_subset
+from train.data.readers import MissingFeaturesError, SplitFeatures, choose_subset
 from train.fit import FitConfig, fit
-from train.models import load_run
-from train.rundir import INCOMPLETE, CacheMismatchError, load_weights
+from train.runs.loading import load_run
+from train.runs.rundir import INCOMPLETE, CacheMismatchError, load_weights
 
 from helpers import tiny_store
 
@@ -277,7 +277,7 @@ def test_precision_is_recorded_and_bf16_trains_close_to_fp32(store_path: Path, t
 
 
 def test_the_feed_gives_the_loop_what_batch_gives(store_path: Path) -> None:
-    from train.feed import Feed
+    from train.data.feed import Feed
 
     data = SplitFeatures(FeatureStore.open(store_path), "train", [4, 8], [50, 250], memory_budget=0)  # streamed
     batches = [([2, 0], [0, 0]), ([1], [0]), ([3, 1], [0, 0])]

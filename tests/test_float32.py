@@ -19,7 +19,7 @@ from extract.features import FeatureExtractor
 from extract.plan import check_device_type
 from extract.run import ExtractConfig, run_extract
 from train.fit import FitConfig, fit
-from train.predict import Predictor
+from train.inference.predictor import Predictor
 
 from helpers import quiet
 

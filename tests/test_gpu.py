@@ -42,7 +42,7 @@ def test_fit_evaluate_predict_round_trip(store_path: Path, tmp_path: Path, preci
     from extract.datasets import read_image
     from train.evaluate import evaluate
     from train.fit import FitConfig, fit
-    from train.predict import Predictor
+    from train.inference.predictor import Predictor
 
     run = tmp_path / precision
     metrics = fit(FitConfig.flat(cache=store_path, out=run, precision=precision, **FLAT), console=quiet())
@@ -62,7 +62,7 @@ def test_fit_evaluate_predict_round_trip(store_path: Path, tmp_path: Path, preci
 
 
 def test_resume_on_cuda(store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import train.resume
+    import train.runs.resume
     from train.fit import FitConfig, fit
 
     reference = fit(FitConfig.flat(cache=store_path, out=tmp_path / "whole", **FLAT), console=quiet())
@@ -71,7 +71,7 @@ def test_resume_on_cuda(store_path: Path, tmp_path: Path, monkeypatch: pytest.Mo
         if epoch == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.resume, "pause_after", stop)
+    monkeypatch.setattr(train.runs.resume, "pause_after", stop)
     monkeypatch.setattr("train.fit.pause_after", stop)
     with pytest.raises(KeyboardInterrupt):
         fit(FitConfig.flat(cache=store_path, out=tmp_path / "cut", **FLAT), console=quiet())
@@ -84,7 +84,7 @@ def test_resume_on_cuda(store_path: Path, tmp_path: Path, monkeypatch: pytest.Mo
 def test_a_mixed_batch_routes_on_cuda_as_on_the_cpu() -> None:
     """A head with a no-text classifier (``fit --text-dropout``): a batch with and without text gives on CUDA
     what it gives on the CPU, token mask on either device."""
-    from train.model import TextDiffHead
+    from train.nets.head import TextDiffHead
 
     torch.manual_seed(0)
     head = TextDiffHead([16, 32], text_dim=24, dim=32, heads=2, head_dim=8, head_channels=(8, 4),
@@ -102,8 +102,8 @@ def test_a_mixed_batch_routes_on_cuda_as_on_the_cpu() -> None:
 
 def test_the_feed_sends_float16_features_and_pins_on_the_fits_device(store_path: Path) -> None:
     from cache.store import FeatureStore
-    from train.data import SplitFeatures
-    from train.feed import Feed
+    from train.data.readers import SplitFeatures
+    from train.data.feed import Feed
 
     data = SplitFeatures(FeatureStore.open(store_path), "train", (4, 8), (50, 250))
     device = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: not the current one
@@ -122,7 +122,7 @@ def test_a_fit_restores_the_determinism_settings_and_keeps_its_devices_random_st
     before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
               torch.are_deterministic_algorithms_enabled())
     saved: list[dict] = []
-    from train import rundir
+    from train.runs import rundir
 
     real = rundir.save_checkpoint
     rundir.save_checkpoint = lambda run, state: (saved.append(state), real(run, state))[1]

@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "cache", "extract", "train")
-CONTRACTS = ("layers", "cli-on-top", "acyclic")
+CONTRACTS = ("layers", "train-jobs", "cli-on-top", "acyclic")
 
 
 def lint_imports(root: Path, *contracts: str) -> subprocess.CompletedProcess[str]:
@@ -53,6 +53,10 @@ VIOLATIONS = {
     "common-imports-cache": ({"common/_throwaway.py": "import cache"}, "layers", "common._throwaway -> cache"),
     "cache-imports-extract": ({"cache/_throwaway.py": "import extract"}, "layers", "cache._throwaway -> extract"),
     "extract-imports-train": ({"extract/_throwaway.py": "import train"}, "layers", "extract._throwaway -> train"),
+    "a-net-imports-a-job": ({"train/nets/_throwaway.py": "import train.fit"}, "train-jobs",
+                            "train.nets._throwaway -> train.fit"),
+    "a-reader-imports-the-registry": ({"train/data/_throwaway.py": "import train.registry"}, "train-jobs",
+                                      "train.data._throwaway -> train.registry"),
     "train-imports-pipeline": ({"train/_throwaway.py": "import pipeline"}, "cli-on-top",
                                "train._throwaway -> pipeline"),
     "cycle-in-cache": ({"cache/_a.py": "import cache._b", "cache/_b.py": "import cache._a"}, "acyclic",

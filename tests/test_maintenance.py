@@ -109,7 +109,7 @@ def _damage(store: Path) -> list[str]:
 
 @pytest.mark.parametrize("budget", [4 << 30, 0], ids=["in-memory", "streamed"])
 def test_fit_data_refuses_a_damaged_row_naming_it(store: Path, budget: int) -> None:
-    from train.data import SplitFeatures, SplitImages
+    from train.data.readers import SplitFeatures, SplitImages
 
     ids = _damage(store)
     fs = FeatureStore.open(store)

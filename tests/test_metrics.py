@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.losses import segmentation_loss, soft_dice_loss
+from train.nets.losses import segmentation_loss, soft_dice_loss
 from train.metrics import SMOOTH, SegMetrics, dice_iou
 
 S = SMOOTH

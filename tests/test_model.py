@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from train.model import CrossAttention, TextDiffHead, count_parameters, sinusoidal_2d
+from train.nets.head import CrossAttention, TextDiffHead, count_parameters, sinusoidal_2d
+from train.runs.loading import load_head, save_head
 
 MONUSEG = [1536, 1536, 768, 768]
 BLOCK_768 = 3_745_536  # one transformer block at dim 768, text 768
@@ -212,16 +213,16 @@ def test_config_save_load_round_trip(tmp_path):
     assert cfg == dict(in_channels=[16, 32, 32], text_dim=24, dim=32, heads=2, head_dim=8, head_channels=[8, 4],
                        num_classes=2, dropout=0.1, fusion="concat", shared_block=False, pos_enc=True,
                        norm="batch", no_text_classifier=False)
-    head.save(tmp_path / "head")
+    save_head(head, tmp_path / "head")
     assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["config.json", "model.safetensors"]
-    loaded = TextDiffHead.load(tmp_path / "head").eval()
+    loaded = load_head(tmp_path / "head").eval()
     assert loaded.config == cfg
     feats, tokens, mask = inputs()
     assert torch.equal(run(loaded, feats, tokens, mask), run(head, feats, tokens, mask))
 
 
 def test_image_norm_is_batchnorm_at_batch_one_and_batch_invariant():
-    from train.model import ImageNorm
+    from train.nets.head import ImageNorm
 
     torch.manual_seed(0)
     x = torch.randn(3, 4, 5, 6) * 3 + 1
@@ -251,7 +252,7 @@ def test_init_weights_is_authors_normal():
 
 def test_few_token_attention_equals_the_standard_path():
     """L < head_dim uses the reassociated products; the same function as projecting every pixel."""
-    from train.model import CrossAttention
+    from train.nets.head import CrossAttention
 
     torch.manual_seed(0)
     attn = CrossAttention(32, 24, heads=4, head_dim=16)

@@ -12,12 +12,13 @@ from PIL import Image
 
 from cache.store import FeatureStore
 from extract.text import load_text_encoder
-from train.data import SplitFeatures
+from train.data.readers import SplitFeatures
 from train.fit import FitConfig, fit
-from train.models import load_run
-from train.models import probabilities as head_predict
+from train.runs.loading import load_run
+from train.registry import probabilities as head_predict
 from extract.datasets import read_image
-from train.predict import Predictor, WeightsMismatchError, predict
+from train.inference.predictor import Predictor, predict
+from train.runs.stage_one import WeightsMismatchError
 
 SIZE = 32
 
@@ -147,7 +148,7 @@ def test_an_image_without_text_gets_the_same_mask_through_every_path(tiny: dict,
     from typer.testing import CliRunner
 
     import pipeline
-    from train import rundir
+    from train.runs import rundir
     from train.evaluate import evaluate
     from helpers import quiet
 
@@ -231,7 +232,7 @@ def test_predict_equals_evaluate(tiny: dict, tmp_path: Path, option: str) -> Non
     """Every fit option that changes the forward pass: a new image through predict gives the probabilities
     evaluate computes from the cache, and the masks evaluate saved."""
     from train.evaluate import evaluate
-    from train.models import open_split, reading_of, spec_of
+    from train.registry import open_split, reading_of, spec_of
 
     from helpers import quiet
 

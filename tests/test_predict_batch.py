@@ -13,14 +13,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import pipeline
-import train.predict_batch as batch
+import train.inference.batch as batch
 from cache.errors import OptionError
 from cache.store import FeatureStore
 from extract.datasets import DatasetError, read_image
 from train.evaluate import evaluate
 from train.fit import FitConfig, fit
-from train.predict import Predictor
-from train.predict_batch import PREDICTIONS, predict_batch
+from train.inference.predictor import Predictor
+from train.inference.batch import PREDICTIONS, predict_batch
 
 from helpers import quiet, tiny_store
 

@@ -19,7 +19,7 @@ from cache import FeatureStore, verify_store
 from extract.command import extract_command
 from extract.run import ExtractConfig, run_extract
 from pipeline import app
-from train.data import MissingFeaturesError, resolve_selection
+from train.data.readers import MissingFeaturesError, resolve_selection
 
 #: options of the stores made here: each one the old command dropped, and all of them together
 CASES: dict[str, dict[str, Any]] = {

@@ -17,9 +17,9 @@ import torch
 
 import train.fit as fit_mod
 from cache.errors import OptionError
-from train import rundir
+from train.runs import rundir
 from train.fit import FitConfig, fit
-from train.resume import PAUSE_ENV
+from train.runs.resume import PAUSE_ENV
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from cache.errors import OptionError
-from train import rundir
+from train.runs import rundir
 from train.evaluate import evaluate
 from train.fit import FitConfig, fit
-from train.models import load_run
+from train.runs.loading import load_run
 
 from helpers import error_line, quiet
 

@@ -12,7 +12,7 @@ from PIL import Image
 import train.evaluate
 import train.fit
 from helpers import quiet, tiny_store
-from train import rundir
+from train.runs import rundir
 from train.sweep import CSV_COLUMNS, sweep, sweep_plan
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -195,7 +195,7 @@ def test_a_bad_scheduler_is_refused_before_any_fit(store_path, tmp_path, monkeyp
 
 
 def test_unfinished_fit_is_continued_with_resume_else_redone(swept, store_path, monkeypatch):
-    from train import rundir
+    from train.runs import rundir
     from train.config import FitConfig
 
     out, csv_path = swept

@@ -15,12 +15,13 @@ from typer.testing import CliRunner
 import pipeline
 from cache.errors import OptionError
 from cache.store import FeatureStore
-from train import rundir
-from train.data import Sample
+from train.runs import rundir
+from train.data.readers import Sample
 from train.evaluate import SUMMARY_KEYS, evaluate
 from train.fit import FitConfig, fit
-from train.models import load_run, open_split, probabilities, reading_of, spec_of
-from train.report import results_table
+from train.registry import open_split, probabilities, reading_of, spec_of
+from train.runs.loading import load_run
+from train.demo.report import results_table
 from train.textmodes import derangement, dropped
 
 from helpers import error_line, quiet, tiny_store
@@ -151,7 +152,7 @@ def test_mirrored_reencodes_the_mirrored_text_with_the_stores_encoder(run: Path,
     """mirrored: each text with left ↔ right and top ↔ bottom swapped (extract.textviews.mirror_text), through
     the store's own encoder at its length and rounding; the store's own texts through it give its tokens back."""
     from extract.textviews import mirror_text
-    from train.predict import store_text_encoder
+    from train.runs.stage_one import store_text_encoder
 
     summary = evaluate(run, text="mirrored", overlays=False, console=quiet())
     folder = run / "eval-test-text-mirrored"

@@ -15,9 +15,8 @@ import torch
 
 from train.config import FitConfig, PlainUNetArgs, TextDiffArgs
 from train.fit import fit
-from train.model import TextDiffHead
-from train.models import load_run
-from train.plain_unet import NoStoreError, baseline_store
+from train.runs.loading import load_head, load_run, save_head
+from train.data.stores import NoStoreError, baseline_store
 
 from helpers import quiet
 
@@ -33,14 +32,14 @@ def test_a_run_folder_loads_as_a_head(store_path: Path, tmp_path: Path) -> None:
     fit(FitConfig(cache=store_path, out=run, epochs=1, model_args=TextDiffArgs(dim=16, head_channels=(8, 4))),
         console=quiet())
     _, model, _ = load_run(run)
-    head = TextDiffHead.load(run)
+    head = load_head(run)
     assert head.config == model.config
     assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), model.state_dict().values()))
-    saved = head.save(tmp_path / "saved")  # and what save writes is a run folder's layout
+    saved = save_head(head, tmp_path / "saved")  # and what save writes is a run folder's layout
     # the model's identity beside its constructor arguments, as a fit records it
     assert json.loads((saved / "config.json").read_text())["head"] == {"_class_name": "TextDiffHead", **head.config}
     assert json.loads((run / "config.json").read_text())["head"] == {"_class_name": "TextDiffHead", **head.config}
-    assert TextDiffHead.load(saved).config == head.config
+    assert load_head(saved).config == head.config
 
 
 def test_fit_config_keeps_its_flat_layout_and_reads_old_ones(tmp_path: Path) -> None:
@@ -106,7 +105,7 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tiny_unet: Path, store_path: Path, 
     (the tiny store); the fits, evaluations, denoising figure and report are the real ones."""
     import extract.pretrain
     import extract.run
-    from train.demo import run_demo
+    from train.demo.run import run_demo
 
     def pretrain(cfg, console=None):
         cfg.out.mkdir(parents=True)
@@ -137,10 +136,10 @@ def test_public_names() -> None:
 
 
 def test_shell_scripts_ask_the_run_folder_owner(tmp_path: Path) -> None:
-    """``python3 train/rundir.py`` answers the scripts' questions (``-S``: no site-packages, so no torch)."""
+    """``python3 train/runs/rundir.py`` answers the scripts' questions (``-S``: no site-packages, so no torch)."""
     import subprocess
 
-    from train import rundir
+    from train.runs import rundir
 
     run = tmp_path / "run"
     (run / "eval-test").mkdir(parents=True)
@@ -169,9 +168,9 @@ def test_shell_scripts_ask_the_run_folder_owner(tmp_path: Path) -> None:
 def test_a_models_identity_is_its_class_name_and_its_arguments() -> None:
     """As diffusers' ``_class_name`` + config: a run's ``head`` names its class; older runs' ``kind`` (the plain
     U-Net) or nothing (the TextDiff head) still read; the registry entry holds the reader and the new-image inputs."""
-    from train.data import SplitFeatures, SplitImages
-    from train.models import MODELS, spec_of
-    from train.plain_unet import PlainUNet
+    from train.data.readers import SplitFeatures, SplitImages
+    from train.registry import MODELS, spec_of
+    from train.nets.plain_unet import PlainUNet
 
     assert spec_of({"head": {"_class_name": "PlainUNet", "width": 8}}).name == "plain-unet"
     assert spec_of({"head": {"kind": "plain-unet", "width": 8}}).name == "plain-unet"

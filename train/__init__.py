@@ -1,24 +1,21 @@
 """Stage two: models trained from the feature store, their run folders, and the loops.
 
-Module map::
+Layout, by job (a layers contract in pyproject.toml keeps the order; each sub-package's docstring lists its
+modules)::
 
-    config.py      what the commands take (no torch): FitConfig (the training options + the model and its
-                   own arguments: TextDiffArgs, PlainUNetArgs), DemoConfig
-    models.py      the model registry (textdiff, plain-unet), the one forward pass, load_run
-    model.py       the TextDiff head (TextDiffHead)
-    plain_unet.py  the plain U-Net baseline (PlainUNet) and the store it trains on
-    data.py        a split as a model reads it: SplitFeatures / SplitImages → Sample / ImageSample
-    rundir.py      the run folder: file names, atomic writes, INCOMPLETE, the cache-key check
+    config.py      what the commands take (no torch): FitConfig, TextDiffArgs, PlainUNetArgs, EvaluateConfig, ...
+    nets/          the networks: the TextDiff head, its fast convolution, the plain U-Net, the loss
+    data/          a split as a model reads it (samples, readers, the few-shot subset), the training feed
+    registry.py    the models (class, arguments, reader, new-image inputs) and the one forward pass
+    runs/          run and model folders: files, resume, the checked stage one, loading a run's model
+    textmodes.py   the text a head is given: evaluate --text (as-is, none, shuffled, mirrored), fit --text-dropout
     fit.py         fit: train a registered model, keep the best epoch
     evaluate.py    evaluate: score a run on a split (per_image.csv, summary.json, overlays)
-    textmodes.py   the text a head is given: evaluate --text (as-is, none, shuffled, mirrored), fit --text-dropout
-    predict.py     Predictor / predict: segment new images with a run (or an exported model folder)
-    predict_batch.py  predict_batch: a folder or a table of images → masks, probabilities, predictions.csv
-    modeldir.py    the exported model folder (config.json, model.safetensors, README.md) and StageOne
+    inference/     Predictor / predict (one image), predict_batch (a folder or a table)
     export.py      export_run: a run → a model folder to share (Hugging Face Hub layout; push)
     sweep.py       sweep: the paper's Fig. 3 (one fit per block / step, with and without text)
-    demo.py        run_demo: synthetic data → pretrain → extract → fit → evaluate → report
-    report.py, plots.py, losses.py, metrics.py   the demo's report, figures, loss, metrics
+    demo/          run_demo: synthetic data → pretrain → extract → fit → evaluate → report
+    metrics.py, plots.py   LViT's metrics, the figures
 
 Names are imported on first use, so ``import train`` stays light (``predict`` loads the UNet's code).
 The loops are exported as ``run_<loop>`` (as ``extract.run_extract``): ``train.fit`` and its siblings
@@ -38,32 +35,33 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_MODULES = ("fit", "evaluate", "predict", "predict_batch", "export", "sweep")
+_MODULES = {"fit": "train.fit", "evaluate": "train.evaluate", "predict": "train.inference.predictor",
+            "predict_batch": "train.inference.batch", "export": "train.export", "sweep": "train.sweep"}
 _LOOPS = {"run_fit": ("train.fit", "fit"), "run_evaluate": ("train.evaluate", "evaluate"),
-          "run_predict": ("train.predict", "predict"), "run_predict_batch": ("train.predict_batch", "predict_batch"),
+          "run_predict": ("train.inference.predictor", "predict"), "run_predict_batch": ("train.inference.batch", "predict_batch"),
           "run_export": ("train.export", "export_run"), "run_sweep": ("train.sweep", "sweep")}
 _HOME = {
     "FitConfig": "train.config",
-    "Predictor": "train.predict",
+    "Predictor": "train.inference.predictor",
     "PredictConfig": "train.config",
     "ExportConfig": "train.config",
-    "StageOne": "train.modeldir",
-    "load_model_dir": "train.models",
-    "run_demo": "train.demo",
+    "StageOne": "train.runs.modeldir",
+    "load_model_dir": "train.runs.loading",
+    "run_demo": "train.demo.run",
     "DemoConfig": "train.config",
-    "MODELS": "train.models",
-    "ModelSpec": "train.models",
-    "model_spec": "train.models",
-    "load_run": "train.models",
-    "probabilities": "train.models",
+    "MODELS": "train.registry",
+    "ModelSpec": "train.registry",
+    "model_spec": "train.registry",
+    "load_run": "train.runs.loading",
+    "probabilities": "train.registry",
     "TextDiffArgs": "train.config",
-    "TextDiffHead": "train.model",
+    "TextDiffHead": "train.nets.head",
     "PlainUNetArgs": "train.config",
-    "PlainUNet": "train.plain_unet",
-    "CacheMismatchError": "train.rundir",
-    "eval_dir": "train.rundir",
-    "evaluated": "train.rundir",
-    "fit_finished": "train.rundir",
+    "PlainUNet": "train.nets.plain_unet",
+    "CacheMismatchError": "train.runs.rundir",
+    "eval_dir": "train.runs.rundir",
+    "evaluated": "train.runs.rundir",
+    "fit_finished": "train.runs.rundir",
 }
 
 __all__ = sorted([*_HOME, *_LOOPS, *_MODULES])
@@ -71,7 +69,7 @@ __all__ = sorted([*_HOME, *_LOOPS, *_MODULES])
 
 def __getattr__(name: str) -> Any:
     if name in _MODULES:
-        return importlib.import_module(f"train.{name}")
+        return importlib.import_module(_MODULES[name])
     if name in _LOOPS:
         module, function = _LOOPS[name]
         return getattr(importlib.import_module(module), function)

@@ -102,7 +102,7 @@ class PlainUNetArgs:
         check_range(self, "depth", 1)
 
 
-#: each registered model's constructor-argument dataclass (:data:`train.models.MODELS` builds on it)
+#: each registered model's constructor-argument dataclass (:data:`train.registry.MODELS` builds on it)
 MODEL_ARGS: dict[str, type] = {"textdiff": TextDiffArgs, "plain-unet": PlainUNetArgs}
 #: older names of models (a config.json written before the rename)
 ALIASES = {"unet": "plain-unet"}
@@ -150,8 +150,8 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """What ``pipeline predict`` takes besides the run: one image (``image``, :func:`train.predict.predict`) or
-    many (``images``, :func:`train.predict_batch.predict_batch`)."""
+    """What ``pipeline predict`` takes besides the run: one image (``image``, :func:`train.inference.predictor.predict`) or
+    many (``images``, :func:`train.inference.batch.predict_batch`)."""
 
     out: Path = option_field(help="With --image: the mask PNG to write ({0,255}), or a folder → <image stem>_mask.png. "
                                   "With --images: the folder of masks and predictions.csv.")

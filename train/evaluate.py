@@ -6,7 +6,7 @@ image's own: ``text="none" | "shuffled" | "mirrored"``, :mod:`train.textmodes`):
     per_image.csv    id, dice, iou, intersection, pred_area, target_area, text (one row per image, store order;
                      the text the head was given, "" for none)
     summary.json     dice, iou, dice_std, iou_std, global_dice, n_images, split, text (the mode), cache_key_hash,
-                     weights_sha256 (the weights scored: :func:`train.rundir.evaluated` accepts the evaluation only
+                     weights_sha256 (the weights scored: :func:`train.runs.rundir.evaluated` accepts the evaluation only
                      while the folder holds them; no paths); text_seed too for shuffled
     predictions.npz  ids (N,) and pred (N, S, S) bool: the argmax masks the metrics were computed from
     overlays/<id>.png  image | ground truth | prediction (``overlays=True``)
@@ -29,13 +29,14 @@ import torch
 from rich.console import Console
 
 from extract.shared import stage_progress
-from train import rundir
+from train.runs import rundir
 from train.config import EvaluateConfig
 from train.metrics import SegMetrics
-from train.data import SplitData
-from train.models import load_run, open_split, probabilities, reading_of, spec_of
+from train.data.readers import SplitData
+from train.registry import open_split, probabilities, reading_of, spec_of
+from train.runs.loading import load_run
 from train.plots import overlay_png
-from train.rundir import eval_dir, write_json
+from train.runs.rundir import eval_dir, write_json
 from train.textmodes import apply_text_mode, check_reads_text, check_text_mode
 
 
@@ -67,10 +68,10 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
         run: a finished ``fit`` run folder.
         split: the store split to score. Default "test".
         cache: the store to read; default the run's own (``config.json``). A store whose key differs
-            from the run's ``cache_key.json`` is refused (:class:`train.rundir.CacheMismatchError`).
+            from the run's ``cache_key.json`` is refused (:class:`train.runs.rundir.CacheMismatchError`).
         overlays: also write ``overlays/<id>.png`` per image. Default True.
         console: where progress and the result line go; default stderr.
-        batch_size: images per forward pass; default the model's rule (:class:`train.models.ModelSpec`).
+        batch_size: images per forward pass; default the model's rule (:class:`train.registry.ModelSpec`).
         device: where the model runs (:func:`extract.devices.resolve_device`; None: CUDA when present).
         precision: fp32, or bf16 / fp16 autocast for the forward passes.
         text: the text the head is given (:data:`train.textmodes.TEXT_MODES`): "as-is" (default), "none",

@@ -1,6 +1,6 @@
 """Export a run as a model folder to share: ``pipeline export RUN --out MODEL_DIR [--push REPO_ID]``.
 
-The folder (:mod:`train.modeldir`) follows the Hugging Face Hub's model-repository layout: ``config.json``,
+The folder (:mod:`train.runs.modeldir`) follows the Hugging Face Hub's model-repository layout: ``config.json``,
 ``model.safetensors`` and a model card ``README.md`` whose YAML front matter (library_name, license, tags,
 datasets, metrics, pipeline_tag, model-index) the Hub reads. The card says what the model was trained on
 and how (data, protocol, training ids), its scores with the commands that made them, and its intended use
@@ -26,18 +26,19 @@ from cache.errors import OptionError, naming
 from cache.store import FeatureStore
 from extract.command import extract_command
 from extract.text import hub_offline
-from train import rundir
+from train.runs import rundir
 from train.config import COMMAND_MODEL, COMMAND_OPTIONS, SWITCHES, ZERO_IS_NONE, ExportConfig, FitConfig
-from train.modeldir import (MODEL_CARD, MODEL_CONFIG, MODEL_WEIGHTS, StageOne, is_local, is_model_dir, placeholder,
+from train.runs.modeldir import (MODEL_CARD, MODEL_CONFIG, MODEL_WEIGHTS, StageOne, is_local, is_model_dir, placeholder,
                             write_model_dir)
-from train.models import load_run, spec_of
+from train.registry import spec_of
+from train.runs.loading import load_run
 
 __all__ = ["export_run", "fit_command", "model_card", "push_model_dir", "shareable_command"]
 
 _NAMES = {"textdiff": "TextDiff head (cross-attention on frozen diffusion features and text)",
           "plain-unet": "plain U-Net baseline (on the images alone)"}
 RUN = "<run>"  #: the run folder, in the card's commands
-#: the ``pipeline extract`` options whose value may be a local path (shown as :func:`train.modeldir.placeholder`)
+#: the ``pipeline extract`` options whose value may be a local path (shown as :func:`train.runs.modeldir.placeholder`)
 _PATH_FLAGS = ("--data-root", "--unet", "--unet-flags", "--text-encoder")
 
 

@@ -7,13 +7,13 @@ the model's own weight init; augmentation samples the cached dihedral views when
 text ``view_text`` says (:func:`view_choices`: the image's, the view's own, or only views whose own text is
 the image's). With ``text_dropout`` p, each training sample's text is withheld with probability p, drawn
 from (seed, epoch, sample) (:mod:`train.textmodes`), and those samples train a classifier of their own
-(``dropout_classifier="own"``, :class:`train.model.TextDiffHead`'s ``no_text_classifier``) or the text head
+(``dropout_classifier="own"``, :class:`train.nets.head.TextDiffHead`'s ``no_text_classifier``) or the text head
 with its attention silent ("shared"); validation gives the text, and for a classifier of their own also
 withholds it: that classifier's weights are kept from its own best epoch without text. The same
 config and seed give bit-identical weights and metrics on a CPU. Each epoch ends with a checkpoint in
-the run folder; ``resume`` continues a killed fit from it, bit-identically (:mod:`train.resume`). Which
-model, what it reads and how it is built come from the registry (:mod:`train.models`); the run folder
-from :mod:`train.rundir`.
+the run folder; ``resume`` continues a killed fit from it, bit-identically (:mod:`train.runs.resume`). Which
+model, what it reads and how it is built come from the registry (:mod:`train.registry`); the run folder
+from :mod:`train.runs.rundir`.
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ from cache.key import key_hash
 from cache.store import FeatureStore
 from extract.devices import deterministic_kernels, precision_context, resolve_device
 from extract.shared import stage_progress
-from train import rundir
+from train.runs import rundir
 from train.config import FitConfig
-from train.data import GIB, PAPER_TRAIN_COUNT, Reading, SplitData, choose_subset
-from train.feed import Feed
-from train.losses import segmentation_loss
+from train.data.readers import GIB, PAPER_TRAIN_COUNT, Reading, SplitData, choose_subset
+from train.data.feed import Feed
+from train.nets.losses import segmentation_loss
 from train.metrics import SegMetrics
-from train.models import ModelSpec, logits, model_spec, open_split, probabilities
+from train.registry import ModelSpec, logits, model_spec, open_split, probabilities
 from train.plots import loss_curve_png
-from train.resume import FitState, checkpoint_state, finished, pause_after, restore, resumable
-from train.rundir import write_json
+from train.runs.resume import FitState, checkpoint_state, finished, pause_after, restore, resumable
+from train.runs.rundir import write_json
 from train.textmodes import check_reads_text, dropped
 
 __all__ = ["FitConfig", "fit", "validate"]

@@ -14,7 +14,7 @@ row per run (kind, block, step, text, test_dice, test_iou, val_dice, run; Dice a
 block or step empty where the run uses all of them), ``OUT/sweep.png`` the heat-map of test Dice % per
 single block and step, and with the grid ``OUT/grid.png`` the block × step heat-map. A run whose
 ``metrics.json`` and ``eval-<split>/summary.json`` (of the weights now in it) exist is reused (after
-:func:`train.resume.check_same`: made with the same settings and store); a fit that did not finish is redone
+:func:`train.runs.resume.check_same`: made with the same settings and store); a fit that did not finish is redone
 (with ``resume`` in ``base``: continued from its last checkpoint), a finished fit missing its evaluation is only
 evaluated, and with ``overwrite`` in ``base`` every cell is fitted afresh.
 """
@@ -33,10 +33,10 @@ import train.fit as fit_mod
 from cache.backends import is_url
 from cache.errors import OptionError
 from cache.store import FeatureStore
-from train import rundir
+from train.runs import rundir
 from train.config import FitConfig
-from train.data import resolve_selection
-from train.resume import check_same
+from train.data.readers import resolve_selection
+from train.runs.resume import check_same
 from train.plots import heatmap_png
 
 __all__ = ["CSV_COLUMNS", "SweepRun", "cell_label", "sweep", "sweep_cli", "sweep_plan"]

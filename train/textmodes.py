@@ -3,7 +3,7 @@
 The modes of an evaluation (:data:`TEXT_MODES`), each against the same features and masks:
 
     as-is      each image's own text (the plain evaluation, ``eval-<split>/``)
-    none       every token withheld (:meth:`train.data.Sample.withhold_text`)
+    none       every token withheld (:meth:`train.data.readers.Sample.withhold_text`)
     shuffled   each image gets another image's text: a seeded derangement of the split's stored token rows
     mirrored   each image's text with its positional words swapped (left ↔ right, upper ↔ lower:
                :func:`extract.textviews.mirror_text`), re-encoded with the store's own text encoder
@@ -24,8 +24,8 @@ import torch
 from cache.errors import OptionError
 from cache.store import FeatureStore
 from train.config import TEXT_MODES
-from train.data import SplitData
-from train.models import ModelSpec
+from train.data.readers import SplitData
+from train.registry import ModelSpec
 
 __all__ = ["TEXT_MODES", "apply_text_mode", "check_reads_text", "check_text_mode", "derangement", "dropped"]
 
@@ -88,7 +88,7 @@ def _mirrored(texts: list[str], store: FeatureStore, text_encoder: str | None, d
               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The texts mirrored, and their tokens from the store's encoder at its length, rounded as the store keeps them."""
     from extract.textviews import mirror_text
-    from train.predict import store_text_encoder
+    from train.runs.stage_one import store_text_encoder
 
     mirrored = [mirror_text(t, store.key["dataset"].get("name", "")) for t in texts]
     encoder = store_text_encoder(store, text_encoder, device)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train.rundir import WEIGHTS
+from train.runs.rundir import WEIGHTS
 from tests.reliability.conftest import cli, digest, extract_args, mini_monuseg, stores
 
 

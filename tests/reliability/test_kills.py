@@ -20,7 +20,7 @@ import zarr.storage._local as zarr_local
 
 from cache.lock import lock_path
 from cache.maintenance import verify_store
-from train.rundir import INCOMPLETE, fit_finished, has_checkpoint
+from train.runs.rundir import INCOMPLETE, fit_finished, has_checkpoint
 from tests.reliability.conftest import (cli, child, digest, done_rows, extract_args, finish, mini_monuseg, stores,
                                         wait_for)
 

@@ -2,20 +2,20 @@
 
 The features must be the ones the head was trained on, so everything that made the run's store is
 taken from the store (or, for a model folder written by ``pipeline export``, from its config.json:
-:class:`train.modeldir.StageOne`), never from defaults: the UNet checkpoint and the text encoder the
+:class:`train.runs.modeldir.StageOne`), never from defaults: the UNet checkpoint and the text encoder the
 store recorded (verified by sha256 against the recorded hashes, since a path says nothing about
 content), the key's UNet flags, noise seed, size, colour order, text length and compute dtype, and
 the store's fixed UNet batch shape (``forward_batch``, zero padding included: each sample's
 activations are then computed exactly as during extraction, whatever its batch neighbours, so many
 images share each forward). Features and tokens are rounded to float16 and back, as the store keeps
 them. Per block the steps are concatenated on channels in the run's order, as in
-:class:`train.data.SplitFeatures`, and the token mask is the run's (:func:`train.data.visible_tokens`).
+:class:`train.data.readers.SplitFeatures`, and the token mask is the run's (:func:`train.data.readers.visible_tokens`).
 A model that reads images gets the image alone. What a model reads comes from the registry
-(:attr:`train.models.ModelSpec.reader`); the probabilities from :func:`train.models.probabilities`, the
+(:attr:`train.registry.ModelSpec.reader`); the probabilities from :func:`train.registry.probabilities`, the
 forward pass evaluate uses, in evaluate's batches.
 
 ``Predictor.from_run`` loads the models once; :func:`predict` is the one-shot wrapper;
-:mod:`train.predict_batch` runs a folder or a list of images.
+:mod:`train.inference.batch` runs a folder or a list of images.
 """
 
 from __future__ import annotations
@@ -33,86 +33,27 @@ from rich.console import Console
 
 from cache.errors import OptionError
 from cache.key import canonical_json
-from cache.store import FeatureStore
-from extract.checkpoints import UNetNotFoundError, UNetSource, resolve_unet
 from extract.datasets import read_image
 from extract.diffusion import shared_noise
 from extract.devices import dtype_named, resolve_device
 from extract.features import FeatureExtractor
 from extract.shared import to_unit_range
-from extract.text import TextEncoder, load_text_encoder, tokenizer_files, weight_files
+from extract.text import TextEncoder
 from train.config import PredictConfig
-from train.data import ImageSample, Sample, visible_tokens
-from train.modeldir import StageOne, is_model_dir
-from train.models import load_model_dir, load_run, probabilities, spec_of
+from train.data.readers import ImageSample, Sample, visible_tokens
+from train.runs.modeldir import StageOne, is_model_dir
+from train.runs.stage_one import load_checked_encoder, resolve_checked_unet
+from train.registry import probabilities, spec_of
+from train.runs.loading import load_model_dir, load_run
 
 
-__all__ = ["FeatureInputs", "ImageInputs", "Predictor", "WeightsMismatchError", "mask_path", "predict", "resize_to",
-           "store_text_encoder", "warn_device", "withheld"]
-
-_MISMATCH = "features computed with it would not match the ones the head was trained on"
-
-
-class WeightsMismatchError(ValueError):
-    """A UNet checkpoint or text encoder whose content differs from the run's cache key."""
-
-    options = ("unet", "text_encoder")  # the keywords its messages may name (cache.errors)
-
+__all__ = ["FeatureInputs", "ImageInputs", "Predictor", "mask_path", "predict", "resize_to", "warn_device", "withheld"]
 
 def mask_path(out: Path, image: Path) -> Path:
     """Where the mask goes: ``out`` itself, or ``out/<image stem>_mask.png`` when ``out`` is a directory
     (an existing one, or a path without a suffix)."""
     out = Path(out)
     return out / f"{Path(image).stem}_mask.png" if out.is_dir() or not out.suffix else out
-
-
-def _resolve_checked_unet(spec: str | None, stage: StageOne) -> UNetSource:
-    """The UNet source for ``spec`` (None: where ``stage`` finds it, :meth:`StageOne.unet_spec`) with the recorded
-    flags, refused unless its bytes are the recorded ones."""
-    expected = stage.unet["weights_sha256"]
-    spec = spec or stage.unet_spec()
-    try:
-        src = resolve_unet(spec, stage.unet["flags"])
-    except UNetNotFoundError as e:
-        made = stage.unet_source or stage.unet_file
-        raise UNetNotFoundError(f"{e}\n  ({stage.where} was made with UNet {made!r}, sha256 {expected}; if the "
-                                f"file moved, pass unet=PATH)") from None
-    got = src.identity()["weights_sha256"]
-    if got != expected:
-        raise WeightsMismatchError(
-            f"UNet checkpoint {src.checkpoint} has sha256 {got}, but {stage.recorded_by} records {expected}: "
-            f"{_MISMATCH}. Pass unet=PATH to the checkpoint the store was extracted with.")
-    return src
-
-
-def _load_checked_encoder(spec: str | None, stage: StageOne, device: str) -> TextEncoder:
-    """The text encoder ``spec``, refused unless its weights and tokenizer are the recorded ones."""
-    text_key = stage.text
-    if not spec:
-        raise OptionError(f"{stage.where} does not record which text encoder made it; pass text_encoder=... "
-                          f"the one named {text_key.get('source_name')!r} in its key", "text_encoder")
-    encoder = load_text_encoder(spec, device=device)
-    ident = encoder.identity()
-    source = Path(encoder.source)
-    for what, field, files in (("weights", "weights_sha256", weight_files(source)),
-                               ("tokenizer", "tokenizer_sha256", tokenizer_files(source))):
-        if ident[field] != text_key[field]:
-            names = ", ".join(str(p) for p in files)
-            raise WeightsMismatchError(
-                f"text encoder {spec!r} {what} ({names}) have sha256 {ident[field]}, but {stage.recorded_by} "
-                f"records {text_key[field]} ({text_key.get('source_name')}): {_MISMATCH}. "
-                f"Pass text_encoder=DIR holding the encoder the store was extracted with.")
-    if ident["dim"] != text_key["dim"]:
-        raise WeightsMismatchError(f"text encoder {spec!r} is {ident['dim']}-d, {stage.recorded_by} says "
-                                   f"{text_key['dim']}")
-    return encoder
-
-
-def store_text_encoder(store: FeatureStore, text_encoder: str | None = None, device: str = "cpu") -> TextEncoder:
-    """The text encoder that made ``store`` (``text_encoder``, if it moved; else the one the store recorded),
-    refused unless its weights and tokenizer are the ones its key records."""
-    stage = StageOne.of_store(store)
-    return _load_checked_encoder(text_encoder or stage.text_encoder_source, stage, device)
 
 
 def _target(n: int, size: int) -> torch.Tensor:
@@ -154,9 +95,9 @@ class FeatureInputs:
     def for_run(cls, config: dict[str, Any], stage: StageOne, unet: str | None, text_encoder: str | None,
                 device: torch.device) -> FeatureInputs:
         """The run's UNet and text encoder, verified against what made its features."""
-        encoder = (_load_checked_encoder(text_encoder or stage.text_encoder_source, stage, str(device))
+        encoder = (load_checked_encoder(text_encoder or stage.text_encoder_source, stage, str(device))
                    if spec_of(config).needs_text(config["head"]) else None)
-        src = _resolve_checked_unet(unet, stage)
+        src = resolve_checked_unet(unet, stage)
         extractor = FeatureExtractor(src.load(), shared_noise(stage.size, stage.noise_seed), device=device,
                                      compute_dtype=dtype_named(stage.compute_dtype))  # the store's, on any device
         return cls(extractor=extractor, encoder=encoder, blocks=tuple(int(b) for b in config["blocks"]),
@@ -270,7 +211,7 @@ def resize_to(array: np.ndarray, height_width: tuple[int, int], mode: str) -> np
 @dataclass
 class Predictor:
     """A run's (or an exported model folder's) model with what reads a new image as its store did (its registry
-    entry's :meth:`train.models.ModelSpec.new_image_inputs`)."""
+    entry's :meth:`train.registry.ModelSpec.new_image_inputs`)."""
 
     config: dict[str, Any]
     model: torch.nn.Module
@@ -341,7 +282,7 @@ class Predictor:
         return self.inputs.truncations(texts)
 
     def head_batch(self) -> int:
-        """Images per forward of the model: evaluate's rule (:attr:`train.models.ModelSpec.batch_size`)."""
+        """Images per forward of the model: evaluate's rule (:attr:`train.registry.ModelSpec.batch_size`)."""
         return spec_of(self.config).batch_size(self.config["head"], self.size)
 
     def group_size(self) -> int:

@@ -1,7 +1,7 @@
 """Batch prediction: ``pipeline predict RUN --images DIR|TABLE [--texts TABLE] --out DIR``.
 
-One :class:`train.predict.Predictor` (a run, or a model folder from ``pipeline export``) for every image;
-the images go through it in groups (:meth:`~train.predict.Predictor.group_size`: whole UNet forwards of
+One :class:`train.inference.predictor.Predictor` (a run, or a model folder from ``pipeline export``) for every image;
+the images go through it in groups (:meth:`~train.inference.predictor.Predictor.group_size`: whole UNet forwards of
 the store's batch shape, whole model batches), under one progress bar. ``OUT`` holds, per image (named
 after its stem; two images with one stem are refused before anything is read)::
 
@@ -12,7 +12,7 @@ after its stem; two images with one stem are refused before anything is read)::
                       without a row in the texts table gets the empty text: no text, every token withheld), foreground_fraction (of the mask
                       written), truncated (the text had more tokens than the run's max length and was cut),
                       mask, probabilities (file names), error (why a bad image was skipped)
-    predict.json      the model (:meth:`~train.predict.Predictor.fingerprint`), original_size and precision they
+    predict.json      the model (:meth:`~train.inference.predictor.Predictor.fingerprint`), original_size and precision they
                       were made with
 
 Every file is written atomically (a temporary file, then a rename), and predictions.csv after each group,
@@ -42,8 +42,8 @@ from common import atomic
 from extract.datasets import IMAGE_EXTS, DatasetError, quiet_decoders, read_column, read_image, read_table
 from extract.shared import stage_progress
 from train.config import PredictConfig
-from train.predict import Predictor, mask_path, predict, resize_to, warn_device
-from train.rundir import read_json, write_json
+from train.inference.predictor import Predictor, mask_path, predict, resize_to, warn_device
+from train.runs.rundir import read_json, write_json
 
 __all__ = ["COLUMNS", "PREDICTIONS", "SETTINGS", "BatchResult", "ImageJob", "list_images", "predict_batch",
            "predict_cli"]
@@ -308,7 +308,7 @@ def _segment(todo: list[ImageJob], jobs: list[ImageJob], predictor: Predictor, o
 
 
 def predict_cli(run: Path, cfg: PredictConfig, console: Console | None = None) -> Path:
-    """The body of ``pipeline predict``: one image (``cfg.image``: :func:`train.predict.predict`, a line with
+    """The body of ``pipeline predict``: one image (``cfg.image``: :func:`train.inference.predictor.predict`, a line with
     its foreground) or many (``cfg.images``: :func:`predict_batch`). Returns the path to print last: the
     mask, or predictions.csv."""
     console = console or Console(stderr=True)

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from train.data import ImageSample, Sample, SplitData
+from train.data.readers import ImageSample, Sample, SplitData
 
 __all__ = ["Feed"]
 

@@ -17,7 +17,7 @@ A run folder (``pipeline fit`` / ``pipeline baseline``) holds::
     eval-<split>-text-<mode>/   the same, the head given other text (``evaluate --text none|shuffled|mirrored``)
 
 This module is the only one that names these files; everything else asks it for a path. It imports
-no model: :func:`train.models.load_run` rebuilds a run's model from what :func:`open_run` reads.
+no model: :func:`train.runs.loading.load_run` rebuilds a run's model from what :func:`open_run` reads.
 It imports only the standard library at first (the scripts read run folders with a bare python3);
 torch and the store are imported by the functions that need them.
 """
@@ -35,8 +35,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if __package__ in (None, ""):  # run as a script (python3 train/rundir.py): the repository root on the path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script (python3 train/runs/rundir.py): the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common import atomic
 
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from cache.store import FeatureStore
 
-__all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "LEGACY_WEIGHTS", "IDENTITY_KEYS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "CHECKPOINT",
+__all__ = ["CONFIG", "CACHE_KEY", "WEIGHTS", "LEGACY_WEIGHTS", "HISTORY", "LOSS_PLOT", "METRICS", "INCOMPLETE", "CHECKPOINT",
            "PER_IMAGE", "SUMMARY", "PREDICTIONS", "OVERLAYS", "REFIT", "RESTART", "RUN_ENTRIES", "METRIC_ENTRIES",
            "SCORE_ENTRIES", "CacheMismatchError", "Malformed", "RunFileError", "check_cache_key", "eval_dir",
            "clear_evaluations", "evaluated", "evaluated_splits", "fit_finished", "has_checkpoint", "load_checkpoint", "mark_complete",
@@ -57,9 +57,6 @@ CONFIG = "config.json"
 CACHE_KEY = "cache_key.json"
 WEIGHTS = "model.safetensors"
 LEGACY_WEIGHTS = "head.pt"  # torch.save, before the run folder stored safetensors
-#: a model's identity in ``config.json``'s ``head`` entry, beside its constructor arguments (diffusers' way);
-#: ``kind`` is how older runs named the plain U-Net
-IDENTITY_KEYS = ("_class_name", "kind")
 HISTORY = "history.csv"
 LOSS_PLOT = "loss.png"
 METRICS = "metrics.json"
@@ -378,10 +375,10 @@ def read_model_files(directory: Path, map_location: str | torch.device = "cpu"
 def main(argv: Sequence[str] | None = None) -> int:
     """For shell scripts, which ask this module rather than name the files (a bare ``python3`` will do)::
 
-        python3 train/rundir.py finished RUN            exit 0 when the fit finished, else 1
-        python3 train/rundir.py evaluated RUN SPLIT [TEXT]  exit 0 when its evaluation on SPLIT (with text mode
+        python3 train/runs/rundir.py finished RUN            exit 0 when the fit finished, else 1
+        python3 train/runs/rundir.py evaluated RUN SPLIT [TEXT]  exit 0 when its evaluation on SPLIT (with text mode
                                                         TEXT, default as-is) completed
-        python3 train/rundir.py value RUN NAME [SPLIT]  print metrics.json's NAME (with SPLIT: the summary's)
+        python3 train/runs/rundir.py value RUN NAME [SPLIT]  print metrics.json's NAME (with SPLIT: the summary's)
     """
     import sys
 

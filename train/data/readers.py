@@ -4,7 +4,7 @@ Nothing here loads the UNet or a text encoder: everything comes from a :class:`c
 A model reads a split through one of two readers with one interface (:class:`SplitData`: rows → a
 sample): :class:`SplitFeatures` (cached features + text tokens, a :class:`Sample`) or
 :class:`SplitImages` (the store's images, an :class:`ImageSample`); each model's registry entry names its
-reader (:attr:`train.models.ModelSpec.reader`).
+reader (:attr:`train.registry.ModelSpec.reader`).
 Per scale (one block), the chosen steps are concatenated on channels in ascending order, so a
 block with C channels gives a (len(steps)·C, h, w) map, as in the authors' code.
 """

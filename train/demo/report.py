@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from train import rundir
+from train.runs import rundir
 from train.plots import pretrain_curve_png
 
 
@@ -36,7 +36,7 @@ def write_report(out: Path, pretrain_dir: Path, runs: dict[str, Path], commands:
                  iterations: int | None = None) -> Path:
     """``out/report.md`` with the table, the overlays of the first test images for every run side by
     side, the fits' and the pretraining's loss curves, and what the pretrained UNet does where the
-    features come from (``denoising``: :func:`train.demo.denoising_png`'s figure)."""
+    features come from (``denoising``: :func:`train.demo.run.denoising_png`'s figure)."""
     out = Path(out)
     rows = results_table(runs, split)
     pretrain_curve_png(pretrain_dir / "train_log.csv", out / "pretrain_loss.png")

@@ -13,7 +13,7 @@ A model folder holds::
 
 Nothing in the folder names a place on the machine that wrote it: ``predict`` finds the UNet by
 :meth:`StageOne.unet_spec` (a file of the recorded name beside config.json or in the models folder). This
-module is the only one that names these files (as :mod:`train.rundir` names a run folder's).
+module is the only one that names these files (as :mod:`train.runs.rundir` names a run folder's).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import atomic
-from train.rundir import RUN_ENTRIES, WEIGHTS, load_state_file, read_json, read_run_json, save_weights, write_json
+from train.runs.rundir import RUN_ENTRIES, WEIGHTS, load_state_file, read_json, read_run_json, save_weights, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -203,7 +203,7 @@ def is_model_dir(path: Path) -> bool:
 
 def read_model_dir(path: Path) -> tuple[dict[str, Any], StageOne, dict[str, torch.Tensor]]:
     """A model folder's config, its :class:`StageOne` and its state dict (CPU tensors, from safetensors); a file
-    missing or damaged is one :class:`train.rundir.RunFileError` naming it."""
+    missing or damaged is one :class:`train.runs.rundir.RunFileError` naming it."""
     path = Path(path)
     if not is_model_dir(path):
         raise FileNotFoundError(f"{path / MODEL_CONFIG} not found or not a textdiff model config: is {path} a "

@@ -9,18 +9,17 @@ Shapes for the MoNuSeg config (blocks {6,8,12,16} × 3 steps, 256² output)::
     logits  (B,num_classes,256,256)
 
 ``forward`` computes the upsample → concat → first conv step without the full-resolution concat
-(:mod:`train.fastconv`, the same function; ``impl="literal"`` or ``head.impl = "literal"`` for the
+(:mod:`train.nets.fastconv`, the same function; ``impl="literal"`` or ``head.impl = "literal"`` for the
 literal computation).
 
 With the defaults this is the paper's "9.68 M" head: exactly 9,683,234 trainable parameters.
-The constructor arguments are the config (``config``); ``save``/``load`` write and read a run folder's
-layout (:mod:`train.rundir`), so ``TextDiffHead.load(run)`` loads a fitted run's head.
+The constructor arguments are the config (``config``); :func:`train.runs.loading.save_head` / ``load_head``
+write and read a run folder's layout, so ``load_head(run)`` loads a fitted run's head.
 :class:`train.config.TextDiffArgs` are the arguments a fit chooses (the rest come from the store).
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -28,8 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from train.config import FUSIONS, NORMS
-from train.fastconv import fused_first_conv
-from train.rundir import IDENTITY_KEYS, read_model_files, write_model_files
+from train.nets.fastconv import fused_first_conv
 
 __all__ = ["TextDiffHead", "TextCrossBlock", "CrossAttention", "FUSIONS", "NORMS",
            "count_parameters", "sinusoidal_2d", "IMPLS"]
@@ -188,7 +186,7 @@ def _masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
 def _classify(classifier: nn.Sequential, maps: Sequence[Tensor], size: tuple[int, int], text: Tensor | None,
               impl: str) -> Tensor:
     """``classifier`` over the maps upsampled (bilinear) to ``size`` and concatenated (with ``text``, (B, dim),
-    as one more constant map): "fast" without the full-resolution concat (:mod:`train.fastconv`), "literal"
+    as one more constant map): "fast" without the full-resolution concat (:mod:`train.nets.fastconv`), "literal"
     with it."""
     if impl == "fast":
         conv = classifier[0]
@@ -294,7 +292,7 @@ class TextDiffHead(nn.Module):
             tokens: (B, L, text_dim) text token embeddings; unused (may be None) with fusion "none".
             token_mask: (B, L) bool, True = real token; None = all valid.
             out_size: H (square) or (H, W); None = the largest input scale's size.
-            impl: "fast" (:func:`train.fastconv.fused_first_conv`: no full-resolution concat) or
+            impl: "fast" (:func:`train.nets.fastconv.fused_first_conv`: no full-resolution concat) or
                 "literal" (upsample, concat, conv); None = ``self.impl`` ("fast" unless set). Same function.
         """
         impl = impl or self.impl
@@ -383,19 +381,3 @@ class TextDiffHead(nn.Module):
                 x = x + self._position_code(h, w, x.device, x.dtype).flatten(1).t()
         block = self.blocks[i if len(self.blocks) > 1 else 0]
         return block(x, tokens, token_mask).transpose(1, 2).unflatten(2, (h, w))
-
-    def save(self, directory: str | Path) -> Path:
-        """Write the head in a run folder's layout (``config.json``'s ``head``, ``model.safetensors``); returns it."""
-        write_model_files(Path(directory), {"_class_name": type(self).__name__, **self.config}, self.state_dict())
-        return Path(directory)
-
-    @classmethod
-    def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> TextDiffHead:
-        """Rebuild a head from a fitted run folder or :meth:`save`'s (strict state-dict load)."""
-        config, state = read_model_files(Path(directory), map_location)
-        named = config.get("_class_name", config.get("kind", cls.__name__))
-        if named != cls.__name__:
-            raise ValueError(f"{directory} holds a {named} model, not a TextDiff head")
-        model = cls(**{k: v for k, v in config.items() if k not in IDENTITY_KEYS})
-        model.load_state_dict(state)
-        return model

@@ -1,6 +1,6 @@
 """Resumable fits: what a fit's checkpoint holds, when a fit may continue from it, and restoring it.
 
-After every epoch :func:`train.fit.fit` saves (atomically, :func:`train.rundir.save_checkpoint`) the
+After every epoch :func:`train.fit.fit` saves (atomically, :func:`train.runs.rundir.save_checkpoint`) the
 model's state dict (BatchNorm statistics included), Adam's state (moments and step counts), the
 learning-rate schedule, the best epoch so far (its weights, epoch and validation scores), the random
 states (torch's CPU generator, the fit's CUDA device's on a GPU, the numpy Generator of order and augmentation,
@@ -25,7 +25,7 @@ import torch
 from cache.errors import OptionError
 from cache.key import key_hash
 from cache.store import FeatureStore
-from train import rundir
+from train.runs import rundir
 from train.config import FitConfig
 
 __all__ = ["PAUSE_ENV", "FitState", "check_same", "checkpoint_state", "finished", "pause_after", "restore",
@@ -95,7 +95,7 @@ def restore(state: dict[str, Any], model: torch.nn.Module, optim: torch.optim.Op
 def check_same(cfg: FitConfig, store: FeatureStore, *recorded: dict[str, Any], doing: str = "resume") -> None:
     """The one reuse check (``resume`` here, a sweep's finished cells): refuse to ``doing`` ``cfg.out`` with
     settings other than its ``config.json``'s (and ``recorded``: other ``fit`` entries, e.g. a checkpoint's), or
-    from a store other than its ``cache_key.json``'s (:class:`train.rundir.CacheMismatchError`). An older run's
+    from a store other than its ``cache_key.json``'s (:class:`train.runs.rundir.CacheMismatchError`). An older run's
     settings are read as today's config reads them: options added since count at their defaults."""
     out = Path(cfg.out)
     with rundir.reading(out / rundir.CONFIG):  # settings it cannot read: one line naming it

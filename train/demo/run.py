@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from train import rundir
+from train.runs import rundir
 from train.config import DemoConfig, FitConfig
 from train.evaluate import evaluate
 from train.fit import fit
-from train.report import write_report
+from train.demo.report import write_report
 
 __all__ = ["DemoConfig", "demo_runs", "denoising_png", "run_demo"]
 

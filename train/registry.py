@@ -2,13 +2,13 @@
 
 Each :class:`ModelSpec` declares how its model is built (from its constructor-argument dataclass and
 the training data, or from a run's ``config.json``), what it reads from a store (``"features"``:
-cached features + text tokens, :class:`train.data.SplitFeatures`, or the store's images, ``SplitImages``),
+cached features + text tokens, :class:`train.data.readers.SplitFeatures`, or the store's images, ``SplitImages``),
 its evaluation batch-size rule and whether it needs text. fit, evaluate and predict ask the registry
 and never name a model. :func:`logits` / :func:`probabilities` are the forward pass (training,
-validation, evaluation and prediction alike); :func:`load_run` loads a finished run, :func:`load_model_dir` an exported model folder.
+validation, evaluation and prediction alike); :mod:`train.runs.loading` loads a finished run or model folder.
 
-    textdiff     the TextDiff head (train/model.py) on cached diffusion features and text
-    plain-unet   the plain U-Net baseline (train/plain_unet.py) on the images ("unet" in older configs)
+    textdiff     the TextDiff head (train/nets/head.py) on cached diffusion features and text
+    plain-unet   the plain U-Net baseline (train/nets/plain_unet.py) on the images ("unet" in older configs)
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,20 +23,21 @@ from torch import nn
 
 from cache.errors import OptionError
 from cache.store import FeatureStore
-from common.statedict import mismatch
-from extract.devices import precision_context, resolve_device
+from extract.devices import precision_context
 from train.config import ALIASES, MEMORY_BUDGET_GB, MODEL_ARGS, TextDiffArgs, model_name
-from train import rundir
-from train.data import GIB, ImageSample, Reading, Sample, SplitData, SplitFeatures, SplitImages
-from train.model import TextDiffHead
-from train.modeldir import MODEL_CONFIG, MODEL_WEIGHTS, StageOne, export_again, read_model_dir
-from train.plain_unet import PlainUNet
-from train.rundir import IDENTITY_KEYS, Malformed, open_run, read_model_files, reading
+from train.data.readers import GIB, ImageSample, Reading, Sample, SplitData, SplitFeatures, SplitImages
+from train.nets.head import TextDiffHead
+from train.nets.plain_unet import PlainUNet
 
-__all__ = ["ALIASES", "IDENTITY_KEYS", "MODELS", "ModelSpec", "load_model_dir", "load_run", "logits", "model_spec", "open_split", "probabilities",
+__all__ = ["ALIASES", "IDENTITY_KEYS", "MODELS", "ModelSpec", "logits", "model_spec", "open_split", "probabilities",
            "reading_of", "spec_of"]
 
 _ACTIVATION_BUDGET = 1 * GIB    # per forward batch, for the upsampled, concatenated maps
+
+
+#: a model's identity in a run's config.json ``head`` entry, beside its constructor arguments (diffusers' way);
+#: ``kind`` is how older runs named the plain U-Net
+IDENTITY_KEYS = ("_class_name", "kind")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class ModelSpec:
         return self.model_class(**{k: v for k, v in head.items() if k not in IDENTITY_KEYS})
 
     def new_image_inputs(self) -> Any:
-        """What reads a new image as the store did (:class:`train.predict.FeatureInputs` / ``ImageInputs``)."""
+        """What reads a new image as the store did (:class:`train.inference.predictor.FeatureInputs` / ``ImageInputs``)."""
         module, name = self.inputs.split(":")
         return getattr(importlib.import_module(module), name)
 
@@ -96,9 +96,9 @@ def _build_unet(args: Any, data: Any, store: FeatureStore) -> PlainUNet:
 
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
-    ModelSpec("textdiff", TextDiffHead, MODEL_ARGS["textdiff"], SplitFeatures, "train.predict:FeatureInputs",
+    ModelSpec("textdiff", TextDiffHead, MODEL_ARGS["textdiff"], SplitFeatures, "train.inference.predictor:FeatureInputs",
               _build_head, _head_batch, lambda head: head.get("fusion", "cross-attn") != "none"),
-    ModelSpec("plain-unet", PlainUNet, MODEL_ARGS["plain-unet"], SplitImages, "train.predict:ImageInputs",
+    ModelSpec("plain-unet", PlainUNet, MODEL_ARGS["plain-unet"], SplitImages, "train.inference.predictor:ImageInputs",
               _build_unet, lambda head, size: 4, lambda head: False),
 )}
 assert MODELS.keys() == MODEL_ARGS.keys()  # one registry: train.config names each model's arguments
@@ -149,40 +149,3 @@ def probabilities(model: nn.Module, sample: Sample | ImageSample, size: int, pre
     with precision_context(device, precision):
         out = logits(model, sample.to(device), size)
     return torch.softmax(out.float(), dim=1)
-
-
-def _model(config: dict[str, Any], state: dict[str, torch.Tensor], device: str | torch.device | None,
-           files: tuple[Path, Path], remedy: str) -> nn.Module:
-    """The model of ``config`` (its ``head`` entry) with ``state``, in eval mode, on ``device``; ``files``: the
-    config and weights files they were read from, one named (with ``remedy``) when they do not make a model."""
-    with reading(files[0], remedy):
-        model = spec_of(config).rebuild(config["head"])
-    with reading(files[1], remedy):
-        expected = model.state_dict()
-        wrong = mismatch(expected, state)
-        if wrong:
-            raise Malformed(f"its tensors are not those of the model its {files[0].name} describes ({len(expected)} "
-                            f"expected, {len(state)} in the file): {'; '.join(wrong)}")
-        model.load_state_dict(state)
-    return model.to(resolve_device(device)).eval()
-
-
-def load_run(run: Path, cache: Path | str | None = None, device: str | torch.device | None = "cpu"
-             ) -> tuple[dict[str, Any], nn.Module, FeatureStore]:
-    """A finished run's config, its model (best weights, eval mode, on ``device``: a name for
-    :func:`extract.devices.resolve_device`, None = auto) and the store it was trained on (``cache``, or the one
-    it recorded; a store with another key is refused)."""
-    run = Path(run)
-    config, store = open_run(run, cache)
-    head, state = read_model_files(run)
-    files = (run / rundir.CONFIG, rundir.weights_file(run))
-    return config, _model({**config, "head": head}, state, device, files, rundir.REFIT), store
-
-
-def load_model_dir(path: Path, device: str | torch.device | None = "cpu") -> tuple[dict[str, Any], nn.Module, StageOne]:
-    """An exported model folder's config, its model (eval mode, on ``device``) and what made its features
-    (:class:`train.modeldir.StageOne`): all :class:`train.predict.Predictor` needs, without a store."""
-    path = Path(path)
-    config, stage, state = read_model_dir(path)
-    files = (path / MODEL_CONFIG, path / MODEL_WEIGHTS)
-    return config, _model(config, state, device, files, export_again(path)), stage

@@ -6,47 +6,17 @@ the same store (so the same preprocessed images, the same splits and the same fe
 seed), the same cached dihedral views as augmentation, the same loss (CE + 1.5 Dice), optimiser,
 schedule and best-epoch choice on validation. ``evaluate`` scores it like any run.
 Width 64 and depth 4 is the classic 31.0 M-parameter U-Net the paper compares against.
-:func:`baseline_store` picks a dataset's store for it (any UNet's store will do: it reads images).
+:func:`train.data.stores.baseline_store` picks a dataset's store for it (any UNet's store will do).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from cache.catalogue import StoreEntry
-
-__all__ = ["NoStoreError", "PlainUNet", "baseline_store", "choose_store"]
-
-
-class NoStoreError(ValueError):
-    """No store in the cache folder can give the baseline its images."""
-
-
-def choose_store(entries: list[StoreEntry]) -> StoreEntry | None:
-    """The complete store to train on: one with cached dihedral views first, then the newest."""
-    complete = [e for e in entries if e.complete]
-    return max(complete, key=lambda e: (e.views > 1, e.modified, str(e.path)), default=None)
-
-
-def baseline_store(cache_dir: Path | str, dataset: str, data_root: Path | str | None = None,
-                   size: int | None = None) -> Path:
-    """The store in ``cache_dir`` of ``dataset`` (from ``data_root`` at ``size`` px, where given) whose
-    images are all written (:func:`choose_store`). Any UNet's store will do: the baseline reads images."""
-    from cache.catalogue import matching_stores  # opens stores: only when asked to choose one
-
-    chosen = choose_store(matching_stores(cache_dir, dataset, data_root=data_root, size=size))
-    if chosen is None:
-        root = str(Path(data_root).expanduser().resolve()) if data_root is not None else None
-        where = "".join([f" from {root}" if root else "", f" at {size} px" if size else ""])
-        raise NoStoreError(f"no complete store of {dataset}{where} in {cache_dir}: the baseline trains on a store's "
-                           f"images, so that it sees exactly what `fit` sees; make one with `pipeline extract "
-                           f"--dataset {dataset} ... --augment d4 --cache-dir {cache_dir}` (any UNet)")
-    return chosen.path
+__all__ = ["PlainUNet"]
 
 
 def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
@@ -56,7 +26,7 @@ def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
 
 class PlainUNet(nn.Module):
     """U-Net on RGB in [-1, 1] → class logits: ``model(image, out_size=None)``. ``config`` holds its
-    constructor arguments (a run's ``config.json`` adds its class name: :meth:`train.models.ModelSpec.identity`)."""
+    constructor arguments (a run's ``config.json`` adds its class name: :meth:`train.registry.ModelSpec.identity`)."""
 
     def __init__(self, width: int = 64, depth: int = 4, in_channels: int = 3, num_classes: int = 2):
         super().__init__()
