@@ -56,7 +56,7 @@ def flag(keyword: str) -> str:
 
 
 def in_flags(e: BaseException) -> str:
-    """``e``'s message with the keywords it names (its ``options``, see ``cache.errors``) as flags: a
+    """``e``'s message with the keywords it names (its ``options``, see ``common.errors``) as flags: a
     leading ``steps`` becomes ``--steps``; ``keyword=True`` the bare flag; ``keyword='v'`` or
     ``keyword=V`` the flag and its value (``--text-encoder minilm``)."""
     text = str(e)

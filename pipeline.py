@@ -288,7 +288,7 @@ def cache_verify(path: str = typer.Argument(..., help="A store (.zarr folder, .h
     from cache.backends import basename
     from cache.maintenance import work_items
     from extract.command import extract_command
-    from extract.shared import stage_progress
+    from common.progress import stage_progress
 
     progress = stage_progress(err, "verify", "rows")
     with progress:
@@ -321,7 +321,7 @@ def cache_export(path: str = typer.Argument(..., help="A store (.zarr folder, .h
     resumes when run again. Prints the new store's path."""
     from cache import FeatureStore, export_store, export_target
     from cache.backends import FORMATS, basename
-    from extract.shared import stage_progress
+    from common.progress import stage_progress
 
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {list(FORMATS)}, got {format!r}")

@@ -11,7 +11,7 @@ large fp32 matmul timed on the same machine, and ``over_floor`` = step time / fl
 fast_speedup = literal fp32 step / fast fp32 step (MoNuSeg, medians of the same run).
 
 The allocator: the fp32 training steps are first timed with glibc's default malloc (every tensor over
-32 MiB a fresh, page-faulted ``mmap``), then the rest with :func:`extract.devices.keep_freed_memory`,
+32 MiB a fresh, page-faulted ``mmap``), then the rest with :func:`common.devices.keep_freed_memory`,
 which every CPU stage of textdiff turns on (``TEXTDIFF_MALLOC=system`` turns it off); minor page faults
 per step are counted for both. ``data_wait``: a streamed fit (``memory_budget_gb=0``: every batch read
 from the store by the background feed) at the paper's MoNuSeg configuration — a store extracted from
@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from extract.checkpoints import PRESETS
 from extract.pretrain import PRETRAIN_PRESETS
-from extract.devices import keep_freed_memory
+from common.devices import keep_freed_memory
 from extract.run import ExtractConfig, run_extract
 from train.fit import FitConfig, fit
 from train.nets.head import TextDiffHead, count_parameters

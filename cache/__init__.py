@@ -2,7 +2,8 @@
 
 Modules (each imports only those above it; ``cache`` imports neither ``extract`` nor ``train``):
 
-- ``errors``: ``OptionError``, an argument with a bad value, named by its keyword (the CLI names its flag).
+``OptionError`` (an argument with a bad value, named by its keyword: the CLI names its flag) is
+:mod:`common.errors`'s, exported here too.
 - ``key``: a store's identity (the key dictionary and its hash) and where it lives in a cache folder.
 - ``backends``: zarr folder or URL, or HDF5 file, behind one small interface.
 - ``schema``: the arrays of a store (names, paths, specs), ``SplitLayout``, ``StoreError``.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from cache.catalogue import (StoreEntry, gc_candidates, last_written, list_stores, matching_stores, remove_stores,
                              store_bytes, store_paths)
-from cache.errors import OptionError, naming
+from common.errors import OptionError, naming
 from cache.export import export_store, export_target
 from cache.checksums import DamagedDataError, checksum
 from cache.integrity import RowArray, RowCheck, base_arrays, check_rows, first_damaged, pair_array

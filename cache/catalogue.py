@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache.backends import is_url
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.lock import held_by_other, lock_path
 from cache.schema import pair_name
 from cache.store import FeatureStore, StoreError

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cache.errors import OptionError
+from common.errors import OptionError
 
 #: 2: text tokens encoded one text per forward (batch-independent bits); 1: in batches of up to 32 texts
 FORMAT_VERSION = 2

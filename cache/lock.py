@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cache.backends import Location, is_url
-from cache.errors import naming
+from common.errors import naming
 
 LOCK_SUFFIX = ".lock"
 

@@ -22,8 +22,7 @@ Module map (layers: ``cache`` ← ``extract`` ← ``train``; ``extract`` never i
 ``text``         text encoders (BioClinicalBERT, MiniLM, a local folder)
 ``pretrain``     :func:`pretrain` (``run_pretrain`` here): train the UNet on a dataset's unlabelled images (DDPM)
 ``textviews``    :func:`rewrite_text`: a text said of a dihedral view of its image (per-dataset word tables)
-``shared``       helpers shared by stage one, stage two and the CLI: dihedral views, value scaling, progress
-``devices``      the device (auto, cpu, cuda, cuda:N) and precision (fp32, bf16, fp16) a stage runs on
+``shared``       the image helpers both stages use: dihedral views, value scaling
 """
 
 from __future__ import annotations
@@ -43,9 +42,9 @@ _EXPORTS = {
     "UNetNotFoundError": "extract.checkpoints",
     "TextEncoder": "extract.text", "TextEncoderError": "extract.text", "load_text_encoder": "extract.text",
     "FeatureExtractor": "extract.features", "shared_noise": "extract.diffusion",
-    "resolve_device": "extract.devices", "precision_context": "extract.devices",
+    "resolve_device": "common.devices", "precision_context": "common.devices",
     "rewrite_text": "extract.textviews", "mirror_text": "extract.textviews",
-    "dihedral": "extract.shared", "to_unit_range": "extract.shared", "stage_progress": "extract.shared",
+    "dihedral": "extract.shared", "to_unit_range": "extract.shared", "stage_progress": "common.progress",
 }
 
 _RENAMED = {"run_pretrain": "pretrain"}  # ``extract.pretrain`` is the module; its function is run_pretrain here

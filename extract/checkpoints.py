@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.key import default_cache_dir, sha256_file
 from extract.unet import UNetModel, load_unet, normalize_flags, read_flags
 

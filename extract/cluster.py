@@ -27,12 +27,12 @@ from rich.console import Console
 from cache.backends import is_url
 from extract.checkpoints import UNetSource
 from extract.diffusion import shared_noise
-from extract.devices import dtype_named, resolve_device, set_malloc_thresholds
+from common.devices import dtype_named, resolve_device, set_malloc_thresholds
 from extract.features import FeatureExtractor
 from extract.config import ExtractConfig
 from extract.execute import execute
 from extract.plan import Job, Prepared, check_device_type, encode_tokens, open_source, replan
-from extract.shared import stage_progress
+from common.progress import stage_progress
 from extract.text import TextEncoder, load_text_encoder
 
 _LOCAL = re.compile(r"local:(\d+)")
@@ -42,7 +42,7 @@ _ADDRESS = re.compile(r"[a-z][a-z0-9+.-]*://\S+")
 class SchedulerError(RuntimeError):
     """``scheduler`` is malformed, unreachable, or the cluster gave up on a shard."""
 
-    options = ("scheduler",)  # the keyword its messages may name (cache.errors)
+    options = ("scheduler",)  # the keyword its messages may name (common.errors)
 
 
 def check_scheduler(spec: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from cache.backends import dirname
 from cache.store import FeatureStore
 from extract.config import ExtractConfig
-from extract.devices import autocast_device
+from common.devices import autocast_device
 
 #: fields ``pipeline extract`` spells its own way (``pipeline.extract``): value → its flag (others: no flag)
 _OWN_FLAGS = {"color_order": {"bgr": "--bgr"}}

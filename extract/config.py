@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cache.key import default_cache_dir
-from extract.shared import option_field
+from common.options import option_field
 
 DEFAULT_STEPS = (50, 150, 250)
 DEFAULT_SEED = 40  # the authors' seed for the one shared noise tensor (extract.diffusion.shared_noise)
@@ -17,7 +17,7 @@ STORE_DTYPE = "float16"
 #: ExtractConfig fields a store does not record in its ``extract`` attribute: which pairs, where, and how the run
 #: was carried out (its forward batch is recorded as ``forward_batch``); every other field is recorded
 RUN_OPTIONS = ("steps", "blocks", "cache_dir", "batch_size", "device", "scheduler", "threads")
-#: the help of every stage's ``device`` option (the names extract.devices.resolve_device takes)
+#: the help of every stage's ``device`` option (the names common.devices.resolve_device takes)
 DEVICE_HELP = "auto (CUDA when present; the default), cpu, cuda or cuda:N."
 
 

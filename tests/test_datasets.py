@@ -12,7 +12,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cache.errors import OptionError
+from common.errors import OptionError
 from extract.datasets import (OBJECT_RGB, REGIONS, Dataset, DatasetError, Item, open_dataset, preprocessing,
                               resize_mask, synthetic_sample)
 from extract.datasets.decoding import cv2_linear_u8

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train.nets.head
-from extract.devices import deterministic_kernels
+from common.devices import deterministic_kernels
 from extract.pretrain import PretrainConfig, pretrain
 from train.runs import rundir
 from train.data.readers import SplitFeatures

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cache import gc_candidates
-from cache.errors import OptionError, naming
+from common.errors import OptionError, naming
 from cli_support import in_flags
 from extract.config import ExtractConfig, PretrainConfig
 from extract.pretrain import pretrain

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import pipeline
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.store import FeatureStore, StoreError
 from train.runs import rundir
 from train.config import FitConfig

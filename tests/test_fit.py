@@ -174,7 +174,7 @@ def test_view_text_needs_views_with_their_own_text(store_path: Path, tmp_path: P
     from typer.testing import CliRunner
 
     import pipeline
-    from cache.errors import OptionError
+    from common.errors import OptionError
 
     with pytest.raises(OptionError, match=r"^view_text='rewrite' needs a store whose training views keep their own "
                                           r"text \(`pipeline extract \.\.\. --augment d4`\); .* has one view"):
@@ -189,7 +189,7 @@ def test_view_text_needs_views_with_their_own_text(store_path: Path, tmp_path: P
 
 def test_a_d4_store_without_view_texts_trains_with_the_same_text(tmp_path: Path) -> None:
     """A store made before views kept their own text: every view reads the image's tokens; rewrite is refused."""
-    from cache.errors import OptionError
+    from common.errors import OptionError
     from train.fit import check_view_text, view_choices
 
     old = FeatureStore.create(tmp_path / "old.zarr", {"k": 1}, size=8, token_len=3, token_dim=2,
@@ -261,7 +261,7 @@ def test_precision_is_recorded_and_bf16_trains_close_to_fp32(store_path: Path, t
     """``precision="bf16"`` autocasts training and validation (recorded in config.json, with the device
     used); it learns what fp32 learns, to bf16's precision. A device the machine lacks is refused before
     anything is written."""
-    from cache.errors import OptionError
+    from common.errors import OptionError
 
     base = dict(cache=store_path, epochs=3, dim=16, head_channels=(8, 4), lr=1e-3)
     a = fit(FitConfig.flat(out=tmp_path / "fp32", **base))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import extract.features
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.store import FeatureStore
-from extract.devices import full_precision, precision_context
+from common.devices import full_precision, precision_context
 from extract.features import FeatureExtractor
 from extract.plan import check_device_type
 from extract.run import ExtractConfig, run_extract

@@ -26,7 +26,7 @@ def store_path(tiny_unet: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def test_placement_and_autocast() -> None:
-    from extract.devices import precision_context, resolve_device
+    from common.devices import precision_context, resolve_device
 
     device = resolve_device("auto")
     assert device.type == "cuda" and resolve_device("cuda:0") == torch.device("cuda:0")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import pipeline
 import train.inference.batch as batch
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.store import FeatureStore
 from extract.datasets import DatasetError, read_image
 from train.evaluate import evaluate

@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 from rich.progress import Progress
 
-from extract.shared import LogProgress, stage_progress
+from common.progress import LogProgress, stage_progress
 
 
 def test_log_progress_prints_lines_without_a_terminal() -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train.fit as fit_mod
-from cache.errors import OptionError
+from common.errors import OptionError
 from train.runs import rundir
 from train.fit import FitConfig, fit
 from train.runs.resume import PAUSE_ENV

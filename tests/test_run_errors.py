@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 import pipeline
 import train.fit as fit_mod
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.store import FeatureStore
 from train.config import FitConfig
 
@@ -387,7 +387,7 @@ def test_val_fraction_python_only(value: float) -> None:
 
 
 def test_precision_names_are_the_devices() -> None:
-    from extract.devices import PRECISIONS
+    from common.devices import PRECISIONS
     from train.config import PRECISION_NAMES
 
     assert tuple(PRECISIONS) == PRECISION_NAMES

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache.errors import OptionError
+from common.errors import OptionError
 from train.runs import rundir
 from train.evaluate import evaluate
 from train.fit import FitConfig, fit

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import pipeline
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.store import FeatureStore
 from train.runs import rundir
 from train.data.readers import Sample

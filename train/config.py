@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from cache.errors import OptionError
+from common.errors import OptionError
 from extract.config import DEVICE_HELP
-from extract.shared import option_field
+from common.options import option_field
 
 __all__ = ["ALIASES", "COMMAND_MODEL", "COMMAND_OPTIONS", "MEMORY_BUDGET_GB", "SWITCHES", "Switch", "ZERO_IS_NONE",
            "flat_from_options", "option_default", "option_home", "DROPOUT_CLASSIFIERS", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS",
@@ -37,7 +37,7 @@ VIEW_TEXTS = ("same", "rewrite", "unchanged")  # what text a cached view is trai
 DROPOUT_CLASSIFIERS = ("shared", "own")
 #: the text an evaluation gives the head (:mod:`train.textmodes`)
 TEXT_MODES = ("as-is", "none", "shuffled", "mirrored")
-#: the names of :data:`extract.devices.PRECISIONS` (no torch here): what ``precision`` takes
+#: the names of :data:`common.devices.PRECISIONS` (no torch here): what ``precision`` takes
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from extract.shared import stage_progress
+from common.progress import stage_progress
 from train.runs import rundir
 from train.config import EvaluateConfig
 from train.metrics import SegMetrics
@@ -72,7 +72,7 @@ def evaluate(run: Path, split: str = EvaluateConfig.split, cache: Path | None = 
         overlays: also write ``overlays/<id>.png`` per image. Default True.
         console: where progress and the result line go; default stderr.
         batch_size: images per forward pass; default the model's rule (:class:`train.registry.ModelSpec`).
-        device: where the model runs (:func:`extract.devices.resolve_device`; None: CUDA when present).
+        device: where the model runs (:func:`common.devices.resolve_device`; None: CUDA when present).
         precision: fp32, or bf16 / fp16 autocast for the forward passes.
         text: the text the head is given (:data:`train.textmodes.TEXT_MODES`): "as-is" (default), "none",
             "shuffled", "mirrored"; other than "as-is" refused for a model that reads no text.

@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from cache.errors import OptionError, naming
+from common.errors import OptionError, naming
 from cache.store import FeatureStore
 from extract.command import extract_command
 from extract.text import hub_offline

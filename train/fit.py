@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.key import key_hash
 from cache.store import FeatureStore
-from extract.devices import deterministic_kernels, precision_context, resolve_device
-from extract.shared import stage_progress
+from common.devices import deterministic_kernels, precision_context, resolve_device
+from common.progress import stage_progress
 from train.runs import rundir
 from train.config import FitConfig
 from train.data.readers import GIB, PAPER_TRAIN_COUNT, Reading, SplitData, choose_subset

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.store import FeatureStore
-from extract.devices import precision_context
+from common.devices import precision_context
 from train.config import ALIASES, MEMORY_BUDGET_GB, MODEL_ARGS, TextDiffArgs, model_name
 from train.data.readers import GIB, ImageSample, Reading, Sample, SplitData, SplitFeatures, SplitImages
 from train.nets.head import TextDiffHead

@@ -31,7 +31,7 @@ from rich.console import Console
 import train.evaluate as evaluate_mod
 import train.fit as fit_mod
 from cache.backends import is_url
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.store import FeatureStore
 from train.runs import rundir
 from train.config import FitConfig
@@ -256,7 +256,7 @@ def _on_cluster(cells: list[FitConfig], cache: Path, split: str, scheduler: str,
     from distributed import as_completed
 
     from extract.cluster import connect
-    from extract.shared import stage_progress
+    from common.progress import stage_progress
 
     cache_path = str(cache) if is_url(str(cache)) else str(Path(cache).resolve())  # workers have their own cwd
     with connect(scheduler, threads) as (client, worker_threads):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.store import FeatureStore
 from train.config import TEXT_MODES
 from train.data.readers import SplitData

@@ -17,7 +17,7 @@ SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "
 class DatasetError(ValueError):
     """Bad dataset input; message names the file and what is wrong (and may suggest ``skip_bad=True``)."""
 
-    options = ("skip_bad",)  # the keywords its messages may name (cache.errors)
+    options = ("skip_bad",)  # the keywords its messages may name (common.errors)
 
 
 @dataclass(frozen=True)

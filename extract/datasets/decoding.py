@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from PIL import Image
 
-from cache.errors import OptionError
+from common.errors import OptionError
 from extract.datasets.core import DICOM_EXTS, DatasetError
 
 if TYPE_CHECKING:

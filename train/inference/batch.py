@@ -37,10 +37,10 @@ from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 
-from cache.errors import OptionError, naming
+from common.errors import OptionError, naming
 from common import atomic
 from extract.datasets import IMAGE_EXTS, DatasetError, quiet_decoders, read_column, read_image, read_table
-from extract.shared import stage_progress
+from common.progress import stage_progress
 from train.config import PredictConfig
 from train.inference.predictor import Predictor, mask_path, predict, resize_to, warn_device
 from train.runs.rundir import read_json, write_json
@@ -216,7 +216,7 @@ def predict_batch(run: Path, images: Path, out: Path, texts: Path | None = None,
     folder) into folder ``out`` (see the module's docstring for what it holds); texts from the table
     ``texts`` (columns image, text).
 
-    Raises (before any model is loaded) :class:`cache.errors.OptionError` for a bad listing or two images with
+    Raises (before any model is loaded) :class:`common.errors.OptionError` for a bad listing or two images with
     one output name, and, without ``skip_bad``, :class:`extract.datasets.DatasetError` naming a missing image;
     during the run, one naming an unreadable image (what was written before it stays, and a rerun resumes).
     """

@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.key import canonical_json
 from extract.datasets import read_image
 from extract.diffusion import shared_noise
-from extract.devices import dtype_named, resolve_device
+from common.devices import dtype_named, resolve_device
 from extract.features import FeatureExtractor
 from extract.shared import to_unit_range
 from extract.text import TextEncoder

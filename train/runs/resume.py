@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache.errors import OptionError
+from common.errors import OptionError
 from cache.key import key_hash
 from cache.store import FeatureStore
 from train.runs import rundir

@@ -89,7 +89,7 @@ class RunFileError(ValueError):
     """A file of a run or model folder is missing, damaged or not one textdiff wrote: the one line names it,
     what is wrong and what to do."""
 
-    options = ("overwrite", "resume")  # the keywords its remedies may name (cache.errors)
+    options = ("overwrite", "resume")  # the keywords its remedies may name (common.errors)
 
 
 class Malformed(ValueError):
@@ -253,7 +253,7 @@ def open_run(run: Path, cache: Path | str | None = None) -> tuple[dict[str, Any]
     if (run / INCOMPLETE).exists():
         raise ValueError(f"run {run} is incomplete (its fit did not finish); fit it again")
     if not (run / CONFIG).is_file():
-        from cache.errors import naming
+        from common.errors import naming
 
         raise naming(FileNotFoundError(f"{run / CONFIG} not found: is {run} a fit run folder? (If it is, {REFIT}.)"),
                      "overwrite")

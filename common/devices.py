@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cache.errors import OptionError
+from common.errors import OptionError
 
 __all__ = ["PRECISIONS", "autocast_device", "autocast_dtype", "compute_dtype", "deterministic_kernels",
            "keep_freed_memory", "precision_context", "resolve_device"]
@@ -58,7 +58,7 @@ def keep_freed_memory() -> bool:
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """The device ``spec`` names: ``auto`` (or None: CUDA when present, else the CPU), ``cpu``, ``cuda``,
-    ``cuda:N``. Raises :class:`cache.errors.OptionError` (keyword ``device``) for a device this machine lacks.
+    ``cuda:N``. Raises :class:`common.errors.OptionError` (keyword ``device``) for a device this machine lacks.
     Work on the CPU gets :func:`keep_freed_memory`."""
     if isinstance(spec, torch.device):
         spec = str(spec)
