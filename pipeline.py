@@ -195,7 +195,7 @@ def export(
     from train.export import export_run
 
     cfg = ExportConfig(**config_values(ExportConfig, common or {}))
-    typer.echo(export_run(run, cfg.out, cache=cfg.cache, push=cfg.push, console=err))
+    typer.echo(export_run(run, config=cfg, console=err))
 
 
 @app.command()

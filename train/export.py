@@ -245,11 +245,17 @@ def push_model_dir(folder: Path, repo_id: str) -> str:
     return f"https://huggingface.co/{repo_id}"
 
 
-def export_run(run: Path, out: Path, cache: Path | str | None = ExportConfig.cache, push: str | None = ExportConfig.push,
-               console: Console | None = None) -> str:
+def export_run(run: Path, out: Path | None = None, cache: Path | str | None = ExportConfig.cache,
+               push: str | None = ExportConfig.push, console: Console | None = None,
+               config: ExportConfig | None = None) -> str:
     """Write the model folder ``out`` of the finished run ``run`` (its store: ``cache`` or the one it recorded,
     for the key and what made it); with ``push``, upload it to that Hub repository. Returns the folder (or
-    the repository's URL). A non-empty ``out`` that is not a model folder is refused; one is rewritten."""
+    the repository's URL). A non-empty ``out`` that is not a model folder is refused; one is rewritten. The
+    options are :class:`train.config.ExportConfig`'s: given one by one, or as ``config`` (which then wins)."""
+    if config is not None:
+        out, cache, push = config.out, config.cache, config.push
+    if out is None:
+        raise OptionError("out: the model folder to write is missing; pass out=DIR", "out")
     console = console or Console(stderr=True)
     run, out = Path(run), Path(out)
     if push and hub_offline():  # before any work
@@ -257,11 +263,11 @@ def export_run(run: Path, out: Path, cache: Path | str | None = ExportConfig.cac
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_model_dir(out))):
         raise OptionError(f"out: {out} exists and is not a model folder written by `pipeline export`; pass another "
                           "out=DIR", "out")
-    config, model, store = load_run(run, cache, "cpu")
+    recorded, model, store = load_run(run, cache, "cpu")
     stage = StageOne.of_store(store)
     parameters = sum(p.numel() for p in model.parameters())
-    card = model_card(run, config, stage, store, parameters)
-    write_model_dir(out, {**_shareable(config), **stage.to_json()}, model.state_dict(), card)
+    card = model_card(run, recorded, stage, store, parameters)
+    write_model_dir(out, {**_shareable(recorded), **stage.to_json()}, model.state_dict(), card)
     console.print(f"export: {escape(str(run))} → {escape(str(out))} ({MODEL_CONFIG}, {MODEL_WEIGHTS}, {MODEL_CARD})",
                   highlight=False, soft_wrap=True)
     return push_model_dir(out, push) if push else str(out)
