@@ -200,7 +200,7 @@ def export(
 
 @app.command()
 @friendly
-@shared_options(**config_options(PretrainConfig, skip=("samples", "sample_steps", "checkpoint_every", "dataset_options"),
+@shared_options(**config_options(PretrainConfig, skip=("sample_steps", "checkpoint_every", "dataset_options"),
                                  flags={"resume": ("--resume",)}))
 def pretrain(common: Optional[dict] = None) -> None:
     """Train this project's ADM UNet on a dataset's unlabelled images (DDPM ε-prediction); use it with

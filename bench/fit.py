@@ -57,9 +57,9 @@ def recomputing_split(extractor: FeatureExtractor) -> type[SplitFeatures]:
     class Recomputed(SplitFeatures):
         def __init__(self, store: FeatureStore, split: str, blocks: Sequence[int], steps: Sequence[int],
                      indices=None, memory_budget: float = 0, attend_padding: bool = False,
-                     view_tokens: bool = False):
+                     view_tokens: bool = False, mask_resize: str | None = None):
             super().__init__(store, split, blocks, steps, indices, 0, attend_padding,  # nothing preloaded
-                             view_tokens=view_tokens)
+                             view_tokens=view_tokens, mask_resize=mask_resize)
             self._images = store.images(split)
 
         def features(self, rows: Sequence[int], views: Sequence[int]) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from cache.backends import FORMATS, Location, as_location, basename, dirname, join
+from cache.key import FORMAT_VERSION
 from cache.schema import BASE_ARRAYS, VIEW_TEXT_ARRAYS, StoreError, feat_rel
 from cache.store import FeatureStore, format_of
 
@@ -38,6 +39,9 @@ def export_store(src_path: Location, store_format: str, dest: Location | None = 
     target = export_target(src.path, store_format, dest)
     if src.format == store_format and str(target) in (str(src.path), src.location):
         raise StoreError(f"{src.path} is already a {store_format} store")
+    if src.version != FORMAT_VERSION:  # its rows would sit in a store that says they are of today's format
+        raise StoreError(f"{src.path}: a store of format {src.version} is read, never copied; re-extract it "
+                         f"(format {FORMAT_VERSION}) to have it as {store_format}")
     attrs = src.attrs
     out = FeatureStore.create(target, src.key, size=src.size, splits={s: src.layout(s) for s in src.splits()},
                               token_len=attrs["token_len"], token_dim=attrs["token_dim"],
@@ -51,7 +55,7 @@ def export_store(src_path: Location, store_format: str, dest: Location | None = 
         names = BASE_ARRAYS + (VIEW_TEXT_ARRAYS if src.view_texts(split) is not None else ())
         for i in src.done(split).nonzero()[0]:
             if not have[i]:
-                out.writer.write_base(split, int(i), *(src.read(f"{split}/{name}", int(i)) for name in names))
+                out.writer.write_base(split, int(i), **{name: src.read(f"{split}/{name}", int(i)) for name in names})
             if progress:
                 progress()
         for step, block in pairs:

@@ -7,13 +7,14 @@ the first damaged row it finds; ``verify_store`` (``cache/maintenance.py``) coll
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from cache.checksums import DamagedDataError, row_problem
-from cache.schema import BASE_ARRAYS, VIEW_TEXT_ARRAYS, feat_rel
+from cache.schema import VIEW_TEXT_ARRAYS, feat_rel
 from cache.store import FeatureStore
 
 
@@ -30,12 +31,13 @@ class RowArray:
     loaded: np.ndarray | None = None
 
 
-def base_arrays(store: FeatureStore, split: str, names: Sequence[str] = BASE_ARRAYS,
+def base_arrays(store: FeatureStore, split: str, names: Sequence[str] | None = None,
                 loaded: Mapping[str, np.ndarray] | None = None) -> list[RowArray]:
-    """The base arrays ``names`` (of ``BASE_ARRAYS``) of ``split``; ``loaded``: those already in memory."""
-    crc, loaded = store.checksums(split), loaded or {}
-    return [RowArray(name, f"{split}/{name}", crc[:, BASE_ARRAYS.index(name)], name == "tokens", None,
-                     loaded.get(name)) for name in names]
+    """The base arrays ``names`` (default: all of the store's :attr:`~FeatureStore.base_names`) of ``split``;
+    ``loaded``: those already in memory."""
+    crc, loaded, order = store.checksums(split), loaded or {}, store.base_names
+    return [RowArray(name, f"{split}/{name}", crc[:, order.index(name)], name == "tokens", None,
+                     loaded.get(name)) for name in (order if names is None else names)]
 
 
 def view_text_arrays(store: FeatureStore, split: str, loaded: Mapping[str, np.ndarray] | None = None
@@ -100,3 +102,22 @@ def first_damaged(store: FeatureStore, split: str, arrays: Sequence[RowArray], r
                   ) -> RowCheck | None:
     """The first row of :func:`check_rows` with a problem, or None when every row is sound."""
     return next((c for c in check_rows(store, split, arrays, rows) if c.problem), None)
+
+
+def content_digest(store: FeatureStore, pairs: Sequence[tuple[int, int]] | None = None) -> str:
+    """sha256 over the CRC-32s recorded for every row of every split (base arrays, view texts, the ``pairs``;
+    default all), in the store's order: two stores with one digest hold the same bytes in those arrays (a
+    rebuilt store is checked against the evidence of the runs fitted on its predecessor). A row not written
+    yet, or written before checksums, is a ValueError: its content is unknown."""
+    h = hashlib.sha256(store.key_hash.encode())
+    for split in store.splits():
+        crcs = [store.checksums(split)]
+        if store.view_texts(split) is not None:
+            crcs.append(store.checksums(split, view_text=True))
+        crcs += [store.checksums(split, s, b) for s, b in sorted(store.pairs() if pairs is None else pairs)]
+        for c in crcs:
+            if not c.all():
+                raise ValueError(f"{store.path}: split {split!r} has rows without a recorded checksum (not written "
+                                 f"yet, or written before checksums): its content has no digest")
+            h.update(np.ascontiguousarray(c, dtype="<u4").tobytes())
+    return h.hexdigest()

@@ -17,10 +17,11 @@ from typing import Any
 
 from common.errors import OptionError
 
-#: 2: text tokens encoded one text per forward (batch-independent bits); 1: in batches of up to 32 texts
-FORMAT_VERSION = 2
+#: 3: the masks under both resizings (``mask``: nearest, ``mask_authors``: the authors'), so one store serves
+#: both; 2: text tokens encoded one text per forward (batch-independent bits); 1: in batches of up to 32 texts
+FORMAT_VERSION = 3
 #: versions this textdiff reads; it writes only FORMAT_VERSION, so no store mixes two encodings
-READABLE_FORMAT_VERSIONS = (1, 2)
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 
 _KEY_FIELDS = ("dataset", "preprocessing", "unet", "noise_seed", "text", "dtype", "compute_dtype")
 

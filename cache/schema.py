@@ -3,13 +3,14 @@
 Layout (per split group ``<split>``; N images, V views, S size, L tokens, D token dim)::
 
     <split>/image               (N, V, 3, S, S) uint8    chunk (1, 1, 3, S, S)
-    <split>/mask                (N, V, S, S)    uint8    chunk (1, 1, S, S)
+    <split>/mask                (N, V, S, S)    uint8    chunk (1, 1, S, S)   resized nearest
+    <split>/mask_authors        (N, V, S, S)    uint8    chunk (1, 1, S, S)   resized as the authors' cv2.resize
     <split>/tokens              (N, L, D)       float16  chunk (1, L, D)
     <split>/token_mask          (N, L)          bool     chunk (1, L)
     <split>/feat/t{step}/b{block}  (N, V, C, h, w) float16  chunk (1, 1, C, h, w)
     <split>/done/base           (N,) bool chunk (1,)   image, mask and tokens of row i written
     <split>/done/t{step}_b{block}  (N,) bool chunk (1,)   features of row i written
-    <split>/crc/base            (N, 4) uint32   CRC-32 of row i's image, mask, tokens, token_mask as written
+    <split>/crc/base            (N, 5) uint32   CRC-32 of row i's image, mask, tokens, token_mask, mask_authors
     <split>/crc/t{step}_b{block}   (N,) uint32     CRC-32 of row i's float16 features (0: not recorded)
 
 A split whose views keep their own text (``extract --augment d4``; ``SplitLayout.view_texts``) also has,
@@ -35,7 +36,10 @@ from cache.backends import Location, Spec
 from cache.key import FORMAT_VERSION, key_hash
 
 MARKER = "feature-store"  # the root attribute ``textdiff`` of every store
-BASE_ARRAYS = ("image", "mask", "tokens", "token_mask")  # per row, beside the features; their CRCs in this order
+#: per row, beside the features; their CRCs in this order (stores before format 3: the first four)
+BASE_ARRAYS = ("image", "mask", "tokens", "token_mask", "mask_authors")
+#: the array of the masks under each resizing (``extract.datasets.resize_mask``); format 3 keeps both
+MASK_ARRAYS = {"nearest": "mask", "authors": "mask_authors"}
 VIEW_TEXT_ARRAYS = ("view_tokens", "view_token_mask")   # per row of a split with view texts; CRCs in this order
 VIEW_TEXT_CRC = "crc/view_text"
 TOKEN_ROWS_PER_DASK_CHUNK = 256
@@ -85,9 +89,14 @@ def crc_rel(split: str, step: int | None = None, block: int | None = None) -> st
     return f"{split}/crc/base" if step is None else f"{split}/crc/{pair_name(step, block)}"
 
 
-def split_rels(split: str, pairs: list[tuple[int, int]]) -> list[str]:
+def base_names(version: int) -> tuple[str, ...]:
+    """The base arrays of a store of format ``version`` (before 3: one mask, resized as its key says)."""
+    return BASE_ARRAYS if version >= 3 else BASE_ARRAYS[:4]
+
+
+def split_rels(split: str, pairs: list[tuple[int, int]], version: int = FORMAT_VERSION) -> list[str]:
     """A split's data and flag arrays: the base arrays and their flags, then each pair's features and flags."""
-    rels = [f"{split}/{name}" for name in BASE_ARRAYS] + [done_rel(split)]
+    rels = [f"{split}/{name}" for name in base_names(version)] + [done_rel(split)]
     for step, block in pairs:
         rels += [feat_rel(split, step, block), done_rel(split, step, block)]
     return rels
@@ -98,8 +107,8 @@ def base_specs(n: int, v: int, size: int, token_len: int, token_dim: int) -> dic
     return {
         "image": Spec((n, v, 3, size, size), (1, 1, 3, size, size), "uint8", 0, "noshuffle",
                        ("image", "view", "channel", "y", "x")),
-        "mask": Spec((n, v, size, size), (1, 1, size, size), "uint8", 0, "bitshuffle",
-                      ("image", "view", "y", "x")),
+        **{name: Spec((n, v, size, size), (1, 1, size, size), "uint8", 0, "bitshuffle", ("image", "view", "y", "x"))
+           for name in MASK_ARRAYS.values()},
         "tokens": Spec((n, token_len, token_dim), (1, token_len, token_dim), "float16", float("nan"),
                         "shuffle", ("image", "token", "feature")),
         "token_mask": Spec((n, token_len), (1, token_len), "bool", False, None, ("image", "token")),

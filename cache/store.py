@@ -25,9 +25,9 @@ from cache.backends import (BACKENDS, Backend, Location, as_location, backend_fo
                             remove_local)
 from cache.checksums import DamagedDataError
 from cache.key import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, key_hash
-from cache.schema import (BASE_ARRAYS, MARKER, TOKEN_ROWS_PER_DASK_CHUNK, VIEW_TEXT_ARRAYS, VIEW_TEXT_CRC,
+from cache.schema import (MARKER, MASK_ARRAYS, TOKEN_ROWS_PER_DASK_CHUNK, VIEW_TEXT_ARRAYS, VIEW_TEXT_CRC,
                           SplitLayout, StoreError, base_specs, crc_rel, done_rel, feat_rel, layout_problems, numbered,
-                          pair_name, root_attrs, split_attrs, split_layout, split_rels, validate_layout,
+                          base_names, pair_name, root_attrs, split_attrs, split_layout, split_rels, validate_layout,
                           view_text_specs)
 from cache.writes import StoreWriter
 
@@ -212,6 +212,24 @@ class FeatureStore:
         return self._attrs["key_hash"]
 
     @property
+    def version(self) -> int:
+        """The store's format version (what it holds: :data:`cache.key.FORMAT_VERSION`)."""
+        return int(self._attrs["format_version"])
+
+    @property
+    def base_names(self) -> tuple[str, ...]:
+        """Its base arrays, in the order of their recorded CRC-32s (before format 3: one mask)."""
+        return base_names(self.version)
+
+    @property
+    def mask_resizes(self) -> tuple[str, ...]:
+        """The mask resizings it holds (``extract.datasets.resize_mask``): both from format 3, else the one its
+        key names."""
+        if self.version >= 3:
+            return tuple(MASK_ARRAYS)
+        return (self.key.get("preprocessing", {}).get("mask_resize", "nearest"),)
+
+    @property
     def size(self) -> int:
         return self._attrs["size"]
 
@@ -276,7 +294,7 @@ class FeatureStore:
         if self._exists(rel):
             return self.read(rel)
         n = len(self.layout(split).ids)
-        return np.zeros((n, len(BASE_ARRAYS)) if step is None else n, np.uint32)
+        return np.zeros((n, len(self.base_names)) if step is None else n, np.uint32)
 
     def read(self, rel: str, row: int | None = None) -> np.ndarray:
         """The array at ``rel`` (one row of it with ``row``), read directly (no dask); a chunk that does not
@@ -334,9 +352,20 @@ class FeatureStore:
         """(N, V, L) bool, read into memory (a split with :meth:`view_texts` only)."""
         return self._array(f"{split}/view_token_mask")[...]
 
-    def masks(self, split: str) -> da.Array:
-        """(N, V, S, S) uint8."""
-        return self._dask(f"{split}/mask")
+    def masks(self, split: str, resize: str = "nearest") -> da.Array:
+        """(N, V, S, S) uint8 in {0, 1}: the masks resized as ``resize`` says (nearest or authors; one of
+        :attr:`mask_resizes`)."""
+        return self._dask(f"{split}/{self.mask_array(resize)}")
+
+    def mask_array(self, resize: str) -> str:
+        """The name of the array of the masks under ``resize``; a store that lacks them is a StoreError."""
+        if resize not in MASK_ARRAYS:
+            raise StoreError(f"mask resizing must be one of {list(MASK_ARRAYS)}, got {resize!r}")
+        if resize not in self.mask_resizes:
+            raise StoreError(f"{self.path}: this store (format {self.version}) holds only the masks resized "
+                             f"{self.mask_resizes[0]}, not {resize}; use those, or re-extract (a store of format 3 "
+                             f"or later holds both)")
+        return MASK_ARRAYS[resize] if self.version >= 3 else "mask"
 
     def images(self, split: str) -> da.Array:
         """(N, V, 3, S, S) uint8."""
@@ -345,7 +374,7 @@ class FeatureStore:
     def info(self) -> dict:
         """JSON-able summary: key, arrays (shape, dtype, chunks) and per-split done counts."""
         pairs = self.pairs()
-        rels = [rel for split in self.splits() for rel in split_rels(split, pairs)
+        rels = [rel for split in self.splits() for rel in split_rels(split, pairs, self.version)
                 + [f"{split}/{name}" for name in VIEW_TEXT_ARRAYS if self.layout(split).view_texts is not None]]
         arrays = {rel: {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks)}
                   for rel in rels for a in [self._array(rel)]}

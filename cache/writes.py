@@ -123,35 +123,43 @@ class StoreWriter:
 
     def write_base(self, split: str, i: int, image: np.ndarray, mask: np.ndarray,
                    tokens: np.ndarray, token_mask: np.ndarray, view_tokens: np.ndarray | None = None,
-                   view_token_mask: np.ndarray | None = None) -> None:
-        """Write image (V,3,S,S) uint8, mask (V,S,S) {0,1}, tokens (L,D), token_mask (L,) — and, in a split whose
-        views have their own text, each view's view_tokens (V,L,D) and view_token_mask (V,L); then the done flag."""
+                   view_token_mask: np.ndarray | None = None, mask_authors: np.ndarray | None = None) -> None:
+        """Write image (V,3,S,S) uint8, mask (V,S,S) {0,1} (resized nearest), tokens (L,D), token_mask (L,),
+        mask_authors (V,S,S) {0,1} (the same annotation resized as the authors do; None: the annotation is at
+        the store's size, where both resizings are the identity) — and, in a split whose views have their own
+        text, each view's view_tokens (V,L,D) and view_token_mask (V,L); then the done flag."""
         i = self._row(split, i)
         v, s = self.layout(split).views, self.size
         views = self._view_text_values(split, i, view_tokens, view_token_mask)
         length, dim = self._attrs["token_len"], self._attrs["token_dim"]
-        image, mask = np.asarray(image), np.asarray(mask)
+        image = np.asarray(image)
         if image.dtype != np.uint8:
             raise StoreError(f"{self.path}: image for split {split!r} row {i} is {image.dtype}, expected uint8")
-        if mask.dtype.kind not in "biu" or (mask.size and (mask.min() < 0 or mask.max() > 1)):
-            raise StoreError(f"{self.path}: mask for split {split!r} row {i} must hold only 0 and 1")
+        masks = {"mask": self._mask("mask", split, i, mask),
+                 "mask_authors": self._mask("mask_authors", split, i, mask if mask_authors is None else mask_authors)}
         tokens = self._float16("tokens", split, i, tokens)
         token_mask = np.asarray(token_mask, dtype=bool)
         self._check_shape("image", split, image, (v, 3, s, s))
-        self._check_shape("mask", split, mask, (v, s, s))
         self._check_shape("tokens", split, tokens, (length, dim))
         self._check_shape("token_mask", split, token_mask, (length,))
-        values = {"image": image, "mask": mask.astype(np.uint8), "tokens": tokens, "token_mask": token_mask}
+        values = {"image": image, **masks, "tokens": tokens, "token_mask": token_mask}
         for name in BASE_ARRAYS:
             self._array(f"{split}/{name}")[i] = values[name]
-        if self._exists(crc_rel(split)):  # stores made before checksums have none
-            self._array(crc_rel(split))[i] = [checksum(values[name]) for name in BASE_ARRAYS]
+        self._array(crc_rel(split))[i] = [checksum(values[name]) for name in BASE_ARRAYS]
         if views:
             for name in VIEW_TEXT_ARRAYS:
                 self._array(f"{split}/{name}")[i] = views[name]
             self._array(f"{split}/{VIEW_TEXT_CRC}")[i] = [checksum(views[name]) for name in VIEW_TEXT_ARRAYS]
         self._array(done_rel(split))[i] = True
         self._backend.commit()
+
+    def _mask(self, name: str, split: str, i: int, mask: np.ndarray) -> np.ndarray:
+        """A row's masks (V,S,S) as written: only 0 and 1, uint8."""
+        mask = np.asarray(mask)
+        if mask.dtype.kind not in "biu" or (mask.size and (mask.min() < 0 or mask.max() > 1)):
+            raise StoreError(f"{self.path}: {name} for split {split!r} row {i} must hold only 0 and 1")
+        self._check_shape(name, split, mask, (self.layout(split).views, self.size, self.size))
+        return mask.astype(np.uint8)
 
     def _view_text_values(self, split: str, i: int, view_tokens: np.ndarray | None,
                           view_token_mask: np.ndarray | None) -> dict[str, np.ndarray]:

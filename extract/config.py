@@ -49,9 +49,6 @@ class ExtractConfig:
     device: str | None = option_field(None, DEVICE_HELP)
     autocast: bool = option_field(False, "Mixed precision: bf16 on CPU, fp16 on GPU.")
     color_order: str = option_field("rgb", "rgb, or bgr like the authors' OpenCV loader.")
-    mask_resize: str = option_field(
-        "nearest", "nearest (the annotation's boundary), or authors: bilinear then > 0 like the authors' "
-                   "cv2.resize, which dilates every object.")
     skip_bad: bool = option_field(
         False, "Skip items with a missing mask/text/image instead of failing (reported).")
     limit: int | None = option_field(None, "Only the first N images of each split (quick trials).")
@@ -89,7 +86,7 @@ class PretrainConfig:
     seed: int = option_field(0, "Seed of the weights, batches, noise and timesteps.")
     resume: bool = option_field(False, "Continue the run in --out from its last checkpoint.")
     device: str | None = option_field(None, DEVICE_HELP)
-    samples: int = option_field(16, "Images in samples.png.")
+    samples: int = option_field(16, "Images in samples.png (0: none drawn, e.g. for an untrained UNet).")
     sample_steps: int = option_field(50, "Respaced ancestral sampling steps for samples.png.")
     checkpoint_every: int = option_field(100, "Iterations between checkpoints (state.pt, model.pt).")
     dataset_options: dict[str, Any] = option_field(

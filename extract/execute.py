@@ -23,18 +23,18 @@ from extract.shared import dihedral, to_unit_range
 from common.progress import stage_progress
 
 
-def _load(ds: Dataset, job: Job, cfg: ExtractConfig, n_views: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 image views (V, 3, S, S) and mask views (V, S, S) of one image."""
+def _load(ds: Dataset, job: Job, cfg: ExtractConfig, n_views: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """uint8 image views (V, 3, S, S) and, under each resizing, mask views (V, S, S) of one image."""
     img = ds.load_image_uint8(job.item, cfg.size, cfg.color_order)
-    mask = ds.load_mask(job.item, cfg.size, cfg.mask_resize)
+    masks = ds.load_masks(job.item, cfg.size)
     return (np.stack([dihedral(img, v) for v in range(n_views)]),
-            np.stack([dihedral(mask, v) for v in range(n_views)]))
+            {mode: np.stack([dihedral(m, v) for v in range(n_views)]) for mode, m in masks.items()})
 
 
 class _Pending:
     """One image being assembled: its views, and a float16 buffer per missing (step, block)."""
 
-    def __init__(self, job: Job, imgs: np.ndarray, masks: np.ndarray, shapes: list[tuple[int, int, int]]):
+    def __init__(self, job: Job, imgs: np.ndarray, masks: dict[str, np.ndarray], shapes: list[tuple[int, int, int]]):
         self.job, self.imgs, self.masks = job, imgs, masks
         v = imgs.shape[0]
         self.feats = {(s, b): np.empty((v, *shapes[b]), np.float16) for s, b in job.pairs}
@@ -46,7 +46,8 @@ class _Pending:
         job = self.job
         try:
             if job.base_arrays:
-                store.writer.write_base(job.split, job.index, self.imgs, self.masks, *tokens[(job.split, job.index)])
+                store.writer.write_base(job.split, job.index, self.imgs, self.masks["nearest"],
+                                        *tokens[(job.split, job.index)], mask_authors=self.masks["authors"])
             for (s, b), arr in self.feats.items():
                 store.writer.write_features(job.split, job.index, s, b, arr)
         except OSError as e:

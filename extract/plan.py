@@ -25,7 +25,7 @@ from cache.lock import writer_lock
 from cache.store import FeatureStore, SplitLayout, StoreError, remove_leftovers
 from extract.checkpoints import PRESETS, UNetSource, resolve_unet
 from extract.config import AUGMENTATIONS, RUN_OPTIONS, STORE_DTYPE, ExtractConfig
-from extract.datasets import Dataset, Item, check_files, check_mask_resize, open_dataset, preprocessing
+from extract.datasets import Dataset, Item, check_files, open_dataset, preprocessing
 from common.devices import compute_dtype, resolve_device
 from common.progress import stage_progress
 from extract.text import TextEncoder, choose_max_length, load_text_encoder
@@ -192,7 +192,6 @@ def _check_options(cfg: ExtractConfig) -> None:
         raise OptionError(f"threads must be >= 1, got {cfg.threads}", "threads")
     if cfg.store_format not in FORMATS:
         raise OptionError(f"store_format must be one of {list(FORMATS)}, got {cfg.store_format!r}", "store_format")
-    check_mask_resize(cfg.mask_resize)
 
 
 def _selection(cfg: ExtractConfig, console: Console) -> tuple[Dataset, list[str], tuple[int, ...], tuple[int, ...]]:
@@ -239,7 +238,7 @@ def _max_length(cfg: ExtractConfig, encoder: TextEncoder, ds: Dataset, layouts: 
 def _key(cfg: ExtractConfig, ds: Dataset, unet_src: UNetSource, encoder: TextEncoder, max_length: int,
          device: torch.device) -> dict[str, Any]:
     """The store's key: everything that determines its arrays."""
-    prep = preprocessing(cfg.size, cfg.color_order, cfg.mask_resize)
+    prep = preprocessing(cfg.size, cfg.color_order)
     prep["augment"] = cfg.augment
     if AUGMENTATIONS[cfg.augment] > 1:  # each view keeps its own text, rewritten as this version says
         prep["view_text"] = TEXT_VIEWS_VERSION

@@ -180,7 +180,8 @@ def pretrain(cfg: PretrainConfig, console: Console | None = None) -> Path:
                 checkpoint(it + 1)
     if start >= cfg.iterations and not (out / "model.pt").is_file():
         checkpoint(start)
-    write_samples(ema, cfg, out, device)
+    if cfg.samples:
+        write_samples(ema, cfg, out, device)
     return out
 
 

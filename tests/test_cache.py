@@ -247,12 +247,12 @@ def test_open_refuses_foreign_and_old_stores(tmp_path):
 
 
 def test_a_format_1_store_is_read_but_never_added_to(tmp_path):
-    """Format 1 encoded texts in batches: its tokens stay readable (fits, evaluations), but nothing of format 2
-    is written into it, so no store holds tokens of both encodings."""
+    """Format 1 encoded texts in batches: its tokens stay readable (fits, evaluations), but nothing of a later
+    format is written into it, so no store holds tokens of both encodings."""
     store = _new(tmp_path / "s.zarr")
     zarr.open_group(store.path, mode="r+").attrs["format_version"] = 1
     assert FeatureStore.open(store.path).attrs["format_version"] == 1
-    with pytest.raises(StoreError, match="format_version 1 but this textdiff adds to format_version 2 only"):
+    with pytest.raises(StoreError, match="format_version 1 but this textdiff adds to format_version 3 only"):
         FeatureStore.open(store.path, mode="r+")
 
 
@@ -363,7 +363,7 @@ def test_view_texts_round_trip_verify_and_export(tmp_path, fmt):
     assert reader.info()["arrays"]["train/view_tokens"]["shape"] == [2, 2, L, D]
     assert "test/view_tokens" not in reader.info()["arrays"]
     report = verify_store(reader.path)
-    assert report.ok and report.arrays_checked == 2 * 6 + 4 and report.unrecorded == 0
+    assert report.ok and report.arrays_checked == 2 * 7 + 5 and report.unrecorded == 0
     other = "zarr" if fmt == "h5" else "h5"
     copy = FeatureStore.open(export_store(reader.path, other))
     assert copy.view_texts("train") == reader.view_texts("train") and copy.done("train").all()

@@ -12,7 +12,6 @@ import pytest
 import tifffile
 from PIL import Image
 
-from common.errors import OptionError
 from extract.datasets import (OBJECT_RGB, REGIONS, Dataset, DatasetError, Item, open_dataset, preprocessing,
                               resize_mask, synthetic_sample)
 from extract.datasets.decoding import cv2_linear_u8
@@ -221,10 +220,8 @@ def test_preprocessing() -> None:
     assert preprocessing(64) != p and json.dumps(p)
     with pytest.raises(ValueError, match="color_order"):
         preprocessing(64, "hsv")
-    assert preprocessing(64)["mask_resize"] == "nearest"  # what every store made before the option holds
-    assert preprocessing(64, mask_resize="authors") == {**preprocessing(64), "mask_resize": "authors"}
-    with pytest.raises(OptionError, match=r"mask_resize must be one of \['nearest', 'authors'\], got 'cubic'"):
-        preprocessing(64, mask_resize="cubic")
+    assert preprocessing(64)["masks"] == ["nearest", "authors"]  # a store keeps both (before format 3: one)
+    assert "mask_resize" not in preprocessing(64)
 
 
 def test_mask_resize_authors_by_hand() -> None:

@@ -126,8 +126,9 @@ def test_features_are_read_as_the_head_was_trained(store_path, tmp_path, monkeyp
 
     class Spy(SplitFeatures):
         def __init__(self, store, split, blocks, steps, indices=None, memory_budget=0.0, attend_padding=False,
-                     view_tokens=False):
-            super().__init__(store, split, blocks, steps, indices, memory_budget, attend_padding, view_tokens)
+                     view_tokens=False, mask_resize=None):
+            super().__init__(store, split, blocks, steps, indices, memory_budget, attend_padding, view_tokens,
+                             mask_resize)
             seen.append(attend_padding)
 
     import dataclasses

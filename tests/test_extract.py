@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 import pipeline
 from PIL import Image
 
+from cache.schema import StoreError
 from cache.store import FeatureStore
 from extract.checkpoints import UNetSource
 from extract.command import extract_command
@@ -29,6 +30,7 @@ from extract.run import ExtractConfig, run_extract
 from extract.shared import dihedral
 from extract.unet import load_unet
 from tests.helpers import arrays, assert_same
+from train.data.readers import SplitFeatures
 
 SYN = {"counts": {"train": 4, "val": 2, "test": 2}}
 
@@ -175,27 +177,29 @@ def _hand_made_folder(root: Path) -> np.ndarray:
     return mask
 
 
-def test_mask_resize_authors_dilates_and_keys_another_store(cfg: ExtractConfig, tmp_path: Path) -> None:
+def test_one_store_holds_the_masks_under_both_resizings(cfg: ExtractConfig, tmp_path: Path) -> None:
     """At 64 → 32 px cv2's bilinear averages 2 × 2 blocks, so the authors' mask (then > 0) is each block's maximum;
-    PIL's nearest keeps every block's lower-right pixel (odd rows and columns)."""
+    PIL's nearest keeps every block's lower-right pixel (odd rows and columns). One extraction keeps both: a
+    reader of either mode gets the same features, only its targets differ."""
     mask = _hand_made_folder(tmp_path / "data")
-    base = replace(cfg, dataset="folder", data_root=tmp_path / "data", dataset_options={})
-    near = FeatureStore.open(run_extract(base))
-    authors = FeatureStore.open(run_extract(replace(base, mask_resize="authors")))
+    store = FeatureStore.open(run_extract(replace(cfg, dataset="folder", data_root=tmp_path / "data",
+                                                  dataset_options={})))
     blocks = mask.reshape(32, 2, 32, 2).max(axis=(1, 3))
+    assert store.version == 3 and store.mask_resizes == ("nearest", "authors")
     for split in ("train", "test"):
-        np.testing.assert_array_equal(near.masks(split)[0, 0].compute(), mask[1::2, 1::2])
-        np.testing.assert_array_equal(authors.masks(split)[0, 0].compute(), blocks)
+        np.testing.assert_array_equal(store.masks(split)[0, 0].compute(), mask[1::2, 1::2])
+        np.testing.assert_array_equal(store.masks(split, "authors")[0, 0].compute(), blocks)
     # 4 pixels in 4 blocks, the rectangle (rows 21-26, columns 33-37) in 4 × 3; nearest: 1 pixel, 3 × 3
     assert blocks.sum() == 4 + 4 * 3 and mask[1::2, 1::2].sum() == 1 + 3 * 3
-    assert near.key["preprocessing"]["mask_resize"] == "nearest"
-    assert authors.key["preprocessing"] == {**near.key["preprocessing"], "mask_resize": "authors"}
-    assert authors.key_hash != near.key_hash and authors.path != near.path
-    np.testing.assert_array_equal(authors.images("test").compute(), near.images("test").compute())
-    assert extract_command(authors).count("--mask-resize authors") == 1
-    assert "--mask-resize" not in extract_command(near)
-    with pytest.raises(ValueError, match=r"^mask_resize must be one of \['nearest', 'authors'\], got 'area'"):
-        run_extract(replace(base, mask_resize="area"))
+    assert store.key["preprocessing"]["masks"] == ["nearest", "authors"]
+    assert "mask_resize" not in store.key["preprocessing"] and "--mask-resize" not in extract_command(store)
+    near, authors = (SplitFeatures(store, "test", (4, 8), (50, 250), mask_resize=m) for m in ("nearest", "authors"))
+    a, b = near.batch([0]), authors.batch([0])
+    assert all(torch.equal(x, y) for x, y in zip(a.feats, b.feats)) and torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.target[0], torch.from_numpy(mask[1::2, 1::2]).long())
+    assert torch.equal(b.target[0], torch.from_numpy(blocks).long())
+    with pytest.raises(StoreError, match="mask resizing must be one of"):
+        store.masks("test", "area")
 
 
 def test_bad_arguments_are_refused_clearly(cfg: ExtractConfig) -> None:

@@ -303,3 +303,25 @@ def test_val_every_and_batches_of_two(store_path: Path, tmp_path: Path) -> None:
     assert all(float(r["train_seconds"]) > 0 and float(r["data_wait_seconds"]) >= 0 for r in rows)
     with pytest.raises(ValueError, match="val_every must be >= 1"):
         FitConfig.flat(cache=store_path, out=tmp_path / "x", val_every=0)
+
+
+def test_a_fit_records_its_masks_and_is_scored_on_them(store_path: Path, tmp_path: Path) -> None:
+    """One store, both resizings: a fit trains on the masks it names (recorded in config.json, read back by
+    evaluate), so the authors' fit is scored against the authors' (larger) target areas."""
+    import csv
+    from train.evaluate import evaluate
+
+    store = FeatureStore.open(store_path)
+    assert (store.masks("test", "authors").sum() > store.masks("test").sum()).compute()  # dilated
+    areas = {}
+    for mode in ("nearest", "authors"):
+        fit(tiny_fit(store_path, tmp_path / mode, mask_resize=mode))
+        assert json.loads((tmp_path / mode / "config.json").read_text())["fit"]["mask_resize"] == mode
+        evaluate(tmp_path / mode, overlays=False)
+        with (tmp_path / mode / "eval-test" / "per_image.csv").open() as f:
+            areas[mode] = [int(r["target_area"]) for r in csv.DictReader(f)]
+        want = store.masks("test", mode)[:, 0].sum(axis=(1, 2)).compute().tolist()
+        assert areas[mode] == want
+    assert sum(areas["authors"]) > sum(areas["nearest"])
+    with pytest.raises(ValueError, match=r"mask_resize must be one of \['nearest', 'authors'\], got 'area'"):
+        tiny_fit(store_path, tmp_path / "x", mask_resize="area")

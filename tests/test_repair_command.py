@@ -30,7 +30,7 @@ CASES: dict[str, dict[str, Any]] = {
     "skip-bad": {"skip_bad": True},
     "splits": {"splits": ("test",)},
     "all": {"autocast": True, "limit": 1, "skip_bad": True, "splits": ("test", "train"), "augment": "d4",
-            "color_order": "bgr", "mask_resize": "authors", "seed": 3, "max_length": 6, "batch_size": 3},
+            "color_order": "bgr", "seed": 3, "max_length": 6, "batch_size": 3},
 }
 
 

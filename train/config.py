@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cache.schema import MASK_ARRAYS
 from common.errors import OptionError
 from extract.config import DEVICE_HELP
 from common.options import option_field
 
 __all__ = ["ALIASES", "COMMAND_MODEL", "COMMAND_OPTIONS", "MEMORY_BUDGET_GB", "SWITCHES", "Switch", "ZERO_IS_NONE",
-           "flat_from_options", "option_default", "option_home", "DROPOUT_CLASSIFIERS", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MODEL_ARGS",
+           "flat_from_options", "option_default", "option_home", "DROPOUT_CLASSIFIERS", "DemoConfig", "EvaluateConfig", "ExportConfig", "PredictConfig", "FUSIONS", "FitConfig", "MASK_RESIZES", "MODEL_ARGS",
            "NORMS", "PRECISION_NAMES", "PlainUNetArgs", "TextDiffArgs", "TEXT_MODES", "VIEW_TEXTS", "check_range",
            "model_name"]
 
@@ -37,6 +38,8 @@ VIEW_TEXTS = ("same", "rewrite", "unchanged")  # what text a cached view is trai
 DROPOUT_CLASSIFIERS = ("shared", "own")
 #: the text an evaluation gives the head (:mod:`train.textmodes`)
 TEXT_MODES = ("as-is", "none", "shuffled", "mirrored")
+#: the masks a fit trains and is scored on (a store of format 3 holds both)
+MASK_RESIZES = tuple(MASK_ARRAYS)
 #: the names of :data:`common.devices.PRECISIONS` (no torch here): what ``precision`` takes
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
 
@@ -218,6 +221,9 @@ class FitConfig:
         "shared", "With --text-dropout, what the text-less samples train: shared (the text head) or own (a classifier "
                   "of their own).")
     seed: int | None = option_field(None, "Seed of the weights, order and augmentation (default: the subset seed).")
+    mask_resize: str = option_field(
+        "nearest", "The masks it trains, validates and is scored on: nearest (the annotation's boundary) or authors "
+                   "(bilinear then > 0 like the authors' cv2.resize, which dilates every object); a store holds both.")
     val_fraction: float = option_field(0.2, "Hold-out of train for validation when the store has no val split.")
     memory_budget_gb: float = option_field(MEMORY_BUDGET_GB, "Hold features in memory up to this size (GB), else "
                                                              "stream them.")
@@ -246,6 +252,7 @@ class FitConfig:
         check_choice(self, "view_text", VIEW_TEXTS)
         check_choice(self, "dropout_classifier", DROPOUT_CLASSIFIERS)
         check_choice(self, "precision", PRECISION_NAMES)
+        check_choice(self, "mask_resize", MASK_RESIZES)
         if self.resume and self.overwrite:
             raise OptionError("resume=True and overwrite=True exclude each other: continue the run, or fit it "
                               "afresh", "resume", "overwrite")
@@ -325,7 +332,7 @@ SWITCHES: dict[str, Switch] = {
 }
 #: flat keys whose 0 on the command line means None (never)
 ZERO_IS_NONE = ("lr_drop_epoch",)
-_TRAINING = ("train_count", "subset_seed", "epochs", "seed", "no_augment", "val_every", "device", "precision",
+_TRAINING = ("train_count", "subset_seed", "epochs", "seed", "mask_resize", "no_augment", "val_every", "device", "precision",
              "resume", "overwrite")
 _OPTIMISER = ("batch_size", "lr", "lr_drop_epoch")
 _HEAD = ("dim", "head_channels", "memory_budget_gb", "view_text")

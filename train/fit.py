@@ -195,7 +195,8 @@ def _set_up(cfg: FitConfig, store: FeatureStore, device: torch.device, console: 
     spec = model_spec(cfg.model)
     check_view_text(store, cfg.view_text)
     blocks, steps = spec.reader.select(store, cfg.blocks, cfg.steps)
-    reading = Reading(blocks, steps, cfg.attend_padding, cfg.memory_budget_gb * GIB, cfg.view_text == "rewrite")
+    reading = Reading(blocks, steps, cfg.attend_padding, cfg.memory_budget_gb * GIB, cfg.view_text == "rewrite",
+                      cfg.mask_resize)
     train_idx, val_split, val_idx = _split_train_val(store, cfg)
     train = open_split(spec, store, "train", reading, train_idx)
     val = open_split(spec, store, val_split, reading, val_idx)

@@ -123,10 +123,11 @@ def spec_of(config: dict[str, Any]) -> ModelSpec:
 
 
 def reading_of(config: dict[str, Any]) -> Reading:
-    """What a run reads, as it was trained: its blocks, steps, padding attention and memory budget."""
+    """What a run reads, as it was trained: its blocks, steps, padding attention, memory budget and masks (a run
+    made before it recorded them: the store's)."""
     fit = config.get("fit", {})
     return Reading(tuple(config["blocks"]), tuple(config["steps"]), bool(fit.get("attend_padding", False)),
-                   float(fit.get("memory_budget_gb", MEMORY_BUDGET_GB)) * GIB)
+                   float(fit.get("memory_budget_gb", MEMORY_BUDGET_GB)) * GIB, mask_resize=fit.get("mask_resize"))
 
 
 def open_split(spec: ModelSpec, store: FeatureStore, split: str, reading: Reading,

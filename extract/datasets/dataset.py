@@ -12,7 +12,7 @@ import numpy as np
 
 from cache.key import sha256_file
 from extract.datasets.core import SPLITS, DatasetError, Item
-from extract.datasets.decoding import check_prep, decode_image, decode_mask, resize_image, resize_mask
+from extract.datasets.decoding import MASK_RESIZES, check_prep, decode_image, decode_mask, resize_image, resize_mask
 from extract.shared import to_unit_range
 
 
@@ -70,12 +70,17 @@ class Dataset:
 
     def load_mask(self, item: Item, size: int, mask_resize: str = "nearest") -> np.ndarray:
         """uint8 (size, size) in {0, 1}, resized as ``mask_resize`` says (:func:`decoding.resize_mask`)."""
+        return self.load_masks(item, size, (mask_resize,))[mask_resize]
+
+    def load_masks(self, item: Item, size: int, resizes: tuple[str, ...] = MASK_RESIZES) -> dict[str, np.ndarray]:
+        """The item's mask read once, under each resizing of ``resizes``: uint8 (size, size) in {0, 1} each."""
         check_prep(size, "rgb")
         if self._synthetic is not None:
             mask = self._synthetic.sample(item).mask
         else:
             mask = decode_mask(self._path(item.mask_path, item))
-        return resize_mask(np.ascontiguousarray(mask), size, mask_resize)
+        mask = np.ascontiguousarray(mask)
+        return {mode: resize_mask(mask, size, mode) for mode in resizes}
 
     def _path(self, path: Path | None, item: Item) -> Path:
         if path is None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from PIL import Image
 
+from cache.schema import MASK_ARRAYS
 from common.errors import OptionError
 from extract.datasets.core import DICOM_EXTS, DatasetError
 
@@ -238,7 +239,8 @@ def read_image(path: Path, size: int, color_order: str = "rgb") -> tuple[np.ndar
     return resize_image(rgb8, size, color_order), (int(rgb8.shape[0]), int(rgb8.shape[1]))
 
 
-MASK_RESIZES = ("nearest", "authors")
+#: the mask resizings (a store of format 3 keeps both: ``cache.schema.MASK_ARRAYS``)
+MASK_RESIZES = tuple(MASK_ARRAYS)
 
 
 def resize_mask(mask01: np.ndarray, size: int, mode: str = "nearest") -> np.ndarray:
@@ -298,11 +300,11 @@ def check_prep(size: int, color_order: str) -> None:
         raise ValueError(f"color_order must be 'rgb' or 'bgr', got {color_order!r}")
 
 
-def preprocessing(size: int, color_order: str = "rgb", mask_resize: str = "nearest") -> dict:
-    """The preprocessing that determines the loaded arrays (goes into the cache key)."""
+def preprocessing(size: int, color_order: str = "rgb") -> dict:
+    """The preprocessing that determines the loaded arrays (goes into the cache key): the masks are kept under
+    every resizing (``masks``; stores before format 3 held one, their key's ``mask_resize``)."""
     check_prep(size, color_order)
-    check_mask_resize(mask_resize)
-    return {"size": int(size), "image_resize": "pil-bilinear", "mask_resize": mask_resize, "range": [-1.0, 1.0],
+    return {"size": int(size), "image_resize": "pil-bilinear", "masks": list(MASK_RESIZES), "range": [-1.0, 1.0],
             "to_rgb": "grey-replicated,alpha-dropped,16bit-rounded", "color_order": color_order}
 
 

@@ -79,6 +79,7 @@ class Reading:
     attend_padding: bool = False
     memory_budget: float = MEMORY_BUDGET
     view_tokens: bool = False
+    mask_resize: str | None = None  # the masks it trains and scores on; None: the store's first (a run before them)
 
 
 @dataclass
@@ -169,10 +170,11 @@ class SplitRows:
     where views have their own), masks, tokens, the in-memory choice and the row checks. The rows are held in
     memory when they fit ``memory_budget`` bytes (with what the subclass reads, :meth:`_arrays`), else read from
     the store on demand (one chunk per row and array). ``attend_padding`` marks every token valid, as the
-    authors' code does."""
+    authors' code does. ``mask_resize``: the masks read (nearest or authors; None: the store's first, which is
+    the only one a store before format 3 holds)."""
 
     def __init__(self, store: FeatureStore, split: str, indices: Sequence[int] | None = None,
-                 memory_budget: float = MEMORY_BUDGET, attend_padding: bool = False):
+                 memory_budget: float = MEMORY_BUDGET, attend_padding: bool = False, mask_resize: str | None = None):
         if split not in store.splits():
             raise ValueError(f"store {store.path} has no split {split!r} (it has {store.splits()})")
         self.store, self.split = store, split
@@ -188,7 +190,9 @@ class SplitRows:
         view_texts = store.view_texts(split)
         self.view_texts = None if view_texts is None else [view_texts[i] for i in self.indices]
         self.views = store.layout(split).views
-        self._data = {**self._arrays(), "tokens": store.tokens(split), "mask": store.masks(split)}
+        self.mask_resize = mask_resize or store.mask_resizes[0]
+        self._mask_array = store.mask_array(self.mask_resize)
+        self._data = {**self._arrays(), "tokens": store.tokens(split), "mask": store.masks(split, self.mask_resize)}
         self._token_mask = store.token_mask(split)[self.indices]
         if "view_tokens" in self._data:  # (rows, V, L): each view's own text's token mask
             self._view_token_mask = store.view_token_mask(split)[self.indices]
@@ -223,8 +227,9 @@ class SplitRows:
         never learned from. Rows held in memory (numpy) are checked as loaded; streamed ones are read once."""
         store, split = self.store, self.split
         loaded = {k: v for k, v in self._data.items() if isinstance(v, np.ndarray)}
-        names = ["mask", "tokens", "token_mask", *(["image"] if "image" in self._data else [])]
-        arrays = base_arrays(store, split, names, {**loaded, "token_mask": self._token_mask})
+        names = [self._mask_array, "tokens", "token_mask", *(["image"] if "image" in self._data else [])]
+        loaded = {**loaded, self._mask_array: loaded.get("mask"), "token_mask": self._token_mask}
+        arrays = base_arrays(store, split, names, loaded)
         if "view_tokens" in self._data:
             arrays += view_text_arrays(store, split, {**loaded, "view_token_mask": self._view_token_mask})
         arrays += [pair_array(store, split, s, b, loaded.get((s, b))) for s, b in self._pairs()]
@@ -260,11 +265,11 @@ class SplitFeatures(SplitRows):
 
     def __init__(self, store: FeatureStore, split: str, blocks: Sequence[int], steps: Sequence[int],
                  indices: Sequence[int] | None = None, memory_budget: float = MEMORY_BUDGET,
-                 attend_padding: bool = False, view_tokens: bool = False):
+                 attend_padding: bool = False, view_tokens: bool = False, mask_resize: str | None = None):
         self.blocks, self.steps = tuple(blocks), tuple(steps)
         self.view_tokens = view_tokens and store.view_texts(split) is not None
         self._tokens: np.ndarray | None = None  # replace_text's tokens, else the store's
-        super().__init__(store, split, indices, memory_budget, attend_padding)
+        super().__init__(store, split, indices, memory_budget, attend_padding, mask_resize)
 
     def _pairs(self) -> list[tuple[int, int]]:
         return [(s, b) for s in self.steps for b in self.blocks]
@@ -278,7 +283,7 @@ class SplitFeatures(SplitRows):
              ) -> SplitFeatures:
         """The rows ``indices`` of ``split`` (default all) as ``reading`` reads them."""
         return cls(store, split, reading.blocks, reading.steps, indices, reading.memory_budget,
-                   reading.attend_padding, view_tokens=reading.view_tokens)
+                   reading.attend_padding, view_tokens=reading.view_tokens, mask_resize=reading.mask_resize)
 
     @staticmethod
     def select(store: FeatureStore, blocks: Sequence[int] | None, steps: Sequence[int] | None
@@ -341,8 +346,8 @@ class SplitImages(SplitRows):
     view) and masks (:class:`SplitRows` for memory, streaming and the row checks)."""
 
     def __init__(self, store: FeatureStore, split: str, indices: Sequence[int] | None = None,
-                 memory_budget: float = MEMORY_BUDGET):
-        super().__init__(store, split, indices, memory_budget)
+                 memory_budget: float = MEMORY_BUDGET, mask_resize: str | None = None):
+        super().__init__(store, split, indices, memory_budget, mask_resize=mask_resize)
 
     def _arrays(self) -> dict[Any, Any]:
         return {"image": self.store.images(self.split)}
@@ -350,8 +355,9 @@ class SplitImages(SplitRows):
     @classmethod
     def open(cls, store: FeatureStore, split: str, reading: Reading, indices: Sequence[int] | None = None
              ) -> SplitImages:
-        """The rows ``indices`` of ``split`` (default all); of ``reading`` only the memory budget counts."""
-        return cls(store, split, indices, reading.memory_budget)
+        """The rows ``indices`` of ``split`` (default all); of ``reading`` only the memory budget and the masks
+        count."""
+        return cls(store, split, indices, reading.memory_budget, reading.mask_resize)
 
     @staticmethod
     def select(store: FeatureStore, blocks: Sequence[int] | None, steps: Sequence[int] | None
