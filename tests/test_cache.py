@@ -431,3 +431,29 @@ def test_simulated_crash_leaves_row_not_done(store, monkeypatch):
         (store.path / "train" / "done" / "t50_b6" / "c" / "1.1234abcd.partial").write_bytes(b"\x01")
         (store.path / "train" / "feat" / "zarr.1234abcd.partial").write_bytes(b"{}")
         assert reader.done("train", 50, 6).tolist() == [True, False, False] and reader.pairs() == [(50, 6)]
+
+
+def _filled(path: Path, seed: int = 0, image_offset: int = 0) -> FeatureStore:
+    """A store whose every row is written (features of one pair), from ``seed``."""
+    store, rng = _new(path), np.random.default_rng(seed)
+    store.writer.ensure_pair(50, 6, 8, (4, 4))
+    for split, lay in _layout().items():
+        for i in range(len(lay.ids)):
+            row = _base_row(rng, lay.views)
+            row["image"] = (row["image"] + image_offset).astype(np.uint8)
+            store.writer.write_base(split, i, **row)
+            store.writer.write_features(split, i, 50, 6, rng.normal(size=(lay.views, 8, 4, 4)).astype(np.float16))
+    return store
+
+
+def test_content_digest_names_the_bytes_of_the_rows(tmp_path):
+    from cache.integrity import content_digest
+
+    a, b = _filled(tmp_path / "a.zarr"), _filled(tmp_path / "b.h5")
+    assert content_digest(a) == content_digest(b) and len(content_digest(a)) == 64  # same rows, either backend
+    assert content_digest(_filled(tmp_path / "c.zarr", image_offset=1)) != content_digest(a)
+    assert content_digest(a, pairs=[]) != content_digest(a)  # the base arrays alone
+    partial = _new(tmp_path / "d.zarr")
+    partial.writer.write_base("test", 0, **_base_row(np.random.default_rng(0), 1))
+    with pytest.raises(ValueError, match="rows without a recorded checksum"):
+        content_digest(partial)
