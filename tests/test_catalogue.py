@@ -69,7 +69,7 @@ def test_the_row_checker_names_each_damaged_row(tmp_path: Path) -> None:
     _fill(store)
     arrays = [*base_arrays(store, "train"), pair_array(store, "train", 50, 4)]
     checks = list(check_rows(store, "train", arrays, [0, 1]))
-    assert len(checks) == 2 * 5 and not any(c.problem for c in checks) and all(c.recorded for c in checks)
+    assert len(checks) == 2 * 6 and not any(c.problem for c in checks) and all(c.recorded for c in checks)
     assert first_damaged(store, "train", arrays, [0, 1]) is None
     feats = zarr.open_group(store.path, mode="r+")["train/feat/t50/b4"]
     changed = feats[1].copy()

@@ -26,7 +26,7 @@ def test_a_fresh_store_verifies_with_every_checksum_recorded(store: Path) -> Non
     fs = FeatureStore.open(store)
     n_rows = sum(len(fs.ids(s)) for s in fs.splits())
     assert report.ok and report.rows_checked == n_rows and report.unrecorded == 0
-    assert report.arrays_checked == n_rows * (4 + len(fs.pairs()))
+    assert report.arrays_checked == n_rows * (5 + len(fs.pairs()))  # image, both masks, tokens, token mask
     row = fs.read("train/feat/t50/b4", 0)
     assert int(fs.read("train/crc/t50_b4", 0)) == checksum(row)
     result = CliRunner().invoke(app, ["cache", "verify", str(store)])

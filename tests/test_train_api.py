@@ -45,17 +45,19 @@ def test_a_run_folder_loads_as_a_head(store_path: Path, tmp_path: Path) -> None:
 def test_fit_config_keeps_its_flat_layout_and_reads_old_ones(tmp_path: Path) -> None:
     cfg = FitConfig(cache=tmp_path, out=tmp_path / "r", model_args=TextDiffArgs(dim=32, fusion="none"))
     flat = cfg.to_json()
-    newer = {"precision", "val_every", "view_text", "text_dropout", "dropout_classifier"}  # options added since
+    newer = {"precision", "val_every", "view_text", "text_dropout", "dropout_classifier", "mask_resize"}  # since
     assert set(flat) == OLD_FIT_KEYS | newer
     assert flat["dim"] == 32 and flat["fusion"] == "none" and flat["model"] == "textdiff"
     assert FitConfig.from_json(flat) == dataclasses.replace(cfg, cache=str(tmp_path), out=str(tmp_path / "r"))
     assert FitConfig.flat(cache=tmp_path, out=tmp_path, dim=32, fusion="none").model_args == cfg.model_args
     old = {**flat, "model": "unet", "width": 8, "depth": 3}  # a baseline run written before the rename
     del old["attend_padding"], old["view_text"], old["text_dropout"], old["dropout_classifier"]  # and before the options existed
+    del old["mask_resize"]
     back = FitConfig.from_json(old)
     assert back.model == "plain-unet" and back.model_args == PlainUNetArgs(width=8, depth=3)
     assert not back.attend_padding and back.view_text == "same" and back.text_dropout == 0.0
     assert back.dropout_classifier == "shared"  # the text head alone, as text dropout was before the option
+    assert back.mask_resize == "nearest"  # (its reader takes the store's one mask: registry.reading_of)
     assert back.to_json()["model"] == "plain-unet"
     with pytest.raises(ValueError, match="dim"):
         FitConfig.flat(cache=tmp_path, out=tmp_path, model="plain-unet", dim=16)
