@@ -238,6 +238,11 @@ def run_protocol(folder: Path, heavy_root: Path | None = None, only: set[str] | 
     folder = Path(folder)
     proto = load_protocol(folder)
     specs = [s for s in wanted_runs(proto) if only is None or s.name in only]
+    for s in specs:  # a setting no fit takes, or a value out of range: one line naming the file, before any work
+        try:
+            _fit_config(s, "store", folder / s.name)
+        except ValueError as e:
+            raise SystemExit(f"error: {folder / PROTOCOL}: run {s.name}: {e}") from None
     stale = {s.name: stale_reason(folder / s.name, s, proto) for s in specs}
     todo = [s for s in specs if stale[s.name]]
     for s in specs:

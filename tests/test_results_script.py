@@ -156,6 +156,11 @@ def test_a_protocol_without_its_entries_is_one_line(tmp_path: Path) -> None:
     (folder / "protocol.json").write_text(json.dumps({"dataset": "synthetic"}))
     with pytest.raises(SystemExit, match=r"protocol.json: lacks \['unet', 'extract', 'methods', 'masks', 'seeds'\]"):
         results.run_protocol(folder, tmp_path)
+    _protocol(folder, fit={"epochs": 2, "dims": 8})
+    with pytest.raises(SystemExit, match=r"protocol.json: run textdiff-nearest-0: FitConfig of model 'textdiff' has no "
+                                         r"\['dims'\]"):
+        results.run_protocol(folder, tmp_path / "heavy")
+    assert not (tmp_path / "heavy").exists()
 
 
 def test_the_gpu_protocol_script_runs_on_the_cpu_at_a_tiny_scale(tmp_path: Path) -> None:
