@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,9 @@ def load_protocol(folder: Path) -> dict[str, Any]:
     unknown = [m for m in proto["methods"] if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: {path}: unknown methods {unknown} (known: {list(METHODS)})")
+    bad = [name for name in proto.get("variants", {}) if not re.fullmatch(r"[A-Za-z0-9_]+", name)]
+    if bad:  # a run is <name>-<masks>-<seed>: the table splits it there
+        raise SystemExit(f"error: {path}: variant names {bad} must be letters, digits and _ only")
     return proto
 
 

@@ -156,6 +156,9 @@ def test_a_protocol_without_its_entries_is_one_line(tmp_path: Path) -> None:
     (folder / "protocol.json").write_text(json.dumps({"dataset": "synthetic"}))
     with pytest.raises(SystemExit, match=r"protocol.json: lacks \['unet', 'extract', 'methods', 'masks', 'seeds'\]"):
         results.run_protocol(folder, tmp_path)
+    _protocol(folder, variants={"drop-0.5": {"method": "textdiff"}})
+    with pytest.raises(SystemExit, match=r"variant names \['drop-0.5'\] must be letters, digits and _ only"):
+        results.run_protocol(folder, tmp_path)
     _protocol(folder, fit={"epochs": 2, "dims": 8})
     with pytest.raises(SystemExit, match=r"protocol.json: run textdiff-nearest-0: FitConfig of model 'textdiff' has no "
                                          r"\['dims'\]"):
