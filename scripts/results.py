@@ -187,15 +187,15 @@ def store_facts(store_path: Path, proto: dict[str, Any]) -> dict[str, Any]:
             "format_version": store.version}
 
 
-def run_one(spec: RunSpec, store: Path, heavy: Path, proto: dict[str, Any]) -> Path:
-    """Fit ``spec`` into ``heavy/<name>`` (resuming a killed fit, refitting one with other settings) and make
-    each of its evaluations; returns the run folder."""
+def run_one(spec: RunSpec, store: Path, heavy: Path, proto: dict[str, Any], refit: bool = False) -> Path:
+    """Fit ``spec`` into ``heavy/<name>`` (resuming a killed fit; refitting one with other settings, or every
+    one with ``refit``) and make each of its evaluations; returns the run folder."""
     from train.evaluate import evaluate
     from train.fit import fit
 
     out = heavy / spec.name
-    changed = rundir.fit_finished(out) and _fit_config(spec, store, out).differences(
-        json.loads((out / rundir.CONFIG).read_text())["fit"])
+    changed = rundir.fit_finished(out) and (refit or _fit_config(spec, store, out).differences(
+        json.loads((out / rundir.CONFIG).read_text())["fit"]))
     if changed or not rundir.fit_finished(out):
         how = {"overwrite": True} if changed else {"resume": True}
         fit(_fit_config(spec, store, out, device=proto.get("device"), **how))
@@ -257,6 +257,7 @@ def run_protocol(folder: Path, heavy_root: Path | None = None, only: set[str] | 
     data = data_root or ((REPO / proto["data_root"]).resolve() if proto.get("data_root") else None)
     store = ensure_store(proto, heavy, data, ensure_unet(proto, heavy, data))
     facts = store_facts(store, proto)
+    refit = set()
     for s in specs:  # runs of one table come from one store content
         if not stale[s.name]:
             had = json.loads((folder / s.name / STORE).read_text()).get("content_digest")
@@ -264,9 +265,10 @@ def run_protocol(folder: Path, heavy_root: Path | None = None, only: set[str] | 
                 print(f"{s.name}: its store content {str(had)[:12]} differs from the store here "
                       f"{facts['content_digest'][:12]} ({store}); refitting it", flush=True)
                 todo.append(s)
+                refit.add(s.name)
     made = []
     for s in [s for s in specs if s in todo]:
-        run = run_one(s, store, heavy, proto)
+        run = run_one(s, store, heavy, proto, refit=s.name in refit)
         copy_evidence(run, folder / s.name, s, facts)
         if do_commit:
             commit(folder / s.name, s)

@@ -106,7 +106,10 @@ def test_evidence_from_another_store_content_is_refitted(made, tmp_path: Path, c
     store = json.loads((copy / "textdiff-authors-0" / "store.json").read_text())
     (copy / "textdiff-authors-0" / "store.json").write_text(json.dumps({**store, "content_digest": "0" * 64}))
     shutil.rmtree(copy / "unet-nearest-0")  # something must be made, so the store is opened
+    weights = heavy / "synthetic" / "tiny" / "textdiff-authors-0" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
     assert results.run_protocol(copy, heavy) == ["textdiff-authors-0", "unet-nearest-0"]
+    assert weights.stat().st_mtime_ns != before  # fitted again, on the store here
     assert "textdiff-authors-0: its store content 000000000000 differs from the store here" in capsys.readouterr().out
     assert json.loads((copy / "textdiff-authors-0" / "store.json").read_text())["content_digest"] == \
         store["content_digest"]
