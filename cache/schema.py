@@ -40,6 +40,8 @@ MARKER = "feature-store"  # the root attribute ``textdiff`` of every store
 BASE_ARRAYS = ("image", "mask", "tokens", "token_mask", "mask_authors")
 #: the array of the masks under each resizing (``extract.datasets.resize_mask``); format 3 keeps both
 MASK_ARRAYS = {"nearest": "mask", "authors": "mask_authors"}
+#: the mask resizings (``extract.datasets.resize_mask``; what ``FitConfig.mask_resize`` takes)
+MASK_RESIZES = tuple(MASK_ARRAYS)
 VIEW_TEXT_ARRAYS = ("view_tokens", "view_token_mask")   # per row of a split with view texts; CRCs in this order
 VIEW_TEXT_CRC = "crc/view_text"
 TOKEN_ROWS_PER_DASK_CHUNK = 256

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from cache.schema import MASK_ARRAYS
+from cache.schema import MASK_RESIZES
 from common.errors import OptionError
 from extract.config import DEVICE_HELP
 from common.options import option_field
@@ -38,8 +38,6 @@ VIEW_TEXTS = ("same", "rewrite", "unchanged")  # what text a cached view is trai
 DROPOUT_CLASSIFIERS = ("shared", "own")
 #: the text an evaluation gives the head (:mod:`train.textmodes`)
 TEXT_MODES = ("as-is", "none", "shuffled", "mirrored")
-#: the masks a fit trains and is scored on (a store of format 3 holds both)
-MASK_RESIZES = tuple(MASK_ARRAYS)
 #: the names of :data:`common.devices.PRECISIONS` (no torch here): what ``precision`` takes
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
 

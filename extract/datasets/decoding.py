@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 from PIL import Image
 
-from cache.schema import MASK_ARRAYS
+from cache.schema import MASK_RESIZES
 from common.errors import OptionError
 from extract.datasets.core import DICOM_EXTS, DatasetError
 
@@ -239,8 +239,6 @@ def read_image(path: Path, size: int, color_order: str = "rgb") -> tuple[np.ndar
     return resize_image(rgb8, size, color_order), (int(rgb8.shape[0]), int(rgb8.shape[1]))
 
 
-#: the mask resizings (a store of format 3 keeps both: ``cache.schema.MASK_ARRAYS``)
-MASK_RESIZES = tuple(MASK_ARRAYS)
 
 
 def resize_mask(mask01: np.ndarray, size: int, mode: str = "nearest") -> np.ndarray:
