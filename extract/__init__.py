@@ -16,7 +16,8 @@ Module map (layers: ``cache`` ← ``extract`` ← ``train``; ``extract`` never i
 ``cluster``      the plan's jobs in shards on dask.distributed workers (``--scheduler``)
 ``datasets/``    dataset readers (registered by name), decoding, the synthetic set, input checks
 ``unet``         guided-diffusion's ADM UNet (mirrors its file); :func:`create_unet`, :func:`load_unet`
-``checkpoints``  where UNet weights come from (presets, pretrain folders, files)
+``checkpoints``  where UNet weights come from (presets, pretrain folders, files, diffusers / MONAI models)
+``backbones/``   one interface for every diffusion UNet: ADM, diffusers (pixel or latent), MONAI
 ``diffusion``    the noise schedule, q_sample, the shared noise, ancestral sampling
 ``features``     :class:`FeatureExtractor`: decoder activations by forward hooks
 ``text``         text encoders (BioClinicalBERT, MiniLM, a local folder)
@@ -41,7 +42,7 @@ _EXPORTS = {
     "resolve_unet": "extract.checkpoints", "UNetSource": "extract.checkpoints",
     "UNetNotFoundError": "extract.checkpoints",
     "TextEncoder": "extract.text", "TextEncoderError": "extract.text", "load_text_encoder": "extract.text",
-    "FeatureExtractor": "extract.features", "shared_noise": "extract.diffusion",
+    "FeatureExtractor": "extract.features", "shared_noise": "extract.diffusion", "Backbone": "extract.backbones",
     "resolve_device": "common.devices", "precision_context": "common.devices",
     "rewrite_text": "extract.textviews", "mirror_text": "extract.textviews",
     "dihedral": "extract.shared", "to_unit_range": "extract.shared", "stage_progress": "common.progress",

@@ -4,18 +4,28 @@
 (``model.pt`` + ``flags.json``), or a state_dict file (flags from ``--unet-flags`` or a
 ``flags.json`` beside it). Preset files are looked up in the models folder:
 ``$TEXTDIFF_MODELS_DIR``, else ``<cache dir>/models`` (``~/.cache/textdiff/models`` by default).
+It also takes other backbones (:mod:`extract.backbones`): a diffusers pipeline or UNet folder, or a Hub id
+(:mod:`extract.backbones.hf_diffusers`), and a state_dict whose flags JSON names MONAI's ``DiffusionModelUNet``
+(:mod:`extract.backbones.monai_unet`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
+
+import torch
 
 from common.errors import OptionError
 from cache.key import default_cache_dir, sha256_file
-from extract.unet import UNetModel, load_unet, normalize_flags, read_flags
+from extract.backbones.adm import AdmBackbone
+from extract.backbones.hf_diffusers import DiffusersSource, hub_folder, is_diffusers_folder
+from extract.backbones.monai_unet import MonaiSource, is_monai_flags
+from extract.unet import UNetModel, create_unet, load_unet, normalize_flags, read_flags
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,7 @@ class UNetSource:
     spec: str
     checkpoint: Path
     flags: dict[str, Any]
+    condition: None = None  # ADM UNets are unconditional
 
     def identity(self) -> dict[str, Any]:
         """Content, not location: renaming or moving the file keeps the cache valid."""
@@ -71,6 +82,26 @@ class UNetSource:
 
     def load(self, attention_impl: str = "sdpa") -> UNetModel:
         return load_unet(self.checkpoint, self.flags, attention_impl=attention_impl)
+
+    def recorded(self) -> str:
+        """What a store records as its ``unet``: the preset's name, else the checkpoint's path."""
+        return self.spec if self.spec in PRESETS else str(self.checkpoint)
+
+    def shell(self) -> AdmBackbone:
+        """The UNet on the meta device, from the flags alone (no weights read)."""
+        with torch.device("meta"):
+            return AdmBackbone(create_unet(**self.flags))
+
+    def block_shapes(self, size: int) -> list[tuple[int, int, int]]:
+        """Each ``output_blocks[k]``'s (C, h, w) at ``size`` px."""
+        return self.shell().block_shapes(size)
+
+
+#: what :func:`resolve_unet` returns: each has ``spec``, ``checkpoint``, ``condition``, ``identity()``, ``load()``,
+#: ``recorded()``, ``shell()`` (the network on the meta device) and ``block_shapes(size)``
+Source = Union[UNetSource, DiffusersSource, MonaiSource]
+#: "owner/name" with no file suffix: a Hugging Face Hub id when no such path exists
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w-]*/[\w.-]+$(?<!\.pt)(?<!\.pth)(?<!\.safetensors)(?<!\.bin)")
 
 
 def _missing_preset_message(name: str, preset: Preset) -> str:
@@ -82,9 +113,40 @@ def _missing_preset_message(name: str, preset: Preset) -> str:
             f"a domain UNet on your unlabelled images; then use unet=DIR.")
 
 
-def resolve_unet(spec: str, flags: str | Path | dict[str, Any] | None = None) -> UNetSource:
-    """Turn ``spec`` (+ ``flags``: ``ExtractConfig.unet`` / ``unet_flags``) into a checkpoint path and flags;
-    no weights are read."""
+def recorded_flags(identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``unet_flags`` that rebuild a store key's ``unet`` entry: ADM's flags, MONAI's arguments (with its
+    scheduler), or None for a diffusers model (its folder holds its configs)."""
+    if identity.get("kind") == "monai":
+        return {"_class_name": identity["class"], **identity["config"], "scheduler": identity["scheduler"]}
+    return identity.get("flags")
+
+
+def _raw_flags(flags: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The flags as a dict, and what to call them in a message."""
+    if isinstance(flags, dict):
+        return flags, "unet_flags"
+    try:
+        return json.loads(Path(flags).read_text()), str(flags)
+    except (OSError, ValueError) as e:
+        raise OptionError(f"unet_flags: {flags} is not a readable JSON file ({e})", "unet_flags") from None
+
+
+def resolve_unet(spec: str, flags: str | Path | dict[str, Any] | None = None, condition: str = "empty") -> Source:
+    """Turn ``spec`` (+ ``flags``: ``ExtractConfig.unet`` / ``unet_flags``; ``condition``: ``unet_condition``, for a
+    conditional diffusers UNet) into a checkpoint and what describes it; no weights are read."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and is_diffusers_folder(path):
+        return DiffusersSource.resolve(spec, path, condition)
+    if spec not in PRESETS and not path.exists() and _HUB_ID.match(spec):
+        return DiffusersSource.resolve(spec, hub_folder(spec), condition)
+    src = _resolve_adm(spec, flags)
+    if isinstance(src, tuple):
+        return MonaiSource.resolve(spec, *src)
+    return src
+
+
+def _resolve_adm(spec: str, flags: str | Path | dict[str, Any] | None) -> UNetSource | tuple[Path, dict, str]:
+    """An ADM source; for flags that name MONAI's class, (checkpoint, flags, where) to build a MONAI source from."""
     if spec in PRESETS:
         preset = PRESETS[spec]
         path = models_dir() / preset.filename
@@ -108,4 +170,7 @@ def resolve_unet(spec: str, flags: str | Path | dict[str, Any] | None = None) ->
                                     f"(guided-diffusion create_model flags) or put flags.json beside it",
                                     "unet_flags")
         flags = side_flags
+    raw, where = _raw_flags(flags)
+    if is_monai_flags(raw):
+        return ckpt.resolve(), raw, where
     return UNetSource(spec, ckpt.resolve(), read_flags(flags))

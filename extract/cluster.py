@@ -25,8 +25,7 @@ import torch
 from rich.console import Console
 
 from cache.backends import is_url
-from extract.checkpoints import UNetSource
-from extract.diffusion import shared_noise
+from extract.checkpoints import Source
 from common.devices import dtype_named, resolve_device, set_malloc_thresholds
 from extract.features import FeatureExtractor
 from extract.config import ExtractConfig
@@ -66,7 +65,7 @@ class WorkerSpec:
     run_id: str
     cfg: ExtractConfig
     store: str
-    unet: UNetSource
+    unet: Source
     max_length: int
     batch: int
     views: dict[str, int]
@@ -108,8 +107,8 @@ def _state(spec: WorkerSpec) -> _WorkerState:
             check_device_type(store, device)
             prepared = Prepared(store, open_source(cfg), [], spec.views, spec.batch, spec.unet, spec.max_length)
             # the store key's compute dtype, not this worker's device's choice: every row computed alike
-            extractor = FeatureExtractor(spec.unet.load(), shared_noise(cfg.size, cfg.seed), device=device,
-                                         compute_dtype=dtype_named(store.key["compute_dtype"]))
+            extractor = FeatureExtractor.for_model(spec.unet.load(), cfg.size, cfg.seed, device=device,
+                                                   compute_dtype=dtype_named(store.key["compute_dtype"]))
             encoder = load_text_encoder(cfg.text_encoder, device=str(device))
             state = _STATE[spec.run_id] = _WorkerState(spec, prepared, encoder, extractor)
         return state

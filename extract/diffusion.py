@@ -37,13 +37,14 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Te
     return a * x0 + b * noise
 
 
-def shared_noise(size: int, seed: int = DEFAULT_SEED) -> torch.Tensor:
-    """The one noise tensor (1, 3, size, size), drawn on the CPU from ``seed``, shared by all images and steps.
+def shared_noise(size: int, seed: int = DEFAULT_SEED, channels: int = 3) -> torch.Tensor:
+    """The one noise tensor (1, channels, size, size), drawn on the CPU from ``seed``, shared by all images and
+    steps (a latent model's: its latent's channels and side).
 
     Drawn on the CPU so that the cache is the same on every device (the authors drew it on their GPU).
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(1, 3, size, size, generator=gen)
+    return torch.randn(1, channels, size, size, generator=gen)
 
 
 def spaced_timesteps(steps: int, num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:

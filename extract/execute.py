@@ -31,6 +31,11 @@ def _load(ds: Dataset, job: Job, cfg: ExtractConfig, n_views: int) -> tuple[np.n
             {mode: np.stack([dihedral(m, v) for v in range(n_views)]) for mode, m in masks.items()})
 
 
+def _text(job: Job, view: int) -> str:
+    """The text of one view of an image (its own rewritten text where views have one)."""
+    return job.view_texts[view] if job.view_texts is not None else job.item.text
+
+
 class _Pending:
     """One image being assembled: its views, and a float16 buffer per missing (step, block)."""
 
@@ -120,7 +125,8 @@ def execute(prepared: Prepared, extractor: FeatureExtractor, tokens: dict, cfg: 
                 x0 = torch.from_numpy(to_unit_range(np.stack([pending(j).imgs[v] for j, v, _ in chunk])))
                 t = torch.tensor([s for _, _, s in chunk])
                 blocks = sorted({b for j, _, _ in chunk for _, b in jobs[j].pairs})
-                out = extractor.samples(x0, t, blocks, pad_to=batch, dtype=torch.float16)
+                texts = ([_text(jobs[j], v) for j, v, _ in chunk] if extractor.backbone.reads_text else None)
+                out = extractor.samples(x0, t, blocks, pad_to=batch, dtype=torch.float16, texts=texts)
                 for n, (j, v, s) in enumerate(chunk):
                     p = assembling[j]
                     for (ps, b), buf in p.feats.items():

@@ -18,7 +18,6 @@ from rich.console import Console
 from common.errors import OptionError
 from extract.cluster import check_scheduler, run_on_cluster
 from extract.config import ExtractConfig
-from extract.diffusion import shared_noise
 from extract.execute import execute
 from common.devices import dtype_named, resolve_device
 from extract.features import FeatureExtractor
@@ -66,8 +65,8 @@ def _run_serial(prepared: Prepared, encoder: TextEncoder, model: torch.nn.Module
         del encoder
         device = resolve_device(cfg.device)
         assert model is not None  # loaded whenever there are jobs
-        extractor = FeatureExtractor(model, shared_noise(cfg.size, cfg.seed), device=device,
-                                     compute_dtype=dtype_named(prepared.store.key["compute_dtype"]))
+        extractor = FeatureExtractor.for_model(model, cfg.size, cfg.seed, device=device,
+                                               compute_dtype=dtype_named(prepared.store.key["compute_dtype"]))
         execute(prepared, extractor, tokens, cfg, console, on_batch)
     finally:
         torch.set_num_threads(before)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.errors import OptionError
 from cache.store import FeatureStore
-from extract.checkpoints import UNetNotFoundError, UNetSource, resolve_unet
+from extract.checkpoints import Source, UNetNotFoundError, recorded_flags, resolve_unet
 from extract.text import TextEncoder, load_text_encoder, tokenizer_files, weight_files
 from train.runs.modeldir import StageOne
 
@@ -23,13 +23,14 @@ class WeightsMismatchError(ValueError):
     options = ("unet", "text_encoder")  # the keywords its messages may name (common.errors)
 
 
-def resolve_checked_unet(spec: str | None, stage: StageOne) -> UNetSource:
+def resolve_checked_unet(spec: str | None, stage: StageOne) -> Source:
     """The UNet source for ``spec`` (None: where ``stage`` finds it, :meth:`StageOne.unet_spec`) with the recorded
-    flags, refused unless its bytes are the recorded ones."""
+    flags (and conditioning), refused unless its bytes (and, for another backbone, its whole identity: configs,
+    schedule, VAE) are the recorded ones."""
     expected = stage.unet["weights_sha256"]
     spec = spec or stage.unet_spec()
     try:
-        src = resolve_unet(spec, stage.unet["flags"])
+        src = resolve_unet(spec, recorded_flags(stage.unet), stage.unet.get("condition") or "empty")
     except UNetNotFoundError as e:
         made = stage.unet_source or stage.unet_file
         raise UNetNotFoundError(f"{e}\n  ({stage.where} was made with UNet {made!r}, sha256 {expected}; if the "
@@ -39,6 +40,10 @@ def resolve_checked_unet(spec: str | None, stage: StageOne) -> UNetSource:
         raise WeightsMismatchError(
             f"UNet checkpoint {src.checkpoint} has sha256 {got}, but {stage.recorded_by} records {expected}: "
             f"{_MISMATCH}. Pass unet=PATH to the checkpoint the store was extracted with.")
+    if "kind" in stage.unet and src.identity() != stage.unet:
+        differ = sorted(k for k in {*src.identity(), *stage.unet} if src.identity().get(k) != stage.unet.get(k))
+        raise WeightsMismatchError(f"UNet {spec!r} differs from what {stage.recorded_by} records in "
+                                   f"{', '.join(differ)}: {_MISMATCH}")
     return src
 
 
