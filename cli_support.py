@@ -208,3 +208,15 @@ def run_app(app: typer.Typer) -> None:
         err.print("[red]aborted[/]")
         code = 1
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def key_values(text: Optional[str], option_name: str) -> dict[str, Any]:
+    """``KEY=VALUE[,KEY=VALUE]`` as a dict (integers as ints); a part without ``=`` is a usage error."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{part!r} is not KEY=VALUE", param_hint=option_name)
+        value = value.strip()
+        out[key.strip()] = int(value) if value.lstrip("-").isdigit() else value
+    return out

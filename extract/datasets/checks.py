@@ -9,7 +9,7 @@ from pathlib import Path
 
 from extract.datasets.core import DatasetError, Item, problems_error, rel_path
 from extract.datasets.dataset import Dataset
-from extract.datasets.decoding import decode_image, decode_mask, quiet_decoders
+from extract.datasets.decoding import decode_image, quiet_decoders
 
 
 def check_files(ds: Dataset, skip_bad: bool = False, on_item: Callable[[], None] | None = None,
@@ -36,7 +36,7 @@ def check_files(ds: Dataset, skip_bad: bool = False, on_item: Callable[[], None]
         except DatasetError as e:
             problems.append((item.image_path, _why(e, item.image_path)))
         try:
-            mask = decode_mask(ds._path(item.mask_path, item))
+            mask = ds.decode_mask(ds._path(item.mask_path, item))
             if not mask.any():
                 notes.append((item.mask_path, "empty mask (no foreground): kept; it scores 1 only if the "
                                               "prediction is empty too"))

@@ -10,7 +10,10 @@ SPLITS = ("train", "val", "test")
 DICOM_EXTS = (".dcm", ".dicom")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *DICOM_EXTS)
 DEFAULT_BLOCKS = {"monuseg": (6, 8, 12, 16), "qata": (4, 6, 8, 12), "folder": (6, 8, 12, 16),
-                  "synthetic": (4, 6, 8)}  # valid for small UNets (12 output blocks) too
+                  "synthetic": (4, 6, 8),  # valid for small UNets (12 output blocks) too
+                  # not chosen on their own validation: MosMedData+ takes QaTa-COV19's (lung lesions on grey
+                  # radiology slices, annotated by LViT in the same words), nnunet the folder layout's
+                  "mosmedplus": (4, 6, 8, 12), "nnunet": (6, 8, 12, 16)}
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 

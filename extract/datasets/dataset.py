@@ -12,7 +12,8 @@ import numpy as np
 
 from cache.key import sha256_file
 from extract.datasets.core import SPLITS, DatasetError, Item
-from extract.datasets.decoding import MASK_RESIZES, check_prep, decode_image, decode_mask, resize_image, resize_mask
+from extract.datasets.decoding import (MASK_RESIZES, LabelMap, check_prep, decode_image, decode_mask, resize_image,
+                                      resize_mask)
 from extract.shared import to_unit_range
 
 
@@ -38,6 +39,11 @@ class Dataset:
     layout: str = ""                                    # which on-disk layout was read ("" for synthetic)
     tables: list[Path] = field(default_factory=list)    # text tables read (part of the fingerprint)
     _synthetic: Generated | None = field(default=None, repr=False)
+    labels: LabelMap | None = None  # masks are label maps (nnU-Net's): their declared values, the foreground
+
+    def decode_mask(self, path: Path) -> np.ndarray:
+        """A mask file of this dataset as (H, W) uint8 {0, 1} (a label map through :attr:`labels`)."""
+        return decode_mask(path, self.labels)
 
     def splits(self) -> list[str]:
         present = {it.split for it in self.items}
@@ -78,7 +84,7 @@ class Dataset:
         if self._synthetic is not None:
             mask = self._synthetic.sample(item).mask
         else:
-            mask = decode_mask(self._path(item.mask_path, item))
+            mask = self.decode_mask(self._path(item.mask_path, item))
         mask = np.ascontiguousarray(mask)
         return {mode: resize_mask(mask, size, mode) for mode in resizes}
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -100,9 +101,35 @@ def decode_image(path: Path) -> tuple[np.ndarray, str | None]:
     return _decode(Path(path), "image", _pil_to_rgb8, _array_to_rgb8, _dicom_image)
 
 
-def decode_mask(path: Path) -> np.ndarray:
-    """A whole mask file as (H, W) uint8 in {0, 1}; anything but a binary mask is a :class:`DatasetError`."""
-    return _decode(Path(path), "mask", _pil_mask, _mask_values, lambda p: _mask_values(_dicom_pixels(p)[1], p))
+@dataclass(frozen=True)
+class LabelMap:
+    """A label file's declared values (``declared``, e.g. nnU-Net's dataset.json ``labels``) and which of them are
+    the foreground; ``source``: the file that declares them (named when a mask holds another value)."""
+
+    declared: tuple[int, ...]
+    foreground: tuple[int, ...]
+    source: Path
+
+
+def decode_mask(path: Path, labels: LabelMap | None = None) -> np.ndarray:
+    """A whole mask file as (H, W) uint8 in {0, 1}; anything but a binary mask is a :class:`DatasetError`. With
+    ``labels``: a label map whose values must be declared, its foreground values → 1."""
+    if labels is None:
+        return _decode(Path(path), "mask", _pil_mask, _mask_values, lambda p: _mask_values(_dicom_pixels(p)[1], p))
+    to_labels = lambda a, p: _label_values(a, p, labels)  # noqa: E731
+    return _decode(Path(path), "mask", lambda im, p: to_labels(np.asarray(im), p), to_labels,
+                   lambda p: to_labels(_dicom_pixels(p)[1], p))
+
+
+def _label_values(a: np.ndarray, path: Path, labels: LabelMap) -> np.ndarray:
+    """(H, W) {0, 1} uint8: ``labels.foreground`` of an integer label map, refused if it holds undeclared values."""
+    if a.ndim != 2 or a.dtype.kind not in "uib":
+        raise DatasetError(f"{path}: a label map must be one channel of integers, got shape {a.shape} {a.dtype}")
+    stray = sorted(set(np.unique(a).tolist()) - set(labels.declared))
+    if stray:
+        raise DatasetError(f"{path}: label values {stray[:10]} are not declared in {labels.source} "
+                           f"(declared: {list(labels.declared)})")
+    return np.isin(a, labels.foreground).astype(np.uint8)
 
 
 def _mask_values(a: np.ndarray, path: Path) -> np.ndarray:

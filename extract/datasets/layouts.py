@@ -8,6 +8,12 @@ qata
     SGSeg's layout (``images/{train,valid,test}/{images,masks}`` with masks ``mask_<name>.png`` and
     ``prompts/annotation.json``) or LViT's layout (as monuseg, masks ``mask_<name>.png``), detected
     from the folders present (option ``layout="sgseg"|"lvit"`` forces one). Item id = ``<name>``.
+mosmedplus
+    MosMedData+ (LViT's CT slices of COVID-19 lesions) in LViT's layout, as monuseg; masks named as their
+    images or ``mask_<name>`` (detected).
+nnunet
+    nnU-Net's raw dataset folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``, ``imagesTs/``, ``labelsTs/``)
+    and a text table beside it: :mod:`extract.datasets.nnunet`.
 folder
     A generic layout; either flat::
 
@@ -27,11 +33,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from extract.datasets.core import DEFAULT_BLOCKS, SPLITS, DatasetError, Item, problems_error, rel_path
 from extract.datasets.dataset import Dataset
 from extract.datasets.matching import index_files, match_rows, split_dirs
+from extract.datasets.nnunet import read_nnunet
 from extract.datasets.registry import register
 from extract.datasets.tables import Row, cell, read_table, text_table
 
@@ -145,3 +153,34 @@ def open_qata(root: Path | str | None, wanted: list[str] | None, skip_bad: bool 
 def open_folder(root: Path | str | None, wanted: list[str] | None, skip_bad: bool = False) -> Dataset:
     """The generic folder layout (flat or per split)."""
     return _from_files("folder", root, skip_bad, lambda r, problems: _read_folder(r, wanted, problems))
+
+
+def _lvit_mask_prefix(root: Path) -> str:
+    """``mask_`` when every mask of LViT's first split folder is named ``mask_<name>`` (QaTa's way), else ""."""
+    for d in (root / n / "labelcol" for names in _LVIT.values() for n in names):
+        if d.is_dir():
+            names = [p.name for p in d.iterdir() if p.is_file() and not p.name.startswith(".")]
+            return "mask_" if names and all(n.startswith("mask_") for n in names) else ""
+    return ""
+
+
+@register("mosmedplus")
+def open_mosmedplus(root: Path | str | None, wanted: list[str] | None, skip_bad: bool = False) -> Dataset:
+    """MosMedData+ in LViT's layout (as monuseg; masks named as their images, or ``mask_<name>``)."""
+    return _from_files("mosmedplus", root, skip_bad,
+                       lambda r, problems: (*_read_lvit(r, wanted, _lvit_mask_prefix(r), problems), "lvit"))
+
+
+@register("nnunet", options=("label",))
+def open_nnunet(root: Path | str | None, wanted: list[str] | None, skip_bad: bool = False, *,
+                label: str | int | None = None) -> Dataset:
+    """An nnU-Net raw dataset folder (:mod:`extract.datasets.nnunet`); ``label``: the one foreground label (its
+    name or value; default every non-background label)."""
+    found = {}
+
+    def read(r: Path, problems: Problems) -> tuple[list[Item], list[Path], str]:
+        items, tables, layout, found["labels"] = read_nnunet(r, wanted, label, problems)
+        return items, tables, layout
+
+    ds = _from_files("nnunet", root, skip_bad, read)
+    return replace(ds, labels=found["labels"])
