@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cli_support import (config_options, config_values, err, field_option, flag, friendly, option, run_app,
-                         shared_options, state)
+from cli_support import (config_options, config_values, err, field_option, flag, friendly, key_values, option,
+                         run_app, shared_options, state)
 
 from extract.config import ExtractConfig, PretrainConfig
 from train.config import (COMMAND_OPTIONS, MODEL_ARGS, SWITCHES, DemoConfig, EvaluateConfig, ExportConfig, FitConfig,
@@ -40,7 +40,12 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
     ExtractConfig, skip=("dataset_options",),
     cache_dir=("cache_dir", (Optional[str], option(ExtractConfig, "cache_dir", default=None))),  # None: the config's
     color_order=("bgr", (bool, option(ExtractConfig, "color_order", "--bgr", default=False,
-                                      help="Feed BGR like the authors' OpenCV loader (default RGB).")))))
+                                      help="Feed BGR like the authors' OpenCV loader (default RGB).")))),
+    list_blocks=(bool, typer.Option(False, "--list-blocks", help="Print each hookable decoder block of --unet "
+                                    "(index, name, channels, resolution at --size) and stop.")),
+    dataset_options=(Optional[str], typer.Option(
+        None, "--dataset-options", help="The dataset reader's options as KEY=VALUE[,KEY=VALUE]: nnunet label=NAME "
+                                        "(the one foreground label), qata layout=sgseg|lvit.")))
 def extract(common: Optional[dict] = None) -> None:
     """Stage one: run the frozen UNet and text encoder once, write features to the store.
 
@@ -50,8 +55,17 @@ def extract(common: Optional[dict] = None) -> None:
 
     values, cache_dir = config_values(ExtractConfig, common or {}), (common or {}).get("cache_dir")
     values.pop("cache_dir", None)
+    values.pop("dataset_options", None)
     cfg = ExtractConfig(**values, color_order="bgr" if (common or {}).get("bgr") else "rgb",
+                        dataset_options=key_values((common or {}).get("dataset_options"), "--dataset-options"),
                         **({"cache_dir": cache_dir} if cache_dir else {}))
+    if (common or {}).get("list_blocks"):
+        from extract.plan import list_blocks
+
+        typer.echo(f"{'block':>5}  {'name':<28} {'channels':>8}  resolution")
+        for k, name, (c, h, w) in list_blocks(cfg):
+            typer.echo(f"{k:>5}  {name:<28} {c:>8}  {h}x{w}")
+        return
     path = run_extract(cfg, console=err)
     typer.echo(str(path))
 

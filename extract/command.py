@@ -27,13 +27,13 @@ def extract_command(store: FeatureStore, blocks: Sequence[int] | None = None,
                     steps: Sequence[int] | None = None) -> str:
     """The ``pipeline extract`` command that made ``store``, for ``blocks`` × ``steps`` (default: the pairs
     it holds): re-run, it adds those pairs and rewrites every row whose done flag is clear."""
-    values = _recipe(store, blocks, steps)
+    values = recipe(store, blocks, steps)
     order = sorted(dataclasses.fields(ExtractConfig), key=lambda f: f.name in _ALWAYS)
     words = [w for f in order if f.name in values and f.name not in _NO_FLAG for w in _option(f, values[f.name])]
     return " ".join(["pipeline extract", *words])
 
 
-def _recipe(store: FeatureStore, blocks: Sequence[int] | None, steps: Sequence[int] | None) -> dict[str, Any]:
+def recipe(store: FeatureStore, blocks: Sequence[int] | None, steps: Sequence[int] | None) -> dict[str, Any]:
     """The :class:`ExtractConfig` values that rebuild ``store``: what ``extract`` recorded, overridden by what
     the store shows (its key's compute dtype, its format, forward batch, folder and the splits it holds)."""
     made = dict(store.attrs.get("extract") or {})

@@ -27,9 +27,14 @@ class ExtractConfig:
 
     dataset: str = option_field(help="monuseg, qata, folder or synthetic.")
     data_root: Path | None = option_field(None, "The dataset's folder (not needed for synthetic).")
-    unet: str = option_field("adm-imagenet-256", "Preset name, a `pipeline pretrain` folder, or a state_dict file.")
+    unet: str = option_field(
+        "adm-imagenet-256", "Preset name, a `pipeline pretrain` folder, a state_dict file, or a diffusers pipeline / "
+                            "UNet folder or Hub id.")
     unet_flags: Path | None = option_field(
-        None, "guided-diffusion create_model flags (JSON) for a state_dict file.")
+        None, "guided-diffusion create_model flags (JSON) for a state_dict file; or MONAI DiffusionModelUNet "
+              "arguments ({\"_class_name\": \"DiffusionModelUNet\", ...}).")
+    unet_condition: str = option_field(
+        "empty", "A conditional diffusers UNet's prompt: empty, or text (each image's own text).")
     text_encoder: str = option_field(
         "bioclinicalbert", "bioclinicalbert, minilm (offline), or a local HF model folder.")
     steps: tuple[int, ...] = option_field(DEFAULT_STEPS, "Diffusion steps t.")
@@ -40,6 +45,9 @@ class ExtractConfig:
         DEFAULT_SEED, "Seed of the one noise tensor shared by all images and steps (authors: 40).")
     splits: tuple[str, ...] | None = option_field(None, "Comma-separated splits to extract (default: all).")
     augment: str = option_field("none", "none, or d4: also store the 8 dihedral views of training images.")
+    tta_views: str = option_field(
+        "none", "none, or d4: also store the 8 dihedral views of the val and test images, each with its own text "
+                "(test-time augmentation: evaluate / predict --tta; made on demand when first needed).")
     max_length: int | None = option_field(
         None, "Text tokens kept (default: the longest text); authors: 10.")
     cache_dir: Path | str = option_field(  # a folder, or an fsspec URL

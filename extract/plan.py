@@ -23,14 +23,14 @@ from common.errors import OptionError
 from cache.key import key_hash, make_key, store_path
 from cache.lock import writer_lock
 from cache.store import FeatureStore, SplitLayout, StoreError, remove_leftovers
-from extract.checkpoints import PRESETS, UNetSource, resolve_unet
+from extract.backbones import block_table
+from extract.checkpoints import Source, resolve_unet
 from extract.config import AUGMENTATIONS, RUN_OPTIONS, STORE_DTYPE, ExtractConfig
 from extract.datasets import Dataset, Item, check_files, open_dataset, preprocessing
 from common.devices import compute_dtype, resolve_device
 from common.progress import stage_progress
 from extract.text import TextEncoder, choose_max_length, load_text_encoder
 from extract.textviews import TEXT_VIEWS_VERSION, rewrite_text
-from extract.unet import create_unet
 
 
 @dataclass
@@ -51,12 +51,12 @@ class Job:
 Tokens = tuple[np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
 
 
-def _provenance(cfg: ExtractConfig, unet_src: UNetSource) -> dict[str, Any]:
+def _provenance(cfg: ExtractConfig, unet_src: Source) -> dict[str, Any]:
     """How the store was made (not its identity): every option but :data:`RUN_OPTIONS`, its paths resolved, to
     rebuild its `pipeline extract` command (:func:`extract.command.extract_command`) and for `predict`."""
     made = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in RUN_OPTIONS}
     made.update(data_root=str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
-                unet=cfg.unet if cfg.unet in PRESETS else str(unet_src.checkpoint),
+                unet=unet_src.recorded(),
                 unet_flags=str(Path(cfg.unet_flags).resolve()) if cfg.unet_flags else None,
                 splits=list(cfg.splits) if cfg.splits else None)
     return made
@@ -71,8 +71,13 @@ class Prepared:
     jobs: list[Job]
     views: dict[str, int]
     batch: int
-    unet: UNetSource
+    unet: Source
     max_length: int
+
+
+def split_views(cfg: ExtractConfig, splits: Sequence[str]) -> dict[str, int]:
+    """Views per split: the training split's ``augment``, every other split's ``tta_views``."""
+    return {s: AUGMENTATIONS[cfg.augment if s == "train" else cfg.tta_views] for s in splits}
 
 
 def open_source(cfg: ExtractConfig) -> Dataset:
@@ -154,7 +159,7 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
     device = resolve_device(cfg.device)
     unet_src, shapes = _unet_shapes(cfg, blocks)
     items = {s: ds.by_split(s) for s in ds.splits()}
-    views = {s: AUGMENTATIONS[cfg.augment] if s == "train" else 1 for s in ds.splits()}
+    views = split_views(cfg, ds.splits())
     layouts = {s: SplitLayout(ids=[it.id for it in items[s]], texts=[it.text for it in items[s]], views=views[s],
                               view_texts=view_texts(ds, s, views[s])) for s in ds.splits()}
     encoder = load_text_encoder(cfg.text_encoder, device=str(device))
@@ -186,8 +191,9 @@ def prepare(cfg: ExtractConfig, console: Console, held: contextlib.ExitStack
 
 def _check_options(cfg: ExtractConfig) -> None:
     """Refuse an option outside its values (before any input is read)."""
-    if cfg.augment not in AUGMENTATIONS:
-        raise OptionError(f"augment must be one of {sorted(AUGMENTATIONS)}, got {cfg.augment!r}", "augment")
+    for name in ("augment", "tta_views"):
+        if getattr(cfg, name) not in AUGMENTATIONS:
+            raise OptionError(f"{name} must be one of {sorted(AUGMENTATIONS)}, got {getattr(cfg, name)!r}", name)
     if cfg.threads is not None and cfg.threads < 1:
         raise OptionError(f"threads must be >= 1, got {cfg.threads}", "threads")
     if cfg.store_format not in FORMATS:
@@ -212,15 +218,27 @@ def _selection(cfg: ExtractConfig, console: Console) -> tuple[Dataset, list[str]
     return ds, splits, blocks, steps
 
 
-def _unet_shapes(cfg: ExtractConfig, blocks: tuple[int, ...]) -> tuple[UNetSource, list[tuple[int, int, int]]]:
+def _unet_shapes(cfg: ExtractConfig, blocks: tuple[int, ...]) -> tuple[Source, list[tuple[int, int, int]]]:
     """The UNet's source and each decoder block's (C, h, w) at the size (no weights read), the blocks checked."""
-    unet_src = resolve_unet(cfg.unet, cfg.unet_flags)
-    with torch.device("meta"):
-        shapes = create_unet(**unet_src.flags).output_block_shapes(cfg.size)
+    unet_src = resolve_unet(cfg.unet, cfg.unet_flags, cfg.unet_condition)
+    try:
+        shapes = unet_src.block_shapes(cfg.size)
+    except ValueError as e:  # a size the UNet cannot take
+        raise OptionError(f"size {cfg.size}: {e}", "size") from None
     bad = [b for b in blocks if not 0 <= b < len(shapes)]
     if bad:
         raise OptionError(f"blocks {bad} out of range: this UNet has output_blocks 0..{len(shapes) - 1}", "blocks")
     return unet_src, shapes
+
+
+def list_blocks(cfg: ExtractConfig) -> list[tuple[int, str, tuple[int, int, int]]]:
+    """(index, name, (C, h, w)) of each hookable decoder block of ``cfg.unet`` at ``cfg.size`` (no weights read):
+    the numbers ``blocks`` takes."""
+    src = resolve_unet(cfg.unet, cfg.unet_flags, cfg.unet_condition)
+    try:
+        return block_table(src.shell(), cfg.size)
+    except ValueError as e:  # a size the UNet cannot take
+        raise OptionError(f"size {cfg.size}: {e}", "size") from None
 
 
 def _max_length(cfg: ExtractConfig, encoder: TextEncoder, ds: Dataset, layouts: dict[str, SplitLayout],
@@ -235,13 +253,15 @@ def _max_length(cfg: ExtractConfig, encoder: TextEncoder, ds: Dataset, layouts: 
     return max_length
 
 
-def _key(cfg: ExtractConfig, ds: Dataset, unet_src: UNetSource, encoder: TextEncoder, max_length: int,
+def _key(cfg: ExtractConfig, ds: Dataset, unet_src: Source, encoder: TextEncoder, max_length: int,
          device: torch.device) -> dict[str, Any]:
     """The store's key: everything that determines its arrays."""
     prep = preprocessing(cfg.size, cfg.color_order)
     prep["augment"] = cfg.augment
-    if AUGMENTATIONS[cfg.augment] > 1:  # each view keeps its own text, rewritten as this version says
-        prep["view_text"] = TEXT_VIEWS_VERSION
+    if cfg.tta_views != "none":  # the val and test images' views too (older keys: none)
+        prep["tta_views"] = cfg.tta_views
+    if AUGMENTATIONS[cfg.augment] > 1 or AUGMENTATIONS[cfg.tta_views] > 1:  # each view keeps its own text,
+        prep["view_text"] = TEXT_VIEWS_VERSION                                # rewritten as this version says
     return make_key(dataset=ds.fingerprint(), preprocessing=prep, unet=unet_src.identity(),
                     noise_seed=cfg.seed, text={**encoder.identity(), "max_length": max_length},
                     dtype=STORE_DTYPE, compute_dtype=compute_dtype(device, cfg.autocast))
@@ -257,7 +277,7 @@ def _lock(path: Location, console: Console, held: contextlib.ExitStack) -> None:
 
 
 def _open_for_writing(cfg: ExtractConfig, path: Location, key: dict[str, Any], layouts: dict[str, SplitLayout],
-                      max_length: int, token_dim: int, device: torch.device, unet_src: UNetSource,
+                      max_length: int, token_dim: int, device: torch.device, unet_src: Source,
                       pair_arrays: list[tuple[int, int, int, tuple[int, int]]]) -> FeatureStore:
     """The store at ``path``, created if need be (recording how it was made), with arrays for every pair."""
     try:

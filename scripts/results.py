@@ -56,6 +56,7 @@ class RunSpec:
     settings: dict[str, Any]
     scored: tuple[str, ...] = ("test",)
     text_modes: tuple[str, ...] = field(default=())
+    tta: tuple[str, ...] = field(default=())  # test-time augmentations, scored on validation only
 
 
 def runs_root(given: str | None = None) -> Path:
@@ -107,13 +108,15 @@ def _spec(proto: dict[str, Any], method: str, masks: str, seed: int, name: str, 
     settings = {**proto.get("baseline" if command == "baseline" else "fit", {}), **fixed, **own,
                 "mask_resize": masks, "subset_seed": seed}
     modes = tuple(proto.get("text_modes", [])) if command == "fit" and settings.get("fusion") != "none" else ()
-    return RunSpec(f"{name}-{masks}-{seed}", method, settings, tuple(scored), modes)
+    return RunSpec(f"{name}-{masks}-{seed}", method, settings, tuple(scored), modes, tuple(proto.get("tta", [])))
 
 
-def evaluations(spec: RunSpec) -> list[tuple[str, str]]:
-    """The (split, text mode) evaluations a run's evidence holds."""
-    return [(split, "as-is") for split in spec.scored] + [(split, mode) for split in spec.scored
-                                                           for mode in spec.text_modes]
+def evaluations(spec: RunSpec) -> list[tuple[str, str, str]]:
+    """The (split, text mode, test-time augmentation) evaluations a run's evidence holds: its scored splits with
+    each text mode, and validation with each of the protocol's ``tta`` (chosen there, never on test)."""
+    return ([(split, "as-is", "none") for split in spec.scored]
+            + [(split, mode, "none") for split in spec.scored for mode in spec.text_modes]
+            + [("val", "as-is", tta) for tta in spec.tta])
 
 
 def _fit_config(spec: RunSpec, store: Path | str, out: Path, **how: Any) -> Any:
@@ -122,9 +125,10 @@ def _fit_config(spec: RunSpec, store: Path | str, out: Path, **how: Any) -> Any:
     return FitConfig.flat(cache=store, out=out, **spec.settings, **how)
 
 
-def stale_reason(evidence: Path, spec: RunSpec, proto: dict[str, Any]) -> str | None:
+def stale_reason(evidence: Path, spec: RunSpec, proto: dict[str, Any], heavy_run: Path | None = None) -> str | None:
     """Why the committed evidence of ``spec`` must be made again (None: it is current): missing, made by
-    another extraction recipe, with other settings, or lacking an evaluation."""
+    another extraction recipe, with other settings, or lacking an evaluation — a test-time-augmentation one only
+    where ``heavy_run`` still holds the evidence's weights (evaluating it is then cheap; a refit for it is not)."""
     if not (evidence / STORE).is_file() or not (evidence / rundir.CONFIG).is_file():
         return "no evidence yet"
     store = json.loads((evidence / STORE).read_text())
@@ -134,9 +138,12 @@ def stale_reason(evidence: Path, spec: RunSpec, proto: dict[str, Any]) -> str | 
     differences = _fit_config(spec, recorded["cache"], evidence).differences(recorded)
     if differences:
         return "settings changed: " + "; ".join(differences)
-    for split, mode in evaluations(spec):
-        summary = rundir.eval_dir(evidence, split, mode) / rundir.SUMMARY
+    for split, mode, tta in evaluations(spec):
+        summary = rundir.eval_dir(evidence, split, mode, tta) / rundir.SUMMARY
         if not summary.is_file():
+            if tta != "none" and not (heavy_run is not None and rundir.fit_finished(heavy_run)
+                                      and rundir.weights_sha256(heavy_run) == store.get("weights_sha256")):
+                continue
             return f"no evaluation {summary.parent.name}"
         if json.loads(summary.read_text()).get("weights_sha256") != store.get("weights_sha256"):
             return f"{summary.parent.name} scored other weights"
@@ -199,9 +206,9 @@ def run_one(spec: RunSpec, store: Path, heavy: Path, proto: dict[str, Any], refi
     if changed or not rundir.fit_finished(out):
         how = {"overwrite": True} if changed else {"resume": True}
         fit(_fit_config(spec, store, out, device=proto.get("device"), **how))
-    for split, mode in evaluations(spec):
-        if not rundir.evaluated(out, split, mode):
-            evaluate(out, split=split, text=mode, overlays=False, device=proto.get("device"))
+    for split, mode, tta in evaluations(spec):
+        if not rundir.evaluated(out, split, mode, tta):
+            evaluate(out, split=split, text=mode, tta=tta, overlays=False, device=proto.get("device"))
     return out
 
 
@@ -212,8 +219,8 @@ def copy_evidence(run: Path, dest: Path, spec: RunSpec, facts: dict[str, Any]) -
     tmp.mkdir(parents=True)
     for name in EVIDENCE:
         shutil.copy2(run / name, tmp / name)
-    for split, mode in evaluations(spec):
-        src = rundir.eval_dir(run, split, mode)
+    for split, mode, tta in evaluations(spec):
+        src = rundir.eval_dir(run, split, mode, tta)
         (tmp / src.name).mkdir()
         for name in EVAL_FILES:
             shutil.copy2(src / name, tmp / src.name / name)
@@ -247,13 +254,13 @@ def run_protocol(folder: Path, heavy_root: Path | None = None, only: set[str] | 
             _fit_config(s, "store", folder / s.name)
         except ValueError as e:
             raise SystemExit(f"error: {folder / PROTOCOL}: run {s.name}: {e}") from None
-    stale = {s.name: stale_reason(folder / s.name, s, proto) for s in specs}
+    heavy = (heavy_root or runs_root()) / folder.parent.name / folder.name
+    stale = {s.name: stale_reason(folder / s.name, s, proto, heavy / s.name) for s in specs}
     todo = [s for s in specs if stale[s.name]]
     for s in specs:
         print(f"{s.name}: {stale[s.name] or 'evidence current, kept'}", flush=True)
     if not todo:
         return []
-    heavy = (heavy_root or runs_root()) / folder.parent.name / folder.name
     data = data_root or ((REPO / proto["data_root"]).resolve() if proto.get("data_root") else None)
     store = ensure_store(proto, heavy, data, ensure_unet(proto, heavy, data))
     facts = store_facts(store, proto)

@@ -55,7 +55,7 @@ def _json(path: Path) -> dict[str, Any] | None:
 
 def read_runs(folder: Path) -> list[dict[str, Any]]:
     """Each run's evidence in ``folder``: name, group (the name without masks and seed), masks, seed, the fit
-    settings, the best validation Dice and each evaluation's summary by (split, text mode)."""
+    settings, the best validation Dice and each evaluation's summary by (split, text mode, test-time augmentation)."""
     runs = []
     for run in sorted(p for p in folder.iterdir() if (p / rundir.CONFIG).is_file() and "." not in p.name):
         group, masks, seed = run.name.rsplit("-", 2)
@@ -65,7 +65,7 @@ def read_runs(folder: Path) -> list[dict[str, Any]]:
             summary = _json(d / rundir.SUMMARY)
             if summary:
                 evals[(summary.get("split", d.name.removeprefix(rundir.EVAL_PREFIX).split("-")[0]),
-                       summary.get("text", "as-is"))] = summary
+                       summary.get("text", "as-is"), summary.get("tta", "none"))] = summary
         runs.append({"name": run.name, "group": group, "masks": masks, "seed": int(seed), "config": config,
                      "val": metrics.get("best_val_dice"), "evals": evals})
     return runs
@@ -73,7 +73,7 @@ def read_runs(folder: Path) -> list[dict[str, Any]]:
 
 def _cells(runs: list[dict[str, Any]], split: str = "test", text: str = "as-is") -> tuple[str, str, str, str]:
     """(test Dice, test IoU, validation Dice, subsets) of a group of runs."""
-    scored = [r["evals"][(split, text)] for r in runs if (split, text) in r["evals"]]
+    scored = [r["evals"][(split, text, "none")] for r in runs if (split, text, "none") in r["evals"]]
     vals = [r["val"] for r in runs if r["val"] is not None]
     seeds = ",".join(str(r["seed"]) for r in runs)
     return (mean_std([s["dice"] for s in scored]), mean_std([s["iou"] for s in scored]), mean_std(vals),
@@ -104,7 +104,7 @@ def protocol_table(folder: Path) -> list[str]:
             earlier = EARLIER.get(dataset, {}).get(method) if masks == "nearest" else None
             out.append(f"| {name} | {masks} | {dice} | {iou} | {val} | {seeds} | {_num(paper_dice)} | "
                        f"{_num(paper_iou)} | {_num(earlier)} |")
-    return (out + paired(folder, proto, runs) + variants(proto, runs) + reliance(runs)
+    return (out + paired(folder, proto, runs) + variants(proto, runs) + reliance(runs) + tta(proto, runs)
             + fig3(folder / "sweep" / "sweep.csv"))
 
 
@@ -120,7 +120,7 @@ def paired(folder: Path, proto: dict[str, Any], runs: list[dict[str, Any]]) -> l
     rows = []
     for masks in proto["masks"]:
         sides = [[folder / r["name"] for r in runs if r["group"] == m and r["masks"] == masks
-                  and ("test", "as-is") in r["evals"]] for m in ("textdiff", "notext")]
+                  and ("test", "as-is", "none") in r["evals"]] for m in ("textdiff", "notext")]
         seeds = [{int(p.name.rsplit("-", 1)[1]) for p in side} for side in sides]
         if not seeds[0] & seeds[1]:
             continue
@@ -154,7 +154,7 @@ def variants(proto: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
 
 def reliance(runs: list[dict[str, Any]]) -> list[str]:
     """Test Dice % of each run group scored with other text (``evaluate --text``), when any was."""
-    groups = sorted({(r["group"], r["masks"]) for r in runs if any(m != "as-is" for _, m in r["evals"])})
+    groups = sorted({(r["group"], r["masks"]) for r in runs if any(m != "as-is" for _, m, _ in r["evals"])})
     if not groups:
         return []
     rows = ["", "Reliance on text: test Dice % given its own text, none (every token withheld), another image's, or "
@@ -164,6 +164,30 @@ def reliance(runs: list[dict[str, Any]]) -> list[str]:
         members = [r for r in runs if r["group"] == group and r["masks"] == masks]
         cells = [_cells(members, "test", mode)[0] for mode in TEXT_MODES]
         rows.append(f"| {group} | {masks} | " + " | ".join(cells) + f" | {_cells(members)[3]} |")
+    return rows
+
+
+def tta(proto: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
+    """Validation Dice % of each run group without and with each of the protocol's test-time augmentations
+    (``evaluate --split val --tta``), the same weights each time, over the subsets that have them all."""
+    modes = list(proto.get("tta", []))
+    groups = sorted({(r["group"], r["masks"]) for r in runs if any(t != "none" for *_, t in r["evals"])})
+    if not modes or not groups:
+        return []
+    rows = ["", "Test-time augmentation, on validation only (the best epoch's weights; val Dice %, mean ± std over "
+                "the subsets scored with every mode; gain: the mean paired difference in points):", "",
+            "| run | masks | none | " + " | ".join(modes) + " | " + " | ".join(f"gain {m}" for m in modes)
+            + " | subsets |", "|---" * (2 * len(modes) + 4) + "|"]
+    for group, masks in groups:
+        members = [r for r in runs if r["group"] == group and r["masks"] == masks and r["val"] is not None
+                   and all(("val", "as-is", m) in r["evals"] for m in modes)]
+        if not members:
+            continue
+        with_tta = {m: [r["evals"][("val", "as-is", m)]["dice"] for r in members] for m in modes}
+        plain = [r["val"] for r in members]
+        gains = [f"{100 * statistics.mean(a - b for a, b in zip(with_tta[m], plain)):+.2f}" for m in modes]
+        rows.append(f"| {group} | {masks} | {mean_std(plain)} | " + " | ".join(mean_std(with_tta[m]) for m in modes)
+                    + " | " + " | ".join(gains) + f" | {','.join(str(r['seed']) for r in members)} |")
     return rows
 
 

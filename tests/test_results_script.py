@@ -186,3 +186,25 @@ def test_the_gpu_protocol_script_runs_on_the_cpu_at_a_tiny_scale(tmp_path: Path)
     assert text.count("<!-- gpu_protocol.sh -->") == 1 and text.count("| machine | protocol |") == 1
     row = text.split("|---|---|---|---|---|---|\n")[1].splitlines()[0]
     assert f"| {proto} | 0 |" in row and row.endswith("| not run |")  # the second run made nothing
+
+
+def test_a_protocols_tta_is_scored_on_validation_where_its_weights_are_at_hand(made, tmp_path: Path) -> None:
+    """A protocol that adds test-time augmentation evaluates the runs whose weights the runs root still holds
+    (on validation, no refit) and keeps the others' evidence as it is rather than refitting them for it."""
+    folder, heavy, _ = made
+    copy = _protocol(tmp_path / "results" / "synthetic" / "tiny", tta=["flips"])
+    shutil.copytree(folder, copy, dirs_exist_ok=True)
+    _protocol(copy, tta=["flips"])
+    assert results.run_protocol(copy, tmp_path / "empty-heavy") == []  # no weights at hand: kept
+    root = heavy / "synthetic" / "tiny"
+    at_hand = [n for n in RUNS if results.rundir.weights_sha256(root / n)
+               == json.loads((folder / n / "store.json").read_text())["weights_sha256"]]
+    stamps = {n: (root / n / "model.safetensors").stat().st_mtime_ns for n in at_hand}
+    assert at_hand and results.run_protocol(copy, heavy) == at_hand
+    for n in at_hand:
+        summary = json.loads((copy / n / "eval-val-tta-flips" / "summary.json").read_text())
+        assert summary["tta"] == "flips" and summary["split"] == "val"
+        assert (root / n / "model.safetensors").stat().st_mtime_ns == stamps[n]  # evaluated, not refitted
+    table = results_table.protocol_table(copy)
+    assert "| run | masks | none | flips | gain flips | subsets |" in table
+    assert any(line.startswith("| textdiff | ") for line in table)  # a row of the TTA table

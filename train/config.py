@@ -33,6 +33,11 @@ FUSIONS = ("cross-attn", "concat", "none")
 #: how many GB of a split's features a fit holds in memory before it streams them (the one default)
 MEMORY_BUDGET_GB = 4.0
 NORMS = ("image", "batch")
+#: the views test-time augmentation averages over (:func:`extract.shared.dihedral`'s numbering): the 4
+#: mirrorings (identity, rot180 = both flips, horizontal flip, vertical flip) or all 8 dihedral views
+TTA_VIEWS: dict[str, tuple[int, ...]] = {"none": (0,), "flips": (0, 2, 4, 6), "d4": tuple(range(8))}
+TTA_HELP = ("Test-time augmentation: none, flips (the 4 mirrorings) or d4 (the 8 dihedral views): the mean "
+            "probability over the views, each mapped back; a view reads its own rewritten text.")
 VIEW_TEXTS = ("same", "rewrite", "unchanged")  # what text a cached view is trained with (FitConfig.view_text)
 #: what the samples whose text is withheld train (FitConfig.dropout_classifier)
 DROPOUT_CLASSIFIERS = ("shared", "own")
@@ -143,10 +148,14 @@ class EvaluateConfig:
     text_seed: int = option_field(0, "Seed of --text shuffled (which image gets which other image's text).")
     text_encoder: str | None = option_field(None, "With --text mirrored: the store's text encoder, if it moved "
                                                   "(its hashes are checked).")
+    tta: str = option_field("none", TTA_HELP + " Written to eval-<split>[-text-<mode>]-tta-<views>/; the val / "
+                                               "test views' features are extracted into the store's TTA companion "
+                                               "on first need.")
 
     def __post_init__(self) -> None:
         check_choice(self, "precision", PRECISION_NAMES)
         check_range(self, "text_seed", 0)
+        check_choice(self, "tta", tuple(TTA_VIEWS))
 
 
 @dataclass(frozen=True)
@@ -176,9 +185,11 @@ class PredictConfig:
     text_encoder: str | None = option_field(None, "The run's text encoder, if it moved (its hashes are checked).")
     device: str | None = option_field(None, DEVICE_HELP)
     precision: str = option_field("fp32", "fp32, or bf16 / fp16 autocast for the head's forward pass.")
+    tta: str = option_field("none", TTA_HELP)
 
     def __post_init__(self) -> None:
         check_choice(self, "precision", PRECISION_NAMES)
+        check_choice(self, "tta", tuple(TTA_VIEWS))
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,18 @@ validation, evaluation and prediction alike); :mod:`train.runs.loading` loads a 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from common.errors import OptionError
 from cache.store import FeatureStore
 from common.devices import precision_context
+from extract.shared import dihedral
 from train.config import ALIASES, MEMORY_BUDGET_GB, MODEL_ARGS, TextDiffArgs, model_name
 from train.data.readers import GIB, ImageSample, Reading, Sample, SplitData, SplitFeatures, SplitImages
 from train.nets.head import TextDiffHead
@@ -150,3 +152,35 @@ def probabilities(model: nn.Module, sample: Sample | ImageSample, size: int, pre
     with precision_context(device, precision):
         out = logits(model, sample.to(device), size)
     return torch.softmax(out.float(), dim=1)
+
+
+def undo_view(t: torch.Tensor, view: int) -> torch.Tensor:
+    """``t`` (..., H, W) of dihedral view ``view`` mapped back onto the original image (the inverse of
+    :func:`extract.shared.dihedral`)."""
+    t = t.flip(-1) if view >= 4 else t
+    return torch.rot90(t, k=-(view % 4), dims=(-2, -1))
+
+
+@torch.no_grad()
+def tta_probabilities(model: nn.Module, sample: Sample | ImageSample, size: int, views: Sequence[int],
+                      precision: str = "fp32") -> torch.Tensor:
+    """(1, K, size, size): the mean class probabilities of one image over its ``views``, each mapped back.
+    ``sample`` holds that image's views in ``views``' order as one batch (one forward of len(views) samples, so
+    evaluate and predict run the same arithmetic); the mean sums them in that order."""
+    probs = probabilities(model, sample, size, precision)
+    if probs.shape[0] != len(views):
+        raise ValueError(f"{len(views)} views but a batch of {probs.shape[0]}")
+    total = undo_view(probs[0], views[0])
+    for k in range(1, len(views)):
+        total = total + undo_view(probs[k], views[k])
+    return (total / len(views))[None]
+
+
+def view_sample(data: SplitData, row: int, views: Sequence[int], half: bool = False) -> Sample | ImageSample:
+    """One row at each of ``views``, as one batch: a features-reading split's from a store that holds the views
+    (:func:`extract.tta.tta_store`), an images-reading split's by turning its image (:func:`extract.shared.dihedral`)."""
+    if isinstance(data, SplitImages):
+        image = data.batch([row]).image[0].numpy()
+        stacked = np.stack([dihedral(image, v) for v in views])
+        return ImageSample(torch.from_numpy(stacked), data.targets([row] * len(views), [0] * len(views)))
+    return data.batch([row] * len(views), list(views), half=half)

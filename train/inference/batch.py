@@ -13,7 +13,7 @@ after its stem; two images with one stem are refused before anything is read)::
                       written), truncated (the text had more tokens than the run's max length and was cut),
                       mask, probabilities (file names), error (why a bad image was skipped)
     predict.json      the model (:meth:`~train.inference.predictor.Predictor.fingerprint`), original_size and precision they
-                      were made with
+                      were made with (and tta, with test-time augmentation)
 
 Every file is written atomically (a temporary file, then a rename), and predictions.csv after each group,
 so a killed run leaves only complete files. A rerun computes only the images whose outputs are not all
@@ -211,7 +211,8 @@ def predict_batch(run: Path, images: Path, out: Path, texts: Path | None = None,
                   original_size: bool = PredictConfig.original_size,
                   probabilities: bool = PredictConfig.probabilities, skip_bad: bool = PredictConfig.skip_bad,
                   *, unet: str | None = None, text_encoder: str | None = None, device: str | None = None,
-                  precision: str = PredictConfig.precision, console: Console | None = None) -> BatchResult:
+                  precision: str = PredictConfig.precision, tta: str = PredictConfig.tta,
+                  console: Console | None = None) -> BatchResult:
     """Segment every image ``images`` lists (:func:`list_images`) with ``run`` (a run folder or a model
     folder) into folder ``out`` (see the module's docstring for what it holds); texts from the table
     ``texts`` (columns image, text).
@@ -229,13 +230,14 @@ def predict_batch(run: Path, images: Path, out: Path, texts: Path | None = None,
         raise naming(DatasetError(f"image not found: {missing[0].path}{more}; skip_bad=True goes on without it"),
                      "skip_bad")
     predictor = Predictor.from_run(run, cache, unet=unet, text_encoder=text_encoder, device=device,
-                                   precision=precision)
+                                   precision=precision, tta=tta)
     warn_device(predictor, console)
     out.mkdir(parents=True, exist_ok=True)
     for pattern in (f"*{MASK_SUFFIX}{_TMP}", f"*{PROB_SUFFIX}{_TMP}", f"{PREDICTIONS}{_TMP}"):
         for leftover in out.glob(pattern):  # a killed run's half-written files
             leftover.unlink()
-    _check_settings(out, {"model": predictor.fingerprint(), "original_size": original_size, "precision": precision})
+    _check_settings(out, {"model": predictor.fingerprint(), "original_size": original_size, "precision": precision,
+                          **({"tta": tta} if tta != "none" else {})})
 
     result, absent = BatchResult(out, out / PREDICTIONS), {j.name for j in missing}
     previous, rows = _previous_rows(out), {}
@@ -316,7 +318,7 @@ def predict_cli(run: Path, cfg: PredictConfig, console: Console | None = None) -
         raise OptionError("pass image=FILE (one image) or images=DIR (a folder or a table of images), "
                           f"{'not both' if cfg.image is not None else 'one of them'}", "image", "images")
     models = dict(cache=cfg.cache, unet=cfg.unet, text_encoder=cfg.text_encoder, device=cfg.device,
-                  precision=cfg.precision, console=console)
+                  precision=cfg.precision, tta=cfg.tta, console=console)
     if cfg.images is not None:
         if cfg.text:
             raise OptionError("text goes with image=FILE; give many images their texts with texts=TABLE", "text",

@@ -34,16 +34,16 @@ from rich.console import Console
 from common.errors import OptionError
 from cache.key import canonical_json
 from extract.datasets import read_image
-from extract.diffusion import shared_noise
 from common.devices import dtype_named, resolve_device
 from extract.features import FeatureExtractor
-from extract.shared import to_unit_range
+from extract.shared import dihedral, to_unit_range
 from extract.text import TextEncoder
-from train.config import PredictConfig
+from extract.textviews import rewrite_text
+from train.config import TTA_VIEWS, PredictConfig
 from train.data.readers import ImageSample, Sample, visible_tokens
 from train.runs.modeldir import StageOne, is_model_dir
 from train.runs.stage_one import load_checked_encoder, resolve_checked_unet
-from train.registry import probabilities, spec_of
+from train.registry import probabilities, spec_of, tta_probabilities
 from train.runs.loading import load_model_dir, load_run
 
 
@@ -98,8 +98,8 @@ class FeatureInputs:
         encoder = (load_checked_encoder(text_encoder or stage.text_encoder_source, stage, str(device))
                    if spec_of(config).needs_text(config["head"]) else None)
         src = resolve_checked_unet(unet, stage)
-        extractor = FeatureExtractor(src.load(), shared_noise(stage.size, stage.noise_seed), device=device,
-                                     compute_dtype=dtype_named(stage.compute_dtype))  # the store's, on any device
+        extractor = FeatureExtractor.for_model(src.load(), stage.size, stage.noise_seed, device=device,
+                                               compute_dtype=dtype_named(stage.compute_dtype))  # the store's, on any device
         return cls(extractor=extractor, encoder=encoder, blocks=tuple(int(b) for b in config["blocks"]),
                    steps=tuple(int(s) for s in config["steps"]), max_length=int(stage.text["max_length"]),
                    token_dim=stage.token_dim, pad_to=stage.forward_batch,
@@ -110,19 +110,26 @@ class FeatureInputs:
         """Images whose steps fill one UNet forward of the store's batch shape."""
         return max(1, (self.pad_to or 0) // len(self.steps))
 
-    def features(self, images: np.ndarray) -> list[torch.Tensor]:
+    def features(self, images: np.ndarray, texts: Sequence[str] | None = None) -> list[torch.Tensor]:
         """Per block (N, len(steps)·C, h, w) float32 for uint8 images (N, 3, S, S) (or one (3, S, S)), as the
         store holds them: the N × steps samples go through the UNet ``pad_to`` at a time, the store's batch shape
-        (zero padding included), so that each is computed as during extraction; rounded through float16."""
+        (zero padding included), so that each is computed as during extraction; rounded through float16.
+        ``texts``: the images' texts, which a backbone conditioned on them reads."""
         images = _batch(images)
         n, k = len(images), len(self.steps)
+        per_sample = None
+        if self.extractor.backbone.reads_text:
+            if texts is None or len(texts) != n:
+                raise ValueError(f"this run's UNet is conditioned on each image's text: pass {n} texts")
+            per_sample = [text for text in texts for _ in range(k)]  # image-major, then step
         x0 = torch.from_numpy(to_unit_range(images)).repeat_interleave(k, dim=0)  # image-major, then step
         t = torch.tensor(self.steps).repeat(n)
         chunk = self.pad_to or k
         out: dict[int, list[torch.Tensor]] = {b: [] for b in self.blocks}
         for start in range(0, n * k, chunk):
             got = self.extractor.samples(x0[start:start + chunk], t[start:start + chunk], self.blocks,
-                                         pad_to=self.pad_to, dtype=torch.float16)  # the store's rounding
+                                         pad_to=self.pad_to, dtype=torch.float16,  # the store's rounding
+                                         texts=None if per_sample is None else per_sample[start:start + chunk])
             for b in self.blocks:
                 out[b].append(got[b])
         feats = []
@@ -156,7 +163,7 @@ class FeatureInputs:
     def sample(self, images: np.ndarray, texts: str | Sequence[str]) -> Sample:
         """The model's input for uint8 images (N, 3, S, S) (or one) and their texts (an empty one: no text)."""
         images = _batch(images)
-        return Sample(self.features(images), *self.tokens(texts), _target(len(images), images.shape[-1]))
+        return Sample(self.features(images, _texts(texts)), *self.tokens(texts), _target(len(images), images.shape[-1]))
 
     def no_text_note(self, texts: Sequence[str]) -> str | None:
         """What to tell a user whose images have no text, for a head that reads text: predicted without it, and
@@ -218,11 +225,12 @@ class Predictor:
     stage_one: StageOne
     inputs: FeatureInputs | ImageInputs
     precision: str = PredictConfig.precision
+    tta: str = PredictConfig.tta  # test-time augmentation: none, flips or d4 (train.config.TTA_VIEWS)
 
     @classmethod
     def from_run(cls, run: Path, cache: Path | str | None = None, *, unet: str | None = None,
                  text_encoder: str | None = None, device: str | None = None,
-                 precision: str = PredictConfig.precision) -> Predictor:
+                 precision: str = PredictConfig.precision, tta: str = PredictConfig.tta) -> Predictor:
         """Load ``run`` and verify + load its UNet and text encoder: a run folder (its store: ``cache`` or the
         one it recorded) or a model folder written by ``pipeline export`` (no store needed).
 
@@ -239,8 +247,10 @@ class Predictor:
             stage = StageOne.of_store(store)
         if stage.preprocessing.get("image_resize") != "pil-bilinear":
             raise ValueError(f"{stage.where}: unsupported image_resize {stage.preprocessing.get('image_resize')!r}")
+        if tta not in TTA_VIEWS:
+            raise OptionError(f"tta must be one of {list(TTA_VIEWS)}, got {tta!r}", "tta")
         inputs = spec_of(config).new_image_inputs().for_run(config, stage, unet, text_encoder, dev)
-        return cls(config=config, model=model, stage_one=stage, inputs=inputs, precision=precision)
+        return cls(config=config, model=model, stage_one=stage, inputs=inputs, precision=precision, tta=tta)
 
     def device_note(self) -> str | None:
         """A warning when this predictor computes on another device type than the store's features were (float32
@@ -265,9 +275,10 @@ class Predictor:
         """The run's text encoder (None when its model takes no text)."""
         return self.inputs.encoder
 
-    def features(self, images: np.ndarray) -> list[torch.Tensor]:
-        """The images' features, as the store holds them (a features-reading run; see :class:`FeatureInputs`)."""
-        return self.inputs.features(images)
+    def features(self, images: np.ndarray, texts: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """The images' features, as the store holds them (a features-reading run; see :class:`FeatureInputs`;
+        ``texts``: for a backbone conditioned on each image's text)."""
+        return self.inputs.features(images, texts)
 
     def tokens(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The texts' tokens and the mask the model attends with (a features-reading run)."""
@@ -308,11 +319,25 @@ class Predictor:
         images (N, 3, S, S) and N texts: stage one for all of them (:meth:`FeatureInputs.features`), then the
         model :meth:`head_batch` images at a time. An empty text is no text (:func:`withheld`)."""
         one = images.ndim == 3
+        if self.tta != "none":
+            out = np.stack([self._averaged(img, text) for img, text in zip(_batch(images), _texts(texts), strict=True)])
+            return out[0] if one else out
         sample = self.inputs.sample(images, texts)
         n, batch = len(_batch(images)), self.head_batch()
         out = np.concatenate([probabilities(self.model, sample.part(i, i + batch), self.size, self.precision)
                               .cpu().numpy() for i in range(0, n, batch)])
         return out[0] if one else out
+
+    def _averaged(self, image: np.ndarray, text: str) -> np.ndarray:
+        """(K, S, S): the mean probabilities over :attr:`tta`'s views of one image, each view with its own text
+        (rewritten in the run's dataset's words, as its store's views have them; an empty text stays none),
+        the views in one forward: what ``evaluate --tta`` computes for a store's image."""
+        views = TTA_VIEWS[self.tta]
+        dataset = str(self.config.get("dataset", ""))
+        imgs = np.stack([dihedral(image, v) for v in views])
+        texts = [text if withheld(text) else rewrite_text(text, v, dataset) for v in views]
+        sample = self.inputs.sample(imgs, texts)
+        return tta_probabilities(self.model, sample, self.size, views, self.precision)[0].cpu().numpy()
 
     def __call__(self, image: Path, text: str, out: Path, original_size: bool = False,
                  console: Console | None = None) -> np.ndarray:
@@ -336,7 +361,7 @@ class Predictor:
 def predict(run: Path, image: Path, text: str, out: Path, cache: Path | None = None,
             original_size: bool = PredictConfig.original_size,
             *, unet: str | None = None, text_encoder: str | None = None, device: str | None = None,
-            precision: str = PredictConfig.precision,
+            precision: str = PredictConfig.precision, tta: str = PredictConfig.tta,
             console: Console | None = None) -> np.ndarray:
     """Segment one new image with run ``run`` (a run folder or an exported model folder); write the mask PNG ({0, 255}) to ``out`` (a file, or a
     directory → ``<stem>_mask.png``, see :func:`mask_path`) at the store's size, or at the image's own size with
@@ -349,7 +374,7 @@ def predict(run: Path, image: Path, text: str, out: Path, cache: Path | None = N
     if not image.is_file():
         raise FileNotFoundError(f"image not found: {image}")
     predictor = Predictor.from_run(run, cache, unet=unet, text_encoder=text_encoder, device=device,
-                                   precision=precision)
+                                   precision=precision, tta=tta)
     warn_device(predictor, console)
     return predictor(image, text, out, original_size=original_size, console=console)
 

@@ -173,10 +173,12 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def eval_dir(run: Path, split: str, text: str = "as-is") -> Path:
+def eval_dir(run: Path, split: str, text: str = "as-is", tta: str = "none") -> Path:
     """Where :func:`train.evaluate.evaluate` writes the results of ``run`` on ``split`` with text mode ``text``
-    (:mod:`train.textmodes`): ``eval-<split>`` for the text as it is, else ``eval-<split>-text-<mode>``."""
-    return Path(run) / (f"{EVAL_PREFIX}{split}" if text == "as-is" else f"{EVAL_PREFIX}{split}-text-{text}")
+    (:mod:`train.textmodes`) and test-time augmentation ``tta``: ``eval-<split>`` for the text as it is, else
+    ``eval-<split>-text-<mode>``; ``-tta-<views>`` after it with test-time augmentation."""
+    name = f"{EVAL_PREFIX}{split}" if text == "as-is" else f"{EVAL_PREFIX}{split}-text-{text}"
+    return Path(run) / (name if tta == "none" else f"{name}-tta-{tta}")
 
 
 def evaluated_splits(run: Path) -> list[str]:
@@ -185,7 +187,8 @@ def evaluated_splits(run: Path) -> list[str]:
     names its mode)."""
     splits = (d.name.removeprefix(EVAL_PREFIX) for d in Path(run).glob(f"{EVAL_PREFIX}*") if d.is_dir())
     return sorted(split for split in splits if evaluated(run, split)
-                  and read_summary(run, split).get("text", "as-is") == "as-is")
+                  and read_summary(run, split).get("text", "as-is") == "as-is"
+                  and read_summary(run, split).get("tta", "none") == "none")
 
 
 def clear_evaluations(run: Path) -> list[Path]:
@@ -213,23 +216,23 @@ def fit_finished(run: Path) -> bool:
     return (Path(run) / METRICS).is_file() and not (Path(run) / INCOMPLETE).exists()
 
 
-def evaluated(run: Path, split: str, text: str = "as-is") -> bool:
-    """A finished fit whose evaluation on ``split`` (with text mode ``text``) completed (its ``summary.json``
-    is written last) and scored the weights now in the folder (the summary's ``weights_sha256``; a summary
-    without one, or of other weights, is stale)."""
-    if not (fit_finished(run) and (eval_dir(run, split, text) / SUMMARY).is_file()):
+def evaluated(run: Path, split: str, text: str = "as-is", tta: str = "none") -> bool:
+    """A finished fit whose evaluation on ``split`` (with text mode ``text``, test-time augmentation ``tta``)
+    completed (its ``summary.json`` is written last) and scored the weights now in the folder (the summary's
+    ``weights_sha256``; a summary without one, or of other weights, is stale)."""
+    if not (fit_finished(run) and (eval_dir(run, split, text, tta) / SUMMARY).is_file()):
         return False
-    recorded = read_summary(run, split, text).get("weights_sha256")
+    recorded = read_summary(run, split, text, tta=tta).get("weights_sha256")
     return recorded is not None and recorded == weights_sha256(run)
 
 
-def read_summary(run: Path, split: str, text: str = "as-is", entries: dict[str, type] | None = None
-                 ) -> dict[str, Any]:
-    """The ``summary.json`` of ``run``'s evaluation on ``split``, holding ``entries`` (e.g. :data:`SCORE_ENTRIES`;
-    a damaged one: :class:`RunFileError`)."""
-    mode = "" if text == "as-is" else f" --text {text}"
+def read_summary(run: Path, split: str, text: str = "as-is", entries: dict[str, type] | None = None,
+                 tta: str = "none") -> dict[str, Any]:
+    """The ``summary.json`` of ``run``'s evaluation on ``split`` (text mode ``text``, test-time augmentation
+    ``tta``), holding ``entries`` (e.g. :data:`SCORE_ENTRIES`; a damaged one: :class:`RunFileError`)."""
+    mode = ("" if text == "as-is" else f" --text {text}") + ("" if tta == "none" else f" --tta {tta}")
     again = f"evaluate the run again (`pipeline evaluate {run} --split {split}{mode}`)"
-    return read_run_json(eval_dir(run, split, text) / SUMMARY, entries, again)
+    return read_run_json(eval_dir(run, split, text, tta) / SUMMARY, entries, again)
 
 
 def read_metrics(run: Path) -> dict[str, Any]:
