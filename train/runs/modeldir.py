@@ -156,12 +156,13 @@ class StageOne:
     def unet_spec(self) -> str:
         """Where the UNet is when no ``unet`` is passed: a store's recorded preset or path; for a model folder,
         the path an older export recorded if it is still there, else the first of :meth:`unet_places` holding
-        a file of the recorded name. :class:`UNetNotFoundError` (one line naming them) when none does."""
+        a file (or a diffusers folder) of the recorded name. :class:`UNetNotFoundError` (one line naming them) when
+        none does."""
         source = self.unet_source
         if source and (self.folder is None or (not self.unet_preset and Path(source).exists())):
             return source
         name = self.unet_file or ""
-        found = [place / name for place in self.unet_places() if (place / name).is_file()]
+        found = [place / name for place in self.unet_places() if name and (place / name).exists()]
         if found:
             return str(found[0])
         raise _checkpoints().UNetNotFoundError(self._unet_missing())
