@@ -12,6 +12,7 @@ import torch
 
 import extract.tta
 from cache.store import FeatureStore
+from extract.datasets.synthetic import synthetic_sample
 from extract.shared import dihedral, to_unit_range
 from train.config import TTA_VIEWS, EvaluateConfig
 from train.data.readers import ImageSample
@@ -44,12 +45,13 @@ class Pixelwise(torch.nn.Module):
 
 @pytest.mark.parametrize("mode", ["flips", "d4"])
 def test_a_view_invariant_model_averages_to_its_single_prediction(mode: str) -> None:
-    img = np.random.default_rng(0).integers(0, 256, (3, 16, 16), dtype=np.uint8)
+    """On a synthetic-set image: a model whose every pixel depends on that pixel alone."""
+    img = np.ascontiguousarray(synthetic_sample(0, "test", 0, native_size=32).image.transpose(2, 0, 1))
     views = TTA_VIEWS[mode]
-    target = torch.zeros(len(views), 16, 16, dtype=torch.long)
+    target = torch.zeros(len(views), 32, 32, dtype=torch.long)
     stacked = torch.from_numpy(to_unit_range(np.stack([dihedral(img, v) for v in views])))
-    averaged = tta_probabilities(Pixelwise(), ImageSample(stacked, target), 16, views)
-    single = probabilities(Pixelwise(), ImageSample(stacked[:1], target[:1]), 16)
+    averaged = tta_probabilities(Pixelwise(), ImageSample(stacked, target), 32, views)
+    single = probabilities(Pixelwise(), ImageSample(stacked[:1], target[:1]), 32)
     torch.testing.assert_close(averaged, single, rtol=0, atol=1e-6)
     assert views == ((0, 2, 4, 6) if mode == "flips" else tuple(range(8)))
 
