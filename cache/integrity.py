@@ -121,3 +121,44 @@ def content_digest(store: FeatureStore, pairs: Sequence[tuple[int, int]] | None 
                                  f"yet, or written before checksums): its content has no digest")
             h.update(np.ascontiguousarray(c, dtype="<u4").tobytes())
     return h.hexdigest()
+
+
+#: how far two stores' sketches may differ and still hold the same content up to a CPU's rounding (relative to
+#: the sampled values' norm): another CPU's kernels round ~0.1 % of float16 features one step differently, which
+#: moves a projection by ~1e-5 of the norm; another image, UNet or noise moves it by 1e-2 and more
+SKETCH_RTOL = 1e-3
+_PROJECTIONS = 3
+
+
+def _sketch(values: np.ndarray, seed: int) -> list[float]:
+    """[norm, p1, p2, p3] of a flat float64 sample: its L2 norm and fixed ±1 projections (seeded per array)."""
+    x = values.astype(np.float64).ravel()
+    signs = np.random.default_rng(seed).integers(0, 2, size=(_PROJECTIONS, x.size), dtype=np.int8) * 2 - 1
+    return [float(np.sqrt(x @ x)), *(float(s @ x) for s in signs)]
+
+
+def content_sketch(store: FeatureStore, pairs: Sequence[tuple[int, int]] | None = None) -> dict[str, list[float]]:
+    """A numeric summary of each array's view-0 rows (images, masks, tokens, each pair's features), per split:
+    what :func:`sketches_agree` compares when two stores of one key have different digests (bit-identical
+    rebuilds share a digest; a rebuild on another CPU rounds a few float16 features differently)."""
+    out: dict[str, list[float]] = {}
+    arrays = [("image", store.images), ("mask", store.masks), ("tokens", store.tokens)]
+    for split in store.splits():
+        named = [(name, get(split)) for name, get in arrays]
+        named += [(f"t{s} b{b}", store.features(split, s, b))
+                  for s, b in sorted(store.pairs() if pairs is None else pairs)]
+        for k, (name, arr) in enumerate(named):
+            rows = arr[:, 0] if name != "tokens" else arr
+            out[f"{split}/{name}"] = _sketch(np.asarray(rows), seed=k)
+    return out
+
+
+def sketches_agree(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]],
+                   rtol: float = SKETCH_RTOL) -> list[str]:
+    """The arrays whose sketches differ by more than ``rtol`` of their norm (or that only one side has)."""
+    differ = sorted(set(a) ^ set(b))
+    for name in sorted(set(a) & set(b)):
+        scale = max(abs(a[name][0]), abs(b[name][0]), 1e-12)
+        if any(abs(x - y) > rtol * scale for x, y in zip(a[name], b[name], strict=True)):
+            differ.append(name)
+    return differ

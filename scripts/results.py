@@ -184,14 +184,43 @@ def ensure_store(proto: dict[str, Any], heavy: Path, data_root: Path | None, une
     return Path(str(run_extract(cfg)))
 
 
+def cpu_identity() -> str:
+    """The CPU that computed a store, as /proc/cpuinfo names it, with its widest vector extension."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    widest = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no avx")
+    return f"{model} ({widest})"
+
+
 def store_facts(store_path: Path, proto: dict[str, Any]) -> dict[str, Any]:
-    """What a run's ``store.json`` records: the recipe, the store's key hash and content digest."""
-    from cache.integrity import content_digest
+    """What a run's ``store.json`` records: the recipe, the store's key hash, content digest and numeric sketch
+    (:func:`cache.integrity.content_sketch`), and the CPU it was computed on."""
+    from cache.integrity import content_digest, content_sketch
     from cache.store import FeatureStore
 
     store = FeatureStore.open(store_path)
     return {"recipe": recipe(proto), "key_hash": store.key_hash, "content_digest": content_digest(store),
-            "format_version": store.version}
+            "format_version": store.version, "sketch": content_sketch(store), "cpu": cpu_identity()}
+
+
+def other_content(kept: dict[str, Any], facts: dict[str, Any]) -> str | None:
+    """Why a kept run's store is not this store's content (None: it is): the digests differ and either its
+    evidence has no sketch to compare or the sketches differ beyond a CPU's rounding."""
+    from cache.integrity import sketches_agree
+
+    if kept.get("content_digest") == facts["content_digest"]:
+        return None
+    if "sketch" not in kept:
+        return (f"its store content {str(kept.get('content_digest'))[:12]} differs from the store here "
+                f"{facts['content_digest'][:12]} and its evidence has no sketch to compare")
+    differ = sketches_agree(kept["sketch"], facts["sketch"])
+    if differ:
+        return f"its store differs from the store here in {', '.join(differ[:4])}"
+    return None
 
 
 def run_one(spec: RunSpec, store: Path, heavy: Path, proto: dict[str, Any], refit: bool = False) -> Path:
@@ -265,14 +294,20 @@ def run_protocol(folder: Path, heavy_root: Path | None = None, only: set[str] | 
     store = ensure_store(proto, heavy, data, ensure_unet(proto, heavy, data))
     facts = store_facts(store, proto)
     refit = set()
-    for s in specs:  # runs of one table come from one store content
-        if not stale[s.name]:
-            had = json.loads((folder / s.name / STORE).read_text()).get("content_digest")
-            if had != facts["content_digest"]:
-                print(f"{s.name}: its store content {str(had)[:12]} differs from the store here "
-                      f"{facts['content_digest'][:12]} ({store}); refitting it", flush=True)
-                todo.append(s)
-                refit.add(s.name)
+    for s in wanted_runs(proto):  # runs of one table come from one store content (up to a CPU's rounding)
+        if s.name in stale and stale[s.name] or not (folder / s.name / STORE).is_file():
+            continue
+        kept = json.loads((folder / s.name / STORE).read_text())
+        why = other_content(kept, facts)
+        if why is None and kept.get("content_digest") != facts["content_digest"]:
+            print(f"{s.name}: the same content up to rounding (computed on {kept.get('cpu', 'another CPU')}, "
+                  f"here on {facts['cpu']}); kept", flush=True)
+        elif why is not None and s in specs:
+            print(f"{s.name}: {why} ({store}); refitting it", flush=True)
+            todo.append(s)
+            refit.add(s.name)
+        elif why is not None:
+            print(f"{s.name}: {why}; not refitted here (not asked for: --only)", flush=True)
     made = []
     for s in [s for s in specs if s in todo]:
         run = run_one(s, store, heavy, proto, refit=s.name in refit)

@@ -67,7 +67,7 @@ def read_runs(folder: Path) -> list[dict[str, Any]]:
                 evals[(summary.get("split", d.name.removeprefix(rundir.EVAL_PREFIX).split("-")[0]),
                        summary.get("text", "as-is"), summary.get("tta", "none"))] = summary
         runs.append({"name": run.name, "group": group, "masks": masks, "seed": int(seed), "config": config,
-                     "val": metrics.get("best_val_dice"), "evals": evals})
+                     "val": metrics.get("best_val_dice"), "evals": evals, "store": _json(run / "store.json") or {}})
     return runs
 
 
@@ -104,8 +104,34 @@ def protocol_table(folder: Path) -> list[str]:
             earlier = EARLIER.get(dataset, {}).get(method) if masks == "nearest" else None
             out.append(f"| {name} | {masks} | {dice} | {iou} | {val} | {seeds} | {_num(paper_dice)} | "
                        f"{_num(paper_iou)} | {_num(earlier)} |")
-    return (out + paired(folder, proto, runs) + variants(proto, runs) + reliance(runs) + tta(proto, runs)
-            + fig3(folder / "sweep" / "sweep.csv"))
+    return (out + contents(runs) + paired(folder, proto, runs) + variants(proto, runs) + reliance(runs)
+            + tta(proto, runs) + fig3(folder / "sweep" / "sweep.csv"))
+
+
+def contents(runs: list[dict[str, Any]]) -> list[str]:
+    """Which store content each run was fitted on, where the runs have more than one (one key rebuilt on other
+    CPUs: their digests differ; the sketch says whether that is rounding alone)."""
+    from cache.integrity import sketches_agree
+
+    by_digest: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_digest.setdefault(str(r["store"].get("content_digest", "?")), []).append(r)
+    if len(by_digest) < 2:
+        return []
+    rows = ["", "Store contents (one key, rebuilt on other machines: the digests differ):", "",
+            "| content | computed on | runs | the same up to rounding as the first |", "|---|---|---|---|"]
+    first = next(iter(by_digest.values()))[0]["store"]
+    for digest, members in by_digest.items():
+        facts = members[0]["store"]
+        if facts is first:
+            same = "—"
+        elif "sketch" in facts and "sketch" in first:
+            same = "yes" if not sketches_agree(facts["sketch"], first["sketch"]) else "no"
+        else:
+            same = "unknown (no sketch recorded)"
+        rows.append(f"| {digest[:12]} | {facts.get('cpu', 'not recorded')} | "
+                    f"{', '.join(r['name'] for r in members)} | {same} |")
+    return rows
 
 
 def _num(x: float | None) -> str:

@@ -433,8 +433,9 @@ def test_simulated_crash_leaves_row_not_done(store, monkeypatch):
         assert reader.done("train", 50, 6).tolist() == [True, False, False] and reader.pairs() == [(50, 6)]
 
 
-def _filled(path: Path, seed: int = 0, image_offset: int = 0) -> FeatureStore:
-    """A store whose every row is written (features of one pair), from ``seed``."""
+def _filled(path: Path, seed: int = 0, image_offset: int = 0, rounding: float = 0.0) -> FeatureStore:
+    """A store whose every row is written (features of one pair), from ``seed``; ``rounding``: the share of
+    feature values moved one float16 step up (another CPU's rounding)."""
     store, rng = _new(path), np.random.default_rng(seed)
     store.writer.ensure_pair(50, 6, 8, (4, 4))
     for split, lay in _layout().items():
@@ -442,8 +443,24 @@ def _filled(path: Path, seed: int = 0, image_offset: int = 0) -> FeatureStore:
             row = _base_row(rng, lay.views)
             row["image"] = (row["image"] + image_offset).astype(np.uint8)
             store.writer.write_base(split, i, **row)
-            store.writer.write_features(split, i, 50, 6, rng.normal(size=(lay.views, 8, 4, 4)).astype(np.float16))
+            feats = rng.normal(size=(lay.views, 8, 4, 4)).astype(np.float16)
+            moved = np.random.default_rng(99).random(feats.shape) < rounding
+            feats[moved] = np.nextafter(feats[moved], np.float16(np.inf))
+            store.writer.write_features(split, i, 50, 6, feats)
     return store
+
+
+def test_content_sketch_tells_rounding_from_other_content(tmp_path):
+    from cache.integrity import content_digest, content_sketch, sketches_agree
+
+    a = content_sketch(_filled(tmp_path / "a.zarr"))
+    rounded = _filled(tmp_path / "r.zarr", rounding=0.01)
+    assert content_digest(rounded) != content_digest(_filled(tmp_path / "a2.zarr"))  # other bits...
+    assert sketches_agree(a, content_sketch(rounded)) == []  # ...the same content up to rounding
+    assert "train/image" in sketches_agree(a, content_sketch(_filled(tmp_path / "c.zarr", image_offset=1)))
+    other = sketches_agree(a, content_sketch(_filled(tmp_path / "s.zarr", seed=1)))
+    assert "train/t50 b6" in other and "test/t50 b6" in other
+    assert "test/mask" in a and sketches_agree(a, {k: v for k, v in a.items() if k != "test/mask"}) == ["test/mask"]
 
 
 def test_content_digest_names_the_bytes_of_the_rows(tmp_path):

@@ -99,18 +99,34 @@ def test_a_changed_setting_reruns_only_its_runs(made, tmp_path: Path) -> None:
 
 
 def test_evidence_from_another_store_content_is_refitted(made, tmp_path: Path, capsys) -> None:
-    """Runs of one table come from one store content: a kept run fitted on other bytes is named and refitted."""
+    """Runs of one table come from one store content: a kept run fitted on other bytes is named and refitted,
+    unless its sketch shows the same content up to a CPU's rounding (another machine's rebuild)."""
     folder, heavy, _ = made
     copy = tmp_path / "results" / "synthetic" / "tiny"
     shutil.copytree(folder, copy)
-    store = json.loads((copy / "textdiff-authors-0" / "store.json").read_text())
-    (copy / "textdiff-authors-0" / "store.json").write_text(json.dumps({**store, "content_digest": "0" * 64}))
+
+    def edit(name: str, **changes) -> dict:
+        path = copy / name / "store.json"
+        store = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in {**store, **changes}.items() if v is not None}))
+        return store
+
+    store = edit("textdiff-authors-0", content_digest="0" * 64)  # other bits, no sketch: unknown content
+    edit("textdiff-authors-0", sketch=None)
+    edit("wide-authors-0", content_digest="1" * 64)  # other bits, the same sketch: another CPU's rounding
+    sketch = dict(store["sketch"])
+    sketch["train/image"] = [x * 1.01 for x in sketch["train/image"]]  # other images
+    edit("textdiff-nearest-0", content_digest="2" * 64, sketch=sketch)
     shutil.rmtree(copy / "unet-nearest-0")  # something must be made, so the store is opened
     weights = heavy / "synthetic" / "tiny" / "textdiff-authors-0" / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    assert results.run_protocol(copy, heavy) == ["textdiff-authors-0", "unet-nearest-0"]
+    assert results.run_protocol(copy, heavy) == ["textdiff-nearest-0", "textdiff-authors-0", "unet-nearest-0"]
     assert weights.stat().st_mtime_ns != before  # fitted again, on the store here
-    assert "textdiff-authors-0: its store content 000000000000 differs from the store here" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "textdiff-authors-0: its store content 000000000000 differs from the store here" in out
+    assert "no sketch to compare" in out and "textdiff-nearest-0: its store differs from the store here in " \
+        "train/image" in out
+    assert "wide-authors-0: the same content up to rounding" in out
     assert json.loads((copy / "textdiff-authors-0" / "store.json").read_text())["content_digest"] == \
         store["content_digest"]
 
