@@ -105,3 +105,21 @@ def test_predict_tta_equals_evaluate_tta_bit_for_bit(tiny: dict) -> None:
 def test_tta_options_are_checked() -> None:
     with pytest.raises(ValueError, match="tta"):
         EvaluateConfig(tta="d8")
+
+
+def test_an_images_reading_run_turns_its_images_and_needs_no_companion(tiny: dict, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The U-Net baseline reads the images: its views are the image turned, no UNet features extracted; predict
+    --tta still equals evaluate --tta."""
+    run = tmp_path / "unet"
+    fit(FitConfig.flat(cache=tiny["store"], out=run, epochs=2, model="plain-unet", width=4, depth=2),
+        console=quiet())
+    monkeypatch.setattr(extract.tta, "run_extract", lambda *a, **k: pytest.fail("extracted features"))
+    summary = evaluate(run, config=EvaluateConfig(split="test", overlays=False, tta="flips"), console=quiet())
+    assert summary["tta_views"] == [0, 2, 4, 6]
+    saved = np.load(eval_dir(run, "test", tta="flips") / "predictions.npz")["pred"]
+    store = FeatureStore.open(tiny["store"])
+    predictor = Predictor.from_run(run, device="cpu", tta="flips")
+    for i, text in enumerate(store.texts("test")):
+        img = np.asarray(store.images("test")[i, 0].compute())
+        np.testing.assert_array_equal(predictor.probabilities(img, text).argmax(0) != 0, saved[i])
