@@ -90,7 +90,8 @@ def protocol_table(folder: Path) -> list[str]:
     """The tables of one protocol folder."""
     proto = json.loads((folder / "protocol.json").read_text())
     dataset = proto["dataset"]
-    runs = read_runs(folder)
+    every = read_runs(folder)
+    runs = one_content(every)
     out = [f"### {dataset} · {folder.name}", "", describe(proto), "",
            "| method | masks | test Dice % | test IoU % | val Dice % | subsets | paper Dice % | paper IoU % |"
            " earlier Dice % |", "|---|---|---|---|---|---|---|---|---|"]
@@ -104,33 +105,50 @@ def protocol_table(folder: Path) -> list[str]:
             earlier = EARLIER.get(dataset, {}).get(method) if masks == "nearest" else None
             out.append(f"| {name} | {masks} | {dice} | {iou} | {val} | {seeds} | {_num(paper_dice)} | "
                        f"{_num(paper_iou)} | {_num(earlier)} |")
-    return (out + contents(runs) + paired(folder, proto, runs) + variants(proto, runs) + reliance(runs)
+    return (out + contents(every, runs) + paired(folder, proto, runs) + variants(proto, runs) + reliance(runs)
             + tta(proto, runs) + fig3(folder / "sweep" / "sweep.csv"))
 
 
-def contents(runs: list[dict[str, Any]]) -> list[str]:
-    """Which store content each run was fitted on, where the runs have more than one (one key rebuilt on other
-    CPUs: their digests differ; the sketch says whether that is rounding alone)."""
+def _by_content(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The runs grouped by the store content they were fitted on (one digest; or digests whose sketches agree:
+    the same content up to a CPU's rounding), the largest group first (ties: the one with a sketch)."""
     from cache.integrity import sketches_agree
 
-    by_digest: dict[str, list[dict[str, Any]]] = {}
+    groups: list[list[dict[str, Any]]] = []
     for r in runs:
-        by_digest.setdefault(str(r["store"].get("content_digest", "?")), []).append(r)
-    if len(by_digest) < 2:
-        return []
-    rows = ["", "Store contents (one key, rebuilt on other machines: the digests differ):", "",
-            "| content | computed on | runs | the same up to rounding as the first |", "|---|---|---|---|"]
-    first = next(iter(by_digest.values()))[0]["store"]
-    for digest, members in by_digest.items():
-        facts = members[0]["store"]
-        if facts is first:
-            same = "—"
-        elif "sketch" in facts and "sketch" in first:
-            same = "yes" if not sketches_agree(facts["sketch"], first["sketch"]) else "no"
+        facts = r["store"]
+        for g in groups:
+            first = g[0]["store"]
+            if first.get("content_digest") == facts.get("content_digest") or (
+                    "sketch" in first and "sketch" in facts and not sketches_agree(first["sketch"], facts["sketch"])):
+                g.append(r)
+                break
         else:
-            same = "unknown (no sketch recorded)"
-        rows.append(f"| {digest[:12]} | {facts.get('cpu', 'not recorded')} | "
-                    f"{', '.join(r['name'] for r in members)} | {same} |")
+            groups.append([r])
+    return sorted(groups, key=lambda g: (-len(g), "sketch" not in g[0]["store"]))
+
+
+def one_content(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of the table's one store content (:func:`_by_content`'s first group)."""
+    groups = _by_content(runs)
+    return groups[0] if groups else []
+
+
+def contents(every: list[dict[str, Any]], shown: list[dict[str, Any]]) -> list[str]:
+    """Which store content each run was fitted on, where the runs have more than one (one key rebuilt on other
+    CPUs: their digests differ; the sketch says whether that is rounding alone); the tables use one."""
+    groups, names = _by_content(every), {r["name"] for r in shown}
+    if len(groups) < 2:
+        return []
+    rows = ["", "Store contents: one key, rebuilt on other machines, other bits. The tables of this protocol use "
+                "the first (the most runs); `results.py` refits a run wherever its store's content is not the run's.",
+            "",
+            "| content | computed on | runs | in the tables |", "|---|---|---|---|"]
+    for g in groups:
+        facts = g[0]["store"]
+        digests = sorted({str(r["store"].get("content_digest", "?"))[:12] for r in g})
+        rows.append(f"| {', '.join(digests)} | {facts.get('cpu', 'not recorded')} | "
+                    f"{', '.join(r['name'] for r in g)} | {'yes' if g[0]['name'] in names else 'no'} |")
     return rows
 
 

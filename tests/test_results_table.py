@@ -89,3 +89,21 @@ def test_text_against_no_text_is_paired_by_subset_and_image(tmp_path):
     # subset 0: +0.10, 0.00 (mean +0.05); subset 1: +0.10, +0.20 (mean +0.15): +10 points; ahead on 3 of 4
     row = next(line for line in lines if line.startswith("| authors | "))
     assert row.startswith("| authors | +10.00 | [") and row.endswith("| 0,1 | 3 of 4 |")
+
+
+def test_the_tables_use_one_store_content() -> None:
+    """Runs fitted on two contents of one key: the tables use the larger group (digests whose sketches agree
+    count as one content), and say which runs they leave out."""
+    sketch = {"train/image": [10.0, 1.0, 2.0, 3.0]}
+    near = {"train/image": [10.0, 1.0 + 1e-6, 2.0, 3.0]}  # another CPU's rounding
+    other = {"train/image": [12.0, 5.0, 2.0, 3.0]}
+    runs = [{"name": "a-authors-0", "store": {"content_digest": "aa", "sketch": sketch}},
+            {"name": "a-authors-1", "store": {"content_digest": "bb", "sketch": near}},
+            {"name": "a-authors-2", "store": {"content_digest": "cc", "sketch": other, "cpu": "X"}},
+            {"name": "b-authors-0", "store": {"content_digest": "dd"}}]
+    shown = results_table.one_content(runs)
+    assert [r["name"] for r in shown] == ["a-authors-0", "a-authors-1"]
+    lines = results_table.contents(runs, shown)
+    assert "| aa, bb | not recorded | a-authors-0, a-authors-1 | yes |" in lines
+    assert "| cc | X | a-authors-2 | no |" in lines and "| dd | not recorded | b-authors-0 | no |" in lines
+    assert results_table.contents(runs[:2], results_table.one_content(runs[:2])) == []  # one content: no table
