@@ -4,6 +4,7 @@ an interrupted run resumes; bad images are named (and skipped with --skip-bad); 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +282,15 @@ def test_qata_twenty_images_give_evaluate_masks(tiny_unet: Path, qata_root: Path
     res = runner.invoke(pipeline.app, [*args, "--skip-bad"])
     assert res.exit_code == 0 and "0 image(s) segmented, 20 already done, 1 skipped" in res.output, res.output
     assert snapshot(out) == before
+
+
+def test_a_batch_with_tta_gives_evaluate_tta_masks_and_records_it(tiny: dict, tmp_path: Path) -> None:
+    from train.config import EvaluateConfig
+
+    evaluate(tiny["run"], config=EvaluateConfig(overlays=False, tta="flips"), console=quiet())
+    want = np.load(tiny["run"] / "eval-test-tta-flips" / "predictions.npz")
+    out = tmp_path / "tta"
+    predict_batch(tiny["run"], tiny["images"], out, tiny["texts"], device="cpu", tta="flips", console=quiet())
+    assert json.loads((out / "predict.json").read_text())["tta"] == "flips"
+    for image_id, pred in zip(want["ids"], want["pred"]):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"{image_id}_mask.png")) > 0, pred)
