@@ -241,3 +241,15 @@ def test_list_blocks_prints_each_unit(models: dict) -> None:
     assert [r[1] for r in rows] == ["up_blocks.0.attentions.0", "up_blocks.0.upsampler", "up_blocks.1.resnets.0",
                                     "up_blocks.1.resnets.1"]
     assert rows[1][2:] == ["16", "32x32"] and rows[0][2:] == ["16", "16x16"]
+
+
+def test_a_missing_extra_is_one_line_naming_what_to_install(models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    with pytest.raises(OptionError, match=r"needs the diffusers package: pip install 'textdiff\[diffusers\]'"):
+        resolve_unet(models["diffusers"][0]).load()
+    monkeypatch.setitem(sys.modules, "monai.networks.nets", None)
+    ckpt, flags = models["monai"]
+    with pytest.raises(OptionError, match=r"pip install 'textdiff\[monai\]'"):
+        resolve_unet(ckpt, flags).load()
