@@ -272,6 +272,13 @@ def commit(dest: Path, spec: RunSpec) -> None:
                    check=True)
 
 
+def _kept_store_here(folder: Path, proto: dict[str, Any], heavy: Path) -> bool:
+    """Whether the runs root already holds a store of the key a kept run's evidence names (then its content is
+    checked against theirs: opening it costs seconds, not an extraction)."""
+    hashes = {json.loads(p.read_text()).get("key_hash", "") for p in folder.glob(f"*/{STORE}")}
+    return any((heavy / "cache" / f"{proto['dataset']}-{h[:12]}.zarr").exists() for h in hashes if h)
+
+
 def run_protocol(folder: Path, heavy_root: Path | None = None, only: set[str] | None = None,
                  do_commit: bool = False, data_root: Path | None = None) -> list[str]:
     """Bring every run of the protocol in ``folder`` up to date; returns the names of the runs (re)made."""
@@ -288,8 +295,8 @@ def run_protocol(folder: Path, heavy_root: Path | None = None, only: set[str] | 
     todo = [s for s in specs if stale[s.name]]
     for s in specs:
         print(f"{s.name}: {stale[s.name] or 'evidence current, kept'}", flush=True)
-    if not todo:
-        return []
+    if not todo and not _kept_store_here(folder, proto, heavy):
+        return []  # nothing to make and no store here to check the kept runs against: nothing is opened
     data = data_root or ((REPO / proto["data_root"]).resolve() if proto.get("data_root") else None)
     store = ensure_store(proto, heavy, data, ensure_unet(proto, heavy, data))
     facts = store_facts(store, proto)
@@ -308,6 +315,8 @@ def run_protocol(folder: Path, heavy_root: Path | None = None, only: set[str] | 
             refit.add(s.name)
         elif why is not None:
             print(f"{s.name}: {why}; not refitted here (not asked for: --only)", flush=True)
+    if not todo:
+        return []
     made = []
     for s in [s for s in specs if s in todo]:
         run = run_one(s, store, heavy, proto, refit=s.name in refit)

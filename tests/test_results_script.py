@@ -224,3 +224,17 @@ def test_a_protocols_tta_is_scored_on_validation_where_its_weights_are_at_hand(m
     table = results_table.protocol_table(copy)
     assert "| run | masks | none | flips | gain flips | subsets |" in table
     assert any(line.startswith("| textdiff | ") for line in table)  # a row of the TTA table
+
+
+def test_a_kept_run_of_other_content_is_refitted_where_the_store_is_at_hand(made, tmp_path: Path) -> None:
+    """Nothing stale, but the runs root holds the store and a kept run was fitted on other content: it is found and
+    refitted (without the store at hand nothing is opened, as above)."""
+    folder, heavy, _ = made
+    copy = tmp_path / "results" / "synthetic" / "tiny"
+    shutil.copytree(folder, copy)
+    path = copy / "unet-authors-0" / "store.json"
+    store = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in store.items() if k != "sketch"} | {"content_digest": "3" * 64}))
+    assert results.run_protocol(copy, tmp_path / "empty-heavy") == []
+    assert results.run_protocol(copy, heavy) == ["unet-authors-0"]
+    assert json.loads(path.read_text())["content_digest"] == store["content_digest"]
