@@ -57,6 +57,7 @@ class RunSpec:
     scored: tuple[str, ...] = ("test",)
     text_modes: tuple[str, ...] = field(default=())
     tta: tuple[str, ...] = field(default=())  # test-time augmentations, scored on validation only
+    scored_tta: str = "none"  # the test-time augmentation chosen on validation: the scored splits with it too
 
 
 def runs_root(given: str | None = None) -> Path:
@@ -108,15 +109,18 @@ def _spec(proto: dict[str, Any], method: str, masks: str, seed: int, name: str, 
     settings = {**proto.get("baseline" if command == "baseline" else "fit", {}), **fixed, **own,
                 "mask_resize": masks, "subset_seed": seed}
     modes = tuple(proto.get("text_modes", [])) if command == "fit" and settings.get("fusion") != "none" else ()
-    return RunSpec(f"{name}-{masks}-{seed}", method, settings, tuple(scored), modes, tuple(proto.get("tta", [])))
+    return RunSpec(f"{name}-{masks}-{seed}", method, settings, tuple(scored), modes, tuple(proto.get("tta", [])),
+                   proto.get("scored_tta", "none"))
 
 
 def evaluations(spec: RunSpec) -> list[tuple[str, str, str]]:
     """The (split, text mode, test-time augmentation) evaluations a run's evidence holds: its scored splits with
-    each text mode, and validation with each of the protocol's ``tta`` (chosen there, never on test)."""
+    each text mode, validation with each of the protocol's ``tta`` (chosen there, never on test), and the scored
+    splits with ``scored_tta``, the one validation chose."""
     return ([(split, "as-is", "none") for split in spec.scored]
             + [(split, mode, "none") for split in spec.scored for mode in spec.text_modes]
-            + [("val", "as-is", tta) for tta in spec.tta])
+            + [("val", "as-is", tta) for tta in spec.tta]
+            + [(split, "as-is", spec.scored_tta) for split in spec.scored if spec.scored_tta != "none"])
 
 
 def _fit_config(spec: RunSpec, store: Path | str, out: Path, **how: Any) -> Any:

@@ -92,9 +92,11 @@ def protocol_table(folder: Path) -> list[str]:
     dataset = proto["dataset"]
     every = read_runs(folder)
     runs = one_content(every)
+    chosen = proto.get("scored_tta", "none")
+    extra = f" test Dice % with TTA {chosen} |" if chosen != "none" else ""
     out = [f"### {dataset} · {folder.name}", "", describe(proto), "",
            "| method | masks | test Dice % | test IoU % | val Dice % | subsets | paper Dice % | paper IoU % |"
-           " earlier Dice % |", "|---|---|---|---|---|---|---|---|---|"]
+           " earlier Dice % |" + extra, "|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else "")]
     for method, name in METHODS.items():
         for masks in proto["masks"]:
             group = [r for r in runs if r["group"] == method and r["masks"] == masks]
@@ -103,8 +105,10 @@ def protocol_table(folder: Path) -> list[str]:
             dice, iou, val, seeds = _cells(group)
             paper_dice, paper_iou = PAPER.get(dataset, {}).get(method, (None, None))
             earlier = EARLIER.get(dataset, {}).get(method) if masks == "nearest" else None
+            with_tta = ([r["evals"][("test", "as-is", chosen)]["dice"] for r in group
+                         if ("test", "as-is", chosen) in r["evals"]] if extra else [])
             out.append(f"| {name} | {masks} | {dice} | {iou} | {val} | {seeds} | {_num(paper_dice)} | "
-                       f"{_num(paper_iou)} | {_num(earlier)} |")
+                       f"{_num(paper_iou)} | {_num(earlier)} |" + (f" {mean_std(with_tta)} |" if extra else ""))
     return (out + contents(every, runs) + paired(folder, proto, runs) + variants(proto, runs) + reliance(runs)
             + tta(proto, runs) + fig3(folder / "sweep" / "sweep.csv"))
 

@@ -210,7 +210,7 @@ def test_a_protocols_tta_is_scored_on_validation_where_its_weights_are_at_hand(m
     folder, heavy, _ = made
     copy = _protocol(tmp_path / "results" / "synthetic" / "tiny", tta=["flips"])
     shutil.copytree(folder, copy, dirs_exist_ok=True)
-    _protocol(copy, tta=["flips"])
+    _protocol(copy, tta=["flips"], scored_tta="flips")  # as if validation chose it: test is scored with it too
     assert results.run_protocol(copy, tmp_path / "empty-heavy") == []  # no weights at hand: kept
     root = heavy / "synthetic" / "tiny"
     at_hand = [n for n in RUNS if results.rundir.weights_sha256(root / n)
@@ -220,9 +220,12 @@ def test_a_protocols_tta_is_scored_on_validation_where_its_weights_are_at_hand(m
     for n in at_hand:
         summary = json.loads((copy / n / "eval-val-tta-flips" / "summary.json").read_text())
         assert summary["tta"] == "flips" and summary["split"] == "val"
+        if not n.startswith("wide"):  # the variant scores no split
+            assert json.loads((copy / n / "eval-test-tta-flips" / "summary.json").read_text())["split"] == "test"
         assert (root / n / "model.safetensors").stat().st_mtime_ns == stamps[n]  # evaluated, not refitted
     table = results_table.protocol_table(copy)
     assert "| run | masks | none | flips | gain flips | subsets |" in table
+    assert table[4].endswith("| earlier Dice % | test Dice % with TTA flips |")
     assert any(line.startswith("| textdiff | ") for line in table)  # a row of the TTA table
 
 
