@@ -76,7 +76,7 @@ class FeatureExtractor:
         units = self.backbone.units()
         bad = [b for b in blocks if not 0 <= b < len(units)]
         if bad:
-            raise ValueError(f"blocks {bad} out of range: this UNet has output_blocks 0..{len(units) - 1}")
+            raise ValueError(f"blocks {bad} out of range: this UNet has blocks 0..{len(units) - 1}")
         n = x0.shape[0]
         if self.backbone.reads_text and (texts is None or len(texts) != n):
             raise ValueError(f"this {self.backbone.kind} backbone is conditioned on each image's text: pass {n} texts")

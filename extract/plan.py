@@ -227,7 +227,8 @@ def _unet_shapes(cfg: ExtractConfig, blocks: tuple[int, ...]) -> tuple[Source, l
         raise OptionError(f"size {cfg.size}: {e}", "size") from None
     bad = [b for b in blocks if not 0 <= b < len(shapes)]
     if bad:
-        raise OptionError(f"blocks {bad} out of range: this UNet has output_blocks 0..{len(shapes) - 1}", "blocks")
+        raise OptionError(f"blocks {bad} out of range: this UNet has blocks 0..{len(shapes) - 1} (list_blocks=True "
+                          f"names them)", "blocks", "list_blocks")
     return unet_src, shapes
 
 
