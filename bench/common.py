@@ -46,14 +46,9 @@ def machine() -> dict[str, Any]:
     """CPU model, cores and threads, memory, GPU (if any), torch version."""
     import torch
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from common.devices import cpu_model
+
+    cpu = cpu_model()
     mem_gb = None
     try:
         mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)

@@ -173,3 +173,25 @@ def synchronize(device: torch.device) -> None:
     queueing, not the work); nothing on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _cpuinfo_line(name: str) -> str | None:
+    """The value of the first ``name`` line of /proc/cpuinfo (None where there is none, or no such file)."""
+    try:
+        lines = open("/proc/cpuinfo", encoding="utf-8").read().splitlines()
+    except OSError:
+        return None
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(name)), None)
+
+
+def cpu_model() -> str:
+    """The CPU's model as /proc/cpuinfo names it (else the platform's processor, else "unknown")."""
+    return _cpuinfo_line("model name") or platform.processor() or "unknown"
+
+
+def cpu_identity() -> str:
+    """The CPU model with its widest vector extension (its kernels round by it: one store computed on two CPU kinds
+    differs in a few float16 features)."""
+    flags = (_cpuinfo_line("flags") or "").split()
+    widest = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no avx")
+    return f"{cpu_model()} ({widest})"

@@ -188,23 +188,12 @@ def ensure_store(proto: dict[str, Any], heavy: Path, data_root: Path | None, une
     return Path(str(run_extract(cfg)))
 
 
-def cpu_identity() -> str:
-    """The CPU that computed a store, as /proc/cpuinfo names it, with its widest vector extension."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    widest = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no avx")
-    return f"{model} ({widest})"
-
-
 def store_facts(store_path: Path, proto: dict[str, Any]) -> dict[str, Any]:
     """What a run's ``store.json`` records: the recipe, the store's key hash, content digest and numeric sketch
     (:func:`cache.integrity.content_sketch`), and the CPU it was computed on."""
     from cache.integrity import content_digest, content_sketch
     from cache.store import FeatureStore
+    from common.devices import cpu_identity
 
     store = FeatureStore.open(store_path)
     return {"recipe": recipe(proto), "key_hash": store.key_hash, "content_digest": content_digest(store),
@@ -212,15 +201,15 @@ def store_facts(store_path: Path, proto: dict[str, Any]) -> dict[str, Any]:
 
 
 def other_content(kept: dict[str, Any], facts: dict[str, Any]) -> str | None:
-    """Why a kept run's store is not this store's content (None: it is): the digests differ and either its
-    evidence has no sketch to compare or the sketches differ beyond a CPU's rounding."""
+    """Why a kept run's store (its ``store.json``) is not the content ``facts`` records (None: it is): the digests
+    differ and either side has no sketch to compare or the sketches differ beyond a CPU's rounding."""
     from cache.integrity import sketches_agree
 
-    if kept.get("content_digest") == facts["content_digest"]:
+    if kept.get("content_digest") == facts.get("content_digest"):
         return None
-    if "sketch" not in kept:
+    if "sketch" not in kept or "sketch" not in facts:
         return (f"its store content {str(kept.get('content_digest'))[:12]} differs from the store here "
-                f"{facts['content_digest'][:12]} and its evidence has no sketch to compare")
+                f"{str(facts.get('content_digest'))[:12]} and its evidence has no sketch to compare")
     differ = sketches_agree(kept["sketch"], facts["sketch"])
     if differ:
         return f"its store differs from the store here in {', '.join(differ[:4])}"

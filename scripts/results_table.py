@@ -115,16 +115,14 @@ def protocol_table(folder: Path) -> list[str]:
 
 def _by_content(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """The runs grouped by the store content they were fitted on (one digest; or digests whose sketches agree:
-    the same content up to a CPU's rounding), the largest group first (ties: the one with a sketch)."""
-    from cache.integrity import sketches_agree
+    the same content up to a CPU's rounding, as ``results.py`` decides it), the largest group first (ties: the
+    one with a sketch)."""
+    from results import other_content
 
     groups: list[list[dict[str, Any]]] = []
     for r in runs:
-        facts = r["store"]
         for g in groups:
-            first = g[0]["store"]
-            if first.get("content_digest") == facts.get("content_digest") or (
-                    "sketch" in first and "sketch" in facts and not sketches_agree(first["sketch"], facts["sketch"])):
+            if other_content(r["store"], g[0]["store"]) is None:
                 g.append(r)
                 break
         else:
