@@ -139,14 +139,12 @@ def resolve_unet(spec: str, flags: str | Path | dict[str, Any] | None = None, co
         return DiffusersSource.resolve(spec, path, condition)
     if spec not in PRESETS and not path.exists() and _HUB_ID.match(spec):
         return DiffusersSource.resolve(spec, hub_folder(spec), condition)
-    src = _resolve_adm(spec, flags)
-    if isinstance(src, tuple):
-        return MonaiSource.resolve(spec, *src)
-    return src
+    return _resolve_state_dict(spec, flags)
 
 
-def _resolve_adm(spec: str, flags: str | Path | dict[str, Any] | None) -> UNetSource | tuple[Path, dict, str]:
-    """An ADM source; for flags that name MONAI's class, (checkpoint, flags, where) to build a MONAI source from."""
+def _resolve_state_dict(spec: str, flags: str | Path | dict[str, Any] | None) -> UNetSource | MonaiSource:
+    """A preset, a pretrain folder or a state-dict file with its flags: an ADM source, or a MONAI one where the flags
+    name MONAI's class."""
     if spec in PRESETS:
         preset = PRESETS[spec]
         path = models_dir() / preset.filename
@@ -172,5 +170,5 @@ def _resolve_adm(spec: str, flags: str | Path | dict[str, Any] | None) -> UNetSo
         flags = side_flags
     raw, where = _raw_flags(flags)
     if is_monai_flags(raw):
-        return ckpt.resolve(), raw, where
+        return MonaiSource.resolve(spec, ckpt.resolve(), raw, where)
     return UNetSource(spec, ckpt.resolve(), read_flags(flags))

@@ -95,7 +95,8 @@ class DiffusersSource:
         unet_dir = path / "unet" if pipeline else path
         if not (unet_dir / "config.json").is_file():
             raise OptionError(f"unet: {path} is a diffusers pipeline without unet/config.json", "unet")
-        unet_class = _config(unet_dir / "config.json").get("_class_name")
+        unet_config = _config(unet_dir / "config.json")
+        unet_class = unet_config.get("_class_name")
         if unet_class not in UNET_CLASSES:
             raise OptionError(f"unet: {unet_dir / 'config.json'} names {unet_class!r}; textdiff reads "
                               f"{' and '.join(UNET_CLASSES)}", "unet")
@@ -108,7 +109,7 @@ class DiffusersSource:
         conditional = unet_class == "UNet2DConditionModel"
         root = path if pipeline else path.parent
         vae = root / "vae" if (root / "vae" / "config.json").is_file() else None
-        in_ch = int(_config(unet_dir / "config.json").get("in_channels", 3))
+        in_ch = int(unet_config.get("in_channels", 3))
         if in_ch != 3 and vae is None:
             raise OptionError(f"unet: {unet_dir} denoises {in_ch}-channel latents; pass the pipeline folder holding "
                               f"its vae/", "unet")
