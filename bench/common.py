@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+#: ../shared/data beside the checkout, or $TEXTDIFF_SHARED/data (as the tests find it)
+SHARED_DATA = Path(os.environ.get("TEXTDIFF_SHARED") or ROOT.parent / "shared") / "data"
 
 
 def setup_path() -> None:
