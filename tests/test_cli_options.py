@@ -83,6 +83,7 @@ FIT_CASES = [
      "dice_on_logits": True, "attend_padding": True, "seed": 3, "train_count": 4, "val_every": 2,
      "precision": "bf16", "memory_budget_gb": 0.5, "subset_seed": 2, "epochs": 7},
     {"model": "plain-unet", "width": 16, "depth": 3, "augment": False, "lr_drop_epoch": None, "epochs": 2},
+    {"text_gate": True, "shared_block": False},
 ]
 
 

@@ -201,6 +201,28 @@ def test_pos_enc_changes_output_without_parameters():
     assert not torch.allclose(run(coded, feats, tokens, mask), run(plain, feats, tokens, mask), atol=1e-4)
 
 
+def test_text_gate_starts_as_no_text_and_opens_by_training():
+    gated = tiny(text_gate=True)
+    assert count_parameters(gated) == count_parameters(tiny()) + 3  # the block's three α
+    feats, tokens, mask = inputs()
+    other = inputs(seed=7)[1]
+    silent = torch.zeros_like(mask)
+    # closed gates: the block is the identity, so the text (its content, or none at all) changes nothing
+    assert torch.equal(run(gated, feats, tokens, mask), run(gated, feats, other, mask))
+    assert torch.equal(run(gated, feats, tokens, mask), run(gated, feats, tokens, silent))
+    gated.train()
+    gated(feats, tokens, mask, out_size=16).square().mean().backward()
+    block = gated.blocks[0]
+    assert block.gate.grad is not None and bool((block.gate.grad[:2] != 0).all())  # the text branches' α learn
+    assert block.attn1.to_q.weight.grad.abs().max() == 0  # nothing reaches the attention through a closed gate
+    with torch.no_grad():
+        block.gate.fill_(0.5)
+    gated.eval()
+    assert not torch.allclose(run(gated, feats, tokens, mask), run(gated, feats, other, mask), atol=1e-5)
+    with pytest.raises(ValueError, match="text_gate .* needs fusion 'cross-attn'"):
+        tiny(text_gate=True, fusion="concat")
+
+
 # ---------------------------------------------------------------- config
 
 def test_config_save_load_round_trip(tmp_path):
@@ -212,7 +234,7 @@ def test_config_save_load_round_trip(tmp_path):
     assert json.loads(json.dumps(cfg)) == cfg
     assert cfg == dict(in_channels=[16, 32, 32], text_dim=24, dim=32, heads=2, head_dim=8, head_channels=[8, 4],
                        num_classes=2, dropout=0.1, fusion="concat", shared_block=False, pos_enc=True,
-                       norm="batch", no_text_classifier=False)
+                       norm="batch", no_text_classifier=False, text_gate=False)
     save_head(head, tmp_path / "head")
     assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["config.json", "model.safetensors"]
     loaded = load_head(tmp_path / "head").eval()

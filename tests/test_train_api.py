@@ -45,7 +45,7 @@ def test_a_run_folder_loads_as_a_head(store_path: Path, tmp_path: Path) -> None:
 def test_fit_config_keeps_its_flat_layout_and_reads_old_ones(tmp_path: Path) -> None:
     cfg = FitConfig(cache=tmp_path, out=tmp_path / "r", model_args=TextDiffArgs(dim=32, fusion="none"))
     flat = cfg.to_json()
-    newer = {"precision", "val_every", "view_text", "text_dropout", "dropout_classifier", "mask_resize"}  # since
+    newer = {"precision", "val_every", "view_text", "text_dropout", "dropout_classifier", "mask_resize", "text_gate"}  # since
     assert set(flat) == OLD_FIT_KEYS | newer
     assert flat["dim"] == 32 and flat["fusion"] == "none" and flat["model"] == "textdiff"
     assert FitConfig.from_json(flat) == dataclasses.replace(cfg, cache=str(tmp_path), out=str(tmp_path / "r"))

@@ -83,6 +83,9 @@ class TextDiffArgs:
     pos_enc: bool = field(default=False, metadata={"help": "Add a 2-D sinusoidal position code to the queries."})
     shared_block: bool = field(default=True, metadata={
         "help": "One transformer block shared by all scales (False: one per scale)."})
+    text_gate: bool = field(default=False, metadata={
+        "help": "Gate each text block's branches by tanh(α), α learnt from 0: the head starts as ζ1 (no text) "
+                "and takes the text in as far as training opens the gates (authors: ungated)."})
 
     def __post_init__(self) -> None:
         check_choice(self, "fusion", FUSIONS)
@@ -94,6 +97,9 @@ class TextDiffArgs:
         if self.pos_enc and self.dim % 4:
             raise OptionError(f"dim must be divisible by 4 with pos_enc=True (the 2-D position code), got {self.dim}",
                               "dim", "pos_enc")
+        if self.text_gate and self.fusion != "cross-attn":
+            raise OptionError(f"text_gate gates the cross-attention: it needs fusion cross-attn, got {self.fusion!r}",
+                              "text_gate", "fusion")
 
 
 @dataclass(frozen=True)
@@ -348,7 +354,7 @@ _HEAD = ("dim", "head_channels", "memory_budget_gb", "view_text")
 #: what each train command takes on its command line besides its own arguments: FitConfig flat keys and switches
 #: (the rest only through the Python API); the model each trains
 COMMAND_OPTIONS: dict[str, tuple[str, ...]] = {
-    "fit": ("blocks", "steps", "norm", "no_text", "fusion", "pos_enc", "per_scale_blocks", "dice_on_logits",
+    "fit": ("blocks", "steps", "norm", "no_text", "fusion", "pos_enc", "per_scale_blocks", "text_gate", "dice_on_logits",
             "attend_padding", "text_dropout", "dropout_classifier", *_TRAINING, *_OPTIMISER, *_HEAD),
     "baseline": ("width", "depth", *_TRAINING, *_OPTIMISER),
     "sweep": (*_TRAINING, *_HEAD),

@@ -132,19 +132,25 @@ class TextCrossBlock(nn.Module):
 
     Both attentions are cross-attentions to the text (the authors' ``BasicTransformerBlock`` with
     ``only_cross_attention=True``); FF = GELU → Dropout → Linear(dim → dim), as in their code.
+    ``gated``: each of the three branches enters the residual times tanh(α), α learnt from 0 (Flamingo's
+    gated cross-attention, ``gate`` holds the three α): at initialisation the block is the identity, the
+    head ζ1's function, and the text comes in only as far as training opens the gates.
     """
 
-    def __init__(self, dim: int, context_dim: int, heads: int = 8, head_dim: int = 64, dropout: float = 0.0):
+    def __init__(self, dim: int, context_dim: int, heads: int = 8, head_dim: int = 64, dropout: float = 0.0,
+                 gated: bool = False):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn1 = CrossAttention(dim, context_dim, heads, head_dim, dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, head_dim, dropout)
         self.ff = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        self.gate = nn.Parameter(torch.zeros(3)) if gated else None
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn1(self.norm1(x), context, mask)
-        x = x + self.attn2(self.norm2(x), context, mask)
-        return x + self.ff(self.norm3(x))
+        g = torch.tanh(self.gate).to(x.dtype) if self.gate is not None else (1.0, 1.0, 1.0)
+        x = x + g[0] * self.attn1(self.norm1(x), context, mask)
+        x = x + g[1] * self.attn2(self.norm2(x), context, mask)
+        return x + g[2] * self.ff(self.norm3(x))
 
 
 class ImageNorm(nn.BatchNorm2d):
@@ -227,6 +233,8 @@ class TextDiffHead(nn.Module):
             have no text (every token withheld), which reads the projections detached: a text-less sample
             trains only it, a sample with text only the rest (``fit --text-dropout P --dropout-classifier own``).
             Default False (a text-less sample goes through the text path with silent attention).
+        text_gate: each text block's branches enter the residual gated by tanh(α), α learnt from 0
+            (:class:`TextCrossBlock` ``gated``; needs fusion "cross-attn"). Default False (authors: ungated).
 
     The attribute ``impl`` ("fast", the default, or "literal") picks how :meth:`forward` computes the
     first classifier conv; it is not part of the config or the state_dict.
@@ -237,7 +245,8 @@ class TextDiffHead(nn.Module):
     def __init__(self, in_channels: Sequence[int], text_dim: int = 768, dim: int = 768, heads: int = 8,
                  head_dim: int = 64, head_channels: Sequence[int] = (128, 32), num_classes: int = 2,
                  dropout: float = 0.0, fusion: str = "cross-attn", shared_block: bool = True,
-                 pos_enc: bool = False, norm: str = "image", no_text_classifier: bool = False):
+                 pos_enc: bool = False, norm: str = "image", no_text_classifier: bool = False,
+                 text_gate: bool = False):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -249,17 +258,20 @@ class TextDiffHead(nn.Module):
             raise ValueError(f"pos_enc needs dim divisible by 4, got {dim}")
         if no_text_classifier and fusion == "none":
             raise ValueError("no_text_classifier needs a head that reads text (fusion 'none' reads none)")
+        if text_gate and fusion != "cross-attn":
+            raise ValueError(f"text_gate gates the cross-attention blocks: it needs fusion 'cross-attn', got {fusion!r}")
         self._config: dict[str, Any] = dict(
             in_channels=[int(c) for c in in_channels], text_dim=int(text_dim), dim=int(dim), heads=int(heads),
             head_dim=int(head_dim), head_channels=[int(c) for c in head_channels], num_classes=int(num_classes),
             dropout=float(dropout), fusion=fusion, shared_block=bool(shared_block), pos_enc=bool(pos_enc),
-            norm=norm, no_text_classifier=bool(no_text_classifier))
+            norm=norm, no_text_classifier=bool(no_text_classifier), text_gate=bool(text_gate))
         n = len(in_channels)
         self.fusion, self.dim, self.pos_enc = fusion, dim, pos_enc
         self._codes: dict[tuple[int, int, torch.device, torch.dtype], Tensor] = {}  # position codes by shape
         self.proj = nn.ModuleList(nn.Identity() if c == dim else nn.Conv2d(c, dim, 1) for c in in_channels)
         n_blocks = 0 if fusion != "cross-attn" else (1 if shared_block else n)
-        self.blocks = nn.ModuleList(TextCrossBlock(dim, text_dim, heads, head_dim, dropout) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(TextCrossBlock(dim, text_dim, heads, head_dim, dropout, text_gate)
+                                    for _ in range(n_blocks))
         self.text_proj = nn.Linear(text_dim, dim) if fusion == "concat" else None
         n_maps = n + (fusion == "concat")
         self.classifier = _conv_classifier(n_maps * dim, head_channels, num_classes, norm)
