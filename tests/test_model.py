@@ -216,7 +216,7 @@ def test_text_gate_starts_as_no_text_and_opens_by_training():
     assert block.gate.grad is not None and bool((block.gate.grad[:2] != 0).all())  # the text branches' α learn
     assert block.attn1.to_q.weight.grad.abs().max() == 0  # nothing reaches the attention through a closed gate
     with torch.no_grad():
-        block.gate.fill_(0.5)
+        block.gate.fill_(0.005)  # tanh(0.5), GATE_SCALE 100
     gated.eval()
     assert not torch.allclose(run(gated, feats, tokens, mask), run(gated, feats, other, mask), atol=1e-5)
     with pytest.raises(ValueError, match="text_gate .* needs fusion 'cross-attn'"):
