@@ -325,3 +325,12 @@ def test_a_fit_records_its_masks_and_is_scored_on_them(store_path: Path, tmp_pat
     assert sum(areas["authors"]) > sum(areas["nearest"])
     with pytest.raises(ValueError, match=r"mask_resize must be one of \['nearest', 'authors'\], got 'area'"):
         tiny_fit(store_path, tmp_path / "x", mask_resize="area")
+
+
+def test_a_gated_fit_records_its_gate_and_trains_it_open(store_path: Path, tmp_path: Path) -> None:
+    fit(tiny_fit(store_path, tmp_path / "gated", text_gate=True))
+    config = json.loads((tmp_path / "gated" / "config.json").read_text())
+    assert config["fit"]["text_gate"] is True and config["head"]["text_gate"] is True
+    _, head, _ = load_run(tmp_path / "gated")
+    gate = head.blocks[0].gate.detach()
+    assert gate.shape == (3,) and bool((gate[:2] != 0).all())  # the text branches' gates moved off closed
