@@ -153,10 +153,16 @@ class TextCrossBlock(nn.Module):
         self.gate = nn.Parameter(torch.zeros(3)) if gated else None
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
-        g = torch.tanh(GATE_SCALE * self.gate).to(x.dtype) if self.gate is not None else (1.0, 1.0, 1.0)
-        x = x + g[0] * self.attn1(self.norm1(x), context, mask)
-        x = x + g[1] * self.attn2(self.norm2(x), context, mask)
-        return x + g[2] * self.ff(self.norm3(x))
+        x = x + self._gated(0, self.attn1(self.norm1(x), context, mask))
+        x = x + self._gated(1, self.attn2(self.norm2(x), context, mask))
+        return x + self._gated(2, self.ff(self.norm3(x)))
+
+    def _gated(self, i: int, branch: Tensor) -> Tensor:
+        """Branch ``i`` as it enters the residual: as it is (the authors' block: no multiply on the
+        full-resolution maps), or times tanh(GATE_SCALE·α_i)."""
+        if self.gate is None:
+            return branch
+        return torch.tanh(GATE_SCALE * self.gate[i]).to(branch.dtype) * branch
 
 
 class ImageNorm(nn.BatchNorm2d):
