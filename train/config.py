@@ -84,7 +84,7 @@ class TextDiffArgs:
     shared_block: bool = field(default=True, metadata={
         "help": "One transformer block shared by all scales (False: one per scale)."})
     text_gate: bool = field(default=False, metadata={
-        "help": "Gate each text block's branches by tanh(α), α learnt from 0: the head starts as ζ1 (no text) "
+        "help": "Gate each text block's branches by tanh(100·α), α learnt from 0: the head starts as ζ1 (no text) "
                 "and takes the text in as far as training opens the gates (authors: ungated)."})
 
     def __post_init__(self) -> None:

@@ -136,7 +136,7 @@ class TextCrossBlock(nn.Module):
 
     Both attentions are cross-attentions to the text (the authors' ``BasicTransformerBlock`` with
     ``only_cross_attention=True``); FF = GELU → Dropout → Linear(dim → dim), as in their code.
-    ``gated``: each of the three branches enters the residual times tanh(α), α learnt from 0 (Flamingo's
+    ``gated``: each of the three branches enters the residual times tanh(100·α), α learnt from 0 (Flamingo's
     gated cross-attention, ``gate`` holds the three α): at initialisation the block is the identity, the
     head ζ1's function, and the text comes in only as far as training opens the gates. The gate reads
     ``GATE_SCALE``·α: under Adam a parameter moves by about the learning rate per step, and a few-shot fit
@@ -245,7 +245,7 @@ class TextDiffHead(nn.Module):
             have no text (every token withheld), which reads the projections detached: a text-less sample
             trains only it, a sample with text only the rest (``fit --text-dropout P --dropout-classifier own``).
             Default False (a text-less sample goes through the text path with silent attention).
-        text_gate: each text block's branches enter the residual gated by tanh(α), α learnt from 0
+        text_gate: each text block's branches enter the residual gated by tanh(100·α), α learnt from 0
             (:class:`TextCrossBlock` ``gated``; needs fusion "cross-attn"). Default False (authors: ungated).
 
     The attribute ``impl`` ("fast", the default, or "literal") picks how :meth:`forward` computes the
