@@ -272,6 +272,22 @@ def _kept_store_here(folder: Path, proto: dict[str, Any], heavy: Path) -> bool:
     return any((heavy / "cache" / f"{proto['dataset']}-{h[:12]}.zarr").exists() for h in hashes if h)
 
 
+def pretrained_elsewhere(folder: Path, proto: dict[str, Any], cpu: str) -> str | None:
+    """A warning when the protocol pretrains its UNet and kept runs were computed on another kind of CPU than
+    ``cpu``: a pretrained UNet is rebuilt there as another function, so their store content will not be rebuilt
+    here and the runs asked for start another content (None: no such runs)."""
+    if "name" in proto["unet"] or not proto["unet"].get("iterations", 2000):
+        return None
+    others = sorted({str(json.loads(p.read_text()).get("cpu", "another CPU")) for p in folder.glob(f"*/{STORE}")}
+                    - {cpu})
+    if not others:
+        return None
+    return (f"{folder / PROTOCOL}: its UNet is pretrained here, and kept runs were computed on {', '.join(others)} "
+            f"(here: {cpu}); pretraining on another kind of CPU compounds its rounding into other weights, so "
+            f"expect another store content: the runs asked for are refitted on it and the tables keep the content "
+            f"with the most runs (docs/results.md, 'How results are made')")
+
+
 def run_protocol(folder: Path, heavy_root: Path | None = None, only: set[str] | None = None,
                  do_commit: bool = False, data_root: Path | None = None) -> list[str]:
     """Bring every run of the protocol in ``folder`` up to date; returns the names of the runs (re)made."""
@@ -291,6 +307,11 @@ def run_protocol(folder: Path, heavy_root: Path | None = None, only: set[str] | 
     if not todo and not _kept_store_here(folder, proto, heavy):
         return []  # nothing to make and no store here to check the kept runs against: nothing is opened
     data = data_root or ((REPO / proto["data_root"]).resolve() if proto.get("data_root") else None)
+    from common.devices import cpu_identity
+    warning = pretrained_elsewhere(folder, proto, cpu_identity()) if not (heavy / "unet" / "model.pt").is_file() \
+        else None
+    if warning:
+        print(f"warning: {warning}", flush=True)
     store = ensure_store(proto, heavy, data, ensure_unet(proto, heavy, data))
     facts = store_facts(store, proto)
     refit = set()

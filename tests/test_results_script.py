@@ -185,6 +185,19 @@ def test_a_protocol_without_its_entries_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "heavy").exists()
 
 
+def test_a_pretrained_protocol_warns_when_its_kept_runs_come_from_another_cpu(tmp_path: Path) -> None:
+    pretrained = {"size": 32, "crop": 16, "flags": "cpu-64", "iterations": 50}
+    folder = _protocol(tmp_path / "p", unet=pretrained)
+    (folder / "textdiff-authors-0").mkdir()
+    (folder / "textdiff-authors-0" / "store.json").write_text(json.dumps({"cpu": "AMD EPYC (avx2)"}))
+    warning = results.pretrained_elsewhere(folder, json.loads((folder / "protocol.json").read_text()),
+                                           "Intel Xeon (avx512f)")
+    assert "computed on AMD EPYC (avx2) (here: Intel Xeon (avx512f))" in warning and "protocol.json" in warning
+    same = results.pretrained_elsewhere(folder, results.load_protocol(folder), "AMD EPYC (avx2)")
+    fixed = {**PROTOCOL, "unet": {**pretrained, "iterations": 0}}
+    assert same is None and results.pretrained_elsewhere(folder, fixed, "Intel Xeon (avx512f)") is None
+
+
 def test_the_gpu_protocol_script_runs_on_the_cpu_at_a_tiny_scale(tmp_path: Path) -> None:
     """scripts/gpu_protocol.sh on a tiny CPU protocol: its evidence as every results run's, its timings in the
     marked block of the benchmarks page (made once, replaced on the next run)."""
