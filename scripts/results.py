@@ -1,6 +1,6 @@
 """The paper's protocol as committed evidence (issue 26): a results grid that fills over many sittings.
 
-    python scripts/results.py results/monuseg/256-untrained [--runs-root DIR] [--only NAME,...] [--commit]
+    python scripts/results.py results/monuseg/256-untrained [--runs-root DIR] [--only NAME|PATTERN,...] [--commit]
 
 A protocol is a folder under ``results/`` holding ``protocol.json``: the dataset, the UNet (a ``pipeline
 pretrain`` recipe or a checkpoint name), the extraction, the fit and baseline settings, the methods × mask
@@ -19,6 +19,7 @@ evidence alone.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import re
@@ -288,12 +289,25 @@ def pretrained_elsewhere(folder: Path, proto: dict[str, Any], cpu: str) -> str |
             f"with the most runs (docs/results.md, 'How results are made')")
 
 
+def select_runs(folder: Path, runs: list[RunSpec], only: set[str] | None) -> list[RunSpec]:
+    """The runs ``only`` names (each a run name or a shell pattern such as ``concat-*`` or ``*-nearest-*``; None:
+    all); a name or pattern that matches no run of the protocol is an error, before any work."""
+    if only is None:
+        return runs
+    names = [s.name for s in runs]
+    unmatched = sorted(p for p in only if not fnmatch.filter(names, p))
+    if unmatched:
+        raise SystemExit(f"error: {folder / PROTOCOL}: --only {', '.join(unmatched)} names no run of this protocol "
+                         f"(its runs: {', '.join(names)})")
+    return [s for s in runs if any(fnmatch.fnmatchcase(s.name, p) for p in only)]
+
+
 def run_protocol(folder: Path, heavy_root: Path | None = None, only: set[str] | None = None,
                  do_commit: bool = False, data_root: Path | None = None) -> list[str]:
     """Bring every run of the protocol in ``folder`` up to date; returns the names of the runs (re)made."""
     folder = Path(folder)
     proto = load_protocol(folder)
-    specs = [s for s in wanted_runs(proto) if only is None or s.name in only]
+    specs = select_runs(folder, wanted_runs(proto), only)
     for s in specs:  # a setting no fit takes, or a value out of range: one line naming the file, before any work
         try:
             _fit_config(s, "store", folder / s.name)
@@ -349,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                                             "beside the cache folder).")
     parser.add_argument("--data-root", type=Path, help="The dataset's folder (default: the protocol's data_root, "
                                                        "relative to the repository).")
-    parser.add_argument("--only", help="Comma-separated run names: only these.")
+    parser.add_argument("--only", help="Comma-separated run names or shell patterns (e.g. 'concat-*,*-nearest-0'): "
+                                       "only these.")
     parser.add_argument("--commit", action="store_true", help="git commit each run's evidence as it lands.")
     args = parser.parse_args(argv)
     run_protocol(args.protocol, Path(args.runs_root) if args.runs_root else None,

@@ -185,6 +185,18 @@ def test_a_protocol_without_its_entries_is_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "heavy").exists()
 
 
+def test_only_takes_names_and_patterns_and_refuses_one_that_matches_nothing(tmp_path: Path) -> None:
+    folder = _protocol(tmp_path / "p")
+    runs = results.wanted_runs(results.load_protocol(folder))
+    picked = results.select_runs(folder, runs, {"unet-*", "wide-authors-0"})
+    assert [s.name for s in picked] == ["unet-nearest-0", "unet-authors-0", "wide-authors-0"]
+    assert results.select_runs(folder, runs, None) == runs
+    with pytest.raises(SystemExit, match=r"p/protocol.json: --only concat-\*, textdif-authors-0 names no run of this "
+                                         r"protocol \(its runs: textdiff-nearest-0, "):
+        results.run_protocol(folder, tmp_path / "heavy", {"concat-*", "textdif-authors-0", "unet-*"})
+    assert not (tmp_path / "heavy").exists()
+
+
 def test_a_pretrained_protocol_warns_when_its_kept_runs_come_from_another_cpu(tmp_path: Path) -> None:
     pretrained = {"size": 32, "crop": 16, "flags": "cpu-64", "iterations": 50}
     folder = _protocol(tmp_path / "p", unet=pretrained)
