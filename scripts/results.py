@@ -155,17 +155,29 @@ def stale_reason(evidence: Path, spec: RunSpec, proto: dict[str, Any], heavy_run
     return None
 
 
-def ensure_unet(proto: dict[str, Any], heavy: Path, data_root: Path | None) -> str:
+def pretrain_iterations(unet: dict[str, Any]) -> int:
+    """How many iterations the protocol's ``unet`` entry pretrains (0: a named checkpoint, or initial weights)."""
+    from extract.config import PretrainConfig
+
+    return 0 if "name" in unet else unet.get("iterations", PretrainConfig.iterations)
+
+
+def ensure_unet(proto: dict[str, Any], heavy: Path, data_root: Path | None, folder: Path) -> str:
     """The protocol's UNet: a checkpoint name as it is, or a ``pipeline pretrain`` recipe run (resumably) into
-    ``heavy/unet``."""
+    ``heavy/unet``, first warning (:func:`pretrained_elsewhere`) where the results ``folder``'s kept runs were
+    computed on another kind of CPU."""
     unet = proto["unet"]
     if "name" in unet:
         return unet["name"]
+    from common.devices import cpu_identity
     from extract.config import PretrainConfig
     from extract.pretrain import pretrain
 
     out = heavy / "unet"
-    if not (out / "model.pt").is_file() or _log_iterations(out) < unet.get("iterations", 2000):
+    if not (out / "model.pt").is_file() or _log_iterations(out) < pretrain_iterations(unet):
+        warning = pretrained_elsewhere(folder, proto, cpu_identity())
+        if warning:
+            print(f"warning: {warning}", flush=True)
         pretrain(PretrainConfig(dataset=proto["dataset"], data_root=data_root, out=out,
                                 resume=(out / "state.pt").is_file(), **unet))
     return str(out)
@@ -277,7 +289,7 @@ def pretrained_elsewhere(folder: Path, proto: dict[str, Any], cpu: str) -> str |
     """A warning when the protocol pretrains its UNet and kept runs were computed on another kind of CPU than
     ``cpu``: a pretrained UNet is rebuilt there as another function, so their store content will not be rebuilt
     here and the runs asked for start another content (None: no such runs)."""
-    if "name" in proto["unet"] or not proto["unet"].get("iterations", 2000):
+    if not pretrain_iterations(proto["unet"]):
         return None
     others = sorted({str(json.loads(p.read_text()).get("cpu", "another CPU")) for p in folder.glob(f"*/{STORE}")}
                     - {cpu})
@@ -295,7 +307,7 @@ def select_runs(folder: Path, runs: list[RunSpec], only: set[str] | None) -> lis
     if only is None:
         return runs
     names = [s.name for s in runs]
-    unmatched = sorted(p for p in only if not fnmatch.filter(names, p))
+    unmatched = sorted(p for p in only if not any(fnmatch.fnmatchcase(n, p) for n in names))
     if unmatched:
         raise SystemExit(f"error: {folder / PROTOCOL}: --only {', '.join(unmatched)} names no run of this protocol "
                          f"(its runs: {', '.join(names)})")
@@ -321,12 +333,7 @@ def run_protocol(folder: Path, heavy_root: Path | None = None, only: set[str] | 
     if not todo and not _kept_store_here(folder, proto, heavy):
         return []  # nothing to make and no store here to check the kept runs against: nothing is opened
     data = data_root or ((REPO / proto["data_root"]).resolve() if proto.get("data_root") else None)
-    from common.devices import cpu_identity
-    warning = pretrained_elsewhere(folder, proto, cpu_identity()) if not (heavy / "unet" / "model.pt").is_file() \
-        else None
-    if warning:
-        print(f"warning: {warning}", flush=True)
-    store = ensure_store(proto, heavy, data, ensure_unet(proto, heavy, data))
+    store = ensure_store(proto, heavy, data, ensure_unet(proto, heavy, data, folder))
     facts = store_facts(store, proto)
     refit = set()
     for s in wanted_runs(proto):  # runs of one table come from one store content (up to a CPU's rounding)

@@ -202,8 +202,7 @@ def test_a_pretrained_protocol_warns_when_its_kept_runs_come_from_another_cpu(tm
     folder = _protocol(tmp_path / "p", unet=pretrained)
     (folder / "textdiff-authors-0").mkdir()
     (folder / "textdiff-authors-0" / "store.json").write_text(json.dumps({"cpu": "AMD EPYC (avx2)"}))
-    warning = results.pretrained_elsewhere(folder, json.loads((folder / "protocol.json").read_text()),
-                                           "Intel Xeon (avx512f)")
+    warning = results.pretrained_elsewhere(folder, results.load_protocol(folder), "Intel Xeon (avx512f)")
     assert "computed on AMD EPYC (avx2) (here: Intel Xeon (avx512f))" in warning and "protocol.json" in warning
     same = results.pretrained_elsewhere(folder, results.load_protocol(folder), "AMD EPYC (avx2)")
     fixed = {**PROTOCOL, "unet": {**pretrained, "iterations": 0}}
