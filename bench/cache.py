@@ -90,7 +90,7 @@ def main() -> None:
     flags = PRETRAIN_PRESETS["gpu-256"]
     work = work_dir()
     path = run_extract(ExtractConfig(dataset="qata", data_root=args.data_root,
-                                     unet=str(random_unet_dir(flags, work / "unet")), text_encoder="minilm",
+                                     unet=str(random_unet_dir(flags, work / "unet", channels=args.unet_channels)), text_encoder="minilm",
                                      size=size, steps=STEPS, blocks=PAPER_BLOCKS["QaTa-COV19"], splits=("train",),
                                      limit=n, cache_dir=work / "cache", device="cpu"),
                        console=Console(stderr=True, quiet=True))
@@ -152,7 +152,8 @@ def main() -> None:
     result = {"mb_per_image_disk": disk / n / MB, "upsampled_over_disk": 4 * upsampled_values * n / disk,
               "compression": decoded / disk, "read_mb_s": decoded / t_store / MB,
               "store_over_raw_time": t_store / t_raw, "check_over_read_time": t_check / t_store}
-    report("cache", mode, args.out, tables, result, {"images": n, "size": size, "flags": flags, "pairs": pairs})
+    report("cache", mode, args.out, tables, result, {"images": n, "size": size, "flags": flags, "unet_channels": args.unet_channels,
+                                              "pairs": pairs})
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     cores = os.cpu_count() or 1
     tmp = work_dir()
-    unet = random_unet_dir(PRETRAIN_PRESETS["gpu-256"], tmp / "unet")  # 18 output blocks at any size
+    unet = random_unet_dir(PRETRAIN_PRESETS["gpu-256"], tmp / "unet", channels=args.unet_channels)  # 18 output blocks at any size
     base = ExtractConfig(dataset="qata", data_root=args.data_root, unet=str(unet), text_encoder="minilm", size=size,
                          blocks=BLOCKS, splits=("test",), limit=n_images, batch_size=6)  # 4-image shards
     quiet = Console(quiet=True)
@@ -96,7 +96,8 @@ def main() -> None:
         f"Extraction of {n_images} QaTa images at {size} px, blocks {BLOCKS}, 3 steps (median of {repeats})":
             (["run", "threads", "wall s", "images/s", "vs serial", "steady images/s", "steady vs serial", "store"],
              table),
-    }, result, {"images": n_images, "size": size, "blocks": BLOCKS, "repeats": repeats, "unet": "gpu-256 random"})
+    }, result, {"images": n_images, "size": size, "blocks": BLOCKS, "repeats": repeats, "unet": "gpu-256 random",
+                                      "unet_channels": args.unet_channels})
 
 
 if __name__ == "__main__":

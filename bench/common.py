@@ -35,11 +35,13 @@ def setup_path() -> None:
 
 
 def base_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The options every benchmark takes: --quick, --data-root (QaTa-COV19), --out."""
+    """The options every benchmark takes: --quick, --data-root (QaTa-COV19), --out, --unet-channels."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: under 3 minutes on 2 CPU cores")
     ap.add_argument("--data-root", type=Path, default=SHARED_DATA / "QaTa-COV19")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for NAME-MODE.json and .md")
+    ap.add_argument("--unet-channels", type=int, default=None,
+                    help="the random UNet's base width, a multiple of 32 (same blocks; the tests' tiny runs use 32) [the bench's own]")
     return ap
 
 
@@ -84,12 +86,17 @@ def work_dir() -> Path:
     return path
 
 
-def random_unet_dir(flags: dict[str, Any], folder: Path, seed: int = 0) -> Path:
-    """A folder ``pipeline extract --unet`` takes (model.pt + flags.json) holding seeded random weights."""
+def random_unet_dir(flags: dict[str, Any], folder: Path, seed: int = 0, channels: int | None = None) -> Path:
+    """A folder ``pipeline extract --unet`` takes (model.pt + flags.json) holding seeded random weights;
+    ``channels`` narrows the UNet's base width (the layout, and so the block indices, stay)."""
     import torch
 
     from extract.unet import create_unet
 
+    if channels:
+        if channels % 32:
+            raise SystemExit(f"--unet-channels {channels}: the UNet's GroupNorm takes 32 groups; give a multiple of 32")
+        flags = {**flags, "num_channels": channels, "num_head_channels": min(flags["num_head_channels"], channels)}
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "model.pt").is_file():
         torch.manual_seed(seed)

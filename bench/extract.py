@@ -115,7 +115,7 @@ def main() -> None:
     flags = PRETRAIN_PRESETS["gpu-256"]  # ADM-256's layout (18 output blocks) at a quarter of its width
     quiet = Console(stderr=True, quiet=True)
     work = work_dir()
-    unet_dir = random_unet_dir(flags, work / "unet")
+    unet_dir = random_unet_dir(flags, work / "unet", channels=args.unet_channels)
 
     cfg = ExtractConfig(dataset="qata", data_root=args.data_root, unet=str(unet_dir), text_encoder="minilm",
                         size=size, steps=STEPS, blocks=QATA_BLOCKS, splits=("train",), limit=n,
@@ -184,7 +184,7 @@ def main() -> None:
         tables["GPU: the paper's UNet (ADM-256 flags, random weights), 256 px, blocks 6,8,12,16"] = (
             ["dtype", "samples/s", "images/s (3 steps)"], rows)
         result["gpu_images_per_s"] = rows[-1][2]
-    meta = {"images": n, "size": size, "batch_size": batch, "flags": flags, "blocks": QATA_BLOCKS,
+    meta = {"unet_channels": args.unet_channels, "images": n, "size": size, "batch_size": batch, "flags": flags, "blocks": QATA_BLOCKS,
             "steps": STEPS, "repeats": args.repeats, "timings": timings}
     report("extract", mode, args.out, tables, result, meta)
 

@@ -87,7 +87,7 @@ def main() -> None:
     flags = UNETS[args.unet_flags]
     quiet = Console(stderr=True, quiet=True)
     work = work_dir()
-    unet_dir = random_unet_dir(flags, work / "unet")
+    unet_dir = random_unet_dir(flags, work / "unet", channels=args.unet_channels)
 
     cfg = ExtractConfig(dataset="qata", data_root=args.data_root, unet=str(unet_dir), text_encoder="minilm",
                         size=size, steps=STEPS, blocks=BLOCKS, splits=("train", "val"), limit=n,
@@ -130,7 +130,7 @@ def main() -> None:
                     [f"{len(CONFIGS)} fits (ours: with the one extraction)", totals["ours"], totals["authors"],
                      speedup]]),
     }
-    meta = {"unet_flags": args.unet_flags, "images": n, "size": size, "epochs": epochs, "dim": args.dim, "flags": flags, "blocks": BLOCKS,
+    meta = {"unet_flags": args.unet_flags, "unet_channels": args.unet_channels, "images": n, "size": size, "epochs": epochs, "dim": args.dim, "flags": flags, "blocks": BLOCKS,
             "steps": STEPS, "configs": CONFIGS}
     report("fit", mode, args.out, tables, {"speedup": speedup, "first_fit_speedup": first_ratio,
                                            "extract_s": t_extract}, meta)

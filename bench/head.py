@@ -104,10 +104,10 @@ def faulted_time(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
 
 
 def streamed_fit(data_root: Path, train_images: int, epochs: int, dim: int, size: int = SIZE,
-                 unet_flags: str = "paper") -> tuple[float, float, float]:
+                 unet_flags: str = "paper", unet_channels: int | None = None) -> tuple[float, float, float]:
     """(data_wait fraction, fit seconds, seconds per training step) of a streamed fit at the paper's MoNuSeg shapes."""
     work, quiet = work_dir(), Console(stderr=True, quiet=True)
-    unet = random_unet_dir(UNETS[unet_flags], work / "unet")
+    unet = random_unet_dir(UNETS[unet_flags], work / "unet", channels=unet_channels)
     store = run_extract(ExtractConfig(dataset="monuseg", data_root=data_root, unet=str(unet), text_encoder="minilm",
                                       size=size, steps=(50, 150, 250), blocks=(6, 8, 12, 16), splits=("train", "val"),
                                       limit=train_images, cache_dir=work / "cache", device="cpu"), console=quiet)
@@ -177,7 +177,8 @@ def main() -> None:
     default = ("malloc", "glibc default")
     speedup_default = res[(*default, "literal")] / res[(*default, "fast")]
     n_stream, e_stream = (1, 2) if args.quick else (5, 3)
-    wait, fit_s, stream_step = streamed_fit(args.monuseg, n_stream, e_stream, args.dim, size, args.unet_flags)
+    wait, fit_s, stream_step = streamed_fit(args.monuseg, n_stream, e_stream, args.dim, size, args.unet_flags,
+                                           args.unet_channels)
     print(f"streamed fit: {fit_s:.0f} s, data wait {wait:.3f}", file=sys.stderr, flush=True)
     tables = {
         f"Steps (batch 1, width {args.dim}, output {size} px; median seconds)": (
@@ -190,7 +191,7 @@ def main() -> None:
         f"width {args.dim}, features read from the store by the background feed)": (
             ["fit s", "training step s", "data wait / wall"], [[fit_s, stream_step, wait]]),
     }
-    meta = {"dim": args.dim, "size": size, "unet_flags": args.unet_flags, "tokens": TOKENS, "configs": {c: CONFIGS[c] for c in configs},
+    meta = {"dim": args.dim, "size": size, "unet_flags": args.unet_flags, "unet_channels": args.unet_channels, "tokens": TOKENS, "configs": {c: CONFIGS[c] for c in configs},
             "matmul_gflops": rate / 1e9, "repeats": args.repeats}
     report("head", mode, args.out, tables, {"fast_speedup": speedup, "data_wait": wait, "step_s": step,
                                             "over_floor": over, "fast_speedup_default_malloc": speedup_default,

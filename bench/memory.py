@@ -84,7 +84,7 @@ def main() -> None:
     work = work_dir()
     flags = PRETRAIN_PRESETS["cpu-64"]
     store = run_extract(ExtractConfig(dataset="qata", data_root=args.data_root,
-                                      unet=str(random_unet_dir(flags, work / "unet")), text_encoder="minilm",
+                                      unet=str(random_unet_dir(flags, work / "unet", channels=args.unet_channels)), text_encoder="minilm",
                                       size=size, steps=STEPS, blocks=BLOCKS, splits=("train", "val"),
                                       limit=max(counts), cache_dir=work / "cache", device="cpu"),
                         console=Console(stderr=True))
@@ -102,7 +102,7 @@ def main() -> None:
         ["training images", "their features MB", "held", "RSS after imports MB", "peak RSS MB"], rows)}
     result = {"peak_mb_smallest": peaks[counts[0]], "peak_mb_largest": peaks[counts[-1]],
               "largest_in_memory": max(in_mem) if in_mem else 0, "smallest_streamed": min(streamed) if streamed else 0}
-    report("memory", mode, args.out, tables, result, {"size": size, "budget_gb": budget, "counts": counts,
+    report("memory", mode, args.out, tables, result, {"size": size, "unet_channels": args.unet_channels, "budget_gb": budget, "counts": counts,
                                                      "blocks": BLOCKS, "steps": STEPS, "flags": flags})
 
 

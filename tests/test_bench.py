@@ -1,5 +1,6 @@
 """Every benchmark's quick mode runs end to end at a tiny size and ends with its RESULT line, in the default
-suite, so that no bench can rot unseen (a bench patches library internals: a moved name fails here)."""
+suite, so that no bench can rot unseen (a bench patches library internals: a moved name fails here). Their UNets are
+narrowed to 32 channels (same layout and blocks): the code paths are the same, at a fraction of the suite's time."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def test_every_bench_is_tested() -> None:
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_benchmark_runs_and_reports(name: str, qata_root: Path, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--quick", "--data-root",
-                           str(qata_root), "--out", str(tmp_path), *TINY[name]],
+                           str(qata_root), "--out", str(tmp_path), "--unet-channels", "32", *TINY[name]],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
@@ -38,6 +39,7 @@ def test_benchmark_runs_and_reports(name: str, qata_root: Path, tmp_path: Path) 
     payload = json.loads((tmp_path / f"{name}-quick.json").read_text())
     assert set(result) == set(payload["result"]) and payload["machine"]["cores"] >= 1
     assert all(math.isfinite(float(v)) for v in result.values())
-    # at a tiny size a fixed cost (a difference of two timings) or a count may be zero or below
-    loose = ("largest_in_memory", "local1_overhead_s", "data_wait", "fixed_s")
+    # at a tiny size a fixed cost or a per-image slope (each a difference of two timings, here of 1 and 2 images)
+    # or a count may be zero or below: CI's failure of stop 32 was such a slope on a loaded machine
+    loose = ("largest_in_memory", "local1_overhead_s", "data_wait", "fixed_s", "per_image_overhead")
     assert all(float(v) > 0 for k, v in result.items() if k not in loose)
