@@ -20,6 +20,11 @@ SHARED_FIXTURES = ("shared_dir", "adm_fixtures", "monuseg_root", "qata_root")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Before torch loads its OpenMP runtime (here and in every subprocess a test starts): idle threads sleep instead of
+# spinning. On 2 cores shared with anything else (a neighbour, a fit beside the suite) spinning threads made a
+# UNet forward 60x slower (bench/extract.py's quick run: 5.7 s against 0.15 s), and CI's suite ran past 15 min.
+# It changes only how threads wait, never a number.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The flags of ../shared/fixtures/adm/adm_tiny_flags.json (test_unet.py checks that they still agree):
 # 64x64 input, channel_mult 1,1,2,2, attention at 16 and 8, 16 channels per head, learn_sigma.
