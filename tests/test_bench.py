@@ -43,3 +43,20 @@ def test_benchmark_runs_and_reports(name: str, qata_root: Path, tmp_path: Path) 
     # or a count may be zero or below: CI's failure of stop 32 was such a slope on a loaded machine
     loose = ("largest_in_memory", "local1_overhead_s", "data_wait", "fixed_s", "per_image_overhead")
     assert all(float(v) > 0 for k, v in result.items() if k not in loose)
+
+
+def test_unet_channels_narrow_the_width_and_keep_the_blocks(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.common import random_unet_dir
+    from extract.pretrain import PRETRAIN_PRESETS
+    from extract.unet import load_unet
+
+    flags = PRETRAIN_PRESETS["gpu-256"]
+    narrow = random_unet_dir(flags, tmp_path / "narrow", channels=32)
+    written = json.loads((narrow / "flags.json").read_text())
+    assert written["num_channels"] == 32 and written["num_head_channels"] == 32
+    assert {k: v for k, v in written.items() if k not in ("num_channels", "num_head_channels")} == \
+        {k: v for k, v in flags.items() if k not in ("num_channels", "num_head_channels")}
+    assert len(load_unet(narrow / "model.pt", narrow / "flags.json").output_blocks) == 18
+    with pytest.raises(SystemExit, match="multiple of 32"):
+        random_unet_dir(flags, tmp_path / "odd", channels=48)
