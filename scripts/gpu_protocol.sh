@@ -19,7 +19,7 @@ $PY scripts/results.py "$PROTO" ${RUNS_ROOT:+--runs-root "$RUNS_ROOT"} ${COMMIT:
 t1=$(date +%s)
 gpu_tests="not run"
 if [ "${GPU_TESTS:-1}" != 0 ]; then
-  $PY -m pytest -q -m gpu 2>&1 | tee "$PROTO/pytest-gpu.log"
+  $PY -m pytest -q -n 0 -m gpu 2>&1 | tee "$PROTO/pytest-gpu.log"
   gpu_tests=$(tail -1 "$PROTO/pytest-gpu.log")
 fi
 t2=$(date +%s)

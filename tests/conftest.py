@@ -3,7 +3,8 @@
 Every test runs from a bare clone except those that need ``../shared`` (or ``$TEXTDIFF_SHARED``): the parity
 tests against guided-diffusion's own numbers (``adm_fixtures``) and the real-data tests (``monuseg_root``,
 ``qata_root``, ``shared_dir``). Collection marks them ``shared``; count them with
-``pytest --collect-only -q -m "shared and not slow"`` (the header line of a run says it too).
+``pytest --collect-only -q -m "shared and not slow"`` (a run's header says whether ../shared is there, its summary
+how many of the tests that ran needed it).
 """
 
 from __future__ import annotations
@@ -52,10 +53,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.shared)
 
 
-def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> str:
-    n = sum(1 for item in items if item.get_closest_marker("shared"))
-    where = "present" if SHARED.exists() else "ABSENT: they skip"
-    return f"{n} of {len(items)} selected tests need {SHARED} ({where})"
+def _where() -> str:
+    if SHARED.exists():
+        return "present"
+    return "ABSENT: they fail" if os.environ.get("TEXTDIFF_REQUIRE_SHARED") == "1" else "ABSENT: they skip"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The header, in a serial run and in xdist's controller alike (workers collect; the controller does not)."""
+    return f"tests marked shared need {SHARED} ({_where()})"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """How many of the tests that ran needed ../shared: counted from their reports, which xdist's workers send."""
+    tests = {r.nodeid: "shared" in r.keywords for reports in terminalreporter.stats.values() for r in reports
+             if isinstance(getattr(r, "keywords", None), dict)}  # test reports (not warnings, not collection)
+    ran, shared = len(tests), sum(tests.values())
+    if ran:
+        terminalreporter.write_line(f"{shared} of {ran} tests that ran needed {SHARED} ({_where()})")
 
 
 @pytest.fixture(scope="session")

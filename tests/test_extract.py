@@ -253,7 +253,8 @@ def test_qata_few_images(tiny_unet: Path, qata_root: Path, tmp_path: Path) -> No
     assert np.array_equal(img[0], img[1]), "grayscale X-rays are replicated to RGB"
 
 
-@pytest.mark.parametrize("dataset", ["monuseg", "qata"])
+# MoNuSeg's kill and resume is tests/reliability/test_kills.py's (three seeded kills, file for file): opt-in here
+@pytest.mark.parametrize("dataset", [pytest.param("monuseg", marks=pytest.mark.slow), "qata"])
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_unet: Path, shared_dir: Path, tmp_path: Path,
                                                            dataset: str) -> None:
     root = shared_dir / "data" / ("MoNuSeg" if dataset == "monuseg" else "QaTa-COV19")
