@@ -51,6 +51,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if set(getattr(item, "fixturenames", ())) & set(SHARED_FIXTURES):
             item.add_marker(pytest.mark.shared)
+            item.user_properties.append(("shared", True))  # reaches the summary from xdist's workers too
 
 
 def _where() -> str:
@@ -66,8 +67,8 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     """How many of the tests that ran needed ../shared: counted from their reports, which xdist's workers send."""
-    tests = {r.nodeid: "shared" in r.keywords for reports in terminalreporter.stats.values() for r in reports
-             if isinstance(getattr(r, "keywords", None), dict)}  # test reports (not warnings, not collection)
+    tests = {r.nodeid: ("shared", True) in r.user_properties for reports in terminalreporter.stats.values()
+             for r in reports if isinstance(getattr(r, "user_properties", None), list)}  # test reports only
     ran, shared = len(tests), sum(tests.values())
     if ran:
         terminalreporter.write_line(f"{shared} of {ran} tests that ran needed {SHARED} ({_where()})")
