@@ -68,7 +68,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     """How many of the tests that ran needed ../shared: counted from their reports, which xdist's workers send."""
     tests = {r.nodeid: ("shared", True) in r.user_properties for reports in terminalreporter.stats.values()
-             for r in reports if isinstance(getattr(r, "user_properties", None), list)}  # test reports only
+             for r in reports if isinstance(r, pytest.TestReport)}  # not warnings, not deselected items
     ran, shared = len(tests), sum(tests.values())
     if ran:
         terminalreporter.write_line(f"{shared} of {ran} tests that ran needed {SHARED} ({_where()})")

@@ -4,14 +4,14 @@ being written."""
 
 from __future__ import annotations
 
-import time
+import threading
 from pathlib import Path
 
 import pytest
 
 from cache.lock import held_by_other, writer_lock
 from cache import StoreError, gc_candidates, remove_stores
-from tests.reliability.conftest import child, digest, extract_args, finish, stores
+from tests.reliability.conftest import child, digest, extract_args, finish, stores, wait_for
 from tests.reliability.test_kills import assert_like_reference, reference  # noqa: F401 - the shared fixture
 
 
@@ -28,17 +28,22 @@ def test_two_extracts_of_one_store_at_once(reference: tuple[Path, Path], tmp_pat
 
 
 def test_a_second_extract_waits_then_does_nothing(reference: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
-    """Deterministic version: this process holds the lock; the child says it waits, and finishes after."""
+    """Deterministic version: this process holds the lock until the child says it waits (however long a loaded
+    machine takes it to get there; a fixed sleep let CI's child arrive after the lock was gone); it finishes after."""
     root, ref = reference
     cache = tmp_path / "cache"
     cache.mkdir()
+    said: list[str] = []
     with writer_lock(cache / ref.name):
         proc = child(extract_args(root, cache))
-        time.sleep(15)
-        assert proc.poll() is None, finish(proc).stderr  # still waiting
+        reader = threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        assert wait_for(lambda: proc.poll() is not None or "waiting for it to finish" in "".join(said), timeout=300)
+        assert proc.poll() is None, "".join(said)  # still waiting
         assert held_by_other(cache / ref.name)  # (this process, seen through another file handle)
-    res = finish(proc)
-    assert res.code == 0 and "waiting for it to finish" in res.stderr, res.stderr
+    assert proc.wait(timeout=300) == 0, "".join(said)
+    reader.join(timeout=60)
+    assert proc.stdout is not None and proc.stdout.read().strip() == str(cache / ref.name)
     assert_like_reference(cache / ref.name, ref)
 
 
