@@ -18,6 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TEXTDIFF_SHARED", REPO.parent / "shared"))
 SHARED_FIXTURES = ("shared_dir", "adm_fixtures", "monuseg_root", "qata_root")
+REQUIRE_SHARED = os.environ.get("TEXTDIFF_REQUIRE_SHARED") == "1"  # set by .ci/run: CI never passes with them skipped
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -40,7 +41,7 @@ TINY_UNET_FLAGS = {
 def _need(path: Path) -> Path:
     if not path.exists():
         reason = f"{path} is absent: parity and real-data tests expect ../shared beside the checkout"
-        if os.environ.get("TEXTDIFF_REQUIRE_SHARED") == "1":  # set by .ci/run: CI never passes with them skipped
+        if REQUIRE_SHARED:
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
     return path
@@ -57,7 +58,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _where() -> str:
     if SHARED.exists():
         return "present"
-    return "ABSENT: they fail" if os.environ.get("TEXTDIFF_REQUIRE_SHARED") == "1" else "ABSENT: they skip"
+    return "ABSENT: they fail" if REQUIRE_SHARED else "ABSENT: they skip"
 
 
 def pytest_report_header(config: pytest.Config) -> str:

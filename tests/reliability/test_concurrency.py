@@ -43,6 +43,7 @@ def test_a_second_extract_waits_then_does_nothing(reference: tuple[Path, Path], 
         assert held_by_other(cache / ref.name)  # (this process, seen through another file handle)
     assert proc.wait(timeout=300) == 0, "".join(said)
     reader.join(timeout=60)
+    assert "waiting for it to finish" in "".join(said), "".join(said)
     assert proc.stdout is not None and proc.stdout.read().strip() == str(cache / ref.name)
     assert_like_reference(cache / ref.name, ref)
 
