@@ -90,11 +90,14 @@ def main() -> None:
         table.append([label, threads, round(wall, 2), round(n_images / wall, 3), round(serial_s / wall, 3),
                       round(rate, 3), round(rate / serial_rate, 3),
                       f"= serial ({'1 thread' if ref else 'default threads'})" if same else "differs"])
-    t_start = rows[1][2] - rows[0][2]  # local:1 minus serial: start-up + scheduling
-    result = {"serial_images_per_s": round(n_images / serial_s, 3), f"local{cores}_speedup": table[2][4],
+    row = {(r[0], r[1]): r for r in table}  # (run, threads) -> its table row
+    many = f"local:{cores}"
+    t_start = row["local:1", "default"][2] - row["serial", "default"][2]  # start-up + scheduling
+    result = {"serial_images_per_s": round(n_images / serial_s, 3), f"local{cores}_speedup": row[many, "default"][4],
               "local1_overhead_s": round(t_start, 2), "bytes_per_image": int(nbytes)}
     if not args.quick:
-        result.update({f"local{cores}_threads1_speedup": table[4][4], f"local{cores}_threads1_steady_speedup": table[4][6]})
+        result.update({f"local{cores}_threads1_speedup": row[many, 1][4],
+                       f"local{cores}_threads1_steady_speedup": row[many, 1][6]})
     report("cluster", mode, args.out, {
         f"Extraction of {n_images} QaTa images at {size} px, blocks {BLOCKS}, 3 steps (median of {repeats})":
             (["run", "threads", "wall s", "images/s", "vs serial", "steady images/s", "steady vs serial", "store"],
