@@ -82,7 +82,8 @@ def main() -> None:
         rows.append([label, threads or "default", statistics.median(times), statistics.median(steady)])
     serial_s, serial_rate = rows[0][2], rows[0][3]
     nbytes = sum(len(v) for v in stores[0].values()) / n_images
-    serial_1 = next((k for k, (label, _, threads) in enumerate(rows_cfg) if label == "serial" and threads == 1), 0)
+    at = {(label, threads or "default"): k for k, (label, _, threads) in enumerate(rows_cfg)}  # (run, threads) -> row
+    serial_1 = at.get(("serial", 1), 0)
     table = []
     for k, (label, threads, wall, rate) in enumerate(rows):
         ref = serial_1 if threads == 1 else 0
@@ -90,14 +91,14 @@ def main() -> None:
         table.append([label, threads, round(wall, 2), round(n_images / wall, 3), round(serial_s / wall, 3),
                       round(rate, 3), round(rate / serial_rate, 3),
                       f"= serial ({'1 thread' if ref else 'default threads'})" if same else "differs"])
-    row = {(r[0], r[1]): r for r in table}  # (run, threads) -> its table row
     many = f"local:{cores}"
-    t_start = row["local:1", "default"][2] - row["serial", "default"][2]  # start-up + scheduling
-    result = {"serial_images_per_s": round(n_images / serial_s, 3), f"local{cores}_speedup": row[many, "default"][4],
+    t_start = rows[at["local:1", "default"]][2] - serial_s  # start-up + scheduling
+    result = {"serial_images_per_s": round(n_images / serial_s, 3),
+              f"local{cores}_speedup": table[at[many, "default"]][4],
               "local1_overhead_s": round(t_start, 2), "bytes_per_image": int(nbytes)}
     if not args.quick:
-        result.update({f"local{cores}_threads1_speedup": row[many, 1][4],
-                       f"local{cores}_threads1_steady_speedup": row[many, 1][6]})
+        result.update({f"local{cores}_threads1_speedup": table[at[many, 1]][4],
+                       f"local{cores}_threads1_steady_speedup": table[at[many, 1]][6]})
     report("cluster", mode, args.out, {
         f"Extraction of {n_images} QaTa images at {size} px, blocks {BLOCKS}, 3 steps (median of {repeats})":
             (["run", "threads", "wall s", "images/s", "vs serial", "steady images/s", "steady vs serial", "store"],
